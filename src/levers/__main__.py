@@ -1,0 +1,3 @@
+from levers.cli import app
+
+app(prog_name="levers")

@@ -1,0 +1,224 @@
+"""The `levers` command. Thin: each command parses its options, calls one module, and prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from levers import console
+from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, LeversError, SpecError, UsageError
+
+app = typer.Typer(
+    help="Run a phased document pipeline on RQ workers, its parallelism declared in pipeline.yaml.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+FileOption = Annotated[
+    Path | None,
+    typer.Option("--file", "-f", help="The pipeline file (default: $LEVERS_FILE, else ./pipeline.yaml)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Turn levers' errors into red lines and an exit code, never a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LeversError as exc:
+            console.error(exc)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@reports_errors
+def validate(file: FileOption = None, as_json: JsonOption = False) -> None:
+    """Check pipeline.yaml: the model, the links between phases, and that every handler imports."""
+    from levers.loading import load_pipeline
+    from levers.project import pipeline_path
+
+    path = pipeline_path(file)
+    try:
+        loaded = load_pipeline(path, check_imports=True)
+    except SpecError as exc:
+        if as_json:
+            console.print_json({"valid": False, "problems": [p.__dict__ for p in exc.problems]})
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise
+    if as_json:
+        console.print_json({"valid": True, "file": str(path), "phases": list(loaded.spec.phases)})
+    else:
+        console.note(f"{path}: valid ({len(loaded.spec.phases)} phases: {', '.join(loaded.spec.phases)})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pipeline.yaml (editors use it to complete and check the file)."""
+    from levers.schema import pipeline_schema
+
+    sys.stdout.write(json.dumps(pipeline_schema(), indent=2) + "\n")
+
+
+@app.command()
+@reports_errors
+def procfile(file: FileOption = None) -> None:
+    """Print a Procfile with one process type per phase, so a platform can scale each on its own."""
+    from levers.loading import load_pipeline
+    from levers.procfile import render_procfile
+    from levers.project import pipeline_path
+
+    sys.stdout.write(render_procfile(load_pipeline(pipeline_path(file)).spec, file))
+
+
+@app.command()
+@reports_errors
+def up(
+    file: FileOption = None,
+    phase: Annotated[
+        list[str] | None, typer.Option("--phase", "-p", help="Run only this phase's workers (repeatable).")
+    ] = None,
+) -> None:
+    """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
+    from levers import pool
+    from levers.project import open_project
+    from levers.watch import PipelineWatcher
+
+    project = open_project(file, check_imports=True)
+    only = frozenset(phase or [])
+    unknown = only - set(project.loaded.spec.phases)
+    if unknown:
+        raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
+    pool.preload_handlers(project.loaded)
+    supervisor = pool.make_supervisor(
+        PipelineWatcher(project.loaded), project.connection, pool.PoolOptions(project.target), only
+    )
+    pool.SignalLatch(supervisor).install()
+    phases = sorted(only) or list(project.loaded.spec.phases)
+    console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked}")
+    pool.run(supervisor, project.connection)
+    console.note("levers: stopped")
+
+
+@app.command()
+@reports_errors
+def down(file: FileOption = None) -> None:
+    """Stop this pipeline's embedded Redis server (its data stays under .levers/)."""
+    from levers.connection import embedded_server
+    from levers.loading import load_pipeline
+    from levers.project import pipeline_path
+
+    server = embedded_server(load_pipeline(pipeline_path(file)))
+    console.note("stopped the embedded server" if server.stop() else "the embedded server was not running")
+
+
+@app.command()
+@reports_errors
+def submit(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive), globs; '-' for stdin.")],
+    file: FileOption = None,
+    name: Annotated[str | None, typer.Option(help="The document's name when reading stdin.")] = None,
+    force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
+    wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Feed documents into the pipeline; prints one id per document."""
+    from levers.project import open_project
+    from levers.submission import Submitter
+
+    project = open_project(file)
+    submitter = Submitter(project.loaded, project.connection)
+    if "-" in paths:
+        if not name:
+            raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
+        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force)]
+        paths = [p for p in paths if p != "-"]
+    else:
+        results = []
+    results += submitter.submit_paths(paths, force)
+    console.outcomes(results, as_json)
+    if wait:
+        _wait_for(project, [r.doc_id for r in results if r.doc_id])
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _wait_for(project: Any, doc_ids: list[str]) -> bool:
+    """Show progress until every document is done or failed; True when none failed."""
+    from levers.ledger import DocStatus, Ledger
+
+    ledger = Ledger(project.connection, project.loaded.spec.name)
+    with console.DocumentProgress(len(doc_ids)) as progress:
+        while True:
+            records = ledger.get_many(doc_ids)
+            progress.update(records)
+            if all(r and r.status in (DocStatus.DONE, DocStatus.FAILED) for r in records):
+                return all(r and r.status is DocStatus.DONE for r in records)
+            time.sleep(0.2)
+
+
+@app.command()
+@reports_errors
+def run(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive) or globs.")],
+    file: FileOption = None,
+    force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
+) -> None:
+    """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
+    from levers.running import run_documents
+
+    ok = run_documents(file, paths, force)
+    if not ok:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command()
+@reports_errors
+def status(
+    file: FileOption = None,
+    as_json: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second.")] = False,
+) -> None:
+    """Per phase: queued, running, done, failed, and workers alive/desired."""
+    from levers.project import open_project
+    from levers.status import pipeline_status
+
+    project = open_project(file)
+    if as_json:
+        console.print_json(pipeline_status(project.connection, project.loaded.spec).as_json())
+        return
+    if not watch:
+        console.status_table(pipeline_status(project.connection, project.loaded.spec))
+        return
+    console.watch_status(lambda: pipeline_status(project.connection, project.loaded.spec))
+
+
+@app.command()
+@reports_errors
+def show(
+    doc_id: Annotated[str, typer.Argument(metavar="ID", help="A document id (a unique prefix will do).")],
+    file: FileOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One document's timeline: each phase's start, time, attempts, errors and output."""
+    from levers.lookup import document_view
+
+    record, outputs = document_view(file, doc_id)
+    if as_json:
+        console.print_json({"document": record.__dict__, "outputs": outputs})
+    else:
+        console.document_timeline(record, outputs)

@@ -1,0 +1,185 @@
+"""Everything levers shows a person: tables, progress and one-line errors. The one place that prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from levers.errors import LeversError
+from levers.ledger import DocStatus, DocumentRecord
+from levers.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING, PipelineStatus
+from levers.submission import Outcome
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def error(exc: LeversError | str) -> None:
+    """A failure as red lines on stderr: one per problem, no traceback."""
+    for line in str(exc).splitlines():
+        err.print(f"[red]error:[/red] {line}", markup=True, soft_wrap=True)
+
+
+def note(text: str) -> None:
+    err.print(text, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def outcomes(results: Sequence[Outcome], as_json: bool) -> None:
+    """Ids on stdout, one per line; skips and errors on stderr, so ids pipe cleanly."""
+    if as_json:
+        print_json([r.__dict__ | {"ok": r.ok} for r in results])
+        return
+    for result in results:
+        if result.error:
+            error(result.error)
+        elif result.skipped:
+            note(f"{result.source}: already submitted as {result.doc_id} (use --force to run it again)")
+            out.print(result.doc_id)
+        else:
+            out.print(result.doc_id)
+
+
+class DocumentProgress:
+    """A progress bar over documents until each is done or failed."""
+
+    def __init__(self, total: int) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err, transient=False,
+        )  # fmt: skip
+        self.task = self.progress.add_task("documents", total=total, detail="")
+
+    def __enter__(self) -> DocumentProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, records: Sequence[DocumentRecord | None]) -> None:
+        done = sum(1 for r in records if r and r.status is DocStatus.DONE)
+        failed = sum(1 for r in records if r and r.status is DocStatus.FAILED)
+        detail = f"[red]{failed} failed[/red]" if failed else ""
+        self.progress.update(self.task, completed=done + failed, detail=detail)
+
+
+def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> None:
+    table = Table(title="documents", title_justify="left")
+    table.add_column("document")
+    table.add_column("id")
+    table.add_column("status")
+    for phase in phases:
+        table.add_column(f"{phase} s", justify="right")
+    for record in records:
+        colour = {"done": "green", "failed": "red"}.get(record.status, "yellow")
+        cells = [_seconds(record.phases.get(p)) for p in phases]
+        table.add_row(record.name, record.id[:12], f"[{colour}]{record.status}[/{colour}]", *cells)
+    out.print(table)
+    totals = Table(title="phases", title_justify="left")
+    for column in ("phase", "documents", "mean s", "max s", "attempts"):
+        totals.add_column(column, justify="left" if column == "phase" else "right")
+    for phase in phases:
+        runs = [r.phases[p] for r in records for p in [phase] if p in r.phases]
+        times = [run.seconds for run in runs if run.seconds is not None]
+        mean = f"{sum(times) / len(times):.3f}" if times else "-"
+        longest = f"{max(times):.3f}" if times else "-"
+        totals.add_row(phase, str(len(times)), mean, longest, str(sum(run.attempts for run in runs)))
+    out.print(totals)
+    for record in records:
+        if record.status is DocStatus.FAILED:
+            error(f"{record.name} ({record.id[:12]}): {record.error}")
+
+
+def _seconds(run: Any) -> str:
+    return f"{run.seconds:.3f}" if run is not None and run.seconds is not None else "-"
+
+
+def status_view(status: PipelineStatus) -> Group:
+    """The status table, with notes for a missing supervisor and a broken pipeline.yaml."""
+    table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
+    columns = ("phase", "queued", "running", "retry", "done", "failed", "workers", "busy", "state",
+               "sem", "threads", "alerts")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("phase", "state", "alerts") else "right")
+    for p in status.phases:
+        queued_colour = (
+            "red" if p.queued > QUEUE_EMERGENCY else "yellow" if p.queued > QUEUE_WARNING else "default"
+        )
+        failed_colour = "red" if p.failed_share > FAILED_SHARE_WARNING else "default"
+        table.add_row(
+            p.phase, f"[{queued_colour}]{p.queued}[/]", str(p.running), str(p.waiting_retry), str(p.done),
+            f"[{failed_colour}]{p.failed}[/]", f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy),
+            p.state, str(p.semaphore), str(p.threads), "; ".join(p.alerts),
+        )  # fmt: skip
+    parts: list[Any] = [table]
+    if not status.supervisors:
+        parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
+    if status.config_error:
+        parts.append(Text("pipeline.yaml has an error; workers keep the last good version:", style="red"))
+        parts.append(Text(status.config_error, style="red"))
+    return Group(*parts)
+
+
+def status_table(status: PipelineStatus) -> None:
+    out.print(status_view(status))
+
+
+def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
+    colour = {"done": "green", "failed": "red"}.get(record.status, "yellow")
+    out.print(f"[bold]{record.name}[/bold]  {record.id}  [{colour}]{record.status}[/{colour}]")
+    out.print(f"submitted {_clock(record.submitted)}" + (f", finished {_clock(record.finished)}"
+              if record.finished else f", now at {record.phase}"))  # fmt: skip
+    table = Table()
+    for column in ("phase", "started", "seconds", "attempts", "error", "output"):
+        table.add_column(column)
+    for phase, run in record.phases.items():
+        table.add_row(
+            phase, _clock(run.started), _seconds(run), str(run.attempts), run.error or "",
+            _describe(outputs.get(phase)),
+        )  # fmt: skip
+    out.print(table)
+    if record.error:
+        error(record.error)
+
+
+def _clock(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def _describe(output: Any) -> str:
+    """A phase output in a few words: scalar fields as they are, lists and texts by size."""
+    if not isinstance(output, dict):
+        return "" if output is None else type(output).__name__
+    parts = []
+    for key, value in output.items():
+        if isinstance(value, list):
+            parts.append(f"{key}: {len(value)}")
+        elif isinstance(value, str) and len(value) > 40:
+            parts.append(f"{key}: {len(value)} chars")
+        elif isinstance(value, (int, float, str, bool)):
+            parts.append(f"{key}: {value}")
+    return ", ".join(parts)
+
+
+def watch_status(read: Callable[[], PipelineStatus], refresh_s: float = 1.0) -> None:
+    """Redraw the status in place until Ctrl-C."""
+    try:
+        with Live(status_view(read()), console=out, refresh_per_second=4) as live:
+            while True:
+                time.sleep(refresh_s)
+                live.update(status_view(read()))
+    except KeyboardInterrupt:
+        pass

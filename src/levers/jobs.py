@@ -1,0 +1,179 @@
+"""The job every levers worker runs: one phase of one document, then the hand-off to the next.
+
+Each job reads the phase's settings from pipeline.yaml as it is when the job starts (the last
+valid version if an edit broke it), calls the handler, stores its output and enqueues the
+document to ``next`` in the same Redis transaction that records the phase as finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+import rq
+
+from levers import keys
+from levers.context import Document, Levers, PhaseContext
+from levers.ledger import DocumentRecord, Ledger
+from levers.loading import ensure_importable_from, import_handler
+from levers.routing import enqueue_phase
+from levers.spec import Phase, Pipeline
+from levers.store import ArtifactStore
+from levers.watch import PipelineWatcher
+
+# Longest error text kept per attempt: enough for a reason, not a whole traceback.
+MAX_ERROR_CHARS = 500
+
+
+class PhaseError(Exception):
+    """A job cannot run at all (its phase or document is gone)."""
+
+
+class WorkerRuntime:
+    """What the jobs of one worker process share: the live pipeline, Redis, store and pools."""
+
+    def __init__(self, watcher: PipelineWatcher, connection: redis.Redis) -> None:
+        self.watcher = watcher
+        self.connection = connection
+        self._executors: dict[int, ThreadPoolExecutor] = {}
+        self._handlers: dict[str, Callable[..., Any]] = {}
+        ensure_importable_from(watcher.path.parent)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.watcher.path.parent / ".levers"
+
+    def store(self, spec: Pipeline) -> ArtifactStore:
+        return ArtifactStore(self.watcher.path.parent / spec.store)
+
+    def executor(self, threads: int) -> ThreadPoolExecutor | None:
+        """The process's thread pool for a threads lever; a changed lever gets a new pool."""
+        if threads == 0:
+            return None
+        if threads not in self._executors:
+            for stale in self._executors.values():
+                stale.shutdown(wait=False)
+            self._executors = {threads: ThreadPoolExecutor(threads, thread_name_prefix="levers")}
+        return self._executors[threads]
+
+    def handler(self, dotted: str) -> Callable[..., Any]:
+        if dotted not in self._handlers:
+            self._handlers[dotted] = import_handler(dotted)
+        return self._handlers[dotted]
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def install_runtime(runtime: WorkerRuntime) -> None:
+    """Called by the worker before it takes jobs, so jobs share one runtime per process."""
+    global _runtime
+    _runtime = runtime
+
+
+def current_runtime() -> WorkerRuntime:
+    """The installed runtime; in a plain `rq worker`, one built from LEVERS_FILE or ./pipeline.yaml."""
+    global _runtime
+    if _runtime is None:
+        job = rq.get_current_job()
+        if job is None:
+            raise PhaseError("run_phase runs inside an RQ worker")
+        path = Path(os.environ.get("LEVERS_FILE", "pipeline.yaml"))
+        _runtime = WorkerRuntime(PipelineWatcher.open(path), job.connection)
+    return _runtime
+
+
+def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
+    """Run ``phase`` on document ``doc_id``; RQ calls this with the job's JSON arguments."""
+    runtime = current_runtime()
+    spec = runtime.watcher.current().spec
+    settings = spec.phases.get(phase)
+    if settings is None:
+        raise PhaseError(f"phase {phase!r} is no longer in pipeline.yaml")
+    ledger = Ledger(runtime.connection, spec.name)
+    record = ledger.get(doc_id)
+    if record is None:
+        raise PhaseError(f"document {doc_id} is unknown")
+    ledger.started(doc_id, phase)
+    started = time.perf_counter()
+    try:
+        output = _call_handler(runtime, spec, phase, settings, record)
+        seconds = time.perf_counter() - started
+        runtime.store(spec).put_output(doc_id, phase, output)
+        _hand_off(runtime.connection, spec, phase, record, seconds)
+    except Exception as exc:
+        job = rq.get_current_job()
+        final = job is None or not job.retries_left
+        ledger.attempt_failed(doc_id, phase, one_line(exc), final)
+        raise
+    return {"document": doc_id, "phase": phase, "seconds": round(seconds, 4)}
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception as one short line: its type and the first line of its message."""
+    if isinstance(exc, rq.timeouts.JobTimeoutException):
+        return "timed out (raise the phase's timeout in pipeline.yaml if it needs longer)"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line[:MAX_ERROR_CHARS]
+
+
+def _call_handler(
+    runtime: WorkerRuntime, spec: Pipeline, phase: str, settings: Phase, record: DocumentRecord
+) -> Any:
+    handler = runtime.handler(settings.handler)
+    lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
+    ctx = PhaseContext(
+        phase, lever_values, dict(settings.options), runtime.state_dir, runtime.executor(lever_values.threads)
+    )
+    doc = _document(runtime, spec, phase, record)
+    # a fresh event loop per job: nothing a job leaves behind on a loop leaks into the next
+    output = asyncio.run(handler(doc, ctx)) if inspect.iscoroutinefunction(handler) else handler(doc, ctx)
+    try:
+        json.dumps(output)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the output of {settings.handler} is not JSON-serialisable: {exc}") from None
+    return output
+
+
+def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: DocumentRecord) -> Document:
+    previous = spec.previous(phase)
+    store = runtime.store(spec)
+    content: bytes | Path
+    if record.input == "bytes":
+        content = runtime.connection.get(keys.blob(spec.name, record.id)) or b""
+        if previous is None and not content:
+            raise PhaseError("the document's bytes are gone from Redis; submit it again")
+    else:
+        content = store.document_path(record.id, record.name)
+    prior = store.output(record.id, previous) if previous and store.has_output(record.id, previous) else None
+    return Document(id=record.id, name=record.name, content=content, input=prior)
+
+
+def _hand_off(
+    connection: redis.Redis, spec: Pipeline, phase: str, record: DocumentRecord, seconds: float
+) -> None:
+    """Record the phase as finished and enqueue the next one, atomically."""
+    next_phase = spec.phases[phase].next
+    if next_phase not in spec.phases:
+        next_phase = None
+    ledger = Ledger(connection, spec.name)
+    with connection.pipeline() as pipe:
+        # RQ opens the transaction (MULTI) itself, so its enqueue must come first
+        if next_phase is not None:
+            enqueue_phase(connection, spec, next_phase, record.id, record.name, pipeline=pipe)
+        else:
+            pipe.multi()
+        ledger.finished(record.id, phase, seconds, next_phase, pipe)
+        if record.input == "bytes" and spec.previous(phase) is None:
+            # in-memory documents live in Redis only until their entry phase has read them
+            pipe.delete(keys.blob(spec.name, record.id))
+        pipe.execute()

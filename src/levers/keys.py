@@ -1,0 +1,41 @@
+"""Every Redis key and queue name levers uses, in one place. Imports nothing of levers.
+
+All names carry the pipeline's name, so several pipelines can share one Redis.
+"""
+
+from __future__ import annotations
+
+
+def queue_name(pipeline: str, phase: str) -> str:
+    """The RQ queue of a phase, as `rq info` shows it."""
+    return f"{pipeline}.{phase}"
+
+
+def document(pipeline: str, doc_id: str) -> str:
+    """Hash: one document's state, per-phase times, attempts and errors."""
+    return f"levers:{pipeline}:doc:{doc_id}"
+
+
+def documents(pipeline: str) -> str:
+    """Sorted set: every document id, scored by submission time."""
+    return f"levers:{pipeline}:docs"
+
+
+def blob(pipeline: str, doc_id: str) -> str:
+    """String: the bytes of a document submitted in memory, until its entry phase has run."""
+    return f"levers:{pipeline}:blob:{doc_id}"
+
+
+def phase_counter(pipeline: str, phase: str) -> str:
+    """Hash: per-phase totals (done, failed, retried)."""
+    return f"levers:{pipeline}:phase:{phase}:totals"
+
+
+def supervisors(pipeline: str) -> str:
+    """Hash: supervisor id -> its JSON report, refreshed every tick."""
+    return f"levers:{pipeline}:supervisors"
+
+
+def config_error(pipeline: str) -> str:
+    """String: the last pipeline.yaml error a running supervisor or worker saw, if any."""
+    return f"levers:{pipeline}:config-error"

@@ -1,0 +1,161 @@
+"""Where each document stands: one Redis hash per document, written by submitters and workers.
+
+Fields: name, input (files|bytes), status, phase, submitted, finished, error, and per phase
+``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from levers import keys
+
+
+class DocStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    started: float | None
+    seconds: float | None
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    id: str
+    name: str
+    input: str
+    status: DocStatus
+    phase: str
+    submitted: float
+    finished: float | None
+    error: str | None
+    phases: dict[str, PhaseRecord] = field(default_factory=dict)
+
+
+class Ledger:
+    def __init__(self, connection: redis.Redis, pipeline: str) -> None:
+        self.connection = connection
+        self.pipeline = pipeline
+
+    def _key(self, doc_id: str) -> str:
+        return keys.document(self.pipeline, doc_id)
+
+    def claim(self, doc_id: str, name: str, input_kind: str, phase: str, force: bool) -> bool:
+        """Record a new submission; False when the document is already in the pipeline or done.
+
+        A document that failed may always be submitted again.
+        """
+        key = self._key(doc_id)
+        status = self.connection.hget(key, "status")
+        if status is not None and not force and status.decode() != DocStatus.FAILED:
+            return False
+        now = time.time()
+        with self.connection.pipeline() as pipe:
+            pipe.delete(key)
+            pipe.hset(
+                key,
+                mapping={"name": name, "input": input_kind, "status": DocStatus.QUEUED, "phase": phase,
+                         "submitted": now},
+            )  # fmt: skip
+            pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
+            pipe.execute()
+        return True
+
+    def started(self, doc_id: str, phase: str) -> int:
+        """Mark a phase attempt started; returns the attempt number (1-based)."""
+        key = self._key(doc_id)
+        with self.connection.pipeline() as pipe:
+            pipe.hincrby(key, f"{phase}:attempts", 1)
+            pipe.hset(
+                key, mapping={"status": DocStatus.RUNNING, "phase": phase, f"{phase}:started": time.time()}
+            )
+            attempts = pipe.execute()[0]
+        return int(attempts)
+
+    def finished(
+        self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
+        pipe: redis.client.Pipeline,
+    ) -> None:  # fmt: skip
+        """Queue the writes that mark a phase finished on ``pipe``; the caller executes it."""
+        fields: dict[str, Any] = {f"{phase}:seconds": round(seconds, 4)}
+        if next_phase is None:
+            fields.update(status=DocStatus.DONE, finished=time.time())
+        else:
+            fields.update(status=DocStatus.QUEUED, phase=next_phase)
+        pipe.hset(self._key(doc_id), mapping=fields)
+        pipe.hdel(self._key(doc_id), f"{phase}:error")
+        pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
+
+    def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool) -> None:
+        """Record a failed attempt; ``final`` when no retry follows, which fails the document."""
+        fields: dict[str, Any] = {f"{phase}:error": error}
+        if final:
+            fields.update(status=DocStatus.FAILED, error=f"{phase}: {error}", finished=time.time())
+        else:
+            fields.update(status=DocStatus.QUEUED)
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self._key(doc_id), mapping=fields)
+            pipe.hincrby(keys.phase_counter(self.pipeline, phase), "failed" if final else "retried", 1)
+            pipe.execute()
+
+    def get(self, doc_id: str) -> DocumentRecord | None:
+        raw = self.connection.hgetall(self._key(doc_id))
+        return _record(doc_id, raw) if raw else None
+
+    def get_many(self, doc_ids: list[str]) -> list[DocumentRecord | None]:
+        with self.connection.pipeline() as pipe:
+            for doc_id in doc_ids:
+                pipe.hgetall(self._key(doc_id))
+            rows = pipe.execute()
+        return [_record(doc_id, raw) if raw else None for doc_id, raw in zip(doc_ids, rows, strict=True)]
+
+    def find(self, prefix: str) -> list[str]:
+        """Ids of documents whose id starts with ``prefix`` (for `levers show` with a short id)."""
+        if self.connection.exists(self._key(prefix)):
+            return [prefix]
+        matches = self.connection.zscan_iter(keys.documents(self.pipeline), match=f"{prefix}*", count=1000)
+        return [member.decode() for member, _score in matches]
+
+    def totals(self, phase: str) -> dict[str, int]:
+        raw = self.connection.hgetall(keys.phase_counter(self.pipeline, phase))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _record(doc_id: str, raw: dict[bytes, bytes]) -> DocumentRecord:
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    phases: dict[str, dict[str, str]] = {}
+    for name, value in fields.items():
+        phase, sep, attr = name.partition(":")
+        if sep:
+            phases.setdefault(phase, {})[attr] = value
+    return DocumentRecord(
+        id=doc_id,
+        name=fields.get("name", ""),
+        input=fields.get("input", "files"),
+        status=DocStatus(fields.get("status", DocStatus.QUEUED)),
+        phase=fields.get("phase", ""),
+        submitted=float(fields.get("submitted", 0)),
+        finished=float(fields["finished"]) if "finished" in fields else None,
+        error=fields.get("error"),
+        phases={
+            name: PhaseRecord(
+                started=float(p["started"]) if "started" in p else None,
+                seconds=float(p["seconds"]) if "seconds" in p else None,
+                attempts=int(p.get("attempts", 0)),
+                error=p.get("error"),
+            )
+            for name, p in phases.items()
+        },
+    )

@@ -1,0 +1,208 @@
+"""Reading pipeline.yaml into a validated ``Pipeline``, with every problem located at FILE:LINE:COL.
+
+Loading is all-or-nothing: a caller gets a whole valid pipeline or a ``SpecError`` listing every
+problem, so a broken file is never half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from levers.errors import SpecError, SpecProblem, UsageError
+from levers.spec import Pipeline, cross_checks, did_you_mean
+
+Loc = Sequence[str | int]
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A valid pipeline and where it came from. ``digest`` changes whenever the file's bytes do."""
+
+    path: Path
+    spec: Pipeline
+    digest: str
+
+    @property
+    def project_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
+    """Read, parse and validate ``path``; with ``check_imports``, import every handler too."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"no pipeline file at {path}", fix="create one or pass -f FILE") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_pipeline(raw, path, check_imports)
+
+
+def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> LoadedPipeline:
+    """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths."""
+    shown = _shown_name(path)
+    tree = _parse_yaml(raw, shown)
+    try:
+        spec = Pipeline.model_validate(_plain(tree))
+    except ValidationError as exc:
+        raise SpecError([_locate(tree, shown, err) for err in exc.errors()]) from None
+    problems = [_problem(tree, shown, loc, message) for loc, message in cross_checks(spec)]
+    if check_imports and not problems:
+        ensure_importable_from(path.parent)
+        problems = [
+            _problem(tree, shown, ("phases", name, "handler"), message)
+            for name, message in handler_problems(spec)
+        ]
+    if problems:
+        raise SpecError(problems)
+    return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
+
+
+def read_tree(raw: bytes, path: Path) -> CommentedMap:
+    """The round-trip tree of a pipeline file (comments and positions kept)."""
+    return _parse_yaml(raw, _shown_name(path))
+
+
+def ensure_importable_from(project_dir: Path) -> None:
+    """Let handlers in modules beside pipeline.yaml import, as they would from that directory."""
+    entry = str(project_dir.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def import_handler(dotted: str) -> Callable[..., Any]:
+    """The function named by 'module:function'. Raises ImportError or AttributeError."""
+    module_name, _, attr = dotted.partition(":")
+    function = getattr(importlib.import_module(module_name), attr)
+    if not callable(function):
+        raise TypeError(f"{dotted} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+def handler_problems(spec: Pipeline) -> list[tuple[str, str]]:
+    """(phase, message) for every handler that cannot be imported."""
+    problems = []
+    for name, phase in spec.phases.items():
+        try:
+            import_handler(phase.handler)
+        except Exception as exc:  # any error while importing user code is a problem to report
+            problems.append(
+                (name, f"handler {phase.handler!r} cannot be imported: {type(exc).__name__}: {exc}")
+            )
+    return problems
+
+
+def _shown_name(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _parse_yaml(raw: bytes, shown: str) -> CommentedMap:
+    try:
+        tree = YAML(typ="rt").load(raw)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({exc.context})" if exc.context else "")
+        raise SpecError([SpecProblem(shown, line, col, f"YAML syntax: {problem}")]) from None
+    except Exception as exc:  # ruamel raises a few unmarked errors (bad encodings, for one)
+        raise SpecError([SpecProblem(shown, 1, 1, f"YAML syntax: {exc}")]) from None
+    if tree is None:
+        raise SpecError([SpecProblem(shown, 1, 1, "the file is empty; a pipeline needs at least phases:")])
+    if not isinstance(tree, CommentedMap):
+        raise SpecError([SpecProblem(shown, 1, 1, "the top level must be a mapping with phases:")])
+    return tree
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _locate(tree: CommentedMap, shown: str, err: Any) -> SpecProblem:
+    loc = [part for part in err["loc"] if part != "[key]"]
+    at_value = err["type"] not in ("extra_forbidden", "missing") and "[key]" not in err["loc"]
+    line, col = _position(tree, loc, at_value)
+    return SpecProblem(shown, line, col, _message(err, loc))
+
+
+def _message(err: Any, loc: list[str | int]) -> str:
+    where = ".".join(str(p) for p in loc) or "pipeline"
+    if err["type"] == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _allowed_keys(loc[:-1]))
+        return f"unknown key {where!r}{hint}"
+    if err["type"] == "missing":
+        return f"{where} is required"
+    return f"{where}: {err['msg']}"
+
+
+def _problem(tree: CommentedMap, shown: str, loc: Loc, message: str) -> SpecProblem:
+    line, col = _position(tree, loc)
+    return SpecProblem(shown, line, col, message)
+
+
+def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int, int]:
+    """1-based line and column of the deepest node of ``loc`` that exists in the file.
+
+    ``at_value`` points at the value of the last key rather than at the key itself.
+    """
+    node: Any = tree
+    line, col = 1, 1
+    for index, part in enumerate(loc):
+        if isinstance(node, CommentedMap) and part in node:
+            last = index == len(loc) - 1
+            key_line, key_col = node.lc.value(part) if last and at_value else node.lc.key(part)
+            line, col = key_line + 1, key_col + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            item_line, item_col = node.lc.item(part)
+            line, col = item_line + 1, item_col + 1
+            node = node[part]
+        else:
+            break
+    return line, col
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    """The keys the model allows in the mapping at ``loc`` (for did-you-mean)."""
+    current: Any = Pipeline
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional[...] so the model inside shows."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation

@@ -1,0 +1,169 @@
+"""The supervisor's real side: forked worker processes, signals, and reports to Redis.
+
+Handler modules are imported here once, before any worker is forked, so every worker shares
+their pages instead of importing them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from levers import keys
+from levers.connection import Target
+from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
+from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
+from levers.watch import PipelineWatcher
+from levers.worker import LeversWorker, recover_jobs, run_worker, worker_name
+
+log = logging.getLogger("levers.supervisor")
+
+# The longest the supervisor sleeps between ticks; a worker's death wakes it at once.
+TICK_S = 0.25
+# A supervisor's report older than this is stale: its host is gone.
+REPORT_TTL_S = 10.0
+
+_fork = multiprocessing.get_context("fork")
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    target: Target
+    log_dir: Path | None = None  # None: workers log to the supervisor's stderr
+
+
+def preload_handlers(loaded: LoadedPipeline) -> None:
+    """Import every handler now, so forked workers inherit the modules instead of importing them."""
+    ensure_importable_from(loaded.project_dir)
+    for phase in loaded.spec.phases.values():
+        import_handler(phase.handler)
+
+
+def make_supervisor(
+    watcher: PipelineWatcher, connection: redis.Redis, options: PoolOptions, only: frozenset[str]
+) -> Supervisor:
+    def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
+        process = _fork.Process(
+            target=_worker_main, args=(loaded.path, phase, options), name=f"levers-{phase}", daemon=False
+        )
+        process.start()
+        return process
+
+    def recover(slot: Slot) -> list[str]:
+        _end_process_group(slot.pid)
+        spec = watcher.current().spec
+        retries = spec.phases[slot.phase].retries if slot.phase in spec.phases else 0
+        return recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries)
+
+    def is_busy(slot: Slot) -> bool:
+        key = LeversWorker.redis_worker_namespace_prefix + worker_name(slot.phase, slot.pid)
+        return connection.hget(key, "state") == b"busy"
+
+    return Supervisor(watcher, Seams(spawn=spawn, recover=recover, is_busy=is_busy), only=only)
+
+
+def _end_process_group(pid: int) -> None:
+    """Stop what a dead worker left behind (RQ's scheduler process, say): it led its own group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _worker_main(path: Path, phase: str, options: PoolOptions) -> None:
+    if options.log_dir is not None:
+        options.log_dir.mkdir(parents=True, exist_ok=True)
+        with (options.log_dir / f"{phase}.log").open("ab") as log_file:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+    run_worker(path, phase, options.target.url, options.target.embedded)
+
+
+class SignalLatch:
+    """Turns SIGTERM and SIGINT into stop requests: the first graceful, the second forceful."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.count = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.supervisor.request_stop(force=self.count > 1)
+
+
+def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
+    """Tick until a stop completes (or ``until()`` holds, then stop gracefully)."""
+    reporter = Reporter(connection, supervisor)
+    try:
+        while not supervisor.finished():
+            supervisor.tick()
+            reporter.publish()
+            if not supervisor.stopping and until():
+                supervisor.request_stop()
+            sentinels = [s.process.sentinel for s in supervisor.slots if hasattr(s.process, "sentinel")]
+            if sentinels:
+                multiprocessing.connection.wait(sentinels, timeout=TICK_S)
+            else:
+                time.sleep(TICK_S)
+    finally:
+        reporter.withdraw()
+
+
+class Reporter:
+    """Publishes the supervisor's report where `levers status` on any host can read it."""
+
+    def __init__(self, connection: redis.Redis, supervisor: Supervisor) -> None:
+        self.connection = connection
+        self.supervisor = supervisor
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self._last = 0.0
+
+    @property
+    def _key(self) -> str:
+        return keys.supervisors(self.supervisor.watcher.current().spec.name)
+
+    def publish(self) -> None:
+        now = time.time()
+        if now - self._last < 1.0:
+            return
+        self._last = now
+        report = {
+            **self.supervisor.report(),
+            "updated": now,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        try:
+            self.connection.hset(self._key, self.id, json.dumps(report))
+        except redis.RedisError as exc:
+            log.warning("could not publish status: %s", exc)
+
+    def withdraw(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.connection.hdel(self._key, self.id)
+
+
+def live_reports(connection: redis.Redis, pipeline: str) -> list[dict[str, object]]:
+    """Reports of the supervisors that are alive now, on any host."""
+    now = time.time()
+    reports = []
+    for raw in connection.hvals(keys.supervisors(pipeline)):
+        report = json.loads(raw)
+        if now - float(report.get("updated", 0)) < REPORT_TTL_S:
+            reports.append(report)
+    return reports

@@ -1,0 +1,55 @@
+"""`levers run`: the whole pipeline in one command, from documents in to a summary out.
+
+It starts the embedded server if none runs, supervises the workers in this process, submits
+the documents, waits with a progress bar, prints the summary, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from levers import console, pool
+from levers.connection import embedded_server
+from levers.errors import UsageError
+from levers.ledger import DocStatus, DocumentRecord, Ledger
+from levers.project import Project, open_project
+from levers.submission import Submitter
+from levers.watch import PipelineWatcher
+
+
+def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
+    """Process ``paths`` end to end; True when every document finished without failing."""
+    project = open_project(file, check_imports=True)
+    try:
+        outcomes = Submitter(project.loaded, project.connection).submit_paths(paths, force)
+        for outcome in outcomes:
+            if outcome.error:
+                console.error(outcome.error)
+        doc_ids = list(dict.fromkeys(o.doc_id for o in outcomes if o.doc_id))
+        if not doc_ids:
+            raise UsageError("no document to process", fix="pass files or directories the pipeline accepts")
+        records = _supervise_until_finished(project, doc_ids)
+        console.run_summary(records, list(project.loaded.spec.phases))
+        return all(o.ok for o in outcomes) and all(r.status is DocStatus.DONE for r in records)
+    finally:
+        if project.started_server:
+            embedded_server(project.loaded).stop()
+
+
+def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:
+    ledger = Ledger(project.connection, project.loaded.spec.name)
+    pool.preload_handlers(project.loaded)
+    options = pool.PoolOptions(project.target, log_dir=project.state_dir / "logs")
+    supervisor = pool.make_supervisor(
+        PipelineWatcher(project.loaded), project.connection, options, frozenset()
+    )
+    pool.SignalLatch(supervisor).install()
+    with console.DocumentProgress(len(doc_ids)) as progress:
+
+        def all_finished() -> bool:
+            records = ledger.get_many(doc_ids)
+            progress.update(records)
+            return all(r is not None and r.status in (DocStatus.DONE, DocStatus.FAILED) for r in records)
+
+        pool.run(supervisor, project.connection, until=all_finished)
+    return [r for r in ledger.get_many(doc_ids) if r is not None]

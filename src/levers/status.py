@@ -1,0 +1,120 @@
+"""Where the pipeline stands, per phase, read from Redis without scanning jobs.
+
+Every figure comes from a counter, a list length or a registry size, so the answer costs the
+same with ten jobs queued or a hundred thousand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from levers import keys
+from levers.ledger import Ledger
+from levers.pool import live_reports
+from levers.spec import Pipeline
+
+# Queue depths past these call for more workers, then for them at once (the seed's thresholds).
+QUEUE_WARNING = 100
+QUEUE_EMERGENCY = 1000
+# Past this share of failed jobs, look at the errors: it is not a scaling problem.
+FAILED_SHARE_WARNING = 0.10
+
+
+@dataclass(frozen=True)
+class PhaseStatus:
+    phase: str
+    queued: int
+    running: int
+    waiting_retry: int
+    done: int
+    failed: int
+    retried: int
+    workers_desired: int
+    workers_alive: int
+    workers_busy: int
+    state: str
+    workers: int
+    semaphore: int
+    threads: int
+
+    @property
+    def failed_share(self) -> float:
+        finished = self.done + self.failed
+        return self.failed / finished if finished else 0.0
+
+    @property
+    def alerts(self) -> list[str]:
+        found = []
+        if self.queued > QUEUE_EMERGENCY:
+            found.append(f"queue over {QUEUE_EMERGENCY}: add workers now")
+        elif self.queued > QUEUE_WARNING:
+            found.append(f"queue over {QUEUE_WARNING}: consider more workers")
+        if self.failed_share > FAILED_SHARE_WARNING:
+            found.append(f"{self.failed_share:.0%} failed: look at the errors")
+        if self.workers_desired and not self.workers_alive:
+            found.append("no worker alive")
+        return found
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    pipeline: str
+    phases: list[PhaseStatus]
+    supervisors: int
+    config_error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "supervisors": self.supervisors,
+            "config_error": self.config_error,
+            "phases": [{**asdict(p), "failed_share": round(p.failed_share, 4), "alerts": p.alerts}
+                       for p in self.phases],
+        }  # fmt: skip
+
+
+def pipeline_status(connection: redis.Redis, spec: Pipeline) -> PipelineStatus:
+    reports = live_reports(connection, spec.name)
+    ledger = Ledger(connection, spec.name)
+    phases = [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
+    errors = [str(r["config_error"]) for r in reports if r.get("config_error")]
+    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None)
+
+
+def _phase_status(
+    connection: redis.Redis, spec: Pipeline, name: str, ledger: Ledger, reports: list[dict[str, Any]]
+) -> PhaseStatus:
+    queue = Queue(keys.queue_name(spec.name, name), connection=connection, serializer=JSONSerializer)
+    workers = Worker.all(queue=queue)
+    reported = [r["phases"][name] for r in reports if name in r.get("phases", {})]
+    totals = ledger.totals(name)
+    levers = spec.phases[name].levers
+    return PhaseStatus(
+        phase=name,
+        queued=queue.count,
+        running=StartedJobRegistry(queue=queue).count,
+        waiting_retry=ScheduledJobRegistry(queue=queue).count,
+        done=totals.get("done", 0),
+        failed=totals.get("failed", 0),
+        retried=totals.get("retried", 0),
+        workers_desired=sum(int(r["desired"]) for r in reported) if reported else levers.workers,
+        workers_alive=len(workers),
+        workers_busy=sum(w.state == "busy" for w in workers),
+        state=_worst([str(r["state"]) for r in reported]) if reported else "no supervisor",
+        workers=levers.workers,
+        semaphore=levers.semaphore,
+        threads=levers.threads,
+    )
+
+
+def _worst(states: list[str]) -> str:
+    for state in ("failing", "backoff", "stopped", "ok"):
+        if state in states:
+            return state
+    return "ok"

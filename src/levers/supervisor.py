@@ -1,0 +1,234 @@
+"""The supervisor: keeps each phase at its declared number of workers by reconciling, tick by tick.
+
+Each tick: follow pipeline.yaml, reap the dead (recovering the jobs they were running), then
+grow or shrink every phase toward its ``workers`` lever. Crashing workers come back with
+exponential backoff; a phase whose workers keep crashing is marked failing. Shrinking retires
+idle workers first and never kills a running job: a retiring worker finishes its job, then exits.
+
+Side effects come in through seams (``spawn``, ``recover``, ``is_busy``, ``clock``), so tests
+can replay a history of deaths and edits without processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from levers.loading import LoadedPipeline
+from levers.watch import PipelineWatcher
+
+log = logging.getLogger("levers.supervisor")
+
+# A worker that dies sooner than this after its start counts as a crash.
+QUICK_CRASH_S = 10.0
+# Waits before restarting a crashing phase: first, then doubling, up to the cap.
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+# Consecutive crashes after which a phase is reported as failing (it keeps being retried).
+FAILING_AFTER_CRASHES = 5
+# Grace added to the longest phase timeout before a graceful stop turns forceful.
+STOP_GRACE_S = 30.0
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor needs of a worker process (multiprocessing.Process fits)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class SlotState(StrEnum):
+    RUNNING = "running"
+    RETIRING = "retiring"  # asked to stop after its current job
+
+
+class PhaseState(StrEnum):
+    OK = "ok"
+    BACKOFF = "backoff"  # waiting to restart a crashed worker
+    FAILING = "failing"  # workers keep crashing
+    STOPPED = "stopped"
+
+
+@dataclass
+class Slot:
+    phase: str
+    handler: str
+    process: ProcessHandle
+    started_at: float
+    state: SlotState = SlotState.RUNNING
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+@dataclass
+class PhaseHealth:
+    crashes: int = 0
+    restarts: int = 0
+    next_spawn_at: float = 0.0
+
+    def state(self, now: float) -> PhaseState:
+        if self.crashes >= FAILING_AFTER_CRASHES:
+            return PhaseState.FAILING
+        return PhaseState.BACKOFF if now < self.next_spawn_at else PhaseState.OK
+
+
+@dataclass
+class Seams:
+    """The supervisor's side effects. ``recover`` puts back the jobs of a dead worker."""
+
+    spawn: Callable[[str, LoadedPipeline], ProcessHandle]
+    recover: Callable[[Slot], list[str]]
+    is_busy: Callable[[Slot], bool] = lambda slot: False
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class Supervisor:
+    watcher: PipelineWatcher
+    seams: Seams
+    only: frozenset[str] = frozenset()  # phases to run; empty means all
+    slots: list[Slot] = field(default_factory=list)
+    health: dict[str, PhaseHealth] = field(default_factory=dict)
+    stopping: bool = False
+    stop_deadline: float | None = None
+
+    def desired(self) -> dict[str, int]:
+        """Workers wanted per phase this host runs, from the current pipeline."""
+        spec = self.watcher.current().spec
+        return {
+            name: (0 if self.stopping else phase.levers.workers)
+            for name, phase in spec.phases.items()
+            if not self.only or name in self.only
+        }
+
+    def tick(self) -> None:
+        """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall."""
+        loaded = self.watcher.current()
+        self._reap()
+        if self.stopping:
+            self._enforce_stop_deadline()
+            return
+        self._retire_stale(loaded)
+        for phase, wanted in self.desired().items():
+            self._reconcile_phase(loaded, phase, wanted)
+        for phase in {s.phase for s in self.slots} - set(self.desired()):
+            self._retire(self._running(phase))
+
+    def finished(self) -> bool:
+        return self.stopping and not self.slots
+
+    def request_stop(self, force: bool = False) -> None:
+        """First call: let running jobs finish. ``force`` (or a second call): stop at once."""
+        now = self.seams.clock()
+        if force or self.stopping:
+            log.warning("stopping now: running jobs go back on their queues")
+            for slot in self.slots:
+                slot.process.kill()
+            self.stop_deadline = now
+        else:
+            log.info("stopping: workers finish their current job first")
+            longest = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
+            self.stop_deadline = now + longest + STOP_GRACE_S
+            for slot in self.slots:
+                self._retire_one(slot)
+        self.stopping = True
+
+    def report(self) -> dict[str, Any]:
+        """Per phase: desired, alive, retiring, state, restarts, pids; and any pipeline.yaml error."""
+        now = self.seams.clock()
+        phases = {}
+        for phase, wanted in self.desired().items():
+            health = self.health.get(phase, PhaseHealth())
+            mine = [s for s in self.slots if s.phase == phase]
+            phases[phase] = {
+                "desired": wanted,
+                "alive": sum(s.state is SlotState.RUNNING for s in mine),
+                "retiring": sum(s.state is SlotState.RETIRING for s in mine),
+                "state": PhaseState.STOPPED if self.stopping else health.state(now),
+                "restarts": health.restarts,
+                "pids": [s.pid for s in mine],
+            }
+        return {"phases": phases, "config_error": self.watcher.error}
+
+    def _reap(self) -> None:
+        now = self.seams.clock()
+        for slot in [s for s in self.slots if s.process.exitcode is not None]:
+            self.slots.remove(slot)
+            recovered = self.seams.recover(slot)
+            expected = slot.state is SlotState.RETIRING and slot.process.exitcode == 0
+            if expected or self.stopping:
+                if recovered:
+                    log.warning("requeued %d job(s) of stopped worker %s", len(recovered), slot.pid)
+                continue
+            log.warning(
+                "worker %s of %s exited with %s; requeued %d job(s)",
+                slot.pid, slot.phase, slot.process.exitcode, len(recovered),
+            )  # fmt: skip
+            self._count_crash(slot, now)
+
+    def _count_crash(self, slot: Slot, now: float) -> None:
+        health = self.health.setdefault(slot.phase, PhaseHealth())
+        health.restarts += 1
+        if now - slot.started_at < QUICK_CRASH_S:
+            health.crashes += 1
+            delay = min(FIRST_BACKOFF_S * 2 ** (health.crashes - 1), MAX_BACKOFF_S)
+            health.next_spawn_at = now + delay
+            if health.crashes == FAILING_AFTER_CRASHES:
+                log.error(
+                    "phase %s is failing: its workers crashed %d times in a row", slot.phase, health.crashes
+                )
+        else:
+            health.crashes = 0
+            health.next_spawn_at = now
+
+    def _retire_stale(self, loaded: LoadedPipeline) -> None:
+        """Workers started for a handler the file no longer names are replaced, gracefully."""
+        phases = loaded.spec.phases
+        for slot in self._running():
+            if slot.phase in phases and phases[slot.phase].handler != slot.handler:
+                self._retire_one(slot)
+
+    def _reconcile_phase(self, loaded: LoadedPipeline, phase: str, wanted: int) -> None:
+        running = self._running(phase)
+        if len(running) > wanted:
+            # idle workers go first, then the youngest
+            surplus = sorted(running, key=lambda s: (self.seams.is_busy(s), -s.started_at))
+            self._retire(surplus[: len(running) - wanted])
+            return
+        health = self.health.setdefault(phase, PhaseHealth())
+        now = self.seams.clock()
+        if len(running) < wanted and now >= health.next_spawn_at:
+            for _ in range(wanted - len(running)):
+                process = self.seams.spawn(phase, loaded)
+                handler = loaded.spec.phases[phase].handler
+                self.slots.append(Slot(phase, handler, process, started_at=now))
+
+    def _running(self, phase: str | None = None) -> list[Slot]:
+        return [s for s in self.slots if s.state is SlotState.RUNNING and (phase is None or s.phase == phase)]
+
+    def _retire(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            self._retire_one(slot)
+
+    def _retire_one(self, slot: Slot) -> None:
+        if slot.state is SlotState.RUNNING:
+            slot.state = SlotState.RETIRING
+            slot.process.terminate()
+
+    def _enforce_stop_deadline(self) -> None:
+        if self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline:
+            for slot in self.slots:
+                slot.process.kill()

@@ -1,0 +1,55 @@
+"""Following pipeline.yaml while it is edited: the last good pipeline, and the error of a bad edit.
+
+``current()`` is cheap when nothing changed (one stat); it re-reads and re-validates only when
+the file's bytes changed, and never hands out a pipeline that failed validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from levers.errors import LeversError
+from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline
+
+
+class PipelineWatcher:
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        self.path = loaded.path
+        self._good = loaded
+        self._stamp = _stamp(self.path)
+        self.error: str | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> PipelineWatcher:
+        return cls(load_pipeline(path))
+
+    def current(self) -> LoadedPipeline:
+        """The newest valid version of the file (the last good one while the file is invalid)."""
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return self._good
+        self._stamp = stamp
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            self.error = f"{self.path}: {exc.strerror}"
+            return self._good
+        if hashlib.sha256(raw).hexdigest() == self._good.digest:
+            self.error = None
+            return self._good
+        try:
+            self._good = parse_pipeline(raw, self.path)
+            self.error = None
+        except LeversError as exc:
+            self.error = str(exc)
+        return self._good
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -1,0 +1,104 @@
+"""One worker process: a real RQ worker on one phase's queue, and the recovery of its jobs if it dies.
+
+Workers do not fork per job (RQ's SimpleWorker model): the handler modules are imported once,
+before the worker is forked from the supervisor, and every job runs in the worker itself.
+The worker takes a single queue, so RQ moves each job to a holding list as it dequeues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from levers import keys
+from levers.connection import Target, connect
+from levers.jobs import WorkerRuntime, install_runtime
+from levers.ledger import Ledger
+from levers.watch import PipelineWatcher
+
+log = logging.getLogger("levers.worker")
+
+# How often the worker reports it is alive; RQ expires silent workers after about twice this.
+WORKER_TTL_S = 35
+LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
+
+
+class LeversWorker(SimpleWorker):
+    """RQ's in-process worker with JSON payloads."""
+
+
+def worker_name(phase: str, pid: int) -> str:
+    return f"{phase}.{socket.gethostname()}.{pid}"
+
+
+def run_worker(pipeline_path: Path, phase: str, target_url: str, embedded: bool) -> None:
+    """Body of a worker process: serve ``phase``'s queue until told to stop."""
+    # the supervisor handles the terminal's signals; a worker hears only what the supervisor sends
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watcher = PipelineWatcher.open(pipeline_path)
+    spec = watcher.current().spec
+    connection = connect(Target(url=target_url, embedded=embedded))
+    install_runtime(WorkerRuntime(watcher, connection))
+    queue_name = keys.queue_name(spec.name, phase)
+    log_format = LOG_FORMAT.format(phase=phase, queue=queue_name)
+    logging.basicConfig(level=logging.INFO, format=log_format, force=True)
+    worker = LeversWorker(
+        [Queue(queue_name, connection=connection, serializer=JSONSerializer)],
+        connection=connection,
+        name=worker_name(phase, os.getpid()),
+        serializer=JSONSerializer,
+        worker_ttl=WORKER_TTL_S,
+    )
+    worker.work(with_scheduler=True, logging_level="INFO", log_format=log_format)
+
+
+def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveries: int) -> list[str]:
+    """Put back on their queues the jobs a dead worker was running; returns their ids.
+
+    A job whose workers died under it more than ``max_recoveries`` times is failed instead, so a
+    document that kills its worker (out of memory, say) cannot loop forever.
+    """
+    worker = LeversWorker.find_by_key(
+        LeversWorker.redis_worker_namespace_prefix + name, connection=connection, serializer=JSONSerializer
+    )
+    if worker is None:
+        return []
+    recovered = []
+    for execution in worker.get_current_executions(refresh=True):
+        job = Job.fetch(execution.job_id, connection=connection, serializer=JSONSerializer)
+        queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        queue.intermediate_queue.remove(job.id)
+        deaths = int(job.meta.get("worker_deaths", 0)) + 1
+        job.meta["worker_deaths"] = deaths
+        job.save_meta()
+        if deaths > max_recoveries:
+            _fail_killed_job(connection, pipeline, job, queue, deaths)
+        else:
+            queue.enqueue_job(job, at_front=True)
+            log.warning("requeued job %s: its worker %s died", job.id, name)
+        recovered.append(job.id)
+    worker.register_death()
+    return recovered
+
+
+def _fail_killed_job(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, deaths: int) -> None:
+    reason = f"its worker died {deaths} times while running it (out of memory?)"
+    with connection.pipeline() as pipe:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        FailedJobRegistry(queue=queue).add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+        pipe.execute()
+    phase, doc_id = job.args[0], job.args[1]
+    Ledger(connection, pipeline).attempt_failed(doc_id, phase, reason, final=True)
+    log.error("failed job %s: %s", job.id, reason)

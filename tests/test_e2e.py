@@ -1,0 +1,266 @@
+"""End to end: the real `levers` command, real worker processes, the real embedded server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue, Worker
+
+from tests.conftest import levers, start_levers, wait_until
+
+TOY_PHASES = '''
+import time
+from pathlib import Path
+
+def first(doc, ctx):
+    data = doc.read_bytes()
+    if b"FAIL" in data:
+        raise ValueError("document says FAIL")
+    time.sleep(float(ctx.options.get("seconds", 0)))
+    return {"text": data.decode(errors="replace")}
+
+async def second(doc, ctx):
+    return {"words": len(doc.input["text"].split())}
+'''
+
+TOY_PIPELINE = """
+name: toy
+phases:
+  first:
+    handler: toyphases:first
+    accepts: [.txt]
+    next: second
+    retries: 1
+    retry_delay: 0
+    levers: {{workers: {workers}}}
+    options: {{seconds: {seconds}}}
+  second:
+    handler: toyphases:second
+    levers: {{workers: 1}}
+"""
+
+
+def make_project(root: Path, workers: int = 2, seconds: float = 0, docs: int = 3) -> Path:
+    (root / "toyphases.py").write_text(TOY_PHASES)
+    (root / "pipeline.yaml").write_text(TOY_PIPELINE.format(workers=workers, seconds=seconds))
+    (root / "docs").mkdir()
+    for i in range(docs):
+        (root / "docs" / f"doc{i}.txt").write_text(f"document number {i} has six words")
+    return root
+
+
+def doc_field(connection: redis.Redis, doc_id: str, field: str) -> str | None:
+    value = connection.hget(f"levers:toy:doc:{doc_id}", field)
+    return value.decode() if value else None
+
+
+def submit(root: Path, *paths: str) -> list[str]:
+    result = levers("submit", *paths, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def test_run_processes_every_document_and_reports_the_failed_one(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path)
+    (root / "docs" / "bad.txt").write_text("FAIL on purpose")
+    (root / "docs" / "image.png").write_bytes(b"\x89PNG")
+
+    result = levers("run", "docs", cwd=root)
+
+    assert result.returncode == 1
+    assert "image.png: unsupported type '.png'" in result.stderr
+    assert "bad.txt" in result.stderr and "ValueError: document says FAIL" in result.stderr
+    assert result.stdout.count("done") == 3
+    assert "Traceback" not in result.stderr
+
+
+def test_run_exits_zero_when_all_documents_finish(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path)
+
+    result = levers("run", "docs", cwd=root)
+
+    assert result.returncode == 0, result.stderr
+    ids = connection.zrange("levers:toy:docs", 0, -1)
+    assert len(ids) == 3
+    assert all(doc_field(connection, i.decode(), "status") == "done" for i in ids)
+    outputs = [json.loads((root / ".levers/artifacts" / i.decode() / "second.json").read_text()) for i in ids]
+    assert outputs == [{"words": 6}] * 3
+
+
+def test_submit_deduplicates_and_reports_bad_paths_per_file(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=2)
+
+    first = levers("submit", "docs", cwd=root)
+    again = levers("submit", "docs/doc0.txt", "missing.txt", "docs/*.txt", cwd=root)
+    forced = levers("submit", "--force", "docs/doc0.txt", cwd=root)
+
+    assert first.returncode == 0 and len(first.stdout.split()) == 2
+    assert again.returncode == 2
+    assert "missing.txt: no such file or directory" in again.stderr
+    assert "already submitted" in again.stderr
+    assert Queue("toy.first", connection=connection).count == 3  # 2, plus the forced one
+    assert forced.returncode == 0
+
+
+def test_killed_worker_job_runs_again_and_completes(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=1, seconds=2, docs=1)
+    supervisor = start_levers("up", cwd=root)
+    try:
+        [doc_id] = submit(root, "docs/doc0.txt")
+        wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
+        [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+        os.kill(worker.pid, signal.SIGKILL)
+
+        wait_until(lambda: doc_field(connection, doc_id, "status") == "done")
+        assert doc_field(connection, doc_id, "first:attempts") == "2"
+        assert len(Worker.all(queue=Queue("toy.first", connection=connection))) == 1
+    finally:
+        output = stop(supervisor)
+    assert "requeued 1 job(s)" in output
+
+
+def test_sigterm_lets_the_running_job_finish(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=1, seconds=2, docs=1)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    [doc_id] = submit(root, "docs/doc0.txt")
+    wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
+
+    stop(supervisor)
+
+    assert supervisor.returncode == 0
+    assert doc_field(connection, doc_id, "first:seconds") is not None
+    assert Queue("toy.second", connection=connection).count == 1  # handed on, waiting for its phase
+    assert Worker.all(connection=connection) == []
+
+
+def test_second_signal_stops_at_once_and_requeues(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=1, seconds=30, docs=1)
+    supervisor = start_levers("up", cwd=root)
+    [doc_id] = submit(root, "docs/doc0.txt")
+    wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
+
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.communicate(timeout=20)
+
+    assert supervisor.returncode == 0
+    assert Queue("toy.first", connection=connection).count == 1
+    assert doc_field(connection, doc_id, "first:seconds") is None
+
+
+def test_failed_document_is_retried_then_visible_in_status_and_show(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, docs=0)
+    (root / "docs" / "bad.txt").write_text("FAIL")
+    levers("run", "docs", cwd=root)
+
+    status = json.loads(levers("status", "--json", cwd=root).stdout)
+    [doc_id] = [i.decode() for i in connection.zrange("levers:toy:docs", 0, -1)]
+    shown = levers("show", doc_id[:8], cwd=root)
+
+    first = next(p for p in status["phases"] if p["phase"] == "first")
+    assert (first["failed"], first["retried"]) == (1, 1)
+    assert shown.returncode == 0
+    assert "failed" in shown.stdout and "document says FAIL" in shown.stdout + shown.stderr
+    assert doc_field(connection, doc_id, "first:attempts") == "2"
+
+
+def test_embedded_server_restart_loses_no_queued_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    root = make_project(tmp_path, docs=3)
+    try:
+        assert len(submit(root, "docs")) == 3
+        assert "stopped" in levers("down", cwd=root).stderr
+
+        status = json.loads(levers("status", "--json", cwd=root).stdout)
+        assert status["phases"][0]["queued"] == 3
+
+        result = levers("run", "docs", cwd=root)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("done") == 3
+    finally:
+        levers("down", cwd=root)
+
+
+def test_unreachable_redis_is_one_line_without_the_password(tmp_path: Path) -> None:
+    root = make_project(tmp_path, docs=1)
+    url = "redis://:hunter2@127.0.0.1:1/0"
+
+    result = levers("submit", "docs", cwd=root, env={"REDIS_URL": url})
+
+    assert result.returncode == 1
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "redis://:***@127.0.0.1:1/0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_validate_reports_located_errors_and_exit_codes(tmp_path: Path) -> None:
+    root = make_project(tmp_path)
+    good = levers("validate", cwd=root)
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text(pipeline.read_text().replace("{workers: 1}", "{workers: 1, semaphor: 3}"))
+    bad = levers("validate", cwd=root)
+    as_json = json.loads(levers("validate", "--json", cwd=root).stdout)
+
+    assert good.returncode == 0
+    assert bad.returncode == 2
+    line = next(n for n, text in enumerate(pipeline.read_text().splitlines(), 1) if "semaphor:" in text)
+    assert f"pipeline.yaml:{line}:" in bad.stderr
+    assert "did you mean 'semaphore'?" in bad.stderr
+    assert as_json["valid"] is False and as_json["problems"][0]["line"] == line
+
+
+def test_rq_info_sees_levers_queues_and_workers(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, workers=2)
+    supervisor = start_levers("up", cwd=root)
+    try:
+        connection = redis.Redis.from_url(redis_url)
+        wait_until(lambda: len(Worker.all(connection=connection)) == 3)
+        info = subprocess.run(
+            ["rq", "info", "--url", redis_url], capture_output=True, text=True, check=True, timeout=30
+        )
+    finally:
+        stop(supervisor)
+    assert "toy.first" in info.stdout and "toy.second" in info.stdout
+    assert "3 workers" in info.stdout
+
+
+def test_stdin_document_goes_to_the_bytes_phase(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=0)
+    (root / "pipeline.yaml").write_text(
+        (root / "pipeline.yaml").read_text()
+        + textwrap.indent(
+            textwrap.dedent("""
+            upload:
+              handler: toyphases:first
+              input: bytes
+              accepts: [.txt]
+              next: second
+            """),
+            "  ",
+        )
+    )
+
+    result = levers("submit", "-", "--name", "note.txt", cwd=root, stdin=b"from a web upload")
+
+    assert result.returncode == 0, result.stderr
+    [doc_id] = result.stdout.split()
+    assert Queue("toy.upload", connection=connection).count == 1
+    assert connection.get(f"levers:toy:blob:{doc_id}") == b"from a web upload"
+    assert not (root / ".levers" / "artifacts" / doc_id).exists()
