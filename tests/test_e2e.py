@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue, Worker
-
 from tests.conftest import levers, start_levers, wait_until
 
-TOY_PHASES = '''
+TOY_PHASES = """
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def first(doc, ctx):
 
 async def second(doc, ctx):
     return {"words": len(doc.input["text"].split())}
-'''
+"""
 
 TOY_PIPELINE = """
 name: toy

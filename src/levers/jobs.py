@@ -149,7 +149,8 @@ def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: Docume
     store = runtime.store(spec)
     content: bytes | Path
     if record.input == "bytes":
-        content = runtime.connection.get(keys.blob(spec.name, record.id)) or b""
+        blob = runtime.connection.get(keys.blob(spec.name, record.id))
+        content = blob if isinstance(blob, bytes) else b""
         if previous is None and not content:
             raise PhaseError("the document's bytes are gone from Redis; submit it again")
     else:

@@ -59,7 +59,7 @@ class Ledger:
         """
         key = self._key(doc_id)
         status = self.connection.hget(key, "status")
-        if status is not None and not force and status.decode() != DocStatus.FAILED:
+        if status is not None and not force and _text(status) != DocStatus.FAILED:
             return False
         now = time.time()
         with self.connection.pipeline() as pipe:
@@ -89,7 +89,7 @@ class Ledger:
         pipe: redis.client.Pipeline,
     ) -> None:  # fmt: skip
         """Queue the writes that mark a phase finished on ``pipe``; the caller executes it."""
-        fields: dict[str, Any] = {f"{phase}:seconds": round(seconds, 4)}
+        fields: dict[Any, str | float] = {f"{phase}:seconds": round(seconds, 4)}
         if next_phase is None:
             fields.update(status=DocStatus.DONE, finished=time.time())
         else:
@@ -100,7 +100,7 @@ class Ledger:
 
     def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool) -> None:
         """Record a failed attempt; ``final`` when no retry follows, which fails the document."""
-        fields: dict[str, Any] = {f"{phase}:error": error}
+        fields: dict[Any, str | float] = {f"{phase}:error": error}
         if final:
             fields.update(status=DocStatus.FAILED, error=f"{phase}: {error}", finished=time.time())
         else:
@@ -126,15 +126,19 @@ class Ledger:
         if self.connection.exists(self._key(prefix)):
             return [prefix]
         matches = self.connection.zscan_iter(keys.documents(self.pipeline), match=f"{prefix}*", count=1000)
-        return [member.decode() for member, _score in matches]
+        return [_text(member) for member, _score in matches]
 
     def totals(self, phase: str) -> dict[str, int]:
         raw = self.connection.hgetall(keys.phase_counter(self.pipeline, phase))
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {_text(k): int(v) for k, v in raw.items()}
 
 
-def _record(doc_id: str, raw: dict[bytes, bytes]) -> DocumentRecord:
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
     phases: dict[str, dict[str, str]] = {}
     for name, value in fields.items():
         phase, sep, attr = name.partition(":")

@@ -57,7 +57,7 @@ def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> Loade
     try:
         spec = Pipeline.model_validate(_plain(tree))
     except ValidationError as exc:
-        raise SpecError([_locate(tree, shown, err) for err in exc.errors()]) from None
+        raise SpecError(_in_file_order([_locate(tree, shown, err) for err in exc.errors()])) from None
     problems = [_problem(tree, shown, loc, message) for loc, message in cross_checks(spec)]
     if check_imports and not problems:
         ensure_importable_from(path.parent)
@@ -66,7 +66,7 @@ def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> Loade
             for name, message in handler_problems(spec)
         ]
     if problems:
-        raise SpecError(problems)
+        raise SpecError(_in_file_order(problems))
     return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
 
 
@@ -102,6 +102,10 @@ def handler_problems(spec: Pipeline) -> list[tuple[str, str]]:
                 (name, f"handler {phase.handler!r} cannot be imported: {type(exc).__name__}: {exc}")
             )
     return problems
+
+
+def _in_file_order(problems: list[SpecProblem]) -> list[SpecProblem]:
+    return sorted(problems, key=lambda p: (p.line, p.column))
 
 
 def _shown_name(path: Path) -> str:
@@ -168,7 +172,9 @@ def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int
     for index, part in enumerate(loc):
         if isinstance(node, CommentedMap) and part in node:
             last = index == len(loc) - 1
-            key_line, key_col = node.lc.value(part) if last and at_value else node.lc.key(part)
+            # an empty value has no position of its own: ruamel gives the next token's
+            on_value = last and at_value and node[part] is not None
+            key_line, key_col = node.lc.value(part) if on_value else node.lc.key(part)
             line, col = key_line + 1, key_col + 1
             node = node[part]
         elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):

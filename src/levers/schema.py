@@ -11,4 +11,4 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def pipeline_schema() -> dict[str, Any]:
     schema = Pipeline.model_json_schema()
-    return {"$schema": SCHEMA_DIALECT, "title": "levers pipeline.yaml", **schema}
+    return {"$schema": SCHEMA_DIALECT, **schema, "title": "levers pipeline.yaml"}

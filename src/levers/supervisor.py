@@ -105,9 +105,9 @@ class Supervisor:
     stopping: bool = False
     stop_deadline: float | None = None
 
-    def desired(self) -> dict[str, int]:
-        """Workers wanted per phase this host runs, from the current pipeline."""
-        spec = self.watcher.current().spec
+    def desired(self, loaded: LoadedPipeline | None = None) -> dict[str, int]:
+        """Workers wanted per phase this host runs, from ``loaded`` (default: the current pipeline)."""
+        spec = (loaded or self.watcher.current()).spec
         return {
             name: (0 if self.stopping else phase.levers.workers)
             for name, phase in spec.phases.items()
@@ -122,9 +122,10 @@ class Supervisor:
             self._enforce_stop_deadline()
             return
         self._retire_stale(loaded)
-        for phase, wanted in self.desired().items():
+        desired = self.desired(loaded)  # one version of the file for the whole tick
+        for phase, wanted in desired.items():
             self._reconcile_phase(loaded, phase, wanted)
-        for phase in {s.phase for s in self.slots} - set(self.desired()):
+        for phase in {s.phase for s in self.slots} - set(desired):
             self._retire(self._running(phase))
 
     def finished(self) -> bool:
@@ -168,8 +169,8 @@ class Supervisor:
         for slot in [s for s in self.slots if s.process.exitcode is not None]:
             self.slots.remove(slot)
             recovered = self.seams.recover(slot)
-            expected = slot.state is SlotState.RETIRING and slot.process.exitcode == 0
-            if expected or self.stopping:
+            # a worker asked to stop may die of that signal before RQ installs its handlers
+            if slot.state is SlotState.RETIRING or self.stopping:
                 if recovered:
                     log.warning("requeued %d job(s) of stopped worker %s", len(recovered), slot.pid)
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from levers.errors import LeversError
@@ -28,7 +29,7 @@ class PipelineWatcher:
     def current(self) -> LoadedPipeline:
         """The newest valid version of the file (the last good one while the file is invalid)."""
         stamp = _stamp(self.path)
-        if stamp == self._stamp:
+        if stamp == self._stamp and not _racy(stamp):
             return self._good
         self._stamp = stamp
         try:
@@ -45,6 +46,16 @@ class PipelineWatcher:
         except LeversError as exc:
             self.error = str(exc)
         return self._good
+
+
+# Filesystem timestamps can be as coarse as 1-2 s (ext3, HFS+, FAT, some NFS): an edit in the same
+# tick as the last read that keeps the size leaves the stamp unchanged. While the mtime is this
+# recent the stamp is not trusted, and the file is re-read and hashed instead.
+RACY_STAMP_NS = 2_000_000_000
+
+
+def _racy(stamp: tuple[int, int, int] | None) -> bool:
+    return stamp is not None and time.time_ns() - stamp[0] < RACY_STAMP_NS
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -1,0 +1,55 @@
+"""The committed files that levers generates stay equal to what it generates now."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from levers.cli import app
+from levers.loading import load_pipeline
+from levers.procfile import render_procfile
+from levers.schema import pipeline_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_schema_equals_levers_schema() -> None:
+    committed = json.loads((ROOT / "pipeline.schema.json").read_text())
+    assert committed == pipeline_schema()
+
+
+def test_pipeline_yaml_points_editors_at_the_schema() -> None:
+    first_line = (ROOT / "pipeline.yaml").read_text().splitlines()[0]
+    assert first_line == "# yaml-language-server: $schema=./pipeline.schema.json"
+
+
+def test_committed_procfile_equals_levers_procfile() -> None:
+    spec = load_pipeline(ROOT / "pipeline.yaml").spec
+    assert (ROOT / "Procfile").read_text() == render_procfile(spec)
+
+
+def test_procfile_runs_each_phase_as_its_own_process_type() -> None:
+    result = CliRunner().invoke(app, ["procfile", "-f", str(ROOT / "pipeline.yaml")])
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert result.exit_code == 0
+    assert "extraction: levers up -f " in lines[0] and lines[0].endswith("--phase extraction")
+    assert len(lines) == 4
+
+
+def test_the_seed_levers_are_declared() -> None:
+    phases = load_pipeline(ROOT / "pipeline.yaml").spec.phases
+    workers = [phases[p].levers.workers for p in ("extraction", "ingest_extract", "chunking", "kg_ingest")]
+    assert workers == [3, 2, 3, 2]
+    assert phases["chunking"].levers.semaphore == 10
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart\n+```bash\n(.*?)```", readme, re.S)
+    assert block is not None
+    commands = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(commands) == 2
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
