@@ -1,0 +1,22 @@
+"""Extraction for documents that arrive in memory (``doc.content`` is bytes).
+
+The bytes are parsed where they are, never written to disk; the output is extraction's. Option
+``max_bytes`` (default 50 MB) is checked before anything is parsed, since such documents come
+from outside and nothing upstream bounded their size. ``max_pages`` applies as in extraction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from levers.context import Document, PhaseContext
+from phases.extraction import check_size, extract_bytes
+
+DEFAULT_MAX_BYTES = 50_000_000
+
+
+async def ingest(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
+    """Handler: extract an in-memory document on the phase's thread pool."""
+    check_size(doc.size, ctx.options.get("max_bytes", DEFAULT_MAX_BYTES))
+    data = doc.read_bytes()
+    return await ctx.run_in_thread(extract_bytes, data, doc.name, ctx.options.get("max_pages"))
