@@ -152,6 +152,9 @@ def test_second_signal_stops_at_once_and_requeues(tmp_path: Path, connection: re
     wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
 
     supervisor.send_signal(signal.SIGTERM)
+    # the kernel merges a signal sent while the same one is pending: wait until the first is handled
+    [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+    wait_until(lambda: Worker.find_by_key(worker.key, connection=connection).shutdown_requested_date)
     supervisor.send_signal(signal.SIGTERM)
     supervisor.communicate(timeout=20)
 

@@ -104,6 +104,7 @@ def up(
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
     pool.preload_handlers(project.loaded)
+    pool.configure_logging(None)
     supervisor = pool.make_supervisor(
         PipelineWatcher(project.loaded), project.connection, pool.PoolOptions(project.target), only
     )

@@ -19,8 +19,10 @@ from levers.ledger import DocStatus, DocumentRecord
 from levers.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING, PipelineStatus
 from levers.submission import Outcome
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output (CI logs, files) gets room for every column instead of the 80 a non-terminal implies.
+PIPED_WIDTH = 160
+out = Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 
 def error(exc: LeversError | str) -> None:

@@ -106,6 +106,20 @@ class SignalLatch:
         self.supervisor.request_stop(force=self.count > 1)
 
 
+SUPERVISOR_LOG_FORMAT = "%(asctime)s %(levelname)s [supervisor pid=%(process)d] %(message)s"
+
+
+def configure_logging(log_dir: Path | None) -> None:
+    """Supervisor logs go to stderr, or to ``log_dir/supervisor.log`` when a progress bar owns it."""
+    if log_dir is None:
+        logging.basicConfig(level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, force=True)
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, filename=log_dir / "supervisor.log", force=True
+    )
+
+
 def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
     """Tick until a stop completes (or ``until()`` holds, then stop gracefully)."""
     reporter = Reporter(connection, supervisor)

@@ -40,6 +40,7 @@ def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[Docu
     ledger = Ledger(project.connection, project.loaded.spec.name)
     pool.preload_handlers(project.loaded)
     options = pool.PoolOptions(project.target, log_dir=project.state_dir / "logs")
+    pool.configure_logging(options.log_dir)
     supervisor = pool.make_supervisor(
         PipelineWatcher(project.loaded), project.connection, options, frozenset()
     )

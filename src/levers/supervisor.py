@@ -133,19 +133,21 @@ class Supervisor:
 
     def request_stop(self, force: bool = False) -> None:
         """First call: let running jobs finish. ``force`` (or a second call): stop at once."""
+        # stopping is set first: a second signal can arrive while this call is still running
+        force = force or self.stopping
+        self.stopping = True
         now = self.seams.clock()
-        if force or self.stopping:
+        if force:
             log.warning("stopping now: running jobs go back on their queues")
+            self.stop_deadline = now
             for slot in self.slots:
                 slot.process.kill()
-            self.stop_deadline = now
-        else:
-            log.info("stopping: workers finish their current job first")
-            longest = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
-            self.stop_deadline = now + longest + STOP_GRACE_S
-            for slot in self.slots:
-                self._retire_one(slot)
-        self.stopping = True
+            return
+        log.info("stopping: workers finish their current job first")
+        longest = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
+        self.stop_deadline = now + longest + STOP_GRACE_S
+        for slot in self.slots:
+            self._retire_one(slot)
 
     def report(self) -> dict[str, Any]:
         """Per phase: desired, alive, retiring, state, restarts, pids; and any pipeline.yaml error."""
