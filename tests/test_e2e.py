@@ -15,15 +15,15 @@ from rq import Queue, Worker
 from tests.conftest import levers, start_levers, wait_until
 
 TOY_PHASES = """
+import os
 import time
-from pathlib import Path
 
 def first(doc, ctx):
     data = doc.read_bytes()
     if b"FAIL" in data:
         raise ValueError("document says FAIL")
     time.sleep(float(ctx.options.get("seconds", 0)))
-    return {"text": data.decode(errors="replace")}
+    return {"text": data.decode(errors="replace"), "semaphore": ctx.levers.semaphore, "pid": os.getpid()}
 
 async def second(doc, ctx):
     return {"words": len(doc.input["text"].split())}

@@ -95,7 +95,7 @@ def up(
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers import pool
-    from levers.project import open_project
+    from levers.project import open_project, save_last_good
     from levers.watch import PipelineWatcher
 
     project = open_project(file, check_imports=True)
@@ -104,9 +104,13 @@ def up(
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
     pool.preload_handlers(project.loaded)
+    save_last_good(project.loaded)
     pool.configure_logging(None)
     supervisor = pool.make_supervisor(
-        PipelineWatcher(project.loaded), project.connection, pool.PoolOptions(project.target), only
+        PipelineWatcher(project.loaded, on_change=save_last_good),
+        project.connection,
+        pool.PoolOptions(project.target),
+        only,
     )
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)
@@ -141,7 +145,9 @@ def submit(
     from levers.project import open_project
     from levers.submission import Submitter
 
-    project = open_project(file)
+    project = open_project(file, last_good=True)
+    if project.file_error:
+        console.error(f"{project.file_error}\n(submitting with the last good version of the file)")
     submitter = Submitter(project.loaded, project.connection)
     if "-" in paths:
         if not name:
@@ -187,6 +193,43 @@ def run(
         raise typer.Exit(EXIT_FAILURE)
 
 
+@app.command("set")
+@reports_errors
+def set_levers(
+    assignments: Annotated[
+        list[str],
+        typer.Argument(metavar="KEY=VALUE...", help="e.g. chunking.semaphore=15 extraction.workers=5"),
+    ],
+    file: FileOption = None,
+) -> None:
+    """Change settings in pipeline.yaml, keeping its comments and layout; running workers follow."""
+    from levers.applying import await_supervisors
+    from levers.edit import set_values
+    from levers.project import pipeline_path
+
+    updated, changes = set_values(pipeline_path(file), assignments)
+    if not changes:
+        console.note("nothing changed")
+        return
+    console.changes(changes)
+    console.applied(await_supervisors(updated))
+
+
+@app.command()
+@reports_errors
+def get(
+    key: Annotated[str, typer.Argument(help="e.g. chunking.semaphore or phases.chunking.timeout")],
+    file: FileOption = None,
+) -> None:
+    """Print one setting's effective value (defaults included)."""
+    from levers.edit import get_value
+    from levers.loading import load_pipeline
+    from levers.project import pipeline_path
+
+    value = get_value(load_pipeline(pipeline_path(file)), key)
+    console.print_json(value) if isinstance(value, (dict, list)) else console.out.print(str(value))
+
+
 @app.command()
 @reports_errors
 def status(
@@ -196,16 +239,19 @@ def status(
 ) -> None:
     """Per phase: queued, running, done, failed, and workers alive/desired."""
     from levers.project import open_project
-    from levers.status import pipeline_status
+    from levers.status import PipelineStatus, pipeline_status
 
-    project = open_project(file)
+    project = open_project(file, last_good=True)
+
+    def read() -> PipelineStatus:
+        return pipeline_status(project.connection, project.loaded.spec, project.file_error)
+
     if as_json:
-        console.print_json(pipeline_status(project.connection, project.loaded.spec).as_json())
-        return
-    if not watch:
-        console.status_table(pipeline_status(project.connection, project.loaded.spec))
-        return
-    console.watch_status(lambda: pipeline_status(project.connection, project.loaded.spec))
+        console.print_json(read().as_json())
+    elif watch:
+        console.watch_status(read)
+    else:
+        console.status_table(read())
 
 
 @app.command()

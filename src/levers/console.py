@@ -185,3 +185,19 @@ def watch_status(read: Callable[[], PipelineStatus], refresh_s: float = 1.0) -> 
                 live.update(status_view(read()))
     except KeyboardInterrupt:
         pass
+
+
+def changes(applied_changes: Sequence[Any]) -> None:
+    for change in applied_changes:
+        out.print(f"{change.dotted}: {change.old} -> {change.new}")
+
+
+def applied(result: Any) -> None:
+    """Whether running supervisors took up an edit (None: no server to ask)."""
+    if result is None or result.supervisors == 0:
+        note("no supervisor is running; the change applies when one starts")
+    elif result.applied == result.supervisors:
+        workers = ", ".join(f"{p} {alive}/{desired}" for p, (alive, desired) in result.workers.items())
+        note(f"applied by {result.supervisors} supervisor(s); workers alive/desired: {workers}")
+    else:
+        note(f"written; {result.applied} of {result.supervisors} supervisor(s) have applied it so far")

@@ -12,7 +12,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from levers.limits import SharedLimit
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,6 +73,7 @@ class PhaseContext:
         options: dict[str, Any],
         state_dir: Path,
         executor: ThreadPoolExecutor | None,
+        limits: Callable[[str], SharedLimit] | None = None,
     ) -> None:
         self.phase = phase
         self.levers = levers
@@ -77,6 +81,7 @@ class PhaseContext:
         self.state_dir = state_dir
         self.log = logging.getLogger(f"levers.phase.{phase}")
         self._executor = executor
+        self._limits = limits
         self._semaphore: asyncio.Semaphore | None = None
 
     def _bound(self) -> asyncio.Semaphore:
@@ -107,6 +112,17 @@ class PhaseContext:
                 return await fn(item)
 
         return list(await asyncio.gather(*(bounded(item) for item in items)))
+
+    def limit(self, name: str) -> SharedLimit:
+        """The limit ``name`` declared under ``limits:`` in pipeline.yaml, held across all workers and hosts.
+
+        ``async with ctx.limit("anthropic"): ...`` holds a slot for the block; ``await
+        ctx.limit("anthropic").call(fn, *args)`` also retries 429/529 answers. Async handlers only;
+        an undeclared name raises UnknownLimit, which lists the declared ones.
+        """
+        if self._limits is None:
+            raise RuntimeError("this context has no shared limits: it was not made by a levers job")
+        return self._limits(name)
 
     async def run_in_thread(self, fn: Callable[..., R], *args: Any) -> R:
         """Run blocking ``fn(*args)`` on the phase's thread pool (inline when threads is 0)."""

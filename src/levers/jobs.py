@@ -21,8 +21,10 @@ import redis
 import rq
 
 from levers import keys
+from levers.connection import resolve
 from levers.context import Document, Levers, PhaseContext
 from levers.ledger import DocumentRecord, Ledger
+from levers.limits import JobLimits
 from levers.loading import ensure_importable_from, import_handler
 from levers.routing import enqueue_phase
 from levers.spec import Phase, Pipeline
@@ -40,9 +42,11 @@ class PhaseError(Exception):
 class WorkerRuntime:
     """What the jobs of one worker process share: the live pipeline, Redis, store and pools."""
 
-    def __init__(self, watcher: PipelineWatcher, connection: redis.Redis) -> None:
+    def __init__(self, watcher: PipelineWatcher, connection: redis.Redis, url: str) -> None:
         self.watcher = watcher
         self.connection = connection
+        # each job makes its own async client for ctx.limit from this, inside the job's event loop
+        self.url = url
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         ensure_importable_from(watcher.path.parent)
@@ -87,7 +91,8 @@ def current_runtime() -> WorkerRuntime:
         if job is None:
             raise PhaseError("run_phase runs inside an RQ worker")
         path = Path(os.environ.get("LEVERS_FILE", "pipeline.yaml"))
-        _runtime = WorkerRuntime(PipelineWatcher.open(path), job.connection)
+        watcher = PipelineWatcher.open(path)
+        _runtime = WorkerRuntime(watcher, job.connection, resolve(watcher.current(), start=False).url)
     return _runtime
 
 
@@ -131,17 +136,28 @@ def _call_handler(
 ) -> Any:
     handler = runtime.handler(settings.handler)
     lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
-    ctx = PhaseContext(
-        phase, lever_values, dict(settings.options), runtime.state_dir, runtime.executor(lever_values.threads)
-    )
+    limits = JobLimits(spec, runtime.url)
+    executor = runtime.executor(lever_values.threads)
+    ctx = PhaseContext(phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits)
     doc = _document(runtime, spec, phase, record)
     # a fresh event loop per job: nothing a job leaves behind on a loop leaks into the next
-    output = asyncio.run(handler(doc, ctx)) if inspect.iscoroutinefunction(handler) else handler(doc, ctx)
+    if inspect.iscoroutinefunction(handler):
+        output = asyncio.run(_run_async(handler, doc, ctx, limits))
+    else:
+        output = handler(doc, ctx)
     try:
         json.dumps(output)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the output of {settings.handler} is not JSON-serialisable: {exc}") from None
     return output
+
+
+async def _run_async(handler: Callable[..., Any], doc: Document, ctx: PhaseContext, limits: JobLimits) -> Any:
+    try:
+        return await handler(doc, ctx)
+    finally:
+        # the job's Redis client belongs to this loop: close it before asyncio.run closes the loop
+        await limits.aclose()
 
 
 def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: DocumentRecord) -> Document:

@@ -39,3 +39,18 @@ def supervisors(pipeline: str) -> str:
 def config_error(pipeline: str) -> str:
     """String: the last pipeline.yaml error a running supervisor or worker saw, if any."""
     return f"levers:{pipeline}:config-error"
+
+
+def limit_window(pipeline: str, limit: str) -> str:
+    """Sorted set: one member per call admitted in a shared limit's rate window, scored by server ms."""
+    return f"levers:{pipeline}:limit:{limit}:window"
+
+
+def limit_leases(pipeline: str, limit: str) -> str:
+    """Sorted set: lease ids of a shared limit's calls in flight, scored by their expiry in server ms."""
+    return f"levers:{pipeline}:limit:{limit}:leases"
+
+
+def limit_totals(pipeline: str, limit: str) -> str:
+    """Hash: a shared limit's counters (calls, rate_limited, peak_in_flight)."""
+    return f"levers:{pipeline}:limit:{limit}:totals"

@@ -12,7 +12,7 @@ from levers.store import ArtifactStore
 
 
 def document_view(file: Path | None, prefix: str) -> tuple[DocumentRecord, dict[str, Any]]:
-    project = open_project(file)
+    project = open_project(file, last_good=True)
     spec = project.loaded.spec
     ledger = Ledger(project.connection, spec.name)
     matches = ledger.find(prefix)

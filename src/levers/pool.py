@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import redis
 
@@ -172,7 +173,7 @@ class Reporter:
             self.connection.hdel(self._key, self.id)
 
 
-def live_reports(connection: redis.Redis, pipeline: str) -> list[dict[str, object]]:
+def live_reports(connection: redis.Redis, pipeline: str) -> list[dict[str, Any]]:
     """Reports of the supervisors that are alive now, on any host."""
     now = time.time()
     reports = []

@@ -6,6 +6,7 @@ over default, as for every setting).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import redis
 
 from levers.connection import Target, connect, embedded_server, resolve
+from levers.errors import SpecError
 from levers.loading import LoadedPipeline, load_pipeline
+from levers.spec import Pipeline
 
 DEFAULT_FILE = "pipeline.yaml"
 
@@ -28,15 +31,53 @@ class Project:
     target: Target
     connection: redis.Redis
     started_server: bool  # this command started the embedded server
+    file_error: str | None = None  # pipeline.yaml is invalid; ``loaded`` is the last good version
 
     @property
     def state_dir(self) -> Path:
         return self.loaded.project_dir / ".levers"
 
 
-def open_project(given: Path | None, check_imports: bool = False, start: bool = True) -> Project:
-    """Load the pipeline and connect to its Redis, starting the embedded server if it is the one."""
-    loaded = load_pipeline(pipeline_path(given), check_imports=check_imports)
+def open_project(
+    given: Path | None, check_imports: bool = False, start: bool = True, last_good: bool = False
+) -> Project:
+    """Load the pipeline and connect to its Redis, starting the embedded server if it is the one.
+
+    With ``last_good``, an invalid file falls back to the version the supervisor last applied,
+    so commands that only look (status, show) keep working while the file is being fixed.
+    """
+    path = pipeline_path(given)
+    try:
+        loaded = load_pipeline(path, check_imports=check_imports)
+        file_error = None
+    except SpecError as exc:
+        fallback = read_last_good(path) if last_good else None
+        if fallback is None:
+            raise
+        loaded, file_error = fallback, str(exc)
     was_running = embedded_server(loaded).running() is not None
     target = resolve(loaded, start=start)
-    return Project(loaded, target, connect(target), started_server=target.embedded and not was_running)
+    started = target.embedded and not was_running
+    return Project(loaded, target, connect(target), started_server=started, file_error=file_error)
+
+
+def last_good_path(pipeline: Path) -> Path:
+    return pipeline.resolve().parent / ".levers" / "last-good-pipeline.json"
+
+
+def save_last_good(loaded: LoadedPipeline) -> None:
+    """Keep the version a supervisor applies, for commands run while the file is invalid."""
+    target = last_good_path(loaded.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}))
+    tmp.replace(target)
+
+
+def read_last_good(pipeline: Path) -> LoadedPipeline | None:
+    try:
+        saved = json.loads(last_good_path(pipeline).read_text())
+        spec = Pipeline.model_validate(saved["spec"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return LoadedPipeline(path=pipeline.resolve(), spec=spec, digest=str(saved["digest"]))

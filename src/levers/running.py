@@ -12,7 +12,7 @@ from levers import console, pool
 from levers.connection import embedded_server
 from levers.errors import UsageError
 from levers.ledger import DocStatus, DocumentRecord, Ledger
-from levers.project import Project, open_project
+from levers.project import Project, open_project, save_last_good
 from levers.submission import Submitter
 from levers.watch import PipelineWatcher
 
@@ -39,10 +39,11 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
 def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:
     ledger = Ledger(project.connection, project.loaded.spec.name)
     pool.preload_handlers(project.loaded)
+    save_last_good(project.loaded)
     options = pool.PoolOptions(project.target, log_dir=project.state_dir / "logs")
     pool.configure_logging(options.log_dir)
     supervisor = pool.make_supervisor(
-        PipelineWatcher(project.loaded), project.connection, options, frozenset()
+        PipelineWatcher(project.loaded, on_change=save_last_good), project.connection, options, frozenset()
     )
     pool.SignalLatch(supervisor).install()
     with console.DocumentProgress(len(doc_ids)) as progress:

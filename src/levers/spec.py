@@ -61,6 +61,18 @@ class Phase(Strict):
         return [t if t == "*" else "." + t.lower().lstrip(".") for t in types]
 
 
+class LimitSettings(Strict):
+    """A limit shared by every worker of every phase on every host using the same Redis."""
+
+    requests_per_minute: Annotated[
+        int | None, Field(ge=1, description="Calls allowed in any sliding window of window_seconds.")
+    ] = None
+    concurrency: Annotated[int | None, Field(ge=1, description="Calls allowed in flight at once.")] = None
+    window_seconds: Annotated[
+        float, Field(gt=0, description="Length of the rate window; 60 makes requests_per_minute exact.")
+    ] = 60.0
+
+
 class Pipeline(Strict):
     """A whole pipeline.yaml."""
 
@@ -79,6 +91,10 @@ class Pipeline(Strict):
         ".levers/artifacts"
     )
     phases: Annotated[dict[Annotated[str, Field(pattern=PHASE_NAME_PATTERN)], Phase], Field(min_length=1)]
+    limits: Annotated[
+        dict[str, LimitSettings],
+        Field(description="Named limits that phases use through ctx.limit(name), held across hosts."),
+    ] = {}
 
     def entry_phases(self) -> list[str]:
         """Phases no other phase feeds, in file order."""

@@ -79,11 +79,13 @@ class PipelineStatus:
         }  # fmt: skip
 
 
-def pipeline_status(connection: redis.Redis, spec: Pipeline) -> PipelineStatus:
+def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | None = None) -> PipelineStatus:
+    """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version."""
     reports = live_reports(connection, spec.name)
     ledger = Ledger(connection, spec.name)
     phases = [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
-    errors = [str(r["config_error"]) for r in reports if r.get("config_error")]
+    errors = [file_error] if file_error else []
+    errors += [str(r["config_error"]) for r in reports if r.get("config_error")]
     return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None)
 
 

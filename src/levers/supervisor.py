@@ -164,7 +164,8 @@ class Supervisor:
                 "restarts": health.restarts,
                 "pids": [s.pid for s in mine],
             }
-        return {"phases": phases, "config_error": self.watcher.error}
+        digest = self.watcher.current().digest
+        return {"phases": phases, "config_error": self.watcher.error, "digest": digest}
 
     def _reap(self) -> None:
         now = self.seams.clock()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from levers.errors import LeversError
@@ -16,9 +17,14 @@ from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline
 
 
 class PipelineWatcher:
-    def __init__(self, loaded: LoadedPipeline) -> None:
+    """``on_change`` is called with each new valid version (not with the first)."""
+
+    def __init__(
+        self, loaded: LoadedPipeline, on_change: Callable[[LoadedPipeline], None] | None = None
+    ) -> None:
         self.path = loaded.path
         self._good = loaded
+        self._on_change = on_change
         self._stamp = _stamp(self.path)
         self.error: str | None = None
 
@@ -45,6 +51,9 @@ class PipelineWatcher:
             self.error = None
         except LeversError as exc:
             self.error = str(exc)
+            return self._good
+        if self._on_change is not None:
+            self._on_change(self._good)
         return self._good
 
 

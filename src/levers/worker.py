@@ -49,7 +49,7 @@ def run_worker(pipeline_path: Path, phase: str, target_url: str, embedded: bool)
     watcher = PipelineWatcher.open(pipeline_path)
     spec = watcher.current().spec
     connection = connect(Target(url=target_url, embedded=embedded))
-    install_runtime(WorkerRuntime(watcher, connection))
+    install_runtime(WorkerRuntime(watcher, connection, target_url))
     queue_name = keys.queue_name(spec.name, phase)
     log_format = LOG_FORMAT.format(phase=phase, queue=queue_name)
     logging.basicConfig(level=logging.INFO, format=log_format, force=True)

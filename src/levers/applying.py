@@ -1,0 +1,57 @@
+"""After `levers set`: wait until every running supervisor has taken up the new pipeline.yaml."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from levers.connection import Target, configured_url, connect, embedded_server
+from levers.errors import LeversError
+from levers.loading import LoadedPipeline
+from levers.pool import live_reports
+
+# Supervisors tick four times a second; this leaves room for a busy machine.
+APPLY_TIMEOUT_S = 5.0
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Applied:
+    supervisors: int  # live supervisors found
+    applied: int  # of which run the new version
+    workers: dict[str, tuple[int, int]]  # phase -> (alive, desired), summed over supervisors
+
+
+def await_supervisors(updated: LoadedPipeline, timeout_s: float = APPLY_TIMEOUT_S) -> Applied | None:
+    """Wait for live supervisors to report the new file's digest; None when no server is reachable."""
+    url = configured_url(updated)
+    if url is None:
+        running = embedded_server(updated).running()
+        if running is None:
+            return None
+        url = running.url
+    try:
+        connection = connect(Target(url=url, embedded=False))
+    except LeversError:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reports = live_reports(connection, updated.spec.name)
+        current = [r for r in reports if r.get("digest") == updated.digest and _settled(r)]
+        if len(current) == len(reports) or time.monotonic() >= deadline:
+            return Applied(len(reports), len(current), _workers(reports))
+        time.sleep(POLL_S)
+
+
+def _settled(report: dict[str, Any]) -> bool:
+    return all(p["alive"] == p["desired"] for p in report.get("phases", {}).values())
+
+
+def _workers(reports: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    totals: dict[str, tuple[int, int]] = {}
+    for report in reports:
+        for name, phase in report.get("phases", {}).items():
+            alive, desired = totals.get(name, (0, 0))
+            totals[name] = (alive + int(phase["alive"]), desired + int(phase["desired"]))
+    return totals

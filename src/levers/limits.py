@@ -1,0 +1,419 @@
+"""Limits shared by every worker of every phase on every host that uses the same Redis.
+
+A limit declared under ``limits:`` in pipeline.yaml has up to two parts. Each is decided by one
+Lua script, so a check and its update never interleave between clients, and each reads the
+server's clock (TIME), so the clocks of the hosts never matter:
+
+- ``requests_per_minute``: a sliding-window log, a sorted set with one member per admitted call.
+  A call is admitted while fewer than the limit were admitted in the last ``window_seconds``;
+  otherwise the script answers how long until the oldest one leaves the window.
+- ``concurrency``: leases, a sorted set of lease ids scored by their expiry. The holder renews
+  its lease every ``lease_ttl / 3``; a process that dies, even by SIGKILL, stops renewing, so
+  its slots come back by themselves within ``lease_ttl``. Without a cap, leases are still taken
+  (uncapped) so that calls in flight can be counted.
+
+A call takes its concurrency slot first and its rate slot last, right before it starts. The
+other order would stamp a call into the window and then let it wait for a slot: stamps bunched
+in one window could then start together in a later one, breaking the provider's limit. Holding a
+slot while waiting for the window costs no throughput: while the rate binds, no call could start.
+
+Waiting is polling with jitter, not a queue: the rate script says exactly how long to wait; a
+freed concurrency slot is not announced, so waiters look again every ``LEASE_POLL_S``. Polling
+is not FIFO, but the jitter makes every look a fair draw, so no waiter is starved for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+from uuid import uuid4
+
+import redis
+import redis.asyncio
+from redis.commands.core import AsyncScript
+
+from levers import keys
+from levers.connection import CONNECT_TIMEOUT_S
+from levers.errors import UsageError
+from levers.spec import LimitSettings, Pipeline
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = logging.getLogger("levers.limits")
+
+DEFAULT_LEASE_TTL_S = 10.0
+DEFAULT_MAX_RATE_RETRIES = 8
+DEFAULT_BACKOFF_S = 1.0
+# The longest backoff between retries when the provider gives no retry-after.
+MAX_BACKOFF_S = 60.0
+# How often a waiter for a concurrency slot looks again: releases are not announced.
+LEASE_POLL_S = 0.05
+# Added at random to every wait, so that waiters woken together do not all retry together.
+POLL_JITTER_S = 0.02
+# A retry-after is honoured up to this share longer (never shorter), to spread the retries.
+RETRY_AFTER_JITTER = 0.1
+# Too many requests, and Anthropic's "overloaded".
+RATE_LIMIT_STATUSES = frozenset({429, 529})
+
+# The server's clock in ms, shared by the scripts below.
+_NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+
+# KEYS: window. ARGV: limit, window ms, member. Returns 0 when admitted, else ms to wait.
+_RATE = f"""{_NOW}
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+# KEYS: leases, totals. ARGV: cap (0 for none), ttl ms, lease id. Returns 0 when taken, else the
+# ms until the first lease expires. The peak is kept here, where the count is exact.
+_ACQUIRE = f"""{_NOW}
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+local cap = tonumber(ARGV[1])
+if cap == 0 or held < cap then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  if held + 1 > tonumber(redis.call('HGET', KEYS[2], 'peak_in_flight') or '0') then
+    redis.call('HSET', KEYS[2], 'peak_in_flight', held + 1)
+  end
+  return 0
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(first[2]) - now)
+"""
+
+# KEYS: leases. ARGV: ttl ms, lease id. Returns 1 when renewed, 0 when the lease had expired: an
+# expired lease may already be counted free by someone else, so it is dropped, never revived.
+_RENEW = f"""{_NOW}
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if expiry and tonumber(expiry) > now then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+  return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[2])
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    rate: AsyncScript
+    acquire: AsyncScript
+    renew: AsyncScript
+
+
+# Registered once per client; weak, so a job's client and its scripts go together.
+_scripts: weakref.WeakKeyDictionary[redis.asyncio.Redis, _Scripts] = weakref.WeakKeyDictionary()
+
+
+def _scripts_for(client: redis.asyncio.Redis) -> _Scripts:
+    if client not in _scripts:
+        _scripts[client] = _Scripts(
+            client.register_script(_RATE), client.register_script(_ACQUIRE), client.register_script(_RENEW)
+        )
+    return _scripts[client]
+
+
+class RateLimited(Exception):
+    """Raise from a call made through ``SharedLimit.call`` to have it retried after ``retry_after`` s.
+
+    With ``retry_after`` None, the retry waits by jittered exponential backoff.
+    """
+
+    def __init__(self, retry_after: float | None = None, message: str = "rate limited") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownLimit(UsageError):
+    """A limit name that pipeline.yaml does not declare."""
+
+
+def limit_settings(spec: Pipeline, name: str) -> LimitSettings:
+    """The settings of limit ``name``; UnknownLimit, listing the declared ones, when there is none."""
+    if name not in spec.limits:
+        declared = ", ".join(sorted(spec.limits)) or "none"
+        raise UnknownLimit(
+            f"no limit named {name!r} in pipeline.yaml (declared: {declared})",
+            fix=f"declare it under limits: ({name}: {{requests_per_minute: ..., concurrency: ...}})",
+        )
+    return spec.limits[name]
+
+
+@dataclass
+class Lease:
+    """A held concurrency slot: its id in Redis and the task that keeps renewing it."""
+
+    id: str
+    renewal: asyncio.Task[None]
+    released: bool = False
+
+
+class SharedLimit:
+    """One named limit, enforced through Redis for every client that uses the same keys.
+
+    ``async with limit:`` waits for a slot and holds it for the block; ``await limit.call(fn, ...)``
+    does the same around ``fn`` and also retries it when it is rate limited (status 429 or 529, or
+    ``RateLimited``). The limit counts the requests it admits, so clients must not retry on their
+    own: give SDK clients ``max_retries=0`` (an SDK retry is a request the window never saw).
+
+    One instance may serve many tasks of one event loop at once; its client must belong to that
+    loop. A lease is renewed by a task of that loop, so a handler that blocks the loop longer than
+    ``lease_ttl`` loses its slot (a warning is logged): run blocking work with ``ctx.run_in_thread``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: LimitSettings,
+        client: redis.asyncio.Redis,
+        *,
+        pipeline: str,
+        lease_ttl: float = DEFAULT_LEASE_TTL_S,
+        max_rate_retries: int = DEFAULT_MAX_RATE_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+    ) -> None:
+        if lease_ttl <= 0 or max_rate_retries < 0 or backoff_s < 0:
+            raise ValueError("lease_ttl must be > 0, max_rate_retries and backoff_s >= 0")
+        self.name = name
+        self.settings = settings
+        self.client = client
+        self.lease_ttl = lease_ttl
+        self.max_rate_retries = max_rate_retries
+        self.backoff_s = backoff_s
+        self._window_key = keys.limit_window(pipeline, name)
+        self._leases_key = keys.limit_leases(pipeline, name)
+        self._totals_key = keys.limit_totals(pipeline, name)
+        self._scripts = _scripts_for(client)
+        # the leases each task holds through `async with`, innermost last
+        self._held: dict[asyncio.Task[Any] | None, list[Lease]] = {}
+
+    async def __aenter__(self) -> Lease:
+        lease = await self.acquire()
+        self._held.setdefault(asyncio.current_task(), []).append(lease)
+        return lease
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        task = asyncio.current_task()
+        held = self._held[task]
+        lease = held.pop()
+        if not held:
+            del self._held[task]
+        await self.release(lease, rate_limited=exc is not None and is_rate_limited(exc))
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``await fn(*args, **kwargs)`` inside the limit, retried while it is rate limited.
+
+        Between retries the slot is released and the wait honours the error's retry-after
+        (``RateLimited.retry_after`` or the response's retry-after-ms / retry-after header), or
+        backs off exponentially with jitter. After ``max_rate_retries`` retries the error is
+        raised; any other error is raised at once.
+        """
+        attempt = 0
+        while True:
+            lease = await self.acquire()
+            rate_limited = False
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                rate_limited = is_rate_limited(exc)
+                if not rate_limited or attempt >= self.max_rate_retries:
+                    raise
+                delay = retry_delay(exc, attempt, self.backoff_s)
+            finally:
+                await self.release(lease, rate_limited=rate_limited)
+            attempt += 1
+            log.info("limit %r: rate limited, retry %d in %.2f s", self.name, attempt, delay)
+            await asyncio.sleep(delay)
+
+    async def acquire(self) -> Lease:
+        """Wait for a concurrency slot, then for room in the rate window; pair with ``release``."""
+        lease = await self._take_lease()
+        try:
+            await self._take_rate_slot()
+        except BaseException:
+            await self._end(lease, calls=False, rate_limited=False)
+            raise
+        return lease
+
+    async def release(self, lease: Lease, *, rate_limited: bool = False) -> None:
+        """Give the slot back and count the call (and whether the provider rate limited it)."""
+        await self._end(lease, calls=True, rate_limited=rate_limited)
+
+    async def _take_lease(self) -> Lease:
+        lease_id = uuid4().hex
+        args: list[int | str] = [self.settings.concurrency or 0, _ms(self.lease_ttl), lease_id]
+        while True:
+            try:
+                wait_ms = await self._scripts.acquire(keys=[self._leases_key, self._totals_key], args=args)
+            except asyncio.CancelledError:
+                # the script may have run before the cancellation: do not leave the slot taken
+                await asyncio.shield(self._settle(lease_id, calls=False, rate_limited=False))
+                raise
+            if wait_ms == 0:
+                return Lease(lease_id, asyncio.create_task(self._renew(lease_id)))
+            await asyncio.sleep(min(wait_ms / 1000, LEASE_POLL_S) + random.uniform(0, POLL_JITTER_S))
+
+    async def _take_rate_slot(self) -> None:
+        limit = self.settings.requests_per_minute
+        if limit is None:
+            return
+        window_ms = _ms(self.settings.window_seconds)
+        while True:
+            args: list[int | str] = [limit, window_ms, uuid4().hex]
+            wait_ms = await self._scripts.rate(keys=[self._window_key], args=args)
+            if wait_ms == 0:
+                return
+            await asyncio.sleep(wait_ms / 1000 + random.uniform(0, POLL_JITTER_S))
+
+    async def _renew(self, lease_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                renewed = await self._scripts.renew(
+                    keys=[self._leases_key], args=[_ms(self.lease_ttl), lease_id]
+                )
+            except (redis.RedisError, OSError) as exc:
+                # the lease still has two thirds of its ttl: the next renewal may succeed
+                log.warning("limit %r: could not renew a lease (%s); trying again", self.name, exc)
+                continue
+            if not renewed:
+                log.warning("limit %r: a lease expired unrenewed (event loop blocked for %.1f s?); its call "
+                            "no longer counts as in flight", self.name, self.lease_ttl)  # fmt: skip
+                return
+
+    async def _end(self, lease: Lease, *, calls: bool, rate_limited: bool) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        lease.renewal.cancel()
+        await asyncio.wait([lease.renewal])
+        await self._settle(lease.id, calls=calls, rate_limited=rate_limited)
+
+    async def _settle(self, lease_id: str, *, calls: bool, rate_limited: bool) -> None:
+        """Drop the lease and count the call. Logs a failure rather than raising it: raising would
+        hide the call's own outcome, and the lease expires by itself."""
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._leases_key, lease_id)
+                if calls:
+                    pipe.hincrby(self._totals_key, "calls", 1)
+                if rate_limited:
+                    pipe.hincrby(self._totals_key, "rate_limited", 1)
+                await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("limit %r: could not release a lease (%s); it expires within %.1f s", self.name, exc,
+                        self.lease_ttl)  # fmt: skip
+
+
+class JobLimits:
+    """``ctx.limit`` for one job: its declared limits on one async client made on first use.
+
+    Call it only inside the job's event loop (an async handler): the client belongs to the loop
+    it was made in, which is why each job makes its own. ``aclose`` it before the loop ends.
+    """
+
+    def __init__(self, spec: Pipeline, url: str) -> None:
+        self.spec = spec
+        self._url = url
+        self._client: redis.asyncio.Redis | None = None
+        self._made: dict[str, SharedLimit] = {}
+
+    def __call__(self, name: str) -> SharedLimit:
+        """The limit ``name``, the same instance for every use in the job; UnknownLimit if undeclared."""
+        if name not in self._made:
+            settings = limit_settings(self.spec, name)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(f"ctx.limit({name!r}) is for async handlers (async def handler)") from None
+            if self._client is None:
+                self._client = redis.asyncio.Redis.from_url(
+                    self._url, socket_connect_timeout=CONNECT_TIMEOUT_S
+                )
+            self._made[name] = SharedLimit(name, settings, self._client, pipeline=self.spec.name)
+        return self._made[name]
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def is_rate_limited(exc: BaseException) -> bool:
+    """Whether ``exc`` says "too many requests": RateLimited, or a status of 429 or 529."""
+    if isinstance(exc, RateLimited):
+        return True
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        # httpx.HTTPStatusError and the like carry the status on their response only
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status in RATE_LIMIT_STATUSES
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The wait ``exc`` asks for: RateLimited.retry_after, else its response's retry-after headers."""
+    if isinstance(exc, RateLimited):
+        return exc.retry_after
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        return float(headers.get("retry-after-ms")) / 1000
+    except (TypeError, ValueError):
+        pass
+    try:
+        # seconds, as Anthropic sends it; the rare HTTP-date form falls back to backoff
+        return float(headers.get("retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
+    """Seconds before retry ``attempt + 1``: the asked wait (up to 10 % more), else jittered backoff."""
+    asked = retry_after_s(exc)
+    if asked is not None and asked >= 0:
+        return asked * random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER)
+    return min(MAX_BACKOFF_S, backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dict[str, Any]:
+    """Limit ``name`` now: its settings, calls in flight and in the current window, and its totals.
+
+    Costs one TIME and one pipelined round trip, whatever the traffic.
+    """
+    settings = limit_settings(pipeline, name)
+    seconds, micros = connection.time()
+    now_ms = seconds * 1000 + micros // 1000
+    window_start_ms = now_ms - _ms(settings.window_seconds)
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zcount(keys.limit_leases(pipeline.name, name), f"({now_ms}", "+inf")
+        pipe.zcount(keys.limit_window(pipeline.name, name), f"({window_start_ms}", "+inf")
+        pipe.hgetall(keys.limit_totals(pipeline.name, name))
+        in_flight, in_window, totals = pipe.execute()
+    # the connection may or may not decode responses
+    counters = {(k.decode() if isinstance(k, bytes) else k): v for k, v in totals.items()}
+    return {
+        "name": name,
+        "requests_per_minute": settings.requests_per_minute,
+        "concurrency": settings.concurrency,
+        "window_seconds": settings.window_seconds,
+        "in_flight": in_flight,
+        "calls_in_window": in_window,
+        **{field: int(counters.get(field, 0)) for field in ("calls", "rate_limited", "peak_in_flight")},
+    }
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

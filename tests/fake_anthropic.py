@@ -1,0 +1,256 @@
+"""A local stand-in for the Anthropic Messages API, enough for the real ``anthropic`` SDK.
+
+``POST /v1/messages`` answers a text block derived from the request ("Context for: <first words
+of the last user message>"), or a ``tool_use`` block when the request has ``tools`` and
+``tool_choice``. ``usage`` reports a cache write the first time a system block with
+``cache_control`` is seen and a cache read when the same text comes again. The server records
+every request, counts requests in flight (with the peak), waits ``latency_s`` before each answer,
+and fails the next requests on demand (``fail_next``) with 429, 529 or any other status.
+
+    with FakeAnthropic(latency_s=0.1) as fake:
+        client = anthropic.AsyncAnthropic(base_url=fake.url, api_key="test")
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+# How many words of the last user message the text answer repeats.
+ANSWER_WORDS = 8
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+_DEFAULTS_BY_TYPE: dict[str, Any] = {"string": "", "integer": 0, "number": 0, "boolean": False, "null": None}
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server received it; header names lower-cased."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    status: int
+    retry_after: float | None
+
+
+class FakeAnthropic:
+    """The server, on 127.0.0.1 and a free port, served by a background thread while open."""
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        # canned tool inputs by tool name, used instead of the schema's minimal object
+        self.tool_inputs: dict[str, dict[str, Any]] = {}
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._failures: deque[_Failure] = deque()
+        self._cached: set[str] = set()
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _Handler, self)
+        # a short poll interval, so that closing the server does not wait half a second
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), name="fake-anthropic", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeAnthropic:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def fail_next(self, n: int, status: int = 429, retry_after: float | None = 0.2) -> None:
+        """Answer the next ``n`` requests with ``status`` (and a retry-after header unless None)."""
+        with self._lock:
+            self._failures.extend(_Failure(status, retry_after) for _ in range(n))
+
+    def answer(
+        self, path: str, headers: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON body for one request; called by the handler's threads."""
+        with self._lock:
+            self.requests.append(RecordedRequest(path, headers, body))
+            number = len(self.requests)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            failure = self._failures.popleft() if self._failures and path == "/v1/messages" else None
+        reply_headers = {"request-id": f"req_fake{number:06d}"}
+        try:
+            if path != "/v1/messages":
+                return 404, reply_headers, _error(404, f"no route {path}")
+            if failure is not None:
+                # rate limits and overload are answered at once, as the real API does
+                if failure.retry_after is not None:
+                    reply_headers["retry-after"] = str(failure.retry_after)
+                return failure.status, reply_headers, _error(failure.status, "fake failure on demand")
+            time.sleep(self.latency_s)  # the simulated time the model takes
+            return 200, reply_headers, self._message(body, number)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _message(self, body: dict[str, Any], number: int) -> dict[str, Any]:
+        content = _content(body, self.tool_inputs, number)
+        return {
+            "id": f"msg_fake{number:06d}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", "claude-fake"),
+            "content": content,
+            "stop_reason": "tool_use" if content[0]["type"] == "tool_use" else "end_turn",
+            "stop_sequence": None,
+            "usage": self._usage(body, content),
+        }
+
+    def _usage(self, body: dict[str, Any], content: list[dict[str, Any]]) -> dict[str, int]:
+        system = body.get("system") or []
+        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else system
+        created = read = 0
+        for block in blocks:
+            if "cache_control" not in block:
+                continue
+            with self._lock:
+                seen = block["text"] in self._cached
+                self._cached.add(block["text"])
+            if seen:
+                read += _tokens(block["text"])
+            else:
+                created += _tokens(block["text"])
+        total = _tokens(json.dumps(system)) + _tokens(json.dumps(body.get("messages", [])))
+        return {
+            "input_tokens": max(1, total - created - read),
+            "output_tokens": _tokens(json.dumps(content)),
+            "cache_creation_input_tokens": created,
+            "cache_read_input_tokens": read,
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeAnthropic):
+        super().__init__(address, handler)
+        self.fake = fake
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # keep-alive, as the SDK's connection pool expects; every answer has a Content-Length
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        status, reply_headers, answer = self.server.fake.answer(self.path.split("?")[0], headers, body)
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for name, value in reply_headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: tests read the request log instead."""
+
+
+def _content(
+    body: dict[str, Any], tool_inputs: dict[str, dict[str, Any]], number: int
+) -> list[dict[str, Any]]:
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if tools and choice and choice.get("type") != "none":
+        # the tool that tool_choice names, else the first one
+        tool = next((t for t in tools if t.get("name") == choice.get("name")), tools[0])
+        arguments = tool_inputs.get(tool["name"]) or minimal_value(tool.get("input_schema", {}))
+        return [
+            {"type": "tool_use", "id": f"toolu_fake{number:06d}", "name": tool["name"], "input": arguments}
+        ]
+    words = _last_user_text(body.get("messages", [])).split()[:ANSWER_WORDS]
+    return [{"type": "text", "text": "Context for: " + " ".join(words)}]
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content", "")
+        if isinstance(content, str):
+            return content
+        return " ".join(block.get("text", "") for block in content if block.get("type") == "text")
+    return ""
+
+
+def minimal_value(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+    """The simplest value valid for a JSON schema: required properties only, simple defaults by type.
+
+    Follows local ``$ref``s (``#/$defs/...``, as pydantic writes them) and takes the first option of
+    ``anyOf`` / ``oneOf`` / ``allOf`` that is not null.
+    """
+    root = schema if root is None else root
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return minimal_value(target, root)
+    for word in ("default", "const"):
+        if word in schema:
+            return schema[word]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for word in ("anyOf", "oneOf", "allOf"):
+        if word in schema:
+            options = [o for o in schema[word] if o.get("type") != "null"] or schema[word]
+            return minimal_value(options[0], root)
+    kind = schema.get("type", "object")
+    kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) else kind
+    return _minimal_of_type(kind, schema, root)
+
+
+def _minimal_of_type(kind: str, schema: dict[str, Any], root: dict[str, Any]) -> Any:
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: minimal_value(properties.get(name, {}), root) for name in schema.get("required", [])}
+    if kind == "array":
+        return [minimal_value(schema.get("items", {}), root) for _ in range(schema.get("minItems", 0))]
+    if kind == "string":
+        return "x" * schema.get("minLength", 0)
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    return _DEFAULTS_BY_TYPE.get(kind)
+
+
+def _error(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def _tokens(text: str) -> int:
+    # about four characters a token, as for English text
+    return max(1, len(text) // 4)

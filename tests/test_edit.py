@@ -1,0 +1,150 @@
+"""`levers set` and `levers get`: round-trip edits that keep the file's layout, validated, atomic."""
+
+from __future__ import annotations
+
+import difflib
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from levers.edit import get_value, resolve_path, set_values
+from levers.errors import SpecError, UsageError
+from levers.loading import load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STYLED = """\
+# A pipeline written by hand: comments, quoting and blank lines must survive an edit.
+name: 'styled'
+
+phases:
+  first:   # the entry phase
+    handler: "json:loads"
+    accepts:
+      - .txt    # plain text only
+      - '.md'
+    next: second
+    levers:
+      workers: 3      # lever 1
+      semaphore: 10   # lever 2
+
+  second:
+    handler: json:dumps
+"""
+
+
+def changed_lines(before: str, after: str) -> list[str]:
+    return [
+        line
+        for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+
+
+@pytest.fixture
+def styled(tmp_path: Path) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(STYLED)
+    return path
+
+
+def test_set_changes_exactly_the_values_and_keeps_comments_and_quotes(styled: Path) -> None:
+    _, changes = set_values(styled, ["first.semaphore=15", "first.workers=5"])
+
+    assert [(c.dotted, c.old, c.new) for c in changes] == [
+        ("phases.first.levers.semaphore", 10, 15),
+        ("phases.first.levers.workers", 3, 5),
+    ]
+    assert changed_lines(STYLED, styled.read_text()) == [
+        "-      workers: 3      # lever 1",
+        "-      semaphore: 10   # lever 2",
+        "+      workers: 5      # lever 1",
+        "+      semaphore: 15   # lever 2",
+    ]
+
+
+def test_set_on_the_project_pipeline_touches_one_line(tmp_path: Path) -> None:
+    original = (ROOT / "pipeline.yaml").read_text()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(original)
+
+    set_values(path, ["chunking.semaphore=15"])
+
+    diff = changed_lines(original, path.read_text())
+    assert len(diff) == 2
+    assert diff[0].startswith("-      semaphore: 10") and diff[1].startswith("+      semaphore: 15")
+    assert diff[0].split("#")[1] == diff[1].split("#")[1]  # the comment is kept
+
+
+def test_full_paths_and_missing_blocks(styled: Path) -> None:
+    set_values(styled, ["phases.second.timeout=120", "second.threads=2"])
+
+    spec = load_pipeline(styled).spec
+    assert spec.phases["second"].timeout == 120
+    assert spec.phases["second"].levers.threads == 2
+
+
+def test_an_invalid_value_leaves_the_file_byte_identical(styled: Path) -> None:
+    before = styled.read_bytes()
+
+    with pytest.raises(SpecError) as raised:
+        set_values(styled, ["first.workers=5", "first.semaphore=0"])
+
+    assert "semaphore" in str(raised.value)
+    assert styled.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("frist.workers=2", "did you mean 'first'?"),
+        ("first.semaphor=2", "did you mean 'semaphore'?"),
+        ("first.workers", "is not KEY=VALUE"),
+        ("=3", "is not KEY=VALUE"),
+    ],
+)
+def test_bad_assignments_name_the_fix(styled: Path, assignment: str, message: str) -> None:
+    before = styled.read_bytes()
+    with pytest.raises(UsageError) as raised:
+        set_values(styled, [assignment])
+    assert message in str(raised.value)
+    assert styled.read_bytes() == before
+
+
+def test_get_reads_effective_values(styled: Path) -> None:
+    loaded = load_pipeline(styled)
+    assert get_value(loaded, "first.semaphore") == 10
+    assert get_value(loaded, "second.threads") == 0  # a default
+    assert get_value(loaded, "phases.first.accepts") == [".txt", ".md"]
+
+
+def test_shorthand_resolution() -> None:
+    phases = ["chunking"]
+    assert resolve_path("chunking.semaphore", phases) == ("phases", "chunking", "levers", "semaphore")
+    assert resolve_path("chunking.timeout", phases) == ("phases", "chunking", "timeout")
+    assert resolve_path("phases.chunking.options.x", phases) == ("phases", "chunking", "options", "x")
+
+
+def _bump(path: str, key: str, times: int) -> None:
+    for value in range(1, times + 1):
+        set_values(Path(path), [f"{key}={value}"])
+
+
+def test_concurrent_sets_lose_no_update(styled: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    writers = [
+        context.Process(target=_bump, args=(str(styled), key, 15))
+        for key in ("first.workers", "second.workers", "first.threads")
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+
+    spec = load_pipeline(styled).spec
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert spec.phases["first"].levers.workers == 15
+    assert spec.phases["second"].levers.workers == 15
+    assert spec.phases["first"].levers.threads == 15
+    assert "# lever 1" in styled.read_text()
