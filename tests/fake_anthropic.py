@@ -41,6 +41,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = 0.0  # time.monotonic() when the server received it
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class FakeAnthropic:
     ) -> tuple[int, dict[str, str], Any]:
         """Status, headers and JSON body for one request; called by the handler's threads."""
         with self._lock:
-            self.requests.append(RecordedRequest(path, headers, body))
+            self.requests.append(RecordedRequest(path, headers, body, time.monotonic()))
             number = len(self.requests)
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)

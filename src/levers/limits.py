@@ -4,9 +4,14 @@ A limit declared under ``limits:`` in pipeline.yaml has up to two parts. Each is
 Lua script, so a check and its update never interleave between clients, and each reads the
 server's clock (TIME), so the clocks of the hosts never matter:
 
-- ``requests_per_minute``: a sliding-window log, a sorted set with one member per admitted call.
-  A call is admitted while fewer than the limit were admitted in the last ``window_seconds``;
-  otherwise the script answers how long until the oldest one leaves the window.
+- ``requests_per_minute``: a sliding-window log, a sorted set with one member per call. A call
+  in flight stays in the window (its stamp is renewed with its lease); when it ends, it is stamped
+  with its end time and leaves the window ``window_seconds`` later. A call is admitted while
+  fewer than the limit are in the window. Stamping the end rather than the admission is what
+  makes the guarantee hold where it matters, at the provider: a request reaches the provider at
+  some moment between its admission and its end, so any two requests that arrive there within
+  one window were both in the window when the later one was admitted. A client that is slow to
+  send (a first connection, a busy loop) cannot push two windows' worth into one.
 - ``concurrency``: leases, a sorted set of lease ids scored by their expiry. The holder renews
   its lease every ``lease_ttl / 3``; a process that dies, even by SIGKILL, stops renewing, so
   its slots come back by themselves within ``lease_ttl``. Without a cap, leases are still taken
@@ -54,6 +59,9 @@ DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
 # How often a waiter for a concurrency slot looks again: releases are not announced.
 LEASE_POLL_S = 0.05
+# The longest a waiter for the rate window sleeps before looking again: calls in flight hold
+# their place in the window until they end, which may be any moment.
+RATE_POLL_S = 0.25
 # Added at random to every wait, so that waiters woken together do not all retry together.
 POLL_JITTER_S = 0.02
 # A retry-after is honoured up to this share longer (never shorter), to spread the retries.
@@ -64,17 +72,38 @@ RATE_LIMIT_STATUSES = frozenset({429, 529})
 # The server's clock in ms, shared by the scripts below.
 _NOW = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
-# KEYS: window. ARGV: limit, window ms, member. Returns 0 when admitted, else ms to wait.
+# KEYS: window. ARGV: limit, window ms, member, in-flight hold ms, longest wait ms. Returns 0 when
+# admitted, else ms to wait (at most the longest wait: calls in flight may end at any time).
 _RATE = f"""{_NOW}
 local window = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window + tonumber(ARGV[4]))
   return 0
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window - now)
+return math.min(tonumber(ARGV[5]), math.max(1, tonumber(oldest[2]) + window - now))
+"""
+
+# KEYS: window, leases, totals. ARGV: member, window ms + hold ms, started (1 if the call was
+# made), rate limited (1 or 0). Ends a call: its window entry is stamped with the end time (or
+# dropped if the call never started), its lease dropped, and it is counted.
+_FINISH = f"""{_NOW}
+if ARGV[3] == '1' then
+  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  end
+  redis.call('HINCRBY', KEYS[3], 'calls', 1)
+  if ARGV[4] == '1' then
+    redis.call('HINCRBY', KEYS[3], 'rate_limited', 1)
+  end
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
 """
 
 # KEYS: leases, totals. ARGV: cap (0 for none), ttl ms, lease id. Returns 0 when taken, else the
@@ -94,12 +123,16 @@ local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(first[2]) - now)
 """
 
-# KEYS: leases. ARGV: ttl ms, lease id. Returns 1 when renewed, 0 when the lease had expired: an
-# expired lease may already be counted free by someone else, so it is dropped, never revived.
+# KEYS: leases, window. ARGV: ttl ms, lease id, window ms + ttl ms. Returns 1 when renewed, 0
+# when the lease had expired: an expired lease may already be counted free by someone else, so it
+# is dropped, never revived. A call's window entry is held as long as its lease.
 _RENEW = f"""{_NOW}
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
 if expiry and tonumber(expiry) > now then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+  if redis.call('ZADD', KEYS[2], 'XX', 'CH', now + tonumber(ARGV[1]), ARGV[2]) == 1 then
+    redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+  end
   return 1
 end
 redis.call('ZREM', KEYS[1], ARGV[2])
@@ -112,6 +145,7 @@ class _Scripts:
     rate: AsyncScript
     acquire: AsyncScript
     renew: AsyncScript
+    finish: AsyncScript
 
 
 # Registered once per client; weak, so a job's client and its scripts go together.
@@ -121,7 +155,7 @@ _scripts: weakref.WeakKeyDictionary[redis.asyncio.Redis, _Scripts] = weakref.Wea
 def _scripts_for(client: redis.asyncio.Redis) -> _Scripts:
     if client not in _scripts:
         _scripts[client] = _Scripts(
-            client.register_script(_RATE), client.register_script(_ACQUIRE), client.register_script(_RENEW)
+            *(client.register_script(script) for script in (_RATE, _ACQUIRE, _RENEW, _FINISH))
         )
     return _scripts[client]
 
@@ -197,6 +231,8 @@ class SharedLimit:
         self._leases_key = keys.limit_leases(pipeline, name)
         self._totals_key = keys.limit_totals(pipeline, name)
         self._scripts = _scripts_for(client)
+        # the longest any entry can stay in the window: held in flight, then one window
+        self._window_life_ms = _ms(settings.window_seconds) + _ms(lease_ttl)
         # the leases each task holds through `async with`, innermost last
         self._held: dict[asyncio.Task[Any] | None, list[Lease]] = {}
 
@@ -242,7 +278,7 @@ class SharedLimit:
         """Wait for a concurrency slot, then for room in the rate window; pair with ``release``."""
         lease = await self._take_lease()
         try:
-            await self._take_rate_slot()
+            await self._take_rate_slot(lease.id)
         except BaseException:
             await self._end(lease, calls=False, rate_limited=False)
             raise
@@ -266,13 +302,14 @@ class SharedLimit:
                 return Lease(lease_id, asyncio.create_task(self._renew(lease_id)))
             await asyncio.sleep(min(wait_ms / 1000, LEASE_POLL_S) + random.uniform(0, POLL_JITTER_S))
 
-    async def _take_rate_slot(self) -> None:
+    async def _take_rate_slot(self, member: str) -> None:
         limit = self.settings.requests_per_minute
         if limit is None:
             return
         window_ms = _ms(self.settings.window_seconds)
+        longest_wait_ms = _ms(RATE_POLL_S)
         while True:
-            args: list[int | str] = [limit, window_ms, uuid4().hex]
+            args: list[int | str] = [limit, window_ms, member, _ms(self.lease_ttl), longest_wait_ms]
             wait_ms = await self._scripts.rate(keys=[self._window_key], args=args)
             if wait_ms == 0:
                 return
@@ -283,7 +320,8 @@ class SharedLimit:
             await asyncio.sleep(self.lease_ttl / 3)
             try:
                 renewed = await self._scripts.renew(
-                    keys=[self._leases_key], args=[_ms(self.lease_ttl), lease_id]
+                    keys=[self._leases_key, self._window_key],
+                    args=[_ms(self.lease_ttl), lease_id, self._window_life_ms],
                 )
             except (redis.RedisError, OSError) as exc:
                 # the lease still has two thirds of its ttl: the next renewal may succeed
@@ -303,16 +341,11 @@ class SharedLimit:
         await self._settle(lease.id, calls=calls, rate_limited=rate_limited)
 
     async def _settle(self, lease_id: str, *, calls: bool, rate_limited: bool) -> None:
-        """Drop the lease and count the call. Logs a failure rather than raising it: raising would
-        hide the call's own outcome, and the lease expires by itself."""
+        """End a call: stamp its end in the window, drop its lease, count it. Logs a failure rather
+        than raising it: raising would hide the call's own outcome, and the lease expires by itself."""
+        args = [lease_id, self._window_life_ms, int(calls), int(rate_limited)]
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.zrem(self._leases_key, lease_id)
-                if calls:
-                    pipe.hincrby(self._totals_key, "calls", 1)
-                if rate_limited:
-                    pipe.hincrby(self._totals_key, "rate_limited", 1)
-                await pipe.execute()
+            await self._scripts.finish(keys=[self._window_key, self._leases_key, self._totals_key], args=args)
         except (redis.RedisError, OSError) as exc:
             log.warning("limit %r: could not release a lease (%s); it expires within %.1f s", self.name, exc,
                         self.lease_ttl)  # fmt: skip
