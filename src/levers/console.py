@@ -110,10 +110,10 @@ def _seconds(run: Any) -> str:
 
 
 def status_view(status: PipelineStatus) -> Group:
-    """The status table, with notes for a missing supervisor and a broken pipeline.yaml."""
+    """The status table, limits, and notes for a missing supervisor and a broken pipeline.yaml."""
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
-    columns = ("phase", "queued", "running", "retry", "done", "failed", "workers", "busy", "state",
-               "sem", "threads", "alerts")  # fmt: skip
+    columns = ("phase", "queued", "oldest", "running", "retry", "done", "failed", "workers", "busy",
+               "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state", "alerts")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("phase", "state", "alerts") else "right")
     for p in status.phases:
@@ -121,18 +121,51 @@ def status_view(status: PipelineStatus) -> Group:
             "red" if p.queued > QUEUE_EMERGENCY else "yellow" if p.queued > QUEUE_WARNING else "default"
         )
         failed_colour = "red" if p.failed_share > FAILED_SHARE_WARNING else "default"
+        name = f"[bold red]{p.phase} ◀[/]" if p.bottleneck else p.phase
         table.add_row(
-            p.phase, f"[{queued_colour}]{p.queued}[/]", str(p.running), str(p.waiting_retry), str(p.done),
-            f"[{failed_colour}]{p.failed}[/]", f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy),
-            p.state, str(p.semaphore), str(p.threads), "; ".join(p.alerts),
+            name, f"[{queued_colour}]{p.queued}[/]", _duration(p.oldest_wait_s), str(p.running),
+            str(p.waiting_retry), str(p.done), f"[{failed_colour}]{p.failed}[/]",
+            f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",
+            f"{p.throughput:.3f}", _number(p.p50_s), _number(p.p95_s), str(p.semaphore), str(p.threads),
+            p.state, "; ".join(p.alerts),
         )  # fmt: skip
     parts: list[Any] = [table]
+    if any(p.bottleneck for p in status.phases):
+        parts.append(Text("◀ the bottleneck: the longest backlog to drain, else the busiest phase"))
+    if status.limits:
+        parts.append(_limits_table(status.limits))
     if not status.supervisors:
         parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
     if status.config_error:
         parts.append(Text("pipeline.yaml has an error; workers keep the last good version:", style="red"))
         parts.append(Text(status.config_error, style="red"))
     return Group(*parts)
+
+
+def _limits_table(limits: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title="shared limits", title_justify="left")
+    for column in ("limit", "in flight", "peak", "concurrency", "in window", "per window", "calls", "429s"):
+        table.add_column(column, justify="left" if column == "limit" else "right")
+    for limit in limits:
+        table.add_row(
+            limit["name"], str(limit["in_flight"]), str(limit["peak_in_flight"]),
+            str(limit["concurrency"] or "-"), str(limit["calls_in_window"]),
+            f"{limit['requests_per_minute'] or '-'} / {limit['window_seconds']:g} s",
+            str(limit["calls"]), str(limit["rate_limited"]),
+        )  # fmt: skip
+    return table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def status_table(status: PipelineStatus) -> None:
@@ -201,3 +234,36 @@ def applied(result: Any) -> None:
         note(f"applied by {result.supervisors} supervisor(s); workers alive/desired: {workers}")
     else:
         note(f"written; {result.applied} of {result.supervisors} supervisor(s) have applied it so far")
+
+
+# Longest text shown per graph result in a table; --json gives it whole.
+GRAPH_TEXT_CHARS = 300
+
+
+def graph_results(query: str, results: Sequence[dict[str, Any]], as_json: bool) -> None:
+    """Knowledge-graph search results (facts and episodes, best first) as a table, or JSON."""
+    if as_json:
+        print_json(list(results))
+        return
+    if not results:
+        note(f"nothing in the graph matches {query!r}")
+        return
+    table = Table(title=f"graph search: {query}", title_justify="left")
+    for column in ("#", "kind", "name", "text"):
+        table.add_column(column, justify="right" if column == "#" else "left")
+    for rank, row in enumerate(results, 1):
+        kind = str(row.get("kind", ""))
+        text = " ".join(str(row.get("text") or "").split())
+        if len(text) > GRAPH_TEXT_CHARS:
+            text = text[: GRAPH_TEXT_CHARS - 1] + "…"
+        # Text, not markup: facts and chunks may hold brackets that rich would read as styles
+        style = "cyan" if kind == "fact" else "green"
+        table.add_row(str(rank), Text(kind, style=style), Text(str(row.get("name") or "")), Text(text))
+    out.print(table)
+
+
+def graph_counts(counts: dict[str, int], as_json: bool) -> None:
+    if as_json:
+        print_json(counts)
+    else:
+        out.print("  ".join(f"{key}: {value}" for key, value in counts.items()))

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 import rq
 
-from levers import keys
+from levers import keys, metrics
 from levers.connection import resolve
 from levers.context import Document, Levers, PhaseContext
 from levers.ledger import DocumentRecord, Ledger
@@ -117,7 +117,7 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
     except Exception as exc:
         job = rq.get_current_job()
         final = job is None or not job.retries_left
-        ledger.attempt_failed(doc_id, phase, one_line(exc), final)
+        ledger.attempt_failed(doc_id, phase, one_line(exc), final, time.perf_counter() - started)
         raise
     return {"document": doc_id, "phase": phase, "seconds": round(seconds, 4)}
 
@@ -190,6 +190,7 @@ def _hand_off(
         else:
             pipe.multi()
         ledger.finished(record.id, phase, seconds, next_phase, pipe)
+        metrics.record(pipe, spec.name, phase, "done", seconds)
         if record.input == "bytes" and spec.previous(phase) is None:
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))

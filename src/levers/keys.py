@@ -54,3 +54,8 @@ def limit_leases(pipeline: str, limit: str) -> str:
 def limit_totals(pipeline: str, limit: str) -> str:
     """Hash: a shared limit's counters (calls, rate_limited, peak_in_flight)."""
     return f"levers:{pipeline}:limit:{limit}:totals"
+
+
+def phase_metrics(pipeline: str, phase: str, minute: int) -> str:
+    """Hash: one phase's job counts, busy seconds and duration histogram for one minute."""
+    return f"levers:{pipeline}:phase:{phase}:metrics:{minute}"

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from levers import keys
+from levers import keys, metrics
 
 
 class DocStatus(StrEnum):
@@ -98,7 +98,7 @@ class Ledger:
         pipe.hdel(self._key(doc_id), f"{phase}:error")
         pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
 
-    def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool) -> None:
+    def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0) -> None:
         """Record a failed attempt; ``final`` when no retry follows, which fails the document."""
         fields: dict[Any, str | float] = {f"{phase}:error": error}
         if final:
@@ -107,7 +107,9 @@ class Ledger:
             fields.update(status=DocStatus.QUEUED)
         with self.connection.pipeline() as pipe:
             pipe.hset(self._key(doc_id), mapping=fields)
-            pipe.hincrby(keys.phase_counter(self.pipeline, phase), "failed" if final else "retried", 1)
+            outcome = "failed" if final else "retried"
+            pipe.hincrby(keys.phase_counter(self.pipeline, phase), outcome, 1)
+            metrics.record(pipe, self.pipeline, phase, outcome, seconds)
             pipe.execute()
 
     def get(self, doc_id: str) -> DocumentRecord | None:

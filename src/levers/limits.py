@@ -343,7 +343,7 @@ class SharedLimit:
     async def _settle(self, lease_id: str, *, calls: bool, rate_limited: bool) -> None:
         """End a call: stamp its end in the window, drop its lease, count it. Logs a failure rather
         than raising it: raising would hide the call's own outcome, and the lease expires by itself."""
-        args = [lease_id, self._window_life_ms, int(calls), int(rate_limited)]
+        args: list[int | str] = [lease_id, self._window_life_ms, int(calls), int(rate_limited)]
         try:
             await self._scripts.finish(keys=[self._window_key, self._leases_key, self._totals_key], args=args)
         except (redis.RedisError, OSError) as exc:

@@ -25,6 +25,7 @@ import redis
 
 from levers import keys
 from levers.connection import Target
+from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
@@ -89,6 +90,21 @@ def _worker_main(path: Path, phase: str, options: PoolOptions) -> None:
             os.dup2(log_file.fileno(), 1)
             os.dup2(log_file.fileno(), 2)
     run_worker(path, phase, options.target.url, options.target.embedded)
+
+
+def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> ProcessHandle:
+    """Serve /metrics from a process of its own; the port is checked here, so a clash is one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            message = f"cannot serve metrics on port {port}: {exc.strerror}"
+            raise UsageError(message, fix="pick another port") from None
+    from levers.exporter import serve
+
+    process = _fork.Process(target=serve, args=(watcher, target, port), name="levers-metrics", daemon=True)
+    process.start()
+    return process
 
 
 class SignalLatch:

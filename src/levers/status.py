@@ -6,7 +6,8 @@ same with ten jobs queued or a hundred thousand.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -14,8 +15,9 @@ from rq import Queue, Worker
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from levers import keys
+from levers import keys, metrics
 from levers.ledger import Ledger
+from levers.limits import limits_status
 from levers.pool import live_reports
 from levers.spec import Pipeline
 
@@ -24,6 +26,10 @@ QUEUE_WARNING = 100
 QUEUE_EMERGENCY = 1000
 # Past this share of failed jobs, look at the errors: it is not a scaling problem.
 FAILED_SHARE_WARNING = 0.10
+# Below this utilization no phase is holding documents up.
+BUSY_ENOUGH = 0.05
+# Throughput, utilization and job times are over this many recent minutes.
+METRICS_MINUTES = 5
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,21 @@ class PhaseStatus:
     workers: int
     semaphore: int
     threads: int
+    oldest_wait_s: float | None
+    throughput: float  # documents finished per second over the last METRICS_MINUTES
+    utilization: float  # busy share of the alive workers' time over the same span
+    p50_s: float | None
+    p95_s: float | None
+    bottleneck: bool = False
+
+    @property
+    def drain_s(self) -> float | None:
+        """Seconds to clear the queue at the current pace (None without a measured pace)."""
+        if not self.queued:
+            return 0.0
+        if not self.p50_s or not self.workers_alive:
+            return None
+        return self.queued * self.p50_s / self.workers_alive
 
     @property
     def failed_share(self) -> float:
@@ -68,12 +89,14 @@ class PipelineStatus:
     phases: list[PhaseStatus]
     supervisors: int
     config_error: str | None
+    limits: list[dict[str, Any]]
 
     def as_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
             "supervisors": self.supervisors,
             "config_error": self.config_error,
+            "limits": self.limits,
             "phases": [{**asdict(p), "failed_share": round(p.failed_share, 4), "alerts": p.alerts}
                        for p in self.phases],
         }  # fmt: skip
@@ -83,10 +106,36 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
     """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version."""
     reports = live_reports(connection, spec.name)
     ledger = Ledger(connection, spec.name)
-    phases = [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
+    phases = _mark_bottleneck(
+        [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
+    )
     errors = [file_error] if file_error else []
     errors += [str(r["config_error"]) for r in reports if r.get("config_error")]
-    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None)
+    limits = [limits_status(connection, spec, name) for name in spec.limits]
+    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None, limits)
+
+
+def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
+    """The phase that holds documents up longest: the longest backlog to drain, else the busiest."""
+    draining = [(p.drain_s, p) for p in phases if p.drain_s]
+    if draining:
+        chosen = max(draining, key=lambda pair: pair[0] or 0.0)[1]
+    else:
+        busy = [p for p in phases if p.utilization >= BUSY_ENOUGH]
+        if not busy:
+            return phases
+        chosen = max(busy, key=lambda p: p.utilization)
+    return [replace(p, bottleneck=p is chosen) for p in phases]
+
+
+def _oldest_wait_s(queue: Queue) -> float | None:
+    """Age of the job at the head of the queue: one list read and one job read."""
+    head = queue.get_job_ids(0, 1)
+    job = queue.fetch_job(head[0]) if head else None
+    if job is None or job.enqueued_at is None:
+        return None
+    enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - enqueued).total_seconds())
 
 
 def _phase_status(
@@ -97,6 +146,8 @@ def _phase_status(
     reported = [r["phases"][name] for r in reports if name in r.get("phases", {})]
     totals = ledger.totals(name)
     levers = spec.phases[name].levers
+    recent = metrics.read(connection, spec.name, name, METRICS_MINUTES)
+    capacity_s = len(workers) * recent.span_s
     return PhaseStatus(
         phase=name,
         queued=queue.count,
@@ -112,6 +163,11 @@ def _phase_status(
         workers=levers.workers,
         semaphore=levers.semaphore,
         threads=levers.threads,
+        oldest_wait_s=_oldest_wait_s(queue),
+        throughput=recent.throughput,
+        utilization=min(1.0, recent.busy_s / capacity_s) if capacity_s else 0.0,
+        p50_s=recent.quantile(0.5),
+        p95_s=recent.quantile(0.95),
     )
 
 

@@ -1,0 +1,107 @@
+"""Per-phase job metrics in Redis: rolling per-minute buckets, bounded in size whatever the traffic.
+
+Each finished attempt adds to its phase's bucket for the current minute: jobs done, failed and
+retried, busy seconds, and a duration histogram over fixed log-spaced bounds. Buckets expire
+after ``RETENTION_MIN`` minutes, so the keys a phase can have are bounded. Recording is a few
+commands queued on a pipeline the caller executes anyway, so it adds no round trip to a job.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass
+
+import redis
+
+from levers import keys
+
+# Upper bounds of the duration histogram's buckets, in seconds; a last bucket takes the rest.
+BUCKET_BOUNDS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500,
+)  # fmt: skip
+RETENTION_MIN = 120
+BUCKET_S = 60
+
+
+@dataclass(frozen=True)
+class PhaseMetrics:
+    """One phase's figures over a span of recent minutes."""
+
+    span_s: float
+    done: int
+    failed: int
+    retried: int
+    busy_s: float
+    histogram: tuple[int, ...]
+
+    @property
+    def throughput(self) -> float:
+        """Documents finished per second over the span."""
+        return self.done / self.span_s if self.span_s else 0.0
+
+    @property
+    def mean_s(self) -> float | None:
+        runs = self.done + self.failed + self.retried
+        return self.busy_s / runs if runs else None
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile of job durations, interpolated within its histogram bucket."""
+        total = sum(self.histogram)
+        if total == 0:
+            return None
+        rank = q * total
+        seen = 0
+        for index, count in enumerate(self.histogram):
+            if count and seen + count >= rank:
+                low = BUCKET_BOUNDS_S[index - 1] if index > 0 else 0.0
+                high = BUCKET_BOUNDS_S[index] if index < len(BUCKET_BOUNDS_S) else low * 2
+                return low + (high - low) * (rank - seen) / count
+            seen += count
+        return BUCKET_BOUNDS_S[-1]
+
+
+def bucket_index(seconds: float) -> int:
+    return bisect.bisect_left(BUCKET_BOUNDS_S, seconds)
+
+
+def record(
+    pipe: redis.client.Pipeline,
+    pipeline: str,
+    phase: str,
+    outcome: str,
+    seconds: float,
+    now: float | None = None,
+) -> None:
+    """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried."""
+    minute = int((now if now is not None else time.time()) // BUCKET_S)
+    key = keys.phase_metrics(pipeline, phase, minute)
+    pipe.hincrby(key, outcome, 1)
+    pipe.hincrbyfloat(key, "busy_s", seconds)
+    pipe.hincrby(key, f"h{bucket_index(seconds)}", 1)
+    pipe.expire(key, RETENTION_MIN * BUCKET_S)
+
+
+def read(
+    connection: redis.Redis, pipeline: str, phase: str, minutes: int = 5, now: float | None = None
+) -> PhaseMetrics:
+    """The last ``minutes`` whole and current minutes of a phase, summed."""
+    current = int((now if now is not None else time.time()) // BUCKET_S)
+    with connection.pipeline(transaction=False) as pipe:
+        for minute in range(current - minutes + 1, current + 1):
+            pipe.hgetall(keys.phase_metrics(pipeline, phase, minute))
+        buckets = pipe.execute()
+    totals: dict[str, float] = {}
+    for bucket in buckets:
+        for field, value in bucket.items():
+            name = field.decode() if isinstance(field, bytes) else field
+            totals[name] = totals.get(name, 0.0) + float(value)
+    histogram = tuple(int(totals.get(f"h{i}", 0)) for i in range(len(BUCKET_BOUNDS_S) + 1))
+    return PhaseMetrics(
+        span_s=minutes * BUCKET_S,
+        done=int(totals.get("done", 0)),
+        failed=int(totals.get("failed", 0)),
+        retried=int(totals.get("retried", 0)),
+        busy_s=totals.get("busy_s", 0.0),
+        histogram=histogram,
+    )

@@ -1,0 +1,64 @@
+"""Job metrics: bounded per-minute buckets, quantiles from the histogram, and the status figures."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from levers import metrics
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def connection() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def record(connection: fakeredis.FakeRedis, outcome: str, seconds: float, at: float = NOW) -> None:
+    with connection.pipeline() as pipe:
+        metrics.record(pipe, "p", "chunking", outcome, seconds, now=at)
+        pipe.execute()
+
+
+def test_counts_busy_time_and_quantiles(connection: fakeredis.FakeRedis) -> None:
+    for seconds in [0.2] * 90 + [3.0] * 10:
+        record(connection, "done", seconds)
+    record(connection, "failed", 1.0)
+
+    read = metrics.read(connection, "p", "chunking", minutes=5, now=NOW)
+
+    assert (read.done, read.failed, read.retried) == (90 + 10, 1, 0)
+    assert read.busy_s == pytest.approx(90 * 0.2 + 10 * 3.0 + 1.0)
+    assert 0.1 < read.quantile(0.5) <= 0.25  # type: ignore[operator]
+    assert 2.5 < read.quantile(0.95) <= 5  # type: ignore[operator]
+    assert read.throughput == pytest.approx(100 / 300)
+
+
+def test_only_recent_minutes_count(connection: fakeredis.FakeRedis) -> None:
+    record(connection, "done", 1.0, at=NOW - 10 * 60)
+    record(connection, "done", 1.0, at=NOW - 60)
+
+    assert metrics.read(connection, "p", "chunking", minutes=5, now=NOW).done == 1
+    assert metrics.read(connection, "p", "chunking", minutes=15, now=NOW).done == 2
+
+
+def test_buckets_expire_so_keys_stay_bounded(connection: fakeredis.FakeRedis) -> None:
+    for minute in range(10):
+        record(connection, "done", 0.5, at=NOW + minute * 60)
+
+    bucket_keys = connection.keys("levers:p:phase:chunking:metrics:*")
+    assert len(bucket_keys) == 10
+    assert all(0 < connection.ttl(k) <= metrics.RETENTION_MIN * 60 for k in bucket_keys)
+
+
+def test_no_jobs_no_quantile(connection: fakeredis.FakeRedis) -> None:
+    read = metrics.read(connection, "p", "chunking", now=NOW)
+    assert read.quantile(0.5) is None and read.mean_s is None and read.throughput == 0
+
+
+def test_bucket_edges() -> None:
+    assert metrics.bucket_index(0.001) == 0
+    assert metrics.bucket_index(0.005) == 0
+    assert metrics.bucket_index(0.006) == 1
+    assert metrics.bucket_index(10_000) == len(metrics.BUCKET_BOUNDS_S)

@@ -1,0 +1,46 @@
+"""`levers status` figures from a real pipeline run: totals, recent pace, job times, waits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+from tests.conftest import levers
+from tests.test_e2e import make_project
+
+
+def phase(status: dict[str, object], name: str) -> dict[str, object]:
+    return next(p for p in status["phases"] if p["phase"] == name)  # type: ignore[attr-defined]
+
+
+def test_status_after_a_run_and_with_a_backlog(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.05, docs=3)
+    assert levers("run", "docs", cwd=root).returncode == 0
+    (root / "docs" / "late.txt").write_text("submitted while no worker runs")
+    assert levers("submit", "docs/late.txt", cwd=root).returncode == 0
+
+    status = json.loads(levers("status", "--json", cwd=root).stdout)
+    table = levers("status", cwd=root)
+
+    first = phase(status, "first")
+    assert (first["done"], first["queued"], first["workers_alive"]) == (3, 1, 0)
+    assert first["throughput"] > 0
+    assert 0.025 < first["p50_s"] <= 0.1  # the handler sleeps 0.05 s
+    assert first["oldest_wait_s"] is not None and first["oldest_wait_s"] >= 0
+    assert "no worker alive" in first["alerts"]
+    assert status["supervisors"] == 0
+    assert table.returncode == 0
+    assert "no supervisor is running" in table.stdout
+
+
+def test_status_answers_with_a_deep_queue_without_scanning(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=0)
+    # a deep queue as RQ keeps it: job ids on a list; status must read its length, not its jobs
+    connection.rpush("rq:queue:toy.first", *[f"job-{i}" for i in range(20_000)])
+
+    status = json.loads(levers("status", "--json", cwd=root).stdout)
+
+    first = phase(status, "first")
+    assert first["queued"] == 20_000
+    assert "queue over 1000: add workers now" in first["alerts"]
