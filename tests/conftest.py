@@ -17,6 +17,13 @@ from levers.embedded import EmbeddedServer, valkey_binary
 LEVERS = [sys.executable, "-m", "levers"]
 
 
+@pytest.fixture(autouse=True)
+def no_anthropic_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunking's context_provider defaults to auto: no test reaches the real API by accident."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The embedded valkey server levers ships, started once for the test session."""

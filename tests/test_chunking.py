@@ -19,6 +19,12 @@ from phases.extraction import extract_bytes
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default provider is "auto": without a key it is always the local one, never the API."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+
 @pytest.fixture
 def executor() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(2) as pool:
@@ -132,7 +138,7 @@ def test_output_is_deterministic(tmp_path: Path, executor: ThreadPoolExecutor) -
         ({"title": "no text key"}, {}, "needs extraction output"),
         ({"text": "Some text."}, {"chunk_tokens": 50, "overlap_tokens": 50}, "overlap_tokens"),
         ({"text": "Some text."}, {"chunk_tokens": 4}, "chunk_tokens must be at least"),
-        ({"text": "Some text."}, {"context_provider": "anthropic"}, "unknown context_provider"),
+        ({"text": "Some text."}, {"context_provider": "openai"}, "unknown context_provider"),
     ],
 )
 def test_bad_input_fails_with_reason(

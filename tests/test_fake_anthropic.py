@@ -10,6 +10,7 @@ from typing import Any
 import anthropic
 import pytest
 from pydantic import BaseModel
+
 from tests.fake_anthropic import FakeAnthropic
 
 MODEL = "claude-fake-1"

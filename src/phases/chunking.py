@@ -11,25 +11,37 @@ finds: every run of word characters and every punctuation mark counts one. This 
 subword tokenizers on common words and punctuation, and under-counts long or rare words and
 numbers, which they split further; leave headroom under a model's hard limit.
 
-Each chunk gets a one-line context from a provider (option ``context_provider``). Only
-``local`` exists: an offline line built from the title, the chunk's heading path and its
-position. A provider is any object with ``name`` and ``async contexts(...)`` registered in
-``PROVIDERS``; one that asks a model would use ``ctx.map`` to stay under the semaphore lever.
+Each chunk gets a short context from a provider, option ``context_provider``:
 
-Output: ``{"provider", "title", "chunks": [{"index", "text", "context", "start", "end", "page",
-"tokens", "headings"}]}`` where ``start``/``end`` are offsets in the extracted text, ``page`` is
-1-based and ``headings`` is the heading path from the outermost heading in.
+- ``anthropic``: a Claude model situates the chunk in the whole document (Anthropic's contextual
+  retrieval; see phases.contexts for its options, shared limit, prompt caching and disk cache).
+- ``local``: the offline fallback, deterministic and free: a line built from the title, the
+  chunk's page, heading path and position. Nothing leaves the machine.
+- ``auto`` (the default): ``anthropic`` when ANTHROPIC_API_KEY is set, else ``local``.
+
+A provider is any object with ``name`` and ``async contexts(...) -> Contexts`` registered in
+``PROVIDERS``; one that asks a model uses ``ctx.map`` to stay under the semaphore lever.
+
+Output: ``{"provider", "model", "title", "usage", "cached", "chunks": [{"index", "text", "context",
+"start", "end", "page", "tokens", "headings"}]}`` where ``start``/``end`` are offsets in the
+extracted text, ``page`` is 1-based and ``headings`` is the heading path from the outermost
+heading in. ``usage`` sums the tokens of the document's API calls (``input_tokens``,
+``output_tokens``, ``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``calls``; all
+zero for ``local``), ``cached`` counts contexts taken from the disk cache and ``model`` is None
+for ``local``.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from levers.context import Document, PhaseContext
+from phases.contexts import API_KEY_ENV, AnthropicContext, Contexts, require_api_key
 
 DEFAULT_CHUNK_TOKENS = 400
 DEFAULT_OVERLAP_TOKENS = 50
@@ -97,7 +109,7 @@ class ContextProvider(Protocol):
 
     async def contexts(
         self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext
-    ) -> list[str]: ...
+    ) -> Contexts: ...
 
 
 class LocalContext:
@@ -105,7 +117,7 @@ class LocalContext:
 
     name = "local"
 
-    async def contexts(self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext) -> list[str]:
+    async def contexts(self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext) -> Contexts:
         multi_page = any(chunk.page > 1 for chunk in chunks)
         lines = []
         for chunk in chunks:
@@ -118,10 +130,10 @@ class LocalContext:
                 parts.append(f"section '{' > '.join(path)}'")
             parts.append(f"part {chunk.index + 1} of {len(chunks)}")
             lines.append(", ".join(parts) + ".")
-        return lines
+        return Contexts(lines)
 
 
-PROVIDERS: dict[str, Callable[[], ContextProvider]] = {"local": LocalContext}
+PROVIDERS: dict[str, Callable[[], ContextProvider]] = {"anthropic": AnthropicContext, "local": LocalContext}
 
 
 async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
@@ -143,9 +155,17 @@ async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
         budget,
         overlap,
     )
-    for item, context in zip(chunks, await provider.contexts(title, text, chunks, ctx), strict=True):
+    contexts = await provider.contexts(title, text, chunks, ctx)
+    for item, context in zip(chunks, contexts.lines, strict=True):
         item.context = context
-    return {"provider": provider.name, "title": title, "chunks": [asdict(item) for item in chunks]}
+    return {
+        "provider": provider.name,
+        "model": contexts.model,
+        "title": title,
+        "usage": contexts.usage.as_dict(),
+        "cached": contexts.cached,
+        "chunks": [asdict(item) for item in chunks],
+    }
 
 
 def _token_options(options: dict[str, Any]) -> tuple[int, int]:
@@ -159,9 +179,14 @@ def _token_options(options: dict[str, Any]) -> tuple[int, int]:
 
 
 def _provider(options: dict[str, Any]) -> ContextProvider:
-    name = str(options.get("context_provider", "local"))
+    """The chosen provider; checked before any splitting, so that a bad choice fails at once."""
+    name = str(options.get("context_provider") or "auto")
+    if name == "auto":
+        name = "anthropic" if os.environ.get(API_KEY_ENV, "").strip() else "local"
     if name not in PROVIDERS:
-        raise ChunkingError(f"unknown context_provider {name!r}; known: {', '.join(PROVIDERS)}")
+        raise ChunkingError(f"unknown context_provider {name!r}; known: {', '.join(['auto', *PROVIDERS])}")
+    if name == "anthropic":
+        require_api_key()  # chosen explicitly without a key: a one-line ContextError
     return PROVIDERS[name]()
 
 
