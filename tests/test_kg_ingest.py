@@ -40,6 +40,8 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(autouse=True)
 def embedded_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FALKORDB_URL", raising=False)
+    # offline extraction: with a key in the environment, the default llm "auto" would call Anthropic
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
 
 
 @pytest.fixture

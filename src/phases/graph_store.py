@@ -1,9 +1,10 @@
 """The knowledge graph in FalkorDB, written and read through graphiti-core with no LLM or embedder.
 
 Nodes and edges are saved with graphiti's own models (EpisodicNode, EntityNode, EpisodicEdge,
-EntityEdge), so graphiti's BM25 fulltext search works on them and a later graphiti-driven mode
-can read them. Embeddings are left unset: graphiti stores None as null (FalkorDB's ``vecf32``
-passes null through) and its fulltext search does not use them.
+EntityEdge), so graphiti's BM25 fulltext search works on them and the LLM mode
+(``phases.graph_llm``, graphiti's own extraction) reads and extends the same graph. Here
+embeddings are left unset: graphiti stores None as null (FalkorDB's ``vecf32`` passes null
+through) and its fulltext search does not use them.
 
 Importing this module imports graphiti, which takes one to two seconds; ``kg_ingest`` imports
 it only when it needs the graph. At import graphiti calls python-dotenv's ``load_dotenv()``,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
 
 if TYPE_CHECKING:
-    from phases.kg_ingest import GraphPlan
+    from phases.kg_ingest import GraphPlan, PlannedEpisode
 
 RELATION_NAME = "MENTIONED_WITH"
 
@@ -80,7 +81,24 @@ async def write(driver: FalkorDriver, plan: GraphPlan, gather: Callable[..., Awa
     for relation in plan.relations:
         for episode_uuid in relation.episodes:
             edge_uuids_by_episode.setdefault(episode_uuid, []).append(relation.uuid)
-    episodes = [
+    episodes = episode_nodes(plan, plan.episodes, now, edge_uuids_by_episode)
+    entities = [
+        EntityNode(uuid=entity.uuid, name=entity.name, group_id=plan.group_id, created_at=now)
+        for entity in plan.entities
+    ]
+    await remove_stale(driver, plan)
+    await gather(*(node.save(driver) for node in [*episodes, *entities]))
+    await gather(*(edge.save(driver) for edge in _edges(plan, now)))
+
+
+def episode_nodes(
+    plan: GraphPlan,
+    planned: Iterable[PlannedEpisode],
+    now: datetime,
+    edge_uuids_by_episode: Mapping[str, list[str]] | None = None,
+) -> list[EpisodicNode]:
+    """graphiti's nodes for ``planned`` episodes of ``plan``, tagged with the plan's source."""
+    return [
         EpisodicNode(
             uuid=episode.uuid,
             name=episode.name,
@@ -90,17 +108,10 @@ async def write(driver: FalkorDriver, plan: GraphPlan, gather: Callable[..., Awa
             content=episode.content,
             valid_at=now,
             created_at=now,
-            entity_edges=edge_uuids_by_episode.get(episode.uuid, []),
+            entity_edges=(edge_uuids_by_episode or {}).get(episode.uuid, []),
         )
-        for episode in plan.episodes
+        for episode in planned
     ]
-    entities = [
-        EntityNode(uuid=entity.uuid, name=entity.name, group_id=plan.group_id, created_at=now)
-        for entity in plan.entities
-    ]
-    await _remove_stale(driver, plan)
-    await gather(*(node.save(driver) for node in [*episodes, *entities]))
-    await gather(*(edge.save(driver) for edge in _edges(plan, now)))
 
 
 def _edges(plan: GraphPlan, now: datetime) -> Iterable[EpisodicEdge | EntityEdge]:
@@ -127,7 +138,7 @@ def _edges(plan: GraphPlan, now: datetime) -> Iterable[EpisodicEdge | EntityEdge
         )
 
 
-async def _remove_stale(driver: FalkorDriver, plan: GraphPlan) -> None:
+async def remove_stale(driver: FalkorDriver, plan: GraphPlan) -> None:
     """Delete the document's episodes and facts that this version no longer has.
 
     Entities stay: other documents may mention them, and deleting one here could race another
@@ -147,6 +158,23 @@ async def _remove_stale(driver: FalkorDriver, plan: GraphPlan) -> None:
         document_id=plan.document_id,
         keep=[relation.uuid for relation in plan.relations],
     )
+
+
+async def episode_properties(driver: FalkorDriver, uuids: list[str], name: str) -> dict[str, Any]:
+    """Property ``name`` of each existing episode among ``uuids`` (None where unset).
+
+    ``name`` is spliced into the query (Cypher takes no property key as a parameter): callers pass
+    constants of their own, never input.
+    """
+    records, _, _ = await driver.execute_query(
+        f"MATCH (e:Episodic) WHERE e.uuid IN $uuids RETURN e.uuid AS uuid, e.{name} AS value", uuids=uuids
+    )
+    return {record["uuid"]: record["value"] for record in records}
+
+
+async def set_episode_property(driver: FalkorDriver, uuid: str, name: str, value: Any) -> None:
+    query = f"MATCH (e:Episodic {{uuid: $uuid}}) SET e.{name} = $value"
+    await driver.execute_query(query, uuid=uuid, value=value)
 
 
 async def search(driver: FalkorDriver, group_id: str, query: str, limit: int) -> list[dict[str, Any]]:

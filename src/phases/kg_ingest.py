@@ -1,15 +1,28 @@
-"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB, offline.
+"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB.
 
-Every chunk becomes an episode (content: its context line, a blank line, its text). Entities are
-found locally by a deterministic extractor: runs of two or more capitalised words (joined by
-"of", "for" or "the" at most; leading sentence words such as "The" or "When" dropped) and
-acronyms of 2-8 capitals. Each chunk MENTIONS the entities in it; two entities in one sentence
-are linked by a MENTIONED_WITH fact whose text is that sentence. No LLM, embedder or network.
+Offline (no LLM configured), every chunk becomes an episode (content: its context line, a blank
+line, its text). Entities are found locally by a deterministic extractor: runs of two or more
+capitalised words (joined by "of", "for" or "the" at most; leading sentence words such as "The"
+or "When" dropped) and acronyms of 2-8 capitals. Each chunk MENTIONS the entities in it; two
+entities in one sentence are linked by a MENTIONED_WITH fact whose text is that sentence. No LLM,
+embedder or network.
 
 UUIDs are uuid5 of the graph, the document id and the chunk index (episodes), of the graph and
 the entity's case-folded name (entities, shared by all documents of a graph), and of their
 endpoints (edges), so ingesting a document again overwrites instead of duplicating; episodes
 and facts its earlier version had and this one lacks are deleted.
+
+With an LLM (option ``llm``: ``anthropic``, ``none``, or ``auto``, the default: anthropic when
+ANTHROPIC_API_KEY is set), graphiti extracts instead: each chunk episode goes through
+``Graphiti.add_episode`` (see ``phases.graph_llm``), at most ``semaphore`` episodes and
+``semaphore`` requests at once, through the shared limit named by option ``limit`` (default
+"anthropic", used when pipeline.yaml declares it). Option ``model`` (default claude-haiku-4-5);
+the endpoint is option ``base_url``, else env ANTHROPIC_BASE_URL, else Anthropic's. Episodes keep
+the uuids above and a digest of the content they were extracted from, so a re-ingest extracts
+only new or changed chunks and deletes the episodes of removed ones. With semaphore 1 episodes
+are extracted one at a time, in order, as graphiti recommends; a higher semaphore overlaps them,
+which is faster but lets two episodes in flight each create an entity both name (graphiti
+resolves names against what is already saved, and asks the LLM when candidates are ambiguous).
 
 Options: ``group_id`` (graph name, default "levers"; letters, digits, "-" and "_") and
 ``falkordb_url``. The server is the one ``falkordb_url`` names, else env FALKORDB_URL, else an
@@ -34,6 +47,9 @@ from levers.context import Document, PhaseContext
 from levers.embedded import EmbeddedServer
 
 DEFAULT_GROUP_ID = "levers"
+DEFAULT_MODEL = "claude-haiku-4-5"
+DEFAULT_LIMIT = "anthropic"
+LLM_CHOICES = ("auto", "anthropic", "none")
 MAX_ENTITY_WORDS = 6
 # Pairs are formed among this many entities of a sentence at most, bounding facts per sentence.
 MAX_SENTENCE_ENTITIES = 6
@@ -61,6 +77,15 @@ _LEADING_WORDS = frozenset(
 
 class GraphIngestError(ValueError):
     """The input cannot be written to the graph; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """The Anthropic model and endpoint; ``base_url`` None lets the SDK read ANTHROPIC_BASE_URL."""
+
+    model: str
+    base_url: str | None = None
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,18 +131,32 @@ class GraphPlan:
 
 
 async def ingest_graph(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
-    """Handler: write the chunking output in ``doc.input`` to the graph."""
+    """Handler: write the chunking output in ``doc.input`` to the graph.
+
+    Offline, returns what the document's plan holds. With an LLM, returns the episodes of the
+    document, how many were extracted this time (new or changed ones), and the entities and edges
+    those extractions produced.
+    """
     chunks = doc.input.get("chunks") if isinstance(doc.input, dict) else None
     if not isinstance(chunks, list):
         raise GraphIngestError("kg_ingest needs chunking output with a 'chunks' list as its input")
     if not chunks:
         raise GraphIngestError("chunking produced no chunks to ingest")
     group_id = _group_id(ctx.options.get("group_id"))
+    _llm_choice(ctx.options)  # a bad value fails here, before the graph is touched
     plan = plan_document(doc.id, doc.name, group_id, chunks)
     url = await ctx.run_in_thread(server_url, ctx.state_dir, ctx.options)
     from phases import graph_store
 
+    # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
+    # must not depend on whether an earlier job of this process imported it already
+    settings = llm_settings(ctx.options)
     async with graph_store.connect(url, group_id) as driver:
+        if settings is not None:
+            from phases import graph_llm
+
+            extracted = await graph_llm.write(driver, plan, settings, ctx)
+            return {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes), **extracted}
         await graph_store.write(driver, plan, ctx.gather)
     return {
         "group_id": group_id,
@@ -125,6 +164,25 @@ async def ingest_graph(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
         "entities": len(plan.entities),
         "edges": len(plan.mentions) + len(plan.relations),
     }
+
+
+def llm_settings(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> LLMSettings | None:
+    """The LLM that option ``llm`` asks for; None for offline extraction."""
+    choice = _llm_choice(options)
+    if choice == "none" or (choice == "auto" and not environ.get("ANTHROPIC_API_KEY")):
+        return None
+    return LLMSettings(
+        model=str(options.get("model") or DEFAULT_MODEL),
+        base_url=str(options["base_url"]) if options.get("base_url") else None,
+        api_key=environ.get("ANTHROPIC_API_KEY"),
+    )
+
+
+def _llm_choice(options: Mapping[str, Any]) -> str:
+    choice = str(options.get("llm") or "auto").lower()
+    if choice not in LLM_CHOICES:
+        raise GraphIngestError(f"option llm is {choice!r}; use one of {', '.join(LLM_CHOICES)}")
+    return choice
 
 
 def search(
