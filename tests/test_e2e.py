@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue, Worker
+
 from tests.conftest import levers, start_levers, wait_until
 
 TOY_PHASES = """

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from tests.conftest import wait_until
-from tests.fake_anthropic import FakeAnthropic
 
 from levers import keys
 from levers.limits import JobLimits, RateLimited, SharedLimit, UnknownLimit, limits_status
 from levers.spec import LimitSettings, Phase, Pipeline
+from tests.conftest import wait_until
+from tests.fake_anthropic import FakeAnthropic
 
 PIPELINE = "limits-test"
 WINDOW_S = 1.0
@@ -274,7 +274,7 @@ def test_scripts_do_not_over_admit_under_contention(redis_url: str) -> None:
 
         async def attempt(limit: SharedLimit) -> bool:
             try:
-                await asyncio.wait_for(limit.call(asyncio.sleep, 0), timeout=1.0)
+                await asyncio.wait_for(limit.call(asyncio.sleep, 0), timeout=5.0)
             except TimeoutError:
                 return False
             return True

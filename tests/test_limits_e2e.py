@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from tests.conftest import levers
 from tests.fake_anthropic import FakeAnthropic
 
@@ -107,7 +108,8 @@ def test_semaphore_lever_bounds_calls_in_flight_exactly(
 ) -> None:
     (tmp_path / "asking.py").write_text(GATHERING_PHASE)
     (tmp_path / "pipeline.yaml").write_text(
-        "phases:\n  ask:\n    handler: asking:ask\n    accepts: [.txt]\n    levers: {workers: 1, semaphore: 4}\n"
+        "phases:\n  ask:\n    handler: asking:ask\n    accepts: [.txt]\n"
+        "    levers: {workers: 1, semaphore: 4}\n"
     )
     (tmp_path / "doc.txt").write_text("one document, twelve calls")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import redis
 from rq import Queue, Worker
+
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 

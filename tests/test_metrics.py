@@ -62,3 +62,11 @@ def test_bucket_edges() -> None:
     assert metrics.bucket_index(0.005) == 0
     assert metrics.bucket_index(0.006) == 1
     assert metrics.bucket_index(10_000) == len(metrics.BUCKET_BOUNDS_S)
+
+
+def test_calls_per_job(connection: fakeredis.FakeRedis) -> None:
+    with connection.pipeline() as pipe:
+        metrics.record(pipe, "p", "chunking", "done", 1.0, calls=20, now=NOW)
+        metrics.record(pipe, "p", "chunking", "done", 1.0, calls=10, now=NOW)
+        pipe.execute()
+    assert metrics.read(connection, "p", "chunking", now=NOW).calls_per_job == 15

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import redis
+
 from tests.conftest import levers
 from tests.test_e2e import make_project
 
@@ -44,3 +46,17 @@ def test_status_answers_with_a_deep_queue_without_scanning(tmp_path: Path, conne
     first = phase(status, "first")
     assert first["queued"] == 20_000
     assert "queue over 1000: add workers now" in first["alerts"]
+
+
+def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.05, docs=2)
+    assert levers("run", "docs", cwd=root).returncode == 0
+
+    measured = json.loads(levers("plan", "--json", cwd=root).stdout)
+    declared = json.loads(levers("plan", "--json", "--no-measured", cwd=root).stdout)
+
+    first = next(p for p in measured["plan"]["phases"] if p["phase"] == "first")
+    assert first["source"] == "measured"
+    assert 0.05 <= first["job_seconds"] < 1
+    assert first["docs_per_second"] == pytest.approx(1 / first["job_seconds"])
+    assert {p["source"] for p in declared["plan"]["phases"]} == {"unknown"}

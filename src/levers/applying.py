@@ -6,8 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from levers.connection import Target, configured_url, connect, embedded_server
-from levers.errors import LeversError
+from levers.connection import connect_if_running
 from levers.loading import LoadedPipeline
 from levers.pool import live_reports
 
@@ -25,15 +24,8 @@ class Applied:
 
 def await_supervisors(updated: LoadedPipeline, timeout_s: float = APPLY_TIMEOUT_S) -> Applied | None:
     """Wait for live supervisors to report the new file's digest; None when no server is reachable."""
-    url = configured_url(updated)
-    if url is None:
-        running = embedded_server(updated).running()
-        if running is None:
-            return None
-        url = running.url
-    try:
-        connection = connect(Target(url=url, embedded=False))
-    except LeversError:
+    connection = connect_if_running(updated)
+    if connection is None:
         return None
     deadline = time.monotonic() + timeout_s
     while True:

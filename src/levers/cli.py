@@ -92,6 +92,9 @@ def up(
     phase: Annotated[
         list[str] | None, typer.Option("--phase", "-p", help="Run only this phase's workers (repeatable).")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+    ] = None,
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers import pool
@@ -112,10 +115,15 @@ def up(
         pool.PoolOptions(project.target),
         only,
     )
+    exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)
     console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked}")
-    pool.run(supervisor, project.connection)
+    try:
+        pool.run(supervisor, project.connection)
+    finally:
+        if exporter is not None:
+            exporter.terminate()
     console.note("levers: stopped")
 
 
@@ -256,6 +264,22 @@ def status(
 
 @app.command()
 @reports_errors
+def advise(file: FileOption = None, as_json: JsonOption = False) -> None:
+    """Check live figures against the known symptoms; each finding says which lever to move."""
+    from levers.advice import advise as find
+    from levers.project import open_project
+    from levers.status import pipeline_status
+
+    project = open_project(file, last_good=True)
+    findings = find(pipeline_status(project.connection, project.loaded.spec, project.file_error))
+    if as_json:
+        console.print_json([finding.__dict__ for finding in findings])
+    else:
+        console.findings(findings)
+
+
+@app.command()
+@reports_errors
 def show(
     doc_id: Annotated[str, typer.Argument(metavar="ID", help="A document id (a unique prefix will do).")],
     file: FileOption = None,
@@ -269,3 +293,92 @@ def show(
         console.print_json({"document": record.__dict__, "outputs": outputs})
     else:
         console.document_timeline(record, outputs)
+
+
+@app.command()
+@reports_errors
+def plan(
+    file: FileOption = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="What if: extraction.workers=6 (file unchanged)."),
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Compare with this pipeline file, e.g. the one on main.")
+    ] = None,
+    burst: Annotated[int | None, typer.Option(min=1, help="Time to drain a burst of N documents.")] = None,
+    rate: Annotated[
+        str | None, typer.Option(help="Does a steady rate keep up? e.g. 10/hour, 0.5/s, 30/min.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, or markdown for a PR comment.")] = "table",
+    measured: Annotated[
+        bool, typer.Option(help="Use job times measured in the last hour where there are any.")
+    ] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Capacity per phase: throughput, bottleneck, latency, burst drain, CPU and RAM; what-ifs with --set."""
+    from levers.capacity import parse_rate
+    from levers.planning import measured_times, plan_report
+    from levers.planview import PlanFormat, render
+    from levers.project import pipeline_path
+
+    if fmt not in PlanFormat.__members__:
+        raise UsageError(f"unknown format {fmt!r}", fix="use --format table or --format markdown")
+    arrival = parse_rate(rate) if rate is not None else None
+    path = pipeline_path(file)
+    times = measured_times(path) if measured else None
+    report = plan_report(path, assignments or [], base, burst, arrival, measured=times)
+    if as_json:
+        console.print_json(report.as_json())
+    else:
+        # soft wrap: a markdown table row must stay one line, however wide the terminal
+        console.out.print(render(report, PlanFormat(fmt)), soft_wrap=fmt == PlanFormat.markdown)
+
+
+# `levers graph`: read the knowledge graph a phase writes. The phase's code does the reading: its
+# handler's module provides search() and counts(), imported only when a graph command runs.
+graph_app = typer.Typer(help="Search and count the knowledge graph a phase writes.", no_args_is_help=True)
+app.add_typer(graph_app, name="graph")
+
+from levers.graph import GRAPH_HANDLER  # noqa: E402  (help text below names it)
+
+GraphPhaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--phase", "-p", help=f"The phase that writes the graph (default: the one running {GRAPH_HANDLER})."
+    ),
+]
+GroupOption = Annotated[
+    str | None, typer.Option("--group", help="The graph, by group id (default: the phase's group_id option).")
+]
+
+
+@graph_app.command("search")
+@reports_errors
+def graph_search(
+    query: Annotated[str, typer.Argument(help="Words to look for (BM25 over facts and episodes).")],
+    file: FileOption = None,
+    group: GroupOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many results.")] = 10,
+    phase: GraphPhaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The facts and episodes of the knowledge graph that match QUERY, best first."""
+    from levers.graph import call_graph_phase
+
+    results = call_graph_phase(file, phase, "search", group, query=query, limit=limit)
+    console.graph_results(query, results, as_json)
+
+
+@graph_app.command("counts")
+@reports_errors
+def graph_counts(
+    file: FileOption = None,
+    group: GroupOption = None,
+    phase: GraphPhaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """How many episodes, entities and edges the knowledge graph holds."""
+    from levers.graph import call_graph_phase
+
+    console.graph_counts(call_graph_phase(file, phase, "counts", group), as_json)

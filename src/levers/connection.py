@@ -92,6 +92,20 @@ def connect(target: Target) -> redis.Redis:
     return client
 
 
+def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
+    """A connection to the pipeline's Redis if it answers now; never starts the embedded server."""
+    url = configured_url(loaded)
+    if url is None:
+        running = embedded_server(loaded).running()
+        if running is None:
+            return None
+        url = running.url
+    try:
+        return connect(Target(url=url, embedded=False))
+    except ConnectionFailed:
+        return None
+
+
 def expand_env(text: str, environ: Mapping[str, str]) -> str:
     """Expand ${VAR} and ${VAR:-default}; an unset VAR without a default is an error."""
 

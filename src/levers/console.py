@@ -168,6 +168,19 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def findings(found: Sequence[Any]) -> None:
+    """`levers advise`: each finding with its evidence and the command that acts on it."""
+    if not found:
+        out.print("[green]no finding[/green]: queues drain, workers are busy enough, nothing is rate limited")
+        return
+    for finding in found:
+        out.print(f"[bold]{finding.subject}[/bold]: [yellow]{finding.symptom}[/yellow]")
+        out.print(f"  evidence: {finding.evidence}")
+        out.print(f"  action:   {finding.action}")
+        if finding.command:
+            out.print(f"  [bold]{finding.command}[/bold]")
+
+
 def status_table(status: PipelineStatus) -> None:
     out.print(status_view(status))
 

@@ -83,6 +83,8 @@ class PhaseContext:
         self._executor = executor
         self._limits = limits
         self._semaphore: asyncio.Semaphore | None = None
+        # counted for the metrics: how many calls the job made through gather and map
+        self.calls = 0
 
     def _bound(self) -> asyncio.Semaphore:
         # Created lazily so that it belongs to the event loop of the job that uses it.
@@ -93,6 +95,7 @@ class PhaseContext:
     async def gather(self, *aws: Awaitable[T]) -> list[T]:
         """Await all, at most ``semaphore`` at a time, and return their results in order."""
         semaphore = self._bound()
+        self.calls += len(aws)
 
         async def bounded(aw: Awaitable[T]) -> T:
             async with semaphore:
@@ -106,6 +109,8 @@ class PhaseContext:
         Unlike ``gather``, the coroutines are created only when a slot is free.
         """
         semaphore = self._bound()
+        items = list(items)
+        self.calls += len(items)
 
         async def bounded(item: T) -> R:
             async with semaphore:

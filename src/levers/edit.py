@@ -88,21 +88,25 @@ def get_value(loaded: LoadedPipeline, dotted: str) -> Any:
 
 def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, list[Change]]:
     """Apply ``KEY=VALUE`` assignments to the file; nothing is written unless all of them are valid."""
-    parsed = [parse_assignment(a) for a in assignments]
     with _locked(path):
         current = load_pipeline(path)
         text = path.read_text()
-        yaml = _round_trip(text)
-        tree = yaml.load(text)
-        phases = list(current.spec.phases)
-        changes = [_assign(tree, resolve_path(key, phases), value) for key, value in parsed]
-        buffer = io.StringIO()
-        yaml.dump(tree, buffer)
-        new_text = buffer.getvalue()
+        new_text, changes = edit_text(text, list(current.spec.phases), assignments)
         updated = parse_pipeline(new_text.encode(), path, check_imports=True)
         if new_text != text:
             _replace(path, new_text)
     return updated, [c for c in changes if c.old != c.new]
+
+
+def edit_text(text: str, phases: Sequence[str], assignments: Sequence[str]) -> tuple[str, list[Change]]:
+    """``text`` of a pipeline file with ``KEY=VALUE`` assignments applied, layout kept. Not validated."""
+    parsed = [parse_assignment(a) for a in assignments]
+    yaml = _round_trip(text)
+    tree = yaml.load(text)
+    changes = [_assign(tree, resolve_path(key, phases), value) for key, value in parsed]
+    buffer = io.StringIO()
+    yaml.dump(tree, buffer)
+    return buffer.getvalue(), changes
 
 
 def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:

@@ -110,10 +110,10 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
     ledger.started(doc_id, phase)
     started = time.perf_counter()
     try:
-        output = _call_handler(runtime, spec, phase, settings, record)
+        output, calls = _call_handler(runtime, spec, phase, settings, record)
         seconds = time.perf_counter() - started
         runtime.store(spec).put_output(doc_id, phase, output)
-        _hand_off(runtime.connection, spec, phase, record, seconds)
+        _hand_off(runtime.connection, spec, phase, record, seconds, calls)
     except Exception as exc:
         job = rq.get_current_job()
         final = job is None or not job.retries_left
@@ -133,7 +133,8 @@ def one_line(exc: BaseException) -> str:
 
 def _call_handler(
     runtime: WorkerRuntime, spec: Pipeline, phase: str, settings: Phase, record: DocumentRecord
-) -> Any:
+) -> tuple[Any, int]:
+    """The handler's output, and how many calls it made through ctx.gather and ctx.map."""
     handler = runtime.handler(settings.handler)
     lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
     limits = JobLimits(spec, runtime.url)
@@ -149,7 +150,7 @@ def _call_handler(
         json.dumps(output)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the output of {settings.handler} is not JSON-serialisable: {exc}") from None
-    return output
+    return output, ctx.calls
 
 
 async def _run_async(handler: Callable[..., Any], doc: Document, ctx: PhaseContext, limits: JobLimits) -> Any:
@@ -176,7 +177,7 @@ def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: Docume
 
 
 def _hand_off(
-    connection: redis.Redis, spec: Pipeline, phase: str, record: DocumentRecord, seconds: float
+    connection: redis.Redis, spec: Pipeline, phase: str, record: DocumentRecord, seconds: float, calls: int
 ) -> None:
     """Record the phase as finished and enqueue the next one, atomically."""
     next_phase = spec.phases[phase].next
@@ -190,7 +191,7 @@ def _hand_off(
         else:
             pipe.multi()
         ledger.finished(record.id, phase, seconds, next_phase, pipe)
-        metrics.record(pipe, spec.name, phase, "done", seconds)
+        metrics.record(pipe, spec.name, phase, "done", seconds, calls)
         if record.input == "bytes" and spec.previous(phase) is None:
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))

@@ -61,10 +61,7 @@ def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> Loade
     problems = [_problem(tree, shown, loc, message) for loc, message in cross_checks(spec)]
     if check_imports and not problems:
         ensure_importable_from(path.parent)
-        problems = [
-            _problem(tree, shown, ("phases", name, "handler"), message)
-            for name, message in handler_problems(spec)
-        ]
+        problems = [_problem(tree, shown, path, message) for path, message in handler_problems(spec)]
     if problems:
         raise SpecError(_in_file_order(problems))
     return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
@@ -91,16 +88,19 @@ def import_handler(dotted: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
-def handler_problems(spec: Pipeline) -> list[tuple[str, str]]:
-    """(phase, message) for every handler that cannot be imported."""
-    problems = []
-    for name, phase in spec.phases.items():
+def handler_problems(spec: Pipeline) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, message) for every handler, and the summary function, that cannot be imported."""
+    named: list[tuple[tuple[str, ...], str]] = [
+        (("phases", name, "handler"), phase.handler) for name, phase in spec.phases.items()
+    ]
+    if spec.summary:
+        named.append((("summary",), spec.summary))
+    problems: list[tuple[tuple[str, ...], str]] = []
+    for path, dotted in named:
         try:
-            import_handler(phase.handler)
+            import_handler(dotted)
         except Exception as exc:  # any error while importing user code is a problem to report
-            problems.append(
-                (name, f"handler {phase.handler!r} cannot be imported: {type(exc).__name__}: {exc}")
-            )
+            problems.append((path, f"{path[-1]} {dotted!r} cannot be imported: {type(exc).__name__}: {exc}"))
     return problems
 
 

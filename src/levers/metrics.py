@@ -34,6 +34,12 @@ class PhaseMetrics:
     retried: int
     busy_s: float
     histogram: tuple[int, ...]
+    calls: int = 0
+
+    @property
+    def calls_per_job(self) -> float:
+        runs = self.done + self.failed + self.retried
+        return self.calls / runs if runs else 0.0
 
     @property
     def throughput(self) -> float:
@@ -71,14 +77,18 @@ def record(
     phase: str,
     outcome: str,
     seconds: float,
+    calls: int = 0,
     now: float | None = None,
 ) -> None:
-    """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried."""
+    """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried;
+    ``calls`` is how many calls it made through ctx.gather and ctx.map."""
     minute = int((now if now is not None else time.time()) // BUCKET_S)
     key = keys.phase_metrics(pipeline, phase, minute)
     pipe.hincrby(key, outcome, 1)
     pipe.hincrbyfloat(key, "busy_s", seconds)
     pipe.hincrby(key, f"h{bucket_index(seconds)}", 1)
+    if calls:
+        pipe.hincrby(key, "calls", calls)
     pipe.expire(key, RETENTION_MIN * BUCKET_S)
 
 
@@ -104,4 +114,13 @@ def read(
         retried=int(totals.get("retried", 0)),
         busy_s=totals.get("busy_s", 0.0),
         histogram=histogram,
+        calls=int(totals.get("calls", 0)),
     )
+
+
+def measured_job_seconds(
+    connection: redis.Redis, pipeline: str, phases: list[str], minutes: int = 60
+) -> dict[str, float]:
+    """Mean job time per phase over the last ``minutes``, for phases that ran any job then."""
+    means = {phase: read(connection, pipeline, phase, minutes).mean_s for phase in phases}
+    return {phase: mean for phase, mean in means.items() if mean is not None}

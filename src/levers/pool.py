@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
 import redis
 
 from levers import keys
@@ -163,6 +164,7 @@ class Reporter:
         self.supervisor = supervisor
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self._last = 0.0
+        self._processes: dict[int, psutil.Process] = {}
 
     @property
     def _key(self) -> str:
@@ -173,16 +175,36 @@ class Reporter:
         if now - self._last < 1.0:
             return
         self._last = now
-        report = {
-            **self.supervisor.report(),
-            "updated": now,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
+        report = self.supervisor.report()
+        for phase, figures in report["phases"].items():
+            figures.update(self._usage([s.pid for s in self.supervisor.slots if s.phase == phase]))
+        report.update(
+            updated=now,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            memory_percent=psutil.virtual_memory().percent,
+        )
         try:
             self.connection.hset(self._key, self.id, json.dumps(report))
         except redis.RedisError as exc:
             log.warning("could not publish status: %s", exc)
+
+    def _usage(self, pids: list[int]) -> dict[str, float]:
+        """Mean CPU (% of one core, since the last report) and RSS (MB) of a phase's workers."""
+        cpu, rss = [], []
+        for pid in pids:
+            try:
+                process = self._processes.setdefault(pid, psutil.Process(pid))
+                with process.oneshot():
+                    cpu.append(process.cpu_percent(None))
+                    rss.append(process.memory_info().rss / 2**20)
+            except psutil.Error:
+                self._processes.pop(pid, None)
+        for gone in set(self._processes) - set(pids):
+            del self._processes[gone]
+        if not cpu:
+            return {}
+        return {"cpu_percent": round(sum(cpu) / len(cpu), 1), "rss_mb": round(sum(rss) / len(rss), 1)}
 
     def withdraw(self) -> None:
         with contextlib.suppress(redis.RedisError):

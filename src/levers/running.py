@@ -12,7 +12,9 @@ from levers import console, pool
 from levers.connection import embedded_server
 from levers.errors import UsageError
 from levers.ledger import DocStatus, DocumentRecord, Ledger
+from levers.loading import import_handler
 from levers.project import Project, open_project, save_last_good
+from levers.store import ArtifactStore
 from levers.submission import Submitter
 from levers.watch import PipelineWatcher
 
@@ -30,10 +32,32 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
             raise UsageError("no document to process", fix="pass files or directories the pipeline accepts")
         records = _supervise_until_finished(project, doc_ids)
         console.run_summary(records, list(project.loaded.spec.phases))
+        if project.loaded.spec.summary:
+            _describe_results(project, records)
         return all(o.ok for o in outcomes) and all(r.status is DocStatus.DONE for r in records)
     finally:
         if project.started_server:
             embedded_server(project.loaded).stop()
+
+
+def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
+    """Hand the results to the pipeline's ``summary`` function and show what it says of them."""
+    spec = project.loaded.spec
+    assert spec.summary is not None
+    store = ArtifactStore(project.loaded.project_dir / spec.store)
+    documents = [
+        {
+            "id": r.id, "name": r.name, "status": str(r.status), "error": r.error,
+            "outputs": {p: store.output(r.id, p) for p in r.phases if store.has_output(r.id, p)},
+        }
+        for r in records
+    ]  # fmt: skip
+    try:
+        text = import_handler(spec.summary)(documents, spec.model_dump(mode="json"), project.state_dir)
+    except Exception as exc:  # the summary is a courtesy: its failure must not fail the run
+        console.error(f"summary {spec.summary} failed: {type(exc).__name__}: {exc}")
+        return
+    console.out.print(str(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:

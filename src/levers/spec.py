@@ -9,7 +9,8 @@ from __future__ import annotations
 from difflib import get_close_matches
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 PHASE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -29,6 +30,49 @@ class LeverSettings(Strict):
     threads: Annotated[
         int, Field(ge=0, description="Threads per worker for blocking work; 0 runs it inline (lever 3).")
     ] = 0
+
+
+class Expectation(Strict):
+    """How long one job of a phase is expected to take, for `levers plan`.
+
+    Exactly one form: ``seconds`` outright, or ``calls`` made ``semaphore`` at a time, each taking
+    ``call_seconds``, plus ``fixed_seconds`` of other work: ceil(calls / semaphore) × call_seconds
+    + fixed_seconds. The second form lets a what-if on the semaphore change the job time.
+    """
+
+    seconds: Annotated[
+        float | None, Field(gt=0, description="Seconds one job takes, whatever the semaphore.")
+    ] = None
+    calls: Annotated[
+        int | None,
+        Field(ge=1, description="Calls one job makes through ctx.gather/map, semaphore at a time."),
+    ] = None
+    call_seconds: Annotated[float | None, Field(gt=0, description="Seconds one of those calls takes.")] = None
+    fixed_seconds: Annotated[
+        float, Field(ge=0, description="Seconds of a job's work besides its calls (with calls only).")
+    ] = 0.0
+
+    @model_validator(mode="after")
+    def _exactly_one_form(self) -> Expectation:
+        # a custom error type keeps pydantic's "Value error, " prefix out of the located message
+        if self.seconds is not None and self.model_fields_set & {"calls", "call_seconds", "fixed_seconds"}:
+            raise PydanticCustomError(
+                "expect_form", "give either seconds, or calls with call_seconds (and fixed_seconds), not both"
+            )
+        if self.seconds is None and (self.calls is None or self.call_seconds is None):
+            raise PydanticCustomError(
+                "expect_form", "needs seconds, or calls with call_seconds (e.g. calls: 20, call_seconds: 3)"
+            )
+        return self
+
+
+class Resources(Strict):
+    """What one worker of a phase uses, for the CPU and RAM totals of `levers plan`."""
+
+    cpu: Annotated[
+        float | None, Field(ge=0, description="Share of one vCPU one worker uses, e.g. 0.5 for half.")
+    ] = None
+    ram_mb: Annotated[float | None, Field(ge=0, description="RAM one worker uses, in MB.")] = None
 
 
 class Phase(Strict):
@@ -54,6 +98,13 @@ class Phase(Strict):
         Field(description="How an entry phase receives documents: stored files, or bytes held in memory."),
     ] = "files"
     options: Annotated[dict[str, Any], Field(description="Free-form settings for the phase's code.")] = {}
+    expect: Annotated[
+        Expectation | None,
+        Field(description="Expected job time, for `levers plan` (measured durations take precedence)."),
+    ] = None
+    resources: Annotated[
+        Resources | None, Field(description="CPU and RAM of one worker, for the totals of `levers plan`.")
+    ] = None
 
     @field_validator("accepts")
     @classmethod
@@ -95,6 +146,13 @@ class Pipeline(Strict):
         dict[str, LimitSettings],
         Field(description="Named limits that phases use through ctx.limit(name), held across hosts."),
     ] = {}
+    summary: Annotated[
+        str | None,
+        Field(
+            pattern=HANDLER_PATTERN,
+            description="'module:function' that describes the results at the end of `levers run`.",
+        ),
+    ] = None
 
     def entry_phases(self) -> list[str]:
         """Phases no other phase feeds, in file order."""

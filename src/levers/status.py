@@ -53,6 +53,9 @@ class PhaseStatus:
     utilization: float  # busy share of the alive workers' time over the same span
     p50_s: float | None
     p95_s: float | None
+    calls_per_job: float
+    cpu_percent: float | None  # mean over the phase's workers, % of one core
+    rss_mb: float | None  # mean resident memory of the phase's workers
     bottleneck: bool = False
 
     @property
@@ -90,6 +93,7 @@ class PipelineStatus:
     supervisors: int
     config_error: str | None
     limits: list[dict[str, Any]]
+    memory_percent: float | None  # the fullest supervisor host's memory use
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +101,7 @@ class PipelineStatus:
             "supervisors": self.supervisors,
             "config_error": self.config_error,
             "limits": self.limits,
+            "memory_percent": self.memory_percent,
             "phases": [{**asdict(p), "failed_share": round(p.failed_share, 4), "alerts": p.alerts}
                        for p in self.phases],
         }  # fmt: skip
@@ -112,7 +117,8 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
     errors = [file_error] if file_error else []
     errors += [str(r["config_error"]) for r in reports if r.get("config_error")]
     limits = [limits_status(connection, spec, name) for name in spec.limits]
-    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None, limits)
+    memory = max((float(r["memory_percent"]) for r in reports if "memory_percent" in r), default=None)
+    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None, limits, memory)
 
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
@@ -168,7 +174,14 @@ def _phase_status(
         utilization=min(1.0, recent.busy_s / capacity_s) if capacity_s else 0.0,
         p50_s=recent.quantile(0.5),
         p95_s=recent.quantile(0.95),
+        calls_per_job=round(recent.calls_per_job, 2),
+        cpu_percent=_mean([r["cpu_percent"] for r in reported if "cpu_percent" in r]),
+        rss_mb=_mean([r["rss_mb"] for r in reported if "rss_mb" in r]),
     )
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
 
 
 def _worst(states: list[str]) -> str:
