@@ -267,3 +267,25 @@ def test_stdin_document_goes_to_the_bytes_phase(tmp_path: Path, connection: redi
     assert Queue("toy.upload", connection=connection).count == 1
     assert connection.get(f"levers:toy:blob:{doc_id}") == b"from a web upload"
     assert not (root / ".levers" / "artifacts" / doc_id).exists()
+
+
+def test_submit_bytes_api_for_applications(tmp_path: Path, connection: redis.Redis) -> None:
+    import levers as api
+
+    root = make_project(tmp_path, docs=0)
+    doc_id = api.submit_bytes(b"an upload held in memory", "upload.txt", pipeline=root / "pipeline.yaml")
+
+    assert doc_field(connection, doc_id, "status") == "queued"
+    assert doc_field(connection, doc_id, "name") == "upload.txt"
+    assert Queue("toy.first", connection=connection).count == 1
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=2, docs=0)
+    supervisor = start_levers("up", cwd=root)
+    wait_until(lambda: len(Worker.all(connection=connection)) == 3)
+
+    supervisor.kill()
+    supervisor.communicate(timeout=10)
+
+    wait_until(lambda: Worker.all(connection=connection) == [], timeout_s=20)

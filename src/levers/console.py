@@ -208,7 +208,8 @@ def _clock(timestamp: float | None) -> str:
 
 
 def _describe(output: Any) -> str:
-    """A phase output in a few words: scalar fields as they are, lists and texts by size."""
+    """A phase output in a few words: scalar fields as they are, lists and texts by size, and
+    mappings of figures (token usage, say) one level deep."""
     if not isinstance(output, dict):
         return "" if output is None else type(output).__name__
     parts = []
@@ -219,7 +220,11 @@ def _describe(output: Any) -> str:
             parts.append(f"{key}: {len(value)} chars")
         elif isinstance(value, (int, float, str, bool)):
             parts.append(f"{key}: {value}")
-    return ", ".join(parts)
+        elif isinstance(value, dict):
+            figures = [f"{k} {v}" for k, v in value.items() if isinstance(v, (int, float)) and v]
+            if figures:
+                parts.append(f"{key}: {', '.join(figures)}")
+    return "; ".join(parts)
 
 
 def watch_status(read: Callable[[], PipelineStatus], refresh_s: float = 1.0) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import redis
@@ -29,6 +31,8 @@ log = logging.getLogger("levers.worker")
 
 # How often the worker reports it is alive; RQ expires silent workers after about twice this.
 WORKER_TTL_S = 35
+# How often a worker checks that its supervisor is still there.
+ORPHAN_CHECK_S = 1.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
 
 
@@ -60,7 +64,24 @@ def run_worker(pipeline_path: Path, phase: str, target_url: str, embedded: bool)
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL_S,
     )
+    _stop_when_orphaned(os.getppid())
     worker.work(with_scheduler=True, logging_level="INFO", log_format=log_format)
+
+
+def _stop_when_orphaned(supervisor_pid: int) -> None:
+    """Ask this worker to stop (after its current job) if its supervisor dies, even by SIGKILL.
+
+    Workers lead their own process groups, so nothing else would end them: a restarted supervisor
+    would then run its full complement beside the orphans.
+    """
+
+    def watch() -> None:
+        while os.getppid() == supervisor_pid:
+            time.sleep(ORPHAN_CHECK_S)
+        log.warning("the supervisor (pid %d) is gone: stopping after the current job", supervisor_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="levers-orphan-watch", daemon=True).start()
 
 
 def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveries: int) -> list[str]:
