@@ -546,3 +546,20 @@ def test_a_key_left_empty_is_located_at_that_key(write: Write) -> None:
 
     assert found.message.startswith("phases.a.levers: Input should be a valid dictionary")
     assert (found.line, found.column) == at(path, "levers:", "levers")
+
+
+def test_a_preloaded_module_that_does_not_import_is_located(write: Write) -> None:
+    path = write(
+        """\
+        preload: [json, levers_test_no_such_heavy_module]
+        phases:
+          a:
+            handler: json:loads
+            accepts: [.txt]
+        """
+    )
+
+    [found] = problems_of(path, check_imports=True)
+
+    assert found.line == 1
+    assert found.message.startswith("preload 'levers_test_no_such_heavy_module' cannot be imported")

@@ -104,10 +104,9 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
     if settings is None:
         raise PhaseError(f"phase {phase!r} is no longer in pipeline.yaml")
     ledger = Ledger(runtime.connection, spec.name)
-    record = ledger.get(doc_id)
+    record = ledger.start(doc_id, phase)  # the record and the start mark, in one round trip
     if record is None:
         raise PhaseError(f"document {doc_id} is unknown")
-    ledger.started(doc_id, phase)
     started = time.perf_counter()
     try:
         output, calls = _call_handler(runtime, spec, phase, settings, record)

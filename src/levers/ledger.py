@@ -15,6 +15,15 @@ import redis
 
 from levers import keys, metrics
 
+# KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
+# returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown.
+_START = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':attempts', 1)
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'phase', ARGV[1], ARGV[1] .. ':started', ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
 
 class DocStatus(StrEnum):
     QUEUED = "queued"
@@ -73,16 +82,16 @@ class Ledger:
             pipe.execute()
         return True
 
-    def started(self, doc_id: str, phase: str) -> int:
-        """Mark a phase attempt started; returns the attempt number (1-based)."""
-        key = self._key(doc_id)
-        with self.connection.pipeline() as pipe:
-            pipe.hincrby(key, f"{phase}:attempts", 1)
-            pipe.hset(
-                key, mapping={"status": DocStatus.RUNNING, "phase": phase, f"{phase}:started": time.time()}
-            )
-            attempts = pipe.execute()[0]
-        return int(attempts)
+    def start(self, doc_id: str, phase: str) -> DocumentRecord | None:
+        """Mark a phase attempt started and return the document's record, in one round trip.
+
+        None when the document is unknown (and then nothing is written).
+        """
+        script = self.connection.register_script(_START)
+        flat = script(keys=[self._key(doc_id)], args=[phase, repr(time.time()), str(DocStatus.RUNNING)])
+        if not flat:
+            return None
+        return _record(doc_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def finished(
         self, doc_id: str, phase: str, seconds: float, next_phase: str | None,

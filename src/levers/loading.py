@@ -88,19 +88,21 @@ def import_handler(dotted: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
-def handler_problems(spec: Pipeline) -> list[tuple[tuple[str, ...], str]]:
-    """(key path, message) for every handler, and the summary function, that cannot be imported."""
-    named: list[tuple[tuple[str, ...], str]] = [
-        (("phases", name, "handler"), phase.handler) for name, phase in spec.phases.items()
+def handler_problems(spec: Pipeline) -> list[tuple[Loc, str]]:
+    """(key path, message) for every handler, the summary function and preloaded module that
+    cannot be imported."""
+    named: list[tuple[Loc, str, str]] = [
+        (("phases", name, "handler"), "handler", phase.handler) for name, phase in spec.phases.items()
     ]
     if spec.summary:
-        named.append((("summary",), spec.summary))
-    problems: list[tuple[tuple[str, ...], str]] = []
-    for path, dotted in named:
+        named.append((("summary",), "summary", spec.summary))
+    named += [(("preload", i), "preload", module) for i, module in enumerate(spec.preload)]
+    problems: list[tuple[Loc, str]] = []
+    for path, what, dotted in named:
         try:
-            import_handler(dotted)
+            import_handler(dotted) if ":" in dotted else importlib.import_module(dotted)
         except Exception as exc:  # any error while importing user code is a problem to report
-            problems.append((path, f"{path[-1]} {dotted!r} cannot be imported: {type(exc).__name__}: {exc}"))
+            problems.append((path, f"{what} {dotted!r} cannot be imported: {type(exc).__name__}: {exc}"))
     return problems
 
 

@@ -146,6 +146,13 @@ class Pipeline(Strict):
         dict[str, LimitSettings],
         Field(description="Named limits that phases use through ctx.limit(name), held across hosts."),
     ] = {}
+    preload: Annotated[
+        list[str],
+        Field(
+            description="Modules the supervisor imports before it forks workers, so that all share "
+            "one copy: heavy libraries a handler imports lazily.",
+        ),
+    ] = []
     summary: Annotated[
         str | None,
         Field(
