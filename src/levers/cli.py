@@ -130,13 +130,18 @@ def up(
 @app.command()
 @reports_errors
 def down(file: FileOption = None) -> None:
-    """Stop this pipeline's embedded Redis server (its data stays under .levers/)."""
-    from levers.connection import embedded_server
+    """Stop the embedded servers under .levers/: Redis, and those phases started. Data stays."""
+    from levers.connection import state_dir
+    from levers.embedded import servers_under
     from levers.loading import load_pipeline
     from levers.project import pipeline_path
 
-    server = embedded_server(load_pipeline(pipeline_path(file)))
-    console.note("stopped the embedded server" if server.stop() else "the embedded server was not running")
+    servers = servers_under(state_dir(load_pipeline(pipeline_path(file))))
+    for server in servers:
+        server.stop()
+    console.note(
+        f"stopped {len(servers)} embedded server(s)" if servers else "no embedded server was running"
+    )
 
 
 @app.command()

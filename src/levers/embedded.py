@@ -132,13 +132,29 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if pidfile.exists() and _answers(port):
                 server = RunningServer(pid=int(pidfile.read_text().strip()), port=port)
-                self._info_file.write_text(json.dumps({"pid": server.pid, "port": server.port}))
+                info = {"pid": server.pid, "port": server.port, "binary": str(self.binary)}
+                self._info_file.write_text(json.dumps(info))
                 return server
             time.sleep(POLL_S)
         raise ServerError(
             f"{self.binary.name} did not answer on port {port} within {START_TIMEOUT_S:.0f} s",
             fix=f"see {self.data_dir / 'server.log'}",
         )
+
+
+def servers_under(state_dir: Path) -> list[EmbeddedServer]:
+    """Every embedded server that keeps its data in a directory of ``state_dir`` and runs now:
+    levers' own and those that phases started (a graph database, say)."""
+    found = []
+    for info_file in sorted(state_dir.glob("*/server.json")):
+        try:
+            binary = Path(json.loads(info_file.read_text())["binary"])
+        except (OSError, ValueError, KeyError):
+            continue
+        server = EmbeddedServer(binary, info_file.parent)
+        if server.running() is not None:
+            found.append(server)
+    return found
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from levers import console, pool
 from levers.connection import embedded_server
+from levers.embedded import servers_under
 from levers.errors import UsageError
 from levers.ledger import DocStatus, DocumentRecord, Ledger
 from levers.loading import import_handler
@@ -22,6 +23,9 @@ from levers.watch import PipelineWatcher
 def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
     """Process ``paths`` end to end; True when every document finished without failing."""
     project = open_project(file, check_imports=True)
+    # servers that phases start during the run (a graph database, say) are stopped at its end,
+    # as is levers' own embedded Redis when this run started it
+    already_running = {server.data_dir for server in servers_under(project.state_dir)}
     try:
         outcomes = Submitter(project.loaded, project.connection).submit_paths(paths, force)
         for outcome in outcomes:
@@ -36,6 +40,9 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
             _describe_results(project, records)
         return all(o.ok for o in outcomes) and all(r.status is DocStatus.DONE for r in records)
     finally:
+        for server in servers_under(project.state_dir):
+            if server.data_dir not in already_running:
+                server.stop()
         if project.started_server:
             embedded_server(project.loaded).stop()
 
