@@ -148,8 +148,10 @@ def servers_under(state_dir: Path) -> list[EmbeddedServer]:
     found = []
     for info_file in sorted(state_dir.glob("*/server.json")):
         try:
-            binary = Path(json.loads(info_file.read_text())["binary"])
-        except (OSError, ValueError, KeyError):
+            info = json.loads(info_file.read_text())
+            # files written before the binary was recorded name only the process
+            binary = Path(info.get("binary") or psutil.Process(int(info["pid"])).exe())
+        except (OSError, ValueError, KeyError, psutil.Error):
             continue
         server = EmbeddedServer(binary, info_file.parent)
         if server.running() is not None:
