@@ -153,6 +153,8 @@ class FakeAnthropic:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # the default backlog of 5 drops connections when 30 calls arrive at once on a busy machine
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], fake: FakeAnthropic):
         super().__init__(address, handler)

@@ -76,7 +76,8 @@ def test_three_workers_never_exceed_the_shared_rate_limit(
         "run", "*.txt", cwd=tmp_path, env={"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": "test-key"}
     )
 
-    assert result.returncode == 0, result.stderr
+    logs = "".join(p.read_text() for p in (tmp_path / ".levers" / "logs").glob("*.log"))
+    assert result.returncode == 0, result.stderr + logs[-3000:]
     assert "test-key" not in result.stdout + result.stderr
     answered = [r for r in fake.requests if r.path == "/v1/messages"]
     assert len(answered) == DOCUMENTS * CALLS_PER_DOCUMENT + 3

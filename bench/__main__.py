@@ -1,0 +1,121 @@
+"""``python -m bench [--quick] [--only NAME,...] [--output FILE]``: run the benchmarks, write RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from bench import efficiency, memory, observability, overhead
+from bench.common import ROOT, embedded_server, machine
+from bench.findings import findings
+from bench.report import RunInfo, render, src_fingerprint
+
+BENCHMARKS = ("overhead", "efficiency", "memory", "observability")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each benchmark to run."""
+
+    jobs: int
+    overhead_reps: int
+    profile_jobs: int
+    workers: tuple[int, ...]
+    semaphores: tuple[int, ...]
+    efficiency_reps: int
+    window_s: float
+    min_docs: int
+    max_docs: int
+    patched_workers: tuple[int, ...]
+    rq_workers: tuple[int, ...]
+
+
+FULL = Plan(
+    jobs=1500, overhead_reps=4, profile_jobs=500,
+    workers=(1, 2, 3, 4), semaphores=(1, 5, 10, 20), efficiency_reps=2, window_s=2.0,
+    min_docs=40, max_docs=400, patched_workers=(3,), rq_workers=(3,),
+)  # fmt: skip
+QUICK = Plan(
+    jobs=300, overhead_reps=2, profile_jobs=300,
+    workers=(1, 2, 3, 4), semaphores=(1, 5, 10, 20), efficiency_reps=1, window_s=0.8,
+    min_docs=12, max_docs=120, patched_workers=(3,), rq_workers=(3,),
+)  # fmt: skip
+
+
+def progress(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer jobs, documents and repetitions")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if unknown := set(only) - set(BENCHMARKS):
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    plan = QUICK if args.quick else FULL
+    command = shlex.join(["bin/bench", *argv])
+    started_at = datetime.now().astimezone()
+    started = time.monotonic()
+    about = machine()
+    fingerprint = src_fingerprint()
+    progress(f"bench: {command} on {about['CPU']}")
+    result_overhead = result_efficiency = result_memory = result_observability = None
+    with embedded_server() as server:
+        if "overhead" in only:
+            progress("1. per-job overhead")
+            result_overhead = overhead.run(
+                server,
+                plan.jobs,
+                plan.overhead_reps,
+                ("fork", "simple", "levers-bare", "levers", overhead.other_variant()),
+                plan.profile_jobs,
+                progress,
+            )
+        if "efficiency" in only:
+            progress("2. lever efficiency")
+            result_efficiency = efficiency.run(
+                server, plan.workers, plan.semaphores, plan.efficiency_reps, plan.window_s,
+                plan.min_docs, plan.max_docs, plan.patched_workers, plan.rq_workers, progress,
+            )  # fmt: skip
+        if "memory" in only:
+            progress("3. memory")
+            result_memory = memory.run(progress, server)
+        if "observability" in only:
+            progress("4. status with a deep queue, metrics per job")
+            result_observability = observability.run(server, 2 if args.quick else 5)
+    load1, load5, _ = os.getloadavg()
+    info = RunInfo(
+        command=command,
+        started=started_at.strftime("%Y-%m-%d %H:%M %Z"),
+        seconds=time.monotonic() - started,
+        machine=about,
+        load_after=f"{load1:.2f} (1 min), {load5:.2f} (5 min)",
+        quick=args.quick,
+        src_changed=src_fingerprint() != fingerprint,
+    )
+    text = render(
+        info, result_overhead, result_efficiency, result_memory,
+        findings(result_overhead, result_efficiency, result_memory),
+    )  # fmt: skip
+    if result_observability is not None:
+        text += "\n" + observability.render(result_observability)
+    args.output.write_text(text)
+    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
+    progress(f"bench: wrote {shown} in {info.seconds / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

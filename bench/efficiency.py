@@ -1,0 +1,357 @@
+"""Benchmark 2: lever efficiency, documents/second against the ideal, through the real supervisor.
+
+The phase makes CALLS simulated calls of CALL_S seconds each (``asyncio.sleep``) through
+``ctx.gather``, so with semaphore s one document takes ceil(CALLS / s) x CALL_S at best, and w
+workers finish at most w / (ceil(CALLS / s) x CALL_S) documents per second: the ideal.
+
+For each worker count the real ``levers up`` supervises the workers; the benchmark waits until
+every worker is registered with RQ, then, for each semaphore value, rewrites pipeline.yaml (the
+running workers read the semaphore lever at the start of every job) and submits the cell's
+documents through levers' Submitter. A cell's rate is its documents over the time from its first
+job start to its last document finished, both from levers' ledger: worker start-up is outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
+
+from bench.common import PYTHON, ROOT, Server, bench_env, median, stop_process, wait_until
+from bench.projects import calls_pipeline, calls_project
+from levers import keys
+from levers.ledger import Ledger
+from levers.loading import load_pipeline
+from levers.submission import Submitter
+
+CALLS = 20
+CALL_S = 0.02
+PIPELINE = "efficiency"  # the name in bench/projects.py's calls_pipeline
+PHASE = "calls"
+START_TIMEOUT_S = 60.0
+
+
+def ideal_rate(workers: int, semaphore: int) -> float:
+    return workers / (math.ceil(CALLS / semaphore) * CALL_S)
+
+
+@dataclass
+class Cell:
+    workers: int
+    semaphore: int
+    docs: int
+    patched: bool = False  # run by bench.supervise on the other side of the per-job patches
+    rates: list[float] = field(default_factory=list)
+    submit_s: list[float] = field(default_factory=list)  # time the submitter took, for context
+    window_s: list[float] = field(default_factory=list)
+    in_job_s: list[float] = field(default_factory=list)  # mean ledger start -> finish of a document
+    worker_cpu_ms: list[float] = field(default_factory=list)  # CPU of the workers per document
+    busy: list[float] = field(default_factory=list)  # share of the machine's CPU busy (all processes)
+
+    @property
+    def ideal(self) -> float:
+        return ideal_rate(self.workers, self.semaphore)
+
+    @property
+    def measured(self) -> float:
+        return median(self.rates)
+
+    @property
+    def efficiency(self) -> float:
+        return self.measured / self.ideal
+
+    @property
+    def per_doc_s(self) -> float:
+        """Seconds of one worker per document, measured (workers / rate)."""
+        return self.workers / self.measured
+
+    @property
+    def in_job(self) -> float:
+        """Seconds from the ledger's phase start to the document's finish (handler, store, hand-off)."""
+        return median(self.in_job_s)
+
+
+@dataclass
+class EfficiencyResult:
+    cells: list[Cell]
+    repetitions: int
+    window_s: float
+    handler_s: dict[int, float]  # semaphore -> seconds per document of the handler alone
+    rq_cells: list[Cell] = field(default_factory=list)  # the same workload as plain RQ jobs
+
+
+def docs_for(workers: int, semaphore: int, window_s: float, min_docs: int, max_docs: int) -> int:
+    """Enough documents for about ``window_s`` of work at the ideal rate, within the bounds."""
+    wanted = round(ideal_rate(workers, semaphore) * window_s)
+    # a whole number of rounds per worker, so an idle tail does not cut into the figure
+    wanted = max(min_docs, min(max_docs, wanted))
+    return math.ceil(wanted / workers) * workers
+
+
+def _queue(server: Server) -> Queue:
+    return Queue(keys.queue_name(PIPELINE, PHASE), connection=server.connection, serializer=JSONSerializer)
+
+
+class _Counts:
+    def __init__(self, server: Server) -> None:
+        self.finished = FinishedJobRegistry(queue=_queue(server))
+        self.failed = FailedJobRegistry(queue=_queue(server))
+
+    def done(self) -> int:
+        return self.finished.count + self.failed.count
+
+
+def _workers_cpu_s(supervisor: int) -> float:
+    """CPU seconds of the supervisor's descendants (the workers and their schedulers)."""
+    total = 0.0
+    for process in psutil.Process(supervisor).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _machine_busy(before: Any, after: Any) -> float:
+    idle = (after.idle + after.iowait) - (before.idle + before.iowait)
+    total = sum(after) - sum(before)
+    return 1 - idle / total if total > 0 else 0.0
+
+
+def _run_cell(server: Server, root: Path, cell: Cell, tag: str, supervisor: int) -> None:
+    counts = _Counts(server)
+    before = counts.done()
+    failed_before = counts.failed.count
+    submitter = Submitter(load_pipeline(root / "pipeline.yaml"), server.connection)
+    cpu_before, machine_before = _workers_cpu_s(supervisor), psutil.cpu_times()
+    started = time.perf_counter()
+    outcomes = [submitter.submit_bytes(f"{tag} {i}\n".encode(), f"{tag}-{i}.txt") for i in range(cell.docs)]
+    cell.submit_s.append(time.perf_counter() - started)
+    timeout = 60 + 5 * cell.docs / cell.ideal
+    wait_until(lambda: counts.done() - before >= cell.docs, timeout, f"{cell.docs} documents", poll_s=0.05)
+    cell.worker_cpu_ms.append((_workers_cpu_s(supervisor) - cpu_before) * 1000 / cell.docs)
+    cell.busy.append(_machine_busy(machine_before, psutil.cpu_times()))
+    if counts.failed.count != failed_before:
+        raise RuntimeError(f"documents failed in cell w={cell.workers} s={cell.semaphore}; see {root}")
+    records = Ledger(server.connection, PIPELINE).get_many([o.doc_id for o in outcomes if o.doc_id])
+    starts = [r.phases[PHASE].started for r in records if r is not None and PHASE in r.phases]
+    ends = [r.finished for r in records if r is not None and r.finished is not None]
+    if len(starts) != cell.docs or len(ends) != cell.docs:
+        raise RuntimeError(f"the ledger lacks times for some documents of {tag}")
+    window = max(ends) - min(s for s in starts if s is not None)
+    in_job = []
+    for r in records:
+        start = r.phases[PHASE].started if r is not None else None
+        if r is not None and r.finished is not None and start is not None:
+            in_job.append(r.finished - start)
+    cell.in_job_s.append(sum(in_job) / len(in_job))
+    cell.window_s.append(window)
+    cell.rates.append(cell.docs / window)
+
+
+def _supervise(server: Server, root: Path, workers: int, patched: bool) -> subprocess.Popen[bytes]:
+    """Start the real `levers up` (or bench.supervise on the other side of the per-job patches: see
+    bench/patched.py) and wait until its workers listen."""
+    log = (root / "levers-up.log").open("ab")
+    pipeline = str(root / "pipeline.yaml")
+    command = ["-m", "bench.supervise", pipeline] if patched else ["-m", "levers", "up", "-f", pipeline]
+    process = subprocess.Popen(
+        [PYTHON, *command],
+        cwd=root,
+        env=bench_env(REDIS_URL=server.url, BENCH_MODE=patched_mode() if patched else "none"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    queue = _queue(server)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"levers up exited with {process.returncode}; see {root / 'levers-up.log'}")
+        listening = Worker.all(queue=queue)
+        return len(listening) == workers and all(w.get_state() == "idle" for w in listening)
+
+    wait_until(ready, START_TIMEOUT_S, f"{workers} workers to listen", poll_s=0.05)
+    return process
+
+
+RQ_QUEUE = "bench-calls"
+
+
+def patched_mode() -> str:
+    from bench import patched
+
+    return patched.mode()
+
+
+def other_label() -> str:
+    """How the cells run on the other side of the per-job patches are called."""
+    return "before the patches" if patched_mode() == "revert" else "with the proposed patches"
+
+
+def _rq_workers(server: Server, root: Path, workers: int) -> list[subprocess.Popen[bytes]]:
+    """Start ``workers`` plain `rq worker -w rq.SimpleWorker` processes and wait until they listen."""
+    rq_cli = str(Path(PYTHON).with_name("rq"))
+    command = [rq_cli, "worker", "-w", "rq.SimpleWorker", "-S", "json", "-u", server.url, RQ_QUEUE]
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "rq-workers.log").open("ab") as log:
+        processes = [
+            subprocess.Popen(command, cwd=ROOT, env=bench_env(), stdout=log, stderr=subprocess.STDOUT)
+            for _ in range(workers)
+        ]
+    queue = Queue(RQ_QUEUE, connection=server.connection, serializer=JSONSerializer)
+
+    def ready() -> bool:
+        if any(p.poll() is not None for p in processes):
+            raise RuntimeError(f"an rq worker exited; see {root / 'rq-workers.log'}")
+        listening = Worker.all(queue=queue)
+        return len(listening) == workers and all(w.get_state() == "idle" for w in listening)
+
+    wait_until(ready, START_TIMEOUT_S, f"{workers} rq workers to listen", poll_s=0.05)
+    return processes
+
+
+def _processes_cpu_s(processes: Sequence[subprocess.Popen[bytes]]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(process.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _run_rq_cell(server: Server, cell: Cell, processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """The cell's documents as plain RQ jobs (bench.jobs.calls), enqueued at once in one pipeline."""
+    queue = Queue(RQ_QUEUE, connection=server.connection, serializer=JSONSerializer)
+    finished = FinishedJobRegistry(queue=queue)
+    before = finished.count
+    cpu_before, machine_before = _processes_cpu_s(processes), psutil.cpu_times()
+    with server.connection.pipeline() as pipe:
+        jobs = queue.enqueue_many(
+            [
+                Queue.prepare_data("bench.jobs.calls", args=(cell.semaphore, CALLS, CALL_S))
+                for _ in range(cell.docs)
+            ],
+            pipeline=pipe,
+        )
+        pipe.execute()
+    timeout = 60 + 5 * cell.docs / cell.ideal
+    wait_until(lambda: finished.count - before >= cell.docs, timeout, f"{cell.docs} rq jobs", poll_s=0.05)
+    cell.worker_cpu_ms.append((_processes_cpu_s(processes) - cpu_before) * 1000 / cell.docs)
+    cell.busy.append(_machine_busy(machine_before, psutil.cpu_times()))
+    fetched = [j for j in Job.fetch_many([j.id for j in jobs], server.connection, JSONSerializer) if j]
+    spans = [(j.started_at, j.ended_at) for j in fetched if j.started_at and j.ended_at]
+    if len(spans) != cell.docs:
+        raise RuntimeError("RQ lacks times for some jobs")
+    window = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
+    cell.window_s.append(window)
+    cell.rates.append(cell.docs / window)
+    cell.in_job_s.append(sum((e - s).total_seconds() for s, e in spans) / len(spans))
+
+
+def _describe(cell: Cell, label: str) -> str:
+    rate = cell.rates[-1]
+    text = (
+        f"workers={cell.workers} semaphore={cell.semaphore:<2}{label} {cell.docs:4d} docs {rate:7.1f} docs/s "
+    )
+    text += (
+        f"({rate / cell.ideal:6.1%} of {cell.ideal:.1f}), workers' CPU {cell.worker_cpu_ms[-1]:.1f} ms/doc, "
+    )
+    return text + f"machine {cell.busy[-1]:.0%} busy"
+
+
+def _levers_run(
+    server: Server, root: Path, cells: dict[tuple[int, int, bool], Cell], w: int, patched: bool,
+    semaphores: Sequence[int], rep: int, progress: Callable[[str], object],
+) -> None:  # fmt: skip
+    """One supervisor with ``w`` workers, through every semaphore value."""
+    server.connection.flushdb()
+    calls_project(root, w, semaphores[0], CALLS, CALL_S)
+    process = _supervise(server, root, w, patched)
+    try:
+        for s in semaphores:
+            calls_pipeline(root, w, s)  # the running workers take it at their next job
+            cell = cells[(w, s, patched)]
+            _run_cell(server, root, cell, f"r{rep}w{w}s{s}{'p' if patched else ''}", process.pid)
+            progress(f"  efficiency {rep + 1}: {_describe(cell, ' ' + other_label() if patched else '')}")
+    finally:
+        stop_process(process)
+
+
+def _rq_run(
+    server: Server, root: Path, cells: dict[tuple[int, int], Cell], w: int, semaphores: Sequence[int],
+    rep: int, progress: Callable[[str], object],
+) -> None:  # fmt: skip
+    """``w`` plain RQ SimpleWorkers, through every semaphore value."""
+    server.connection.flushdb()
+    processes = _rq_workers(server, root, w)
+    try:
+        for s in semaphores:
+            cell = cells[(w, s)]
+            _run_rq_cell(server, cell, processes)
+            progress(f"  efficiency {rep + 1}: {_describe(cell, ' rq.SimpleWorker')}")
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
+def run(
+    server: Server, workers: Sequence[int], semaphores: Sequence[int], repetitions: int, window_s: float,
+    min_docs: int, max_docs: int, patched_workers: Sequence[int] = (), rq_workers: Sequence[int] = (),
+    progress: Callable[[str], object] = print,
+) -> EfficiencyResult:  # fmt: skip
+    """The grid workers x semaphores with levers as it is, ``patched_workers`` x semaphores patched,
+    and ``rq_workers`` x semaphores with plain RQ SimpleWorkers running the same workload."""
+    runs = [(w, False) for w in workers] + [(w, True) for w in patched_workers]
+
+    def cell(w: int, s: int, patched: bool = False) -> Cell:
+        return Cell(w, s, docs_for(w, s, window_s, min_docs, max_docs), patched=patched)
+
+    cells = {(w, s, p): cell(w, s, p) for w, p in runs for s in semaphores}
+    rq_cells = {(w, s): cell(w, s) for w in rq_workers for s in semaphores}
+    with tempfile.TemporaryDirectory(prefix="levers-bench-efficiency-") as tmp:
+        for rep in range(repetitions):
+            for w, patched in runs:
+                root = Path(tmp) / f"rep{rep}-w{w}{'-patched' if patched else ''}"
+                _levers_run(server, root, cells, w, patched, semaphores, rep, progress)
+            for w in rq_workers:
+                _rq_run(server, Path(tmp) / f"rep{rep}-rq{w}", rq_cells, w, semaphores, rep, progress)
+    return EfficiencyResult(
+        list(cells.values()), repetitions, window_s, handler_alone(semaphores), list(rq_cells.values())
+    )
+
+
+def handler_alone(semaphores: Sequence[int], runs: int = 5) -> dict[int, float]:
+    """Seconds one document takes with no worker at all: the handler in asyncio.run, in this process.
+
+    The ceiling for any worker: asyncio.sleep overshoots by a little each round, so even this
+    stays under the ideal.
+    """
+    from levers.context import Levers, PhaseContext
+
+    async def calls(ctx: PhaseContext) -> None:
+        await ctx.gather(*(asyncio.sleep(CALL_S) for _ in range(CALLS)))
+
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in semaphores:
+            times = []
+            for _ in range(runs):
+                ctx = PhaseContext(PHASE, Levers(1, s, 0), {}, Path(tmp), None)
+                started = time.perf_counter()
+                asyncio.run(calls(ctx))
+                times.append(time.perf_counter() - started)
+            seconds[s] = median(times)
+    return seconds
