@@ -14,22 +14,13 @@ from pathlib import Path
 
 from bench import patched
 from levers import pool
-from levers.project import open_project, save_last_good
-from levers.watch import PipelineWatcher
+from levers.project import open_project
 
 
 def main(argv: list[str]) -> None:
     done = patched.from_env()
     project = open_project(Path(argv[0]), check_imports=True)
-    pool.preload_handlers(project.loaded)
-    save_last_good(project.loaded)
-    pool.configure_logging(None)
-    supervisor = pool.make_supervisor(
-        PipelineWatcher(project.loaded, on_change=save_last_good),
-        project.connection,
-        pool.PoolOptions(project.target),
-        frozenset(),
-    )
+    supervisor = pool.build_supervisor(project)
     pool.SignalLatch(supervisor).install()
     sys.stderr.write(f"bench.supervise: {done}\n")
     pool.run(supervisor, project.connection)

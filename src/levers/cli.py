@@ -98,23 +98,14 @@ def up(
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers import pool
-    from levers.project import open_project, save_last_good
-    from levers.watch import PipelineWatcher
+    from levers.project import open_project
 
     project = open_project(file, check_imports=True)
     only = frozenset(phase or [])
     unknown = only - set(project.loaded.spec.phases)
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
-    pool.preload_handlers(project.loaded)
-    save_last_good(project.loaded)
-    pool.configure_logging(None)
-    supervisor = pool.make_supervisor(
-        PipelineWatcher(project.loaded, on_change=save_last_good),
-        project.connection,
-        pool.PoolOptions(project.target),
-        only,
-    )
+    supervisor = pool.build_supervisor(project, only)
     exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)

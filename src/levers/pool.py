@@ -30,6 +30,7 @@ from levers import keys
 from levers.connection import Target
 from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
+from levers.project import Project, save_last_good
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
 from levers.worker import LeversWorker, recover_jobs, run_worker, worker_name
@@ -69,6 +70,18 @@ def preload_handlers(loaded: LoadedPipeline) -> None:
             ) from None
     gc.collect()
     gc.freeze()
+
+
+def build_supervisor(
+    project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None
+) -> Supervisor:
+    """What `levers up` and `levers run` do before the first tick: import the handlers once, keep
+    the pipeline as the last good version, route the logs, and make the supervisor."""
+    preload_handlers(project.loaded)
+    save_last_good(project.loaded)
+    configure_logging(log_dir)
+    watcher = PipelineWatcher(project.loaded, on_change=save_last_good)
+    return make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
 
 
 def make_supervisor(

@@ -14,10 +14,9 @@ from levers.embedded import servers_under
 from levers.errors import UsageError
 from levers.ledger import DocStatus, DocumentRecord, Ledger
 from levers.loading import import_handler
-from levers.project import Project, open_project, save_last_good
+from levers.project import Project, open_project
 from levers.store import ArtifactStore
 from levers.submission import Submitter
-from levers.watch import PipelineWatcher
 
 
 def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
@@ -69,13 +68,8 @@ def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
 
 def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:
     ledger = Ledger(project.connection, project.loaded.spec.name)
-    pool.preload_handlers(project.loaded)
-    save_last_good(project.loaded)
-    options = pool.PoolOptions(project.target, log_dir=project.state_dir / "logs")
-    pool.configure_logging(options.log_dir)
-    supervisor = pool.make_supervisor(
-        PipelineWatcher(project.loaded, on_change=save_last_good), project.connection, options, frozenset()
-    )
+    # the progress bar owns the terminal: workers and supervisor log to .levers/logs
+    supervisor = pool.build_supervisor(project, log_dir=project.state_dir / "logs")
     pool.SignalLatch(supervisor).install()
     with console.DocumentProgress(len(doc_ids)) as progress:
 
