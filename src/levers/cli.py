@@ -122,12 +122,11 @@ def up(
 @reports_errors
 def down(file: FileOption = None) -> None:
     """Stop the embedded servers under .levers/: Redis, and those phases started. Data stays."""
-    from levers.connection import state_dir
     from levers.embedded import servers_under
     from levers.loading import load_pipeline
     from levers.project import pipeline_path
 
-    servers = servers_under(state_dir(load_pipeline(pipeline_path(file))))
+    servers = servers_under(load_pipeline(pipeline_path(file)).state_dir)
     for server in servers:
         server.stop()
     console.note(

@@ -11,7 +11,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -37,13 +36,8 @@ class Target:
         return masked(self.url)
 
 
-def state_dir(loaded: LoadedPipeline) -> Path:
-    """Where levers keeps its local state for this pipeline: ``.levers/`` beside the file."""
-    return loaded.project_dir / ".levers"
-
-
 def embedded_server(loaded: LoadedPipeline) -> EmbeddedServer:
-    return EmbeddedServer(valkey_binary(), state_dir(loaded) / "redis")
+    return EmbeddedServer(valkey_binary(), loaded.state_dir / "redis")
 
 
 def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.environ) -> str | None:

@@ -10,7 +10,6 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from levers.connection import state_dir
 from levers.errors import LeversError, UsageError
 from levers.loading import ensure_importable_from, load_pipeline
 from levers.project import pipeline_path
@@ -44,7 +43,7 @@ def call_graph_phase(
     extra = {"group_id": group_id} if group_id else {}
     extra |= {"url": options["falkordb_url"]} if options.get("falkordb_url") else {}
     try:
-        return call(state_dir=state_dir(loaded), **extra, **kwargs)
+        return call(state_dir=loaded.state_dir, **extra, **kwargs)
     except ValueError as exc:  # the phase's word for bad input, such as a malformed group id
         raise UsageError(str(exc)) from None
     except Exception as exc:

@@ -25,7 +25,7 @@ from levers.connection import resolve
 from levers.context import Document, Levers, PhaseContext
 from levers.ledger import DocumentRecord, Ledger
 from levers.limits import JobLimits
-from levers.loading import ensure_importable_from, import_handler
+from levers.loading import ensure_importable_from, import_handler, state_dir_of
 from levers.routing import enqueue_phase
 from levers.spec import Phase, Pipeline
 from levers.store import ArtifactStore
@@ -53,7 +53,7 @@ class WorkerRuntime:
 
     @property
     def state_dir(self) -> Path:
-        return self.watcher.path.parent / ".levers"
+        return state_dir_of(self.watcher.path)
 
     def store(self, spec: Pipeline) -> ArtifactStore:
         return ArtifactStore(self.watcher.path.parent / spec.store)

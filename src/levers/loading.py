@@ -38,6 +38,20 @@ class LoadedPipeline:
     def project_dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def state_dir(self) -> Path:
+        return state_dir_of(self.path)
+
+    @property
+    def store_dir(self) -> Path:
+        """The artifact store's directory (``store:``, relative to the file)."""
+        return self.project_dir / self.spec.store
+
+
+def state_dir_of(pipeline_path: Path) -> Path:
+    """Where levers keeps local state for a pipeline file: ``.levers/`` beside it."""
+    return pipeline_path.resolve().parent / ".levers"
+
 
 def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
     """Read, parse and validate ``path``; with ``check_imports``, import every handler too."""

@@ -23,6 +23,6 @@ def document_view(file: Path | None, prefix: str) -> tuple[DocumentRecord, dict[
     record = ledger.get(matches[0])
     if record is None:
         raise UsageError(f"document {matches[0]} has no record")
-    store = ArtifactStore(project.loaded.project_dir / spec.store)
+    store = ArtifactStore(project.loaded.store_dir)
     outputs = {p: store.output(record.id, p) for p in record.phases if store.has_output(record.id, p)}
     return record, outputs

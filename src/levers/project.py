@@ -15,7 +15,7 @@ import redis
 
 from levers.connection import Target, connect, embedded_server, resolve
 from levers.errors import SpecError
-from levers.loading import LoadedPipeline, load_pipeline
+from levers.loading import LoadedPipeline, load_pipeline, state_dir_of
 from levers.spec import Pipeline
 
 DEFAULT_FILE = "pipeline.yaml"
@@ -35,7 +35,7 @@ class Project:
 
     @property
     def state_dir(self) -> Path:
-        return self.loaded.project_dir / ".levers"
+        return self.loaded.state_dir
 
 
 def open_project(
@@ -62,7 +62,7 @@ def open_project(
 
 
 def last_good_path(pipeline: Path) -> Path:
-    return pipeline.resolve().parent / ".levers" / "last-good-pipeline.json"
+    return state_dir_of(pipeline) / "last-good-pipeline.json"
 
 
 def save_last_good(loaded: LoadedPipeline) -> None:

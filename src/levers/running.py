@@ -50,7 +50,7 @@ def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
     """Hand the results to the pipeline's ``summary`` function and show what it says of them."""
     spec = project.loaded.spec
     assert spec.summary is not None
-    store = ArtifactStore(project.loaded.project_dir / spec.store)
+    store = ArtifactStore(project.loaded.store_dir)
     documents = [
         {
             "id": r.id, "name": r.name, "status": str(r.status), "error": r.error,

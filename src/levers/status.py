@@ -123,9 +123,9 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
     """The phase that holds documents up longest: the longest backlog to drain, else the busiest."""
-    draining = [(p.drain_s, p) for p in phases if p.drain_s]
+    draining = [p for p in phases if p.drain_s]
     if draining:
-        chosen = max(draining, key=lambda pair: pair[0] or 0.0)[1]
+        chosen = max(draining, key=lambda p: p.drain_s or 0.0)
     else:
         busy = [p for p in phases if p.utilization >= BUSY_ENOUGH]
         if not busy:

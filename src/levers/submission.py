@@ -72,7 +72,7 @@ class Submitter:
     def __init__(self, loaded: LoadedPipeline, connection: redis.Redis) -> None:
         self.spec = loaded.spec
         self.connection = connection
-        self.store = ArtifactStore(loaded.project_dir / loaded.spec.store)
+        self.store = ArtifactStore(loaded.store_dir)
         self.ledger = Ledger(connection, loaded.spec.name)
 
     def submit_paths(self, paths: Iterable[str], force: bool = False) -> list[Outcome]:
