@@ -57,7 +57,7 @@ class Cell:
     rates: list[float] = field(default_factory=list)
     submit_s: list[float] = field(default_factory=list)  # time the submitter took, for context
     window_s: list[float] = field(default_factory=list)
-    in_job_s: list[float] = field(default_factory=list)  # mean ledger start -> finish of a document
+    handler_s: list[float] = field(default_factory=list)  # mean time of the handler inside the worker
     worker_cpu_ms: list[float] = field(default_factory=list)  # CPU of the workers per document
     busy: list[float] = field(default_factory=list)  # share of the machine's CPU busy (all processes)
 
@@ -79,9 +79,9 @@ class Cell:
         return self.workers / self.measured
 
     @property
-    def in_job(self) -> float:
-        """Seconds from the ledger's phase start to the document's finish (handler, store, hand-off)."""
-        return median(self.in_job_s)
+    def in_worker(self) -> float:
+        """Seconds of the handler inside the worker (the ledger's phase seconds; RQ's job span)."""
+        return median(self.handler_s)
 
 
 @dataclass
@@ -151,12 +151,8 @@ def _run_cell(server: Server, root: Path, cell: Cell, tag: str, supervisor: int)
     if len(starts) != cell.docs or len(ends) != cell.docs:
         raise RuntimeError(f"the ledger lacks times for some documents of {tag}")
     window = max(ends) - min(s for s in starts if s is not None)
-    in_job = []
-    for r in records:
-        start = r.phases[PHASE].started if r is not None else None
-        if r is not None and r.finished is not None and start is not None:
-            in_job.append(r.finished - start)
-    cell.in_job_s.append(sum(in_job) / len(in_job))
+    handler = [s for r in records if r is not None and (s := r.phases[PHASE].seconds) is not None]
+    cell.handler_s.append(sum(handler) / len(handler))
     cell.window_s.append(window)
     cell.rates.append(cell.docs / window)
 
@@ -258,7 +254,7 @@ def _run_rq_cell(server: Server, cell: Cell, processes: Sequence[subprocess.Pope
     window = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
     cell.window_s.append(window)
     cell.rates.append(cell.docs / window)
-    cell.in_job_s.append(sum((e - s).total_seconds() for s, e in spans) / len(spans))
+    cell.handler_s.append(sum((e - s).total_seconds() for s, e in spans) / len(spans))
 
 
 def _describe(cell: Cell, label: str) -> str:
@@ -333,11 +329,12 @@ def run(
     )
 
 
-def handler_alone(semaphores: Sequence[int], runs: int = 5) -> dict[int, float]:
-    """Seconds one document takes with no worker at all: the handler in asyncio.run, in this process.
+def handler_alone(semaphores: Sequence[int], runs: int = 9) -> dict[int, float]:
+    """Seconds one document takes with no worker at all: the handler on one event loop, in this
+    process, one document after another.
 
-    The ceiling for any worker: asyncio.sleep overshoots by a little each round, so even this
-    stays under the ideal.
+    The ceiling for any worker: asyncio.sleep overshoots by a little each round (the loop waits
+    in whole milliseconds), so even this stays under the ideal.
     """
     from levers.context import Levers, PhaseContext
 
@@ -345,13 +342,17 @@ def handler_alone(semaphores: Sequence[int], runs: int = 5) -> dict[int, float]:
         await ctx.gather(*(asyncio.sleep(CALL_S) for _ in range(CALLS)))
 
     seconds = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for s in semaphores:
-            times = []
-            for _ in range(runs):
-                ctx = PhaseContext(PHASE, Levers(1, s, 0), {}, Path(tmp), None)
-                started = time.perf_counter()
-                asyncio.run(calls(ctx))
-                times.append(time.perf_counter() - started)
-            seconds[s] = median(times)
+    loop = asyncio.new_event_loop()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in semaphores:
+                times = []
+                for _ in range(runs):
+                    ctx = PhaseContext(PHASE, Levers(1, s, 0), {}, Path(tmp), None)
+                    started = time.perf_counter()
+                    loop.run_until_complete(calls(ctx))
+                    times.append(time.perf_counter() - started)
+                seconds[s] = median(times)
+    finally:
+        loop.close()
     return seconds

@@ -18,12 +18,17 @@ Nothing in src/ is changed. The patches:
   "idle" after every job and again before every dequeue).
 - ``ledger-merge``: ``Ledger.get`` + ``Ledger.started`` as one round trip (a Lua script that
   marks the phase started and returns the record; nil for an unknown document).
+- ``overlap``: the worker completes each job and claims the next one on a helper thread while the
+  following handler runs, and async handlers share one event loop per worker. This one is a
+  design (levers/rq_worker.py), not a monkeypatch: it can only be switched off
+  (``LeversWorker.overlap = False`` and ``asyncio.run`` per job), never applied.
 
 ``BENCH_PATCHES`` (comma-separated names) picks a subset to apply; by default all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import time
@@ -32,10 +37,11 @@ from typing import Any
 import rq
 from rq import SimpleWorker
 
+from levers.jobs import WorkerRuntime
 from levers.ledger import DocStatus, DocumentRecord, Ledger, _record
-from levers.worker import LeversWorker
+from levers.rq_worker import LeversWorker
 
-ALL = ("heartbeat-pipeline", "heartbeat-throttle", "idle-state", "ledger-merge")
+ALL = ("heartbeat-pipeline", "heartbeat-throttle", "idle-state", "ledger-merge", "overlap")
 # A default-TTL heartbeat this soon after the last one is skipped (RQ sends several per job).
 HEARTBEAT_MIN_INTERVAL_S = 1.0
 
@@ -48,6 +54,7 @@ def in_src() -> dict[str, bool]:
         "heartbeat-throttle": "heartbeat" in worker_methods,
         "idle-state": "set_state" in worker_methods,
         "ledger-merge": hasattr(Ledger, "start"),
+        "overlap": "execute_job" in worker_methods,
     }
 
 
@@ -171,6 +178,10 @@ def revert() -> tuple[str, ...]:
     if present["ledger-merge"]:
         ledger_cls: Any = Ledger
         ledger_cls.start = _start_in_two_round_trips
+    if present["overlap"]:
+        worker_cls.overlap = False
+        runtime_cls: Any = WorkerRuntime
+        runtime_cls.run_async = lambda self, job: asyncio.run(job)
     return tuple(n for n in ALL if present[n])
 
 

@@ -145,13 +145,15 @@ not immune on a 2-vCPU VM.
 
 {table}
 
-The levers job path is `levers.jobs.run_phase` on a one-phase pipeline in a temporary directory
+The levers job path is a one-phase pipeline's `levers.jobs.run_phase` jobs in a temporary directory
 (`def noop(doc, ctx): return {{}}`, defaults otherwise), its documents submitted through
 `levers.submission.Submitter`, run by `levers.worker.run_worker` itself with only `LeversWorker.work`
-wrapped (burst mode, no scheduler, timed). The last row is the other side of the per-job patches
+wrapped (burst mode, no scheduler, timed). LeversWorker runs such a job in its own steps (claim,
+handler, completion: levers/rq_worker.py), completing each job and claiming the next on a helper
+thread while the following handler runs. The last row is the other side of the per-job patches
 (bench/patched.py, switched in the worker process only): *proposed patches* when src lacks them,
 *before the patches* (RQ's own heartbeats and state writes, a ledger read and a separate start
-record) when src has them. See Findings.
+record, every step of every job one after another on one thread) when src has them. See Findings.
 
 ### Round trips and commands per job (exact, not timed)
 
@@ -168,8 +170,10 @@ PROFILE_TEXT = """\
 
 {jobs:,} jobs each for the bare LeversWorker (plain jobs) and the levers job path under cProfile
 ({bare_rate:.0f} and {levers_rate:.0f} jobs/s under the profiler, whose overhead inflates every row:
-read them as shares). Cumulative milliseconds per job; the .prof files are in bench/profiles/
-(`python -m pstats bench/profiles/levers.prof`).
+read them as shares). cProfile sees one thread, so these runs do each job's steps one after
+another on the worker's main thread (`LeversWorker.overlap = False`): the rows are the work per
+job, not what lies on the path between two handlers. Cumulative milliseconds per job; the .prof
+files are in bench/profiles/ (`python -m pstats bench/profiles/levers.prof`).
 
 {breakdown}
 
@@ -189,14 +193,17 @@ cell's documents through the Submitter. Rate = documents / (last document finish
 started), both from levers' ledger, so worker start-up is outside the window. Median of {reps}
 repetition(s), about {window:g} s of ideal work per cell (at least {min_docs} documents).
 
-*Handler-alone ceiling*: ideal ÷ the time of the same handler in `asyncio.run` with a PhaseContext,
-no worker and no Redis; `asyncio.sleep` overshoots a little every round, so no worker can beat it.
-*Overhead ms/doc* = workers ÷ measured rate − handler-alone time, split into *in job* (from the
-ledger's phase start to the document's finish, beyond the handler: output store, hand-off) and
-*between jobs* (RQ's dequeue and bookkeeping, the ledger read and the start record). *Workers' CPU*:
-user + system time of the supervisor's descendants per document; *machine busy*: the share of both
-cores busy during the cell, whoever used them (the server, the submitter, other people's jobs).
-The handler-alone time is a median of a few runs: a small negative *in job* is within its noise.
+*Handler-alone ceiling*: ideal ÷ the time of the same handler with a PhaseContext on one event
+loop, document after document, no worker and no Redis; `asyncio.sleep` overshoots a little every
+round (the loop waits in whole milliseconds), so no worker can beat it. *Overhead ms/doc* =
+workers ÷ measured rate − handler-alone time, split into *handler slower* (the handler's own time
+inside the worker, from the ledger, beyond handler-alone: a fresh event loop per job, the other
+threads and processes competing for the CPU) and *around the handler* (everything else on the
+worker's path from one handler to the next: dequeue, RQ's and levers' bookkeeping, whatever of it
+is not overlapped). *Workers' CPU*: user + system time of the supervisor's descendants per
+document; *machine busy*: the share of both cores busy during the cell, whoever used them (the
+server, the submitter, other people's jobs). The handler-alone time is a median of a few runs: a
+small negative *handler slower* is within its noise.
 
 {table}
 {patched}
@@ -215,8 +222,8 @@ RQ_CELLS_TEXT = """
 The same workload as plain RQ jobs on this machine, for reference: `bench.jobs.calls` (the same
 20 sleeps behind an `asyncio.Semaphore`, in `asyncio.run` per job) run by plain
 `rq worker -w rq.SimpleWorker` processes, started first; the cell's jobs are enqueued at once and
-the rate is taken from RQ's own started_at / ended_at. *In job* is RQ's started_at to ended_at
-beyond the handler; workers' CPU is the rq worker processes'.
+the rate is taken from RQ's own started_at / ended_at. *Handler slower* is RQ's started_at to
+ended_at beyond the handler alone; workers' CPU is the rq worker processes'.
 
 {table}
 """
@@ -339,8 +346,8 @@ def _cell_row(cell: Cell, handler_s: dict[int, float]) -> list[str]:
         f"**{cell.efficiency:.1%}**",
         f"{ideal_doc / alone:.1%}",
         f"{(cell.per_doc_s - alone) * 1000:.1f}",
-        f"{(cell.in_job - alone) * 1000:.1f}",
-        f"{(cell.per_doc_s - cell.in_job) * 1000:.1f}",
+        f"{(cell.in_worker - alone) * 1000:.1f}",
+        f"{(cell.per_doc_s - cell.in_worker) * 1000:.1f}",
         f"{median(cell.worker_cpu_ms):.1f}",
         f"{median(cell.busy):.0%}",
     ]
@@ -348,8 +355,8 @@ def _cell_row(cell: Cell, handler_s: dict[int, float]) -> list[str]:
 
 CELL_HEADER = [
     "workers", "semaphore", "docs", "measured docs/s", "min-max", "ideal docs/s", "efficiency",
-    "handler-alone ceiling", "overhead ms/doc", "… in job", "… between jobs", "workers' CPU ms/doc",
-    "machine busy",
+    "handler-alone ceiling", "overhead ms/doc", "… handler slower", "… around the handler",
+    "workers' CPU ms/doc", "machine busy",
 ]  # fmt: skip
 
 

@@ -121,6 +121,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--count-round-trips", action="store_true")
     args = parser.parse_args(argv)
     round_trips = count_round_trips() if args.count_round_trips else None
+    if args.profile is not None:
+        # cProfile sees only the thread it runs on: a LeversWorker does each job's steps there
+        levers_worker.LeversWorker.overlap = False
     if args.variant.startswith("levers") and args.variant != "levers-bare":
         from bench import patched
 

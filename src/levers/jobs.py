@@ -12,10 +12,11 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import rq
@@ -31,6 +32,8 @@ from levers.spec import Phase, Pipeline
 from levers.store import ArtifactStore
 from levers.watch import PipelineWatcher
 
+T = TypeVar("T")
+
 # Longest error text kept per attempt: enough for a reason, not a whole traceback.
 MAX_ERROR_CHARS = 500
 
@@ -45,10 +48,11 @@ class WorkerRuntime:
     def __init__(self, watcher: PipelineWatcher, connection: redis.Redis, url: str) -> None:
         self.watcher = watcher
         self.connection = connection
-        # each job makes its own async client for ctx.limit from this, inside the job's event loop
+        # each job makes its own async client for ctx.limit from this, on the worker's event loop
         self.url = url
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         ensure_importable_from(watcher.path.parent)
 
     @property
@@ -68,10 +72,47 @@ class WorkerRuntime:
             self._executors = {threads: ThreadPoolExecutor(threads, thread_name_prefix="levers")}
         return self._executors[threads]
 
+    def run_async(self, job: Coroutine[Any, Any, T]) -> T:
+        """Run a job's coroutine on the process's event loop, then cancel what it left running.
+
+        One loop serves all the jobs of a process (a new loop per job costs about half a
+        millisecond, and clients a handler keeps between jobs stay usable). A job that leaves the
+        loop abnormally (its timeout's signal, say, can strike inside the loop's own code) takes
+        the loop with it: the next job gets a new one.
+        """
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        loop = self._loop
+        try:
+            result = loop.run_until_complete(job)
+        except BaseException:
+            self._loop = None
+            _close(loop)
+            raise
+        _cancel_leftovers(loop)
+        return result
+
     def handler(self, dotted: str) -> Callable[..., Any]:
         if dotted not in self._handlers:
             self._handlers[dotted] = import_handler(dotted)
         return self._handlers[dotted]
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks a job left on the loop, as asyncio.run would, and let them finish."""
+    leftovers = asyncio.all_tasks(loop)
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        _cancel_leftovers(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 _runtime: WorkerRuntime | None = None
@@ -96,29 +137,84 @@ def current_runtime() -> WorkerRuntime:
     return _runtime
 
 
+@dataclass(frozen=True)
+class ClaimedPhase:
+    """A phase job whose start the ledger has recorded: what the handler will work on."""
+
+    phase: str
+    record: DocumentRecord
+
+
+@dataclass(frozen=True)
+class PerformedPhase:
+    """A handler's result, with the pipeline as it was when the handler started."""
+
+    claimed: ClaimedPhase
+    spec: Pipeline
+    output: Any
+    calls: int
+    seconds: float
+
+
 def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
-    """Run ``phase`` on document ``doc_id``; RQ calls this with the job's JSON arguments."""
+    """Run ``phase`` on document ``doc_id``; RQ calls this with the job's JSON arguments.
+
+    levers' own worker runs the three steps below on its own, so that it can claim the next job
+    and complete the last while a handler runs; this is the whole job in one call, for any worker.
+    """
     runtime = current_runtime()
-    spec = runtime.watcher.current().spec
-    settings = spec.phases.get(phase)
-    if settings is None:
-        raise PhaseError(f"phase {phase!r} is no longer in pipeline.yaml")
-    ledger = Ledger(runtime.connection, spec.name)
-    record = ledger.start(doc_id, phase)  # the record and the start mark, in one round trip
-    if record is None:
-        raise PhaseError(f"document {doc_id} is unknown")
+    claimed = claim_phase(runtime, phase, doc_id)
     started = time.perf_counter()
     try:
-        output, calls = _call_handler(runtime, spec, phase, settings, record)
-        seconds = time.perf_counter() - started
-        runtime.store(spec).put_output(doc_id, phase, output)
-        _hand_off(runtime.connection, spec, phase, record, seconds, calls)
+        return complete_phase(runtime, perform_phase(runtime, claimed))
     except Exception as exc:
         job = rq.get_current_job()
         final = job is None or not job.retries_left
-        ledger.attempt_failed(doc_id, phase, one_line(exc), final, time.perf_counter() - started)
+        record_failure(runtime, claimed, exc, final, time.perf_counter() - started)
         raise
-    return {"document": doc_id, "phase": phase, "seconds": round(seconds, 4)}
+
+
+def claim_phase(runtime: WorkerRuntime, phase: str, doc_id: str) -> ClaimedPhase:
+    """Record the attempt's start in the ledger (one round trip) and return the document's record."""
+    spec = runtime.watcher.current().spec
+    record = Ledger(runtime.connection, spec.name).start(doc_id, phase)
+    if record is None:
+        raise PhaseError(f"document {doc_id} is unknown")
+    return ClaimedPhase(phase, record)
+
+
+def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPhase:
+    """Call the handler with the phase's settings as pipeline.yaml holds them now."""
+    spec = runtime.watcher.current().spec
+    settings = spec.phases.get(claimed.phase)
+    if settings is None:
+        raise PhaseError(f"phase {claimed.phase!r} is no longer in pipeline.yaml")
+    started = time.perf_counter()
+    output, calls = _call_handler(runtime, spec, claimed.phase, settings, claimed.record)
+    return PerformedPhase(claimed, spec, output, calls, time.perf_counter() - started)
+
+
+def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[str, Any]:
+    """Store the output and hand the document on; returns the job's result."""
+    claimed, spec = performed.claimed, performed.spec
+    runtime.store(spec).put_output(claimed.record.id, claimed.phase, performed.output)
+    _hand_off(runtime.connection, spec, claimed.phase, claimed.record, performed.seconds, performed.calls)
+    return {"document": claimed.record.id, "phase": claimed.phase, "seconds": round(performed.seconds, 4)}
+
+
+def record_failure(
+    runtime: WorkerRuntime, claimed: ClaimedPhase, exc: BaseException, final: bool, seconds: float
+) -> None:
+    """Record a failed attempt; ``final`` when RQ will not retry the job."""
+    spec = runtime.watcher.current().spec
+    Ledger(runtime.connection, spec.name).attempt_failed(
+        claimed.record.id, claimed.phase, one_line(exc), final, seconds
+    )
+
+
+def release_claim(runtime: WorkerRuntime, claimed: ClaimedPhase) -> None:
+    """Undo ``claim_phase`` for a job that goes back to its queue without having run."""
+    Ledger(runtime.connection, runtime.watcher.current().spec.name).released(claimed.record.id, claimed.phase)
 
 
 def one_line(exc: BaseException) -> str:
@@ -140,9 +236,8 @@ def _call_handler(
     executor = runtime.executor(lever_values.threads)
     ctx = PhaseContext(phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits)
     doc = _document(runtime, spec, phase, record)
-    # a fresh event loop per job: nothing a job leaves behind on a loop leaks into the next
     if inspect.iscoroutinefunction(handler):
-        output = asyncio.run(_run_async(handler, doc, ctx, limits))
+        output = runtime.run_async(_run_async(handler, doc, ctx, limits))
     else:
         output = handler(doc, ctx)
     try:
@@ -156,7 +251,7 @@ async def _run_async(handler: Callable[..., Any], doc: Document, ctx: PhaseConte
     try:
         return await handler(doc, ctx)
     finally:
-        # the job's Redis client belongs to this loop: close it before asyncio.run closes the loop
+        # the job's Redis client for ctx.limit ends with the job, not with the worker's loop
         await limits.aclose()
 
 

@@ -93,6 +93,14 @@ class Ledger:
             return None
         return _record(doc_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
+    def released(self, doc_id: str, phase: str) -> None:
+        """Take back a ``start`` whose job went back to its queue before it ran."""
+        key = self._key(doc_id)
+        with self.connection.pipeline() as pipe:
+            pipe.hincrby(key, f"{phase}:attempts", -1)
+            pipe.hset(key, "status", DocStatus.QUEUED)
+            pipe.execute()
+
     def finished(
         self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
         pipe: redis.client.Pipeline,

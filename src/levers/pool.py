@@ -31,9 +31,10 @@ from levers.connection import Target
 from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.project import Project, save_last_good
+from levers.rq_worker import LeversWorker
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
-from levers.worker import LeversWorker, recover_jobs, run_worker, worker_name
+from levers.worker import recover_jobs, run_worker, worker_name
 
 log = logging.getLogger("levers.supervisor")
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -25,6 +25,7 @@ from levers import keys
 from levers.connection import Target, connect
 from levers.jobs import WorkerRuntime, install_runtime
 from levers.ledger import Ledger
+from levers.rq_worker import LeversWorker
 from levers.watch import PipelineWatcher
 
 log = logging.getLogger("levers.worker")
@@ -34,43 +35,6 @@ WORKER_TTL_S = 35
 # How often a worker checks that its supervisor is still there.
 ORPHAN_CHECK_S = 1.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
-# A default-TTL heartbeat this soon after the last one is skipped (RQ's loop sends three per job).
-HEARTBEAT_MIN_INTERVAL_S = 1.0
-
-
-class LeversWorker(SimpleWorker):
-    """RQ's in-process worker with JSON payloads, and fewer round trips per job than RQ's own.
-
-    RQ's work loop calls ``heartbeat()`` three times per job, each sending HSET, EXPIRE and EXPIRE
-    in three round trips, and writes the idle state twice. Here a heartbeat is one round trip, a
-    default-TTL heartbeat within a second of the last one is skipped, and an unchanged state is
-    not written again: 9 of RQ's 20 round trips per job go.
-    """
-
-    _last_default_beat = float("-inf")
-
-    def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
-        if timeout is not None and timeout > self.worker_ttl + 60:
-            # a job's longer TTL: the next default heartbeat must go out, to shorten it again
-            self._last_default_beat = float("-inf")
-            super().heartbeat(timeout, pipeline)
-            return
-        now = time.monotonic()
-        if pipeline is None and now - self._last_default_beat < HEARTBEAT_MIN_INTERVAL_S:
-            return
-        self._last_default_beat = now
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline)
-            return
-        with self.connection.pipeline(transaction=False) as pipe:
-            super().heartbeat(timeout, pipe)
-            pipe.execute()
-
-    def set_state(self, state: str, pipeline: redis.client.Pipeline | None = None) -> None:
-        # only this worker writes its state, so the one it last wrote is the one Redis holds
-        if pipeline is None and state == self._state:
-            return
-        super().set_state(state, pipeline)
 
 
 def worker_name(phase: str, pid: int) -> str:

@@ -1,0 +1,265 @@
+"""The RQ worker class levers runs: RQ's in-process SimpleWorker, with JSON payloads, fewer round
+trips per job, and each job's bookkeeping done while the next handler runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
+from rq.executions import Execution
+from rq.job import Job
+from rq.suspension import is_suspended
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import WorkerStatus
+
+from levers.jobs import (
+    ClaimedPhase,
+    PerformedPhase,
+    claim_phase,
+    complete_phase,
+    current_runtime,
+    perform_phase,
+    record_failure,
+    release_claim,
+)
+from levers.routing import JOB_FUNCTION
+
+log = logging.getLogger("levers.worker")
+
+# A default-TTL heartbeat this soon after the last one is skipped (RQ's loop sends three per job).
+HEARTBEAT_MIN_INTERVAL_S = 1.0
+# A worker claims its next job while a handler runs only after a job shorter than this.
+PREFETCH_AFTER_S = 1.0
+
+
+@dataclass
+class Claim:
+    """A job this worker has taken off its queue and registered as its own, not yet run."""
+
+    job: Job
+    queue: Queue
+    execution: Execution
+    phase: ClaimedPhase | None  # for levers' own jobs: the document's record from the ledger
+    error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
+
+
+class LeversWorker(SimpleWorker):
+    """RQ's in-process worker with JSON payloads, fewer round trips per job, and its bookkeeping
+    done while the handlers wait.
+
+    RQ's loop does everything one step after another: dequeue, register, run, record the result,
+    dequeue again. Here a helper thread (the courier) completes each job (output, hand-off, RQ's
+    result and registries) and claims the next one while the following handler runs, so between
+    two handlers the worker only takes the claim from the courier. The next job is claimed ahead
+    only after a job shorter than ``PREFETCH_AFTER_S``: a claimed job waits behind the running
+    one, which after a long job could keep it from another worker that is free. Handlers still
+    run one at a time, on the main thread, under RQ's timeout.
+
+    Round trips: RQ's work loop calls ``heartbeat()`` three times per job, each sending HSET,
+    EXPIRE and EXPIRE in three round trips, and writes the idle state twice. Here a heartbeat is
+    one round trip, a default-TTL heartbeat within a second of the last one is skipped, and an
+    unchanged state is not written again.
+    """
+
+    _last_default_beat = float("-inf")
+    # False runs each job's steps one after another, as RQ does (the benchmark's baseline)
+    overlap = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._courier: ThreadPoolExecutor | None = None
+        self._next: Future[Claim | None] | None = None  # the claim the courier is making
+        self._held: Claim | None = None  # a claim taken from the courier that has not run yet
+        self._last_job_s = math.inf
+
+    def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
+        if timeout is not None and timeout > self.worker_ttl + 60:
+            # a job's longer TTL: the next default heartbeat must go out, to shorten it again
+            self._last_default_beat = float("-inf")
+            super().heartbeat(timeout, pipeline)
+            return
+        now = time.monotonic()
+        if pipeline is None and now - self._last_default_beat < HEARTBEAT_MIN_INTERVAL_S:
+            return
+        if pipeline is None and self._claim_ahead():
+            return  # claiming it beat for this worker, with the next job's TTL
+        self._last_default_beat = now
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
+
+    def set_state(self, state: str, pipeline: redis.client.Pipeline | None = None) -> None:
+        # only this worker writes its state, so the one it last wrote is the one Redis holds
+        if pipeline is None and state == self._state:
+            return
+        super().set_state(state, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if not self._claim_ahead():  # else the courier checked before it claimed
+            super().check_for_suspension(burst)
+
+    def _claim_ahead(self) -> bool:
+        return self._next is not None or self._held is not None
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        claim = self._take_next()
+        if self._stop_requested:
+            raise StopRequested()  # a claim taken here goes back to its queue in teardown()
+        if claim is not None:
+            return claim.job, claim.queue
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        claim, self._held = self._held, None
+        if claim is None:
+            claim = self._claim(job, queue)
+        if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
+            self._next = self._courier_pool().submit(self._claim_next)
+        started = time.monotonic()
+        self._run(claim)
+        self._last_job_s = time.monotonic() - started
+        if self._next is None:
+            self.set_state(WorkerStatus.IDLE)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # the job ended when its handler returned, not when the courier got to its bookkeeping
+        ended = job.ended_at
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+        job.ended_at = ended or job.ended_at
+
+    def teardown(self) -> None:
+        if self._courier is not None:
+            with contextlib.suppress(Exception):  # _take_next logged it
+                self._take_next()
+            if self._held is not None:
+                self._release(self._held)
+                self._held = None
+            self._courier.shutdown(wait=True)  # the last jobs' bookkeeping completes
+        super().teardown()
+
+    def _courier_pool(self) -> ThreadPoolExecutor:
+        # made on first use, in the worker process: threads do not survive the fork
+        if self._courier is None:
+            self._courier = ThreadPoolExecutor(1, thread_name_prefix="levers-courier")
+        return self._courier
+
+    def _take_next(self) -> Claim | None:
+        """The courier's claim, once made; it is held until it runs (or goes back in teardown)."""
+        pending = self._next
+        if pending is None:
+            return None
+        try:
+            self._held = pending.result()
+        except Exception:
+            # a job half-claimed (moved off its queue) is put back by RQ's intermediate queue check
+            log.exception("claiming the next job failed; dequeueing the usual way")
+            return None
+        finally:
+            self._next = None
+        return self._held
+
+    def _claim_next(self) -> Claim | None:
+        """On the courier: the next job if one is waiting (never blocks: a free worker, blocked on
+        the queue, is given new jobs first), registered as this worker's; none while `rq suspend`
+        holds."""
+        if is_suspended(self.connection, self):
+            return None
+        found = self.queue_class.dequeue_any(
+            self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+            serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+        )  # fmt: skip
+        if found is None:
+            return None
+        job, queue = found
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+        return self._claim(job, queue)
+
+    def _claim(self, job: Job, queue: Queue) -> Claim:
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        if job.func_name != JOB_FUNCTION:
+            return Claim(job, queue, execution, None)
+        try:
+            phase = claim_phase(current_runtime(), str(job.args[0]), str(job.args[1]))
+        except Exception as exc:
+            return Claim(job, queue, execution, None, exc)
+        return Claim(job, queue, execution, phase)
+
+    def _run(self, claim: Claim) -> None:
+        """Run the job's handler here; its completion goes to the courier."""
+        job = claim.job
+        job.started_at = now()
+        started = time.perf_counter()
+        try:
+            if claim.error is not None:
+                raise claim.error
+            with self.death_penalty_class(
+                job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException, job_id=job.id
+            ):
+                result = perform_phase(current_runtime(), claim.phase) if claim.phase else job.perform()
+        except Exception:
+            job.ended_at = now()
+            self._after(claim, self._fail, claim, sys.exc_info(), time.perf_counter() - started)
+            return
+        job.ended_at = now()
+        self._after(claim, self._complete, claim, result)
+
+    def _after(self, claim: Claim, step: Callable[..., None], *args: Any) -> None:
+        # RQ runs callbacks under a SIGALRM timeout, which only the main thread can set
+        callbacks = claim.job.success_callback or claim.job.failure_callback
+        if not self.overlap or callbacks:
+            step(*args)
+            return
+
+        def logged() -> None:
+            try:
+                step(*args)
+            except Exception:
+                log.exception("recording the outcome of job %s failed", claim.job.id)
+
+        self._courier_pool().submit(logged)
+
+    def _complete(self, claim: Claim, result: Any) -> None:
+        if isinstance(result, PerformedPhase):
+            try:
+                result = complete_phase(current_runtime(), result)
+            except Exception:
+                self._fail(claim, sys.exc_info(), result.seconds)
+                return
+        self._finalize_success(claim.job, claim.queue, claim.execution, result)
+
+    def _fail(self, claim: Claim, exc_info: Any, seconds: float) -> None:
+        if claim.phase is not None:
+            final = not claim.job.retries_left
+            record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds)
+        self._finalize_failure(claim.job, claim.queue, claim.execution, exc_info)
+
+    def _release(self, claim: Claim) -> None:
+        """Put a claimed job that never ran back at the head of its queue."""
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(claim.job, pipe, claim.execution)
+            pipe.execute()
+        claim.queue.enqueue_job(claim.job, at_front=True)
+        if claim.phase is not None:
+            release_claim(current_runtime(), claim.phase)
+        log.info(
+            "job %s goes back to %s: this worker stops before running it", claim.job.id, claim.queue.name
+        )

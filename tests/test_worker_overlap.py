@@ -1,0 +1,149 @@
+"""levers' worker claims its next job while a short one runs: nothing is lost, doubled or held back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import redis
+from rq import Queue, Worker
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from tests.conftest import start_levers, wait_until
+from tests.test_e2e import doc_field, make_project, stop, submit
+
+
+def held(connection: redis.Redis) -> int:
+    """Jobs of phase ``first`` that a worker holds: the one it runs and any it claimed ahead."""
+    return StartedJobRegistry("toy.first", connection=connection).count
+
+
+def first_done(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
+    return [d for d in doc_ids if doc_field(connection, d, "first:seconds") is not None]
+
+
+def test_short_jobs_are_claimed_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.3, docs=5)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        doc_ids = submit(root, "docs")
+        # after its first job, the worker holds the running job and the next one
+        wait_until(lambda: held(connection) == 2, poll_s=0.01)
+        wait_until(lambda: len(first_done(connection, doc_ids)) == 5)
+    finally:
+        stop(supervisor)
+    assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 5
+    assert Queue("toy.second", connection=connection).count == 5
+
+
+def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, workers=1, seconds=1.2, docs=3)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        doc_ids = submit(root, "docs")
+        most_held = 0
+        deadline = time.monotonic() + 60
+        while len(first_done(connection, doc_ids)) < 3 and time.monotonic() < deadline:
+            most_held = max(most_held, held(connection))
+            time.sleep(0.02)
+    finally:
+        stop(supervisor)
+    assert len(first_done(connection, doc_ids)) == 3
+    assert most_held == 1  # jobs over a second: another worker could take the next one meanwhile
+
+
+def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.5, docs=6)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    doc_ids = submit(root, "docs")
+    wait_until(lambda: held(connection) == 2, poll_s=0.01)
+
+    stop(supervisor)
+
+    assert supervisor.returncode == 0
+    done = first_done(connection, doc_ids)
+    waiting = [d for d in doc_ids if d not in done]
+    queue = Queue("toy.first", connection=connection, serializer=JSONSerializer)
+    assert held(connection) == 0
+    # the job claimed ahead was the first waiting one: back at the head, the queue keeps its order
+    assert [job.args[1] for job in queue.jobs] == waiting
+    assert {doc_field(connection, d, "status") for d in waiting} == {"queued"}
+    assert {doc_field(connection, d, "first:attempts") or "0" for d in waiting} == {"0"}
+
+    restarted = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        wait_until(lambda: len(first_done(connection, doc_ids)) == 6)
+    finally:
+        stop(restarted)
+    assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 6
+
+
+def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.5, docs=5)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        doc_ids = submit(root, "docs")
+        wait_until(lambda: held(connection) == 2, poll_s=0.01)
+        [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+        os.kill(worker.pid, signal.SIGKILL)
+
+        wait_until(lambda: len(first_done(connection, doc_ids)) == 5)
+        assert {doc_field(connection, d, "status") for d in doc_ids} == {"queued"}  # waiting for second
+    finally:
+        output = stop(supervisor)
+    assert "requeued 2 job(s)" in output
+
+
+ASYNC_PHASES = """
+import asyncio
+
+async def wait(doc, ctx):
+    await asyncio.sleep(float(doc.read_bytes()))
+    return {"loop": id(asyncio.get_running_loop())}
+"""
+
+ASYNC_PIPELINE = """
+name: waits
+phases:
+  wait:
+    handler: waitphase:wait
+    accepts: [.txt]
+    timeout: 1
+    retries: 0
+"""
+
+
+def test_an_async_job_that_times_out_fails_alone_and_the_worker_goes_on(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    (tmp_path / "waitphase.py").write_text(textwrap.dedent(ASYNC_PHASES))
+    (tmp_path / "pipeline.yaml").write_text(ASYNC_PIPELINE)
+    for name, seconds in [("a", "0.1"), ("slow", "5"), ("b", "0.11"), ("c", "0.12")]:
+        (tmp_path / f"{name}.txt").write_text(seconds)
+    supervisor = start_levers("up", cwd=tmp_path)
+    try:
+        names = ["a", "slow", "b", "c"]
+        ids = dict(zip(names, submit(tmp_path, *(f"{n}.txt" for n in names)), strict=True))
+
+        def status(name: str) -> str | None:
+            value = connection.hget(f"levers:waits:doc:{ids[name]}", "status")
+            return value.decode() if value else None
+
+        wait_until(lambda: all(status(n) in ("done", "failed") for n in ids))
+        [worker] = Worker.all(queue=Queue("waits.wait", connection=connection))
+    finally:
+        stop(supervisor)
+    assert {n: status(n) for n in ids} == {"a": "done", "slow": "failed", "b": "done", "c": "done"}
+    error = connection.hget(f"levers:waits:doc:{ids['slow']}", "error")
+    assert error is not None and b"timed out" in error
+    assert worker.successful_job_count == 3  # the same worker ran the jobs after the timeout
