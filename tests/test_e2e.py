@@ -20,11 +20,13 @@ import os
 import time
 
 def first(doc, ctx):
+    started = time.time()
     data = doc.read_bytes()
     if b"FAIL" in data:
         raise ValueError("document says FAIL")
     time.sleep(float(ctx.options.get("seconds", 0)))
-    return {"text": data.decode(errors="replace"), "semaphore": ctx.levers.semaphore, "pid": os.getpid()}
+    return {"text": data.decode(errors="replace"), "semaphore": ctx.levers.semaphore, "pid": os.getpid(),
+            "started": started, "ended": time.time()}
 
 async def second(doc, ctx):
     return {"words": len(doc.input["text"].split())}
@@ -278,6 +280,31 @@ def test_submit_bytes_api_for_applications(tmp_path: Path, connection: redis.Red
     assert doc_field(connection, doc_id, "status") == "queued"
     assert doc_field(connection, doc_id, "name") == "upload.txt"
     assert Queue("toy.first", connection=connection).count == 1
+
+
+def test_a_document_whose_bytes_are_gone_fails_alone_with_the_reason(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    import levers as api
+
+    root = make_project(tmp_path, workers=1, docs=0)
+    with (root / "pipeline.yaml").open("a") as pipeline:
+        pipeline.write("  upload: {handler: toyphases:first, input: bytes, accepts: [.txt], next: second}\n")
+    lost, kept = (api.submit_bytes(text, "upload.txt", pipeline=root / "pipeline.yaml")
+                  for text in (b"these bytes will be lost", b"these bytes stay"))  # fmt: skip
+    assert connection.delete(f"levers:toy:blob:{lost}") == 1
+    supervisor = start_levers("up", cwd=root)
+    try:
+        wait_until(lambda: doc_field(connection, lost, "status") == "failed")
+        wait_until(lambda: doc_field(connection, kept, "status") == "done")
+    finally:
+        stop(supervisor)
+    assert doc_field(connection, lost, "error") == (
+        "upload: PhaseError: the document's bytes are gone from Redis; submit it again"
+    )
+    assert doc_field(connection, lost, "upload:attempts") == "3"  # retried as configured (2 by default)
+    # the kept one went upload -> second: second read upload's output, though first also feeds it
+    assert doc_field(connection, kept, "second:seconds") is not None
 
 
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, connection: redis.Redis) -> None:

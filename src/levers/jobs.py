@@ -139,10 +139,12 @@ def current_runtime() -> WorkerRuntime:
 
 @dataclass(frozen=True)
 class ClaimedPhase:
-    """A phase job whose start the ledger has recorded: what the handler will work on."""
+    """A phase job whose start the ledger has recorded, and the document its handler will get."""
 
     phase: str
     record: DocumentRecord
+    doc: Document | None
+    unreadable: Exception | None = None  # why ``doc`` is None: the job fails with it when it runs
 
 
 @dataclass(frozen=True)
@@ -175,22 +177,27 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
 
 
 def claim_phase(runtime: WorkerRuntime, phase: str, doc_id: str) -> ClaimedPhase:
-    """Record the attempt's start in the ledger (one round trip) and return the document's record."""
+    """Record the attempt's start in the ledger (one round trip) and read the document."""
     spec = runtime.watcher.current().spec
     record = Ledger(runtime.connection, spec.name).start(doc_id, phase)
     if record is None:
         raise PhaseError(f"document {doc_id} is unknown")
-    return ClaimedPhase(phase, record)
+    try:
+        return ClaimedPhase(phase, record, _document(runtime, spec, phase, record))
+    except (PhaseError, OSError, ValueError, redis.RedisError) as exc:
+        return ClaimedPhase(phase, record, None, exc)
 
 
 def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPhase:
     """Call the handler with the phase's settings as pipeline.yaml holds them now."""
+    if claimed.doc is None:
+        raise claimed.unreadable or PhaseError("the document could not be read")
     spec = runtime.watcher.current().spec
     settings = spec.phases.get(claimed.phase)
     if settings is None:
         raise PhaseError(f"phase {claimed.phase!r} is no longer in pipeline.yaml")
     started = time.perf_counter()
-    output, calls = _call_handler(runtime, spec, claimed.phase, settings, claimed.record)
+    output, calls = _call_handler(runtime, spec, claimed.phase, settings, claimed.doc)
     return PerformedPhase(claimed, spec, output, calls, time.perf_counter() - started)
 
 
@@ -227,7 +234,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _call_handler(
-    runtime: WorkerRuntime, spec: Pipeline, phase: str, settings: Phase, record: DocumentRecord
+    runtime: WorkerRuntime, spec: Pipeline, phase: str, settings: Phase, doc: Document
 ) -> tuple[Any, int]:
     """The handler's output, and how many calls it made through ctx.gather and ctx.map."""
     handler = runtime.handler(settings.handler)
@@ -235,7 +242,6 @@ def _call_handler(
     limits = JobLimits(spec, runtime.url)
     executor = runtime.executor(lever_values.threads)
     ctx = PhaseContext(phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits)
-    doc = _document(runtime, spec, phase, record)
     if inspect.iscoroutinefunction(handler):
         output = runtime.run_async(_run_async(handler, doc, ctx, limits))
     else:
@@ -256,18 +262,32 @@ async def _run_async(handler: Callable[..., Any], doc: Document, ctx: PhaseConte
 
 
 def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: DocumentRecord) -> Document:
-    previous = spec.previous(phase)
+    feeders = spec.feeders(phase)
     store = runtime.store(spec)
     content: bytes | Path
     if record.input == "bytes":
-        blob = runtime.connection.get(keys.blob(spec.name, record.id))
+        # the bytes stay in Redis only until the entry phase has run
+        blob = runtime.connection.get(keys.blob(spec.name, record.id)) if not feeders else b""
         content = blob if isinstance(blob, bytes) else b""
-        if previous is None and not content:
+        if not feeders and not content:
             raise PhaseError("the document's bytes are gone from Redis; submit it again")
     else:
         content = store.document_path(record.id, record.name)
-    prior = store.output(record.id, previous) if previous and store.has_output(record.id, previous) else None
+    came_from = _came_from(store, record, feeders)
+    prior = store.output(record.id, came_from) if came_from is not None else None
     return Document(id=record.id, name=record.name, content=content, input=prior)
+
+
+def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str]) -> str | None:
+    """The phase that handed the document on: of those feeding this one (routes can meet, as an
+    upload phase and a file phase meet at chunking), the one with an output that started last."""
+    done = [p for p in feeders if store.has_output(record.id, p)]
+
+    def started(phase: str) -> float:
+        state = record.phases.get(phase)
+        return (state.started or 0.0) if state is not None else 0.0
+
+    return max(done, key=started, default=None)
 
 
 def _hand_off(
@@ -286,7 +306,7 @@ def _hand_off(
             pipe.multi()
         ledger.finished(record.id, phase, seconds, next_phase, pipe)
         metrics.record(pipe, spec.name, phase, "done", seconds, calls)
-        if record.input == "bytes" and spec.previous(phase) is None:
+        if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))
         pipe.execute()

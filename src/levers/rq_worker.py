@@ -76,6 +76,8 @@ class LeversWorker(SimpleWorker):
     _last_default_beat = float("-inf")
     # False runs each job's steps one after another, as RQ does (the benchmark's baseline)
     overlap = True
+    # RQ's fourth log line per job ("result is kept for N seconds") says the same every time
+    log_result_lifespan = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -166,8 +166,9 @@ class Pipeline(Strict):
         fed = {p.next for p in self.phases.values() if p.next}
         return [name for name in self.phases if name not in fed]
 
-    def previous(self, phase: str) -> str | None:
-        return next((name for name, p in self.phases.items() if p.next == phase), None)
+    def feeders(self, phase: str) -> list[str]:
+        """The phases whose next is ``phase`` (none for an entry phase; several where routes meet)."""
+        return [name for name, p in self.phases.items() if p.next == phase]
 
 
 def cross_checks(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], str]]:
