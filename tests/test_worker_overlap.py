@@ -158,3 +158,25 @@ def test_an_async_job_that_times_out_fails_alone_and_the_worker_goes_on(
     assert {n: status(n) for n in ids} == {"a": "done", "slow": "failed", "b": "done", "c": "done"}, errors
     error = errors["slow"]
     assert error is not None and b"timed out" in error
+
+
+def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    handler = "def sets(doc, ctx):\n    return {'words': set(doc.read_bytes().split())}\n"
+    (tmp_path / "setphase.py").write_text(handler)
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: sets\nphases:\n  sets: {handler: setphase:sets, accepts: [.txt], retries: 0}\n"
+    )
+    (tmp_path / "a.txt").write_text("two words")
+    supervisor = start_levers("up", cwd=tmp_path)
+    try:
+        [doc_id] = submit(tmp_path, "a.txt")
+        wait_until(lambda: connection.hget(f"levers:sets:doc:{doc_id}", "status") == b"failed")
+    finally:
+        stop(supervisor)
+    error = connection.hget(f"levers:sets:doc:{doc_id}", "error")
+    assert error == b"sets: TypeError: the output of setphase:sets is not JSON-serialisable: " + (
+        b"Object of type set is not JSON serializable"
+    )
+    assert not (tmp_path / ".levers" / "artifacts" / doc_id / "sets.json").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -204,7 +203,11 @@ def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPha
 def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[str, Any]:
     """Store the output and hand the document on; returns the job's result."""
     claimed, spec = performed.claimed, performed.spec
-    runtime.store(spec).put_output(claimed.record.id, claimed.phase, performed.output)
+    try:
+        runtime.store(spec).put_output(claimed.record.id, claimed.phase, performed.output)
+    except (TypeError, ValueError) as exc:
+        handler = spec.phases[claimed.phase].handler
+        raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
     _hand_off(runtime.connection, spec, claimed.phase, claimed.record, performed.seconds, performed.calls)
     return {"document": claimed.record.id, "phase": claimed.phase, "seconds": round(performed.seconds, 4)}
 
@@ -246,10 +249,6 @@ def _call_handler(
         output = runtime.run_async(_run_async(handler, doc, ctx, limits))
     else:
         output = handler(doc, ctx)
-    try:
-        json.dumps(output)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"the output of {settings.handler} is not JSON-serialisable: {exc}") from None
     return output, ctx.calls
 
 
