@@ -51,7 +51,7 @@ class Claim:
     job: Job
     queue: Queue
     execution: Execution
-    phase: ClaimedPhase | None  # for levers' own jobs: the document's record from the ledger
+    phase: ClaimedPhase | None  # for levers' own jobs: the ledger's record and the document
     error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
 
 
