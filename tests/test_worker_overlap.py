@@ -6,13 +6,17 @@ import itertools
 import os
 import signal
 import textwrap
+import time
 from pathlib import Path
 
+import pytest
 import redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 
+from levers.rq_worker import JobTimeout
 from levers.store import ArtifactStore
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
@@ -180,3 +184,12 @@ def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
         b"Object of type set is not JSON serializable"
     )
     assert not (tmp_path / ".levers" / "artifacts" / doc_id / "sets.json").exists()
+
+
+def test_the_job_timeout_strikes_inside_its_job_only() -> None:
+    with pytest.raises(JobTimeoutException, match="1 seconds"), JobTimeout(1, JobTimeoutException):
+        time.sleep(5)
+    with JobTimeout(5, JobTimeoutException):
+        pass
+    os.kill(os.getpid(), signal.SIGALRM)  # an alarm that outlives its job is ignored, not fatal
+    time.sleep(0.05)

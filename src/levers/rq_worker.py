@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
+from typing import Any, ClassVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -20,7 +22,7 @@ from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.suspension import is_suspended
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
 
@@ -42,6 +44,30 @@ log = logging.getLogger("levers.worker")
 HEARTBEAT_MIN_INTERVAL_S = 1.0
 # A worker claims its next job while a handler runs only after a job shorter than this.
 PREFETCH_AFTER_S = 1.0
+
+
+class JobTimeout(UnixSignalDeathPenalty):
+    """RQ's SIGALRM job timeout, with its signal handler installed once per process: RQ installs
+    and removes it around every job, and each ``signal.signal`` call costs tens of microseconds
+    in a worker that runs threads."""
+
+    _armed: ClassVar[JobTimeout | None] = None
+
+    def setup_death_penalty(self) -> None:
+        if signal.getsignal(signal.SIGALRM) is not JobTimeout._on_alarm:
+            signal.signal(signal.SIGALRM, JobTimeout._on_alarm)
+        JobTimeout._armed = self
+        signal.alarm(self._timeout)
+
+    def cancel_death_penalty(self) -> None:
+        signal.alarm(0)
+        JobTimeout._armed = None
+
+    @staticmethod
+    def _on_alarm(signum: int, frame: FrameType | None) -> None:
+        armed = JobTimeout._armed
+        if armed is not None:  # else it struck just as its job ended
+            armed.handle_death_penalty(signum, frame)
 
 
 @dataclass
@@ -78,6 +104,7 @@ class LeversWorker(SimpleWorker):
     overlap = True
     # RQ's fourth log line per job ("result is kept for N seconds") says the same every time
     log_result_lifespan = False
+    death_penalty_class = JobTimeout
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
