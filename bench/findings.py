@@ -23,12 +23,12 @@ def _patches() -> str:
     return f"""\
 ### The patches (bench/patches/*.diff against src as it was; effects measured above)
 
-1. `worker-round-trips.diff` (src/levers/worker.py), {status(worker_in)}: `LeversWorker.heartbeat`
-   sends RQ's three heartbeat commands as one pipeline and skips a default-TTL heartbeat within 1 s
-   of the last one (a heartbeat that set a job's longer TTL always lets the next one through, so the
-   worker key's TTL still drops back to `worker_ttl + 60` after each job); `LeversWorker.set_state`
-   does not write an unchanged state again (RQ writes "idle" after each job and again before each
-   dequeue; `pool.is_busy` still sees every busy/idle change).
+1. `worker-round-trips.diff` (src/levers/worker.py, now src/levers/rq_worker.py), {status(worker_in)}:
+   `LeversWorker.heartbeat` sends RQ's three heartbeat commands as one pipeline and skips a
+   default-TTL heartbeat within 1 s of the last one (a heartbeat that set a job's longer TTL always
+   lets the next one through, so the worker key's TTL still drops back to `worker_ttl + 60` after
+   each job); `LeversWorker.set_state` does not write an unchanged state again (RQ writes "idle"
+   after each job and again before each dequeue; `pool.is_busy` still sees every busy/idle change).
 2. `ledger-start.diff` (src/levers/ledger.py, src/levers/jobs.py), {status(present["ledger-merge"])}:
    `Ledger.start(doc_id, phase)`, one Lua script that marks the attempt started and returns the
    record (nil for an unknown document, which is then not created), replacing `Ledger.get` +
@@ -39,7 +39,6 @@ def _patches() -> str:
    `phases.graph_store`: graphiti is imported once, in the supervisor, and stays lazy for every
    other command), then runs `gc.collect()` and `gc.freeze()` before the workers are forked, so
    their collections never write to (and unshare) the preloaded objects.
-
 4. The overlap (src/levers/rq_worker.py), {status(present["overlap"])}: a design, not a diff: each
    job's completion and the next job's claim run on a helper thread while the following handler
    runs, one event loop per worker, and no suspension check or heartbeat round trip between two
@@ -81,8 +80,9 @@ def _overhead(result: OverheadResult) -> list[str]:
             f"RQ ({bt:.0f} against {st:.0f}) and {bc - sc:.0f} more commands ({bc:.0f} against {sc:.0f}): "
             "`Ledger.get` (HGETALL), `Ledger.started` (a MULTI/EXEC) and "
             "`_hand_off` (a MULTI/EXEC with the ledger's finish, the phase counter and the metrics), plus "
-            "the output file (`ArtifactStore.put_output`: mkstemp, write, rename); the profile's run_phase "
-            "rows show the split. Only the separate read and start record were avoidable (one script)."
+            "the output file (`ArtifactStore.put_output`: mkstemp, write, rename); the profile's claim and "
+            "complete rows show the split. Only the separate read and start record were avoidable "
+            "(one script)."
         )
         out.append(
             "- RQ itself spends 9 of its 20 round trips per job on heartbeats: `work()` and "
@@ -129,7 +129,7 @@ def _efficiency(result: EfficiencyResult) -> list[str]:
     out.append(
         f"- What separates a worker from the ideal: workers ÷ rate − the handler alone is "
         f"{median(overheads) * 1000:.2f} ms per document (median over the cells; "
-        f"{min(overheads) * 1000:.2f}-{max(overheads) * 1000:.2f}), of which the handler itself running "
+        f"{min(overheads) * 1000:.2f} to {max(overheads) * 1000:.2f}), of which the handler itself running "
         f"slower inside the worker is {median(slower) * 1000:.2f} ms. Even the handler alone stays under "
         f"the ideal ({ceiling:.1%} at semaphore {fastest}: `asyncio.sleep` wakes up to a millisecond "
         "late), so at 20 ms jobs a worker has about half a millisecond to spare for everything else."
