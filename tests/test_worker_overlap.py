@@ -31,18 +31,24 @@ def first_done(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
     return [d for d in doc_ids if doc_field(connection, d, "first:seconds") is not None]
 
 
-def test_short_jobs_are_claimed_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
-    root = make_project(tmp_path, workers=1, seconds=0.3, docs=5)
+def run_first_phase(root: Path, connection: redis.Redis, seconds: float, docs: int) -> list[str]:
+    """One worker of phase ``first`` takes ``docs`` documents of ``seconds`` each; their ids."""
+    make_project(root, workers=1, seconds=seconds, docs=docs)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     try:
         doc_ids = submit(root, "docs")
-        wait_until(lambda: len(first_done(connection, doc_ids)) == 5)
+        wait_until(lambda: len(first_done(connection, doc_ids)) == docs)
     finally:
         stop(supervisor)
+    return doc_ids
+
+
+def test_short_jobs_are_claimed_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
+    doc_ids = run_first_phase(tmp_path, connection, seconds=0.3, docs=5)
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 5
     assert Queue("toy.second", connection=connection).count == 5
     # after the first job, each next one was claimed while the one before it ran
-    assert claimed_while_the_one_before_ran(root, connection, doc_ids) == [False, True, True, True]
+    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, True, True, True]
 
 
 def claimed_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
@@ -59,16 +65,10 @@ def claimed_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_id
 def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
-    root = make_project(tmp_path, workers=1, seconds=1.2, docs=3)
-    supervisor = start_levers("up", "--phase", "first", cwd=root)
-    try:
-        doc_ids = submit(root, "docs")
-        wait_until(lambda: len(first_done(connection, doc_ids)) == 3)
-    finally:
-        stop(supervisor)
+    doc_ids = run_first_phase(tmp_path, connection, seconds=1.2, docs=3)
     # each was claimed only after the one before had run its 1.2 s: meanwhile another worker
     # could have taken it
-    assert claimed_while_the_one_before_ran(root, connection, doc_ids) == [False, False]
+    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
 
 
 def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
