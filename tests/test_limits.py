@@ -6,6 +6,7 @@ Windows and leases are scaled down (a 1 s window, a 1 s lease) so the file runs 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -286,6 +287,33 @@ def test_scripts_do_not_over_admit_under_contention(redis_url: str) -> None:
     assert asyncio.run(rate_burst()) == 25
     with redis.Redis.from_url(redis_url) as connection:
         assert connection.zcard(keys.limit_window(PIPELINE, "api")) == 25
+
+
+def test_a_waiter_stops_when_cancelled_even_if_the_redis_client_loses_the_cancel(redis_url: str) -> None:
+    async def scenario(limit: SharedLimit) -> tuple[bool, bool]:
+        await limit.call(asyncio.sleep, 0)  # the window (one call a minute) is full from here on
+        lost = asyncio.Event()
+        real_rate = limit._scripts.rate
+
+        async def rate_losing_the_cancel(**kwargs: Any) -> Any:
+            # what redis-py's asyncio client does now and then: a cancel that strikes mid-command is lost
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                lost.set()
+            return await real_rate(**kwargs)
+
+        limit._scripts = dataclasses.replace(limit._scripts, rate=rate_losing_the_cancel)
+        waiter = asyncio.ensure_future(limit.call(asyncio.sleep, 0))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        await asyncio.wait([waiter], timeout=2.0)
+        return lost.is_set(), waiter.cancelled()
+
+    settings = {"requests_per_minute": 1, "window_seconds": 60.0}
+    assert asyncio.run(with_limit(redis_url, settings, scenario)) == (True, True)
+    with redis.Redis.from_url(redis_url) as connection:
+        assert connection.zcard(keys.limit_window(PIPELINE, "api")) == 1  # the cancelled call left no trace
 
 
 def test_leases_do_not_over_admit_under_contention(redis_url: str) -> None:

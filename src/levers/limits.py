@@ -294,6 +294,7 @@ class SharedLimit:
         while True:
             try:
                 wait_ms = await self._scripts.acquire(keys=[self._leases_key, self._totals_key], args=args)
+                _raise_if_cancelled()
             except asyncio.CancelledError:
                 # the script may have run before the cancellation: do not leave the slot taken
                 await asyncio.shield(self._settle(lease_id, calls=False, rate_limited=False))
@@ -311,6 +312,7 @@ class SharedLimit:
         while True:
             args: list[int | str] = [limit, window_ms, member, _ms(self.lease_ttl), longest_wait_ms]
             wait_ms = await self._scripts.rate(keys=[self._window_key], args=args)
+            _raise_if_cancelled()  # acquire() takes an admitted call back out of the window
             if wait_ms == 0:
                 return
             await asyncio.sleep(wait_ms / 1000 + random.uniform(0, POLL_JITTER_S))
@@ -349,6 +351,16 @@ class SharedLimit:
         except (redis.RedisError, OSError) as exc:
             log.warning("limit %r: could not release a lease (%s); it expires within %.1f s", self.name, exc,
                         self.lease_ttl)  # fmt: skip
+
+
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation the Redis client lost. redis-py's asyncio client can swallow a
+    cancel that strikes during a command (measured with redis-py 8.1: 69 of 3,000 cancels of a
+    script call in a loop): a waiter would then poll on, and make its call after its caller had
+    given up on it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class JobLimits:
