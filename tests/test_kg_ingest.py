@@ -114,7 +114,10 @@ def test_search_finds_chunks_and_facts(state_dir: Path, executor: ThreadPoolExec
     results = search("Little's Law arrival rate", state_dir, group_id="searchable", limit=5)
     assert 0 < len(results) <= 5
     episodes = [r for r in results if r["kind"] == "episode"]
-    assert "Little's Law says" in episodes[0]["text"]
+    # the best two are the section's two chunks, in either order: their BM25 scores are close
+    # and which comes first varies from run to run
+    assert all("section 'Little's Law'" in e["text"] for e in episodes[:2])
+    assert any("Little's Law says" in e["text"] for e in episodes[:2])
     assert episodes[0]["text"].startswith("From 'Capacity Planning for Document Pipelines'")
     facts = search("CPU parallelism", state_dir, group_id="searchable")
     assert any(r["kind"] == "fact" and "CPU-bound" in r["text"] for r in facts)
