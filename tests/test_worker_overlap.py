@@ -107,6 +107,8 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
     try:
         doc_ids = submit(root, "docs")
         wait_until(lambda: held(connection) == 2, poll_s=0.01)
+        # mid-job (0.2 of 0.5 s): one job running, the next claimed, the helper thread idle
+        time.sleep(0.2)
         [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
         os.kill(worker.pid, signal.SIGKILL)
 
@@ -193,3 +195,26 @@ def test_the_job_timeout_strikes_inside_its_job_only() -> None:
         pass
     os.kill(os.getpid(), signal.SIGALRM)  # an alarm that outlives its job is ignored, not fatal
     time.sleep(0.05)
+
+
+def test_a_job_a_dying_worker_took_but_never_registered_runs_again(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.2, docs=2)
+    stranded_doc, other_doc = submit(root, "docs")
+    queue = Queue("toy.first", connection=connection, serializer=JSONSerializer)
+    # what a worker killed between taking a job and registering it leaves behind
+    stranded_job = connection.lmove(queue.key, queue.intermediate_queue.key)
+    assert stranded_job is not None
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        wait_until(lambda: doc_field(connection, other_doc, "first:seconds") is not None)
+        assert doc_field(connection, stranded_doc, "first:seconds") is None
+        [worker] = Worker.all(queue=queue)
+        os.kill(worker.pid, signal.SIGKILL)
+
+        wait_until(lambda: doc_field(connection, stranded_doc, "first:seconds") is not None)
+    finally:
+        output = stop(supervisor)
+    assert f"requeued job {stranded_job.decode()}" in output
+    assert queue.intermediate_queue.get_job_ids() == []

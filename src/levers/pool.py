@@ -34,7 +34,7 @@ from levers.project import Project, save_last_good
 from levers.rq_worker import LeversWorker
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
-from levers.worker import recover_jobs, run_worker, worker_name
+from levers.worker import recover_jobs, requeue_stranded, run_worker, worker_name
 
 log = logging.getLogger("levers.supervisor")
 
@@ -99,7 +99,10 @@ def make_supervisor(
         _end_process_group(slot.pid)
         spec = watcher.current().spec
         retries = spec.phases[slot.phase].retries if slot.phase in spec.phases else 0
-        return recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries)
+        recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries)
+        if slot.process.exitcode == 0:  # a worker that exits on its own leaves nothing half taken
+            return recovered
+        return recovered + requeue_stranded(connection, keys.queue_name(spec.name, slot.phase))
 
     def is_busy(slot: Slot) -> bool:
         key = LeversWorker.redis_worker_namespace_prefix + worker_name(slot.phase, slot.pid)

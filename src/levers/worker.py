@@ -34,6 +34,9 @@ log = logging.getLogger("levers.worker")
 WORKER_TTL_S = 35
 # How often a worker checks that its supervisor is still there.
 ORPHAN_CHECK_S = 1.0
+# A job off its queue but not registered as started this long after a worker died was that
+# worker's: a live worker registers the job it takes within milliseconds.
+CLAIM_GRACE_S = 1.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
 
 
@@ -109,6 +112,34 @@ def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveri
         recovered.append(job.id)
     worker.register_death()
     return recovered
+
+
+def requeue_stranded(connection: redis.Redis, queue_name: str) -> list[str]:
+    """Put back the jobs a dead worker took off ``queue_name`` but had not registered yet; their ids.
+
+    A worker moves a job to the queue's holding list, then registers it as started, a few
+    milliseconds later. One killed in between leaves the job in neither place, where RQ would
+    fail it after a minute or more; a job still unregistered after ``CLAIM_GRACE_S`` (live
+    workers need milliseconds) goes back to the head of its queue.
+    """
+    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+    holding = queue.intermediate_queue
+
+    def unregistered() -> set[str]:
+        return {job_id for job_id in holding.get_job_ids() if job_id not in queue.started_job_registry}
+
+    suspects = unregistered()
+    if not suspects:
+        return []
+    time.sleep(CLAIM_GRACE_S)
+    stranded = sorted(suspects & unregistered())
+    for job_id in stranded:
+        holding.remove(job_id)
+        job = queue.fetch_job(job_id)
+        if job is not None:
+            queue.enqueue_job(job, at_front=True)
+            log.warning("requeued job %s: taken off %s by a worker that died", job_id, queue_name)
+    return stranded
 
 
 def _fail_killed_job(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, deaths: int) -> None:
