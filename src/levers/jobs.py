@@ -52,11 +52,9 @@ class WorkerRuntime:
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # resolved once: resolving the path costs a stat per directory level, on every job
+        self.state_dir = state_dir_of(watcher.path)
         ensure_importable_from(watcher.path.parent)
-
-    @property
-    def state_dir(self) -> Path:
-        return state_dir_of(self.watcher.path)
 
     def store(self, spec: Pipeline) -> ArtifactStore:
         return ArtifactStore(self.watcher.path.parent / spec.store)

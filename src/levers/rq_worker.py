@@ -111,6 +111,7 @@ class LeversWorker(SimpleWorker):
         self._courier: ThreadPoolExecutor | None = None
         self._next: Future[Claim | None] | None = None  # the claim the courier is making
         self._held: Claim | None = None  # a claim taken from the courier that has not run yet
+        self._outcome: Callable[[], None] | None = None  # the last job's completion, not yet handed over
         self._last_job_s = math.inf
 
     def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
@@ -153,6 +154,7 @@ class LeversWorker(SimpleWorker):
             raise StopRequested()  # a claim taken here goes back to its queue in teardown()
         if claim is not None:
             return claim.job, claim.queue
+        self._hand_over_outcome()  # the courier found no job to claim ahead
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -160,11 +162,16 @@ class LeversWorker(SimpleWorker):
         if claim is None:
             claim = self._claim(job, queue)
         if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
-            self._next = self._courier_pool().submit(self._claim_next)
+            # one hand-over for the last job's completion and the next claim: each wakes the courier
+            outcome, self._outcome = self._outcome, None
+            self._next = self._courier_pool().submit(self._claim_next, outcome)
+        else:
+            self._hand_over_outcome()
         started = time.monotonic()
         self._run(claim)
         self._last_job_s = time.monotonic() - started
-        if self._next is None:
+        if self._next is None:  # no claim to hand the outcome over with
+            self._hand_over_outcome()
             self.set_state(WorkerStatus.IDLE)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
@@ -174,6 +181,7 @@ class LeversWorker(SimpleWorker):
         job.ended_at = ended or job.ended_at
 
     def teardown(self) -> None:
+        self._hand_over_outcome()
         if self._courier is not None:
             with contextlib.suppress(Exception):  # _take_next logged it
                 self._take_next()
@@ -204,10 +212,17 @@ class LeversWorker(SimpleWorker):
             self._next = None
         return self._held
 
-    def _claim_next(self) -> Claim | None:
-        """On the courier: the next job if one is waiting (never blocks: a free worker, blocked on
-        the queue, is given new jobs first), registered as this worker's; none while `rq suspend`
-        holds."""
+    def _hand_over_outcome(self) -> None:
+        if self._outcome is not None:
+            self._courier_pool().submit(self._outcome)
+            self._outcome = None
+
+    def _claim_next(self, outcome: Callable[[], None] | None = None) -> Claim | None:
+        """On the courier: complete the last job (``outcome``), then claim the next one if one is
+        waiting (never blocks: a free worker, blocked on the queue, is given new jobs first) and
+        register it as this worker's; none while `rq suspend` holds."""
+        if outcome is not None:
+            outcome()
         if is_suspended(self.connection, self):
             return None
         found = self.queue_class.dequeue_any(
@@ -264,7 +279,7 @@ class LeversWorker(SimpleWorker):
             except Exception:
                 log.exception("recording the outcome of job %s failed", claim.job.id)
 
-        self._courier_pool().submit(logged)
+        self._outcome = logged  # handed over with the next claim, or at once if there is none
 
     def _complete(self, claim: Claim, result: Any) -> None:
         if isinstance(result, PerformedPhase):
