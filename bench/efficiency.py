@@ -91,6 +91,8 @@ class EfficiencyResult:
     window_s: float
     handler_s: dict[int, float]  # semaphore -> seconds per document of the handler alone
     rq_cells: list[Cell] = field(default_factory=list)  # the same workload as plain RQ jobs
+    # microseconds of levers' steps around a handler: back to back, and right after a wait
+    steps_us: tuple[float, float] | None = None
 
 
 def docs_for(workers: int, semaphore: int, window_s: float, min_docs: int, max_docs: int) -> int:
@@ -325,8 +327,9 @@ def run(
             for w in rq_workers:
                 _rq_run(server, Path(tmp) / f"rep{rep}-rq{w}", rq_cells, w, semaphores, rep, progress)
     return EfficiencyResult(
-        list(cells.values()), repetitions, window_s, handler_alone(semaphores), list(rq_cells.values())
-    )
+        list(cells.values()), repetitions, window_s, handler_alone(semaphores), list(rq_cells.values()),
+        steps_around_a_handler(server),
+    )  # fmt: skip
 
 
 def handler_alone(semaphores: Sequence[int], runs: int = 9) -> dict[int, float]:
@@ -356,3 +359,40 @@ def handler_alone(semaphores: Sequence[int], runs: int = 9) -> dict[int, float]:
     finally:
         loop.close()
     return seconds
+
+
+def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, float]:
+    """Median microseconds of levers' own steps around an async handler that returns at once (the
+    job timeout, the pipeline file's stat, the context, the event loop's entry and exit), run back
+    to back and run right after a wait as long as one simulated call.
+
+    The second is what the steps cost between two handlers of this benchmark: after a wait the
+    caches are cold and the same code runs several times slower.
+    """
+    from rq.timeouts import JobTimeoutException
+
+    from levers.context import Document
+    from levers.jobs import ClaimedPhase, WorkerRuntime, perform_phase
+    from levers.ledger import DocStatus, DocumentRecord
+    from levers.rq_worker import JobTimeout
+    from levers.watch import PipelineWatcher
+
+    with tempfile.TemporaryDirectory(prefix="levers-bench-steps-") as tmp:
+        pipeline = calls_project(Path(tmp), 1, 1, 0, CALL_S)  # no calls: the handler returns at once
+        runtime = WorkerRuntime(PipelineWatcher.open(pipeline), server.connection, server.url)
+        record = DocumentRecord("steps", "steps.txt", "bytes", DocStatus.RUNNING, PHASE, 0.0, None, None)
+        claimed = ClaimedPhase(PHASE, record, Document("steps", "steps.txt", b""))
+
+        def steps_us(wait_s: float) -> float:
+            times = []
+            for _ in range(runs):
+                if wait_s:
+                    time.sleep(wait_s)
+                started = time.perf_counter()
+                with JobTimeout(60, JobTimeoutException, job_id="steps"):
+                    perform_phase(runtime, claimed)
+                times.append((time.perf_counter() - started) * 1e6)
+            return median(times)
+
+        steps_us(0)  # imports and first-use costs
+        return steps_us(0), steps_us(CALL_S)

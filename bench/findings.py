@@ -6,7 +6,7 @@ from typing import Any
 
 from bench import patched
 from bench.common import median
-from bench.efficiency import Cell, EfficiencyResult, other_label
+from bench.efficiency import CALL_S, Cell, EfficiencyResult, other_label
 from bench.memory import SetupResult, src_freezes, src_preload
 from bench.overhead import OverheadResult
 from bench.report import overhead_ratios
@@ -134,6 +134,17 @@ def _efficiency(result: EfficiencyResult) -> list[str]:
         f"the ideal ({ceiling:.1%} at semaphore {fastest}: `asyncio.sleep` wakes up to a millisecond "
         "late), so at 20 ms jobs a worker has about half a millisecond to spare for everything else."
     )
+    if result.steps_us is not None:
+        hot, cold = result.steps_us
+        out.append(
+            f"- Why that half millisecond is tight here: levers' own steps around a handler (job timeout, "
+            f"the pipeline file's stat, the context, the event loop's entry and exit; "
+            f"`steps_around_a_handler`) take {hot:.0f} µs back to back and {cold:.0f} µs right after a "
+            f"{CALL_S * 1000:.0f} ms wait, {cold / hot:.0f}× as long: while a worker waits, this VM's "
+            "core idles or runs others, and the code and data the worker needs next are out of the "
+            "caches. Every job of a worker starts after such a wait, so the path between two handlers "
+            "costs what it touches, not what it computes."
+        )
     out.append(
         "- How: LeversWorker does each job's bookkeeping while the next handler runs. A helper thread "
         "completes the job that just ended (output file, hand-off transaction, RQ's result and "
