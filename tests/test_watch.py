@@ -61,6 +61,18 @@ def test_a_valid_edit_is_picked_up(path: Path) -> None:
     assert watcher.error is None
 
 
+def test_a_max_age_skips_the_look_only_within_that_age(path: Path) -> None:
+    watcher = PipelineWatcher.open(path)
+    before = watcher.current()
+
+    rewrite(path, GOOD.replace("workers: 3", "workers: 12"))
+
+    assert watcher.current(max_age_s=60) is before  # looked just now: the edit waits
+    assert watcher.current().spec.phases["extract"].levers.workers == 12
+    rewrite(path, GOOD.replace("workers: 3", "workers: 7"))
+    assert watcher.current(max_age_s=1e-9).spec.phases["extract"].levers.workers == 7
+
+
 def test_an_invalid_edit_keeps_the_last_good_pipeline_and_reports_where(path: Path) -> None:
     watcher = PipelineWatcher.open(path)
     good = watcher.current()

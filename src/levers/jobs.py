@@ -35,6 +35,10 @@ T = TypeVar("T")
 
 # Longest error text kept per attempt: enough for a reason, not a whole traceback.
 MAX_ERROR_CHARS = 500
+# A job starts with pipeline.yaml as a look at most this old found it: levers' worker looks as it
+# claims the job, moments before the job starts, and looking again would put a stat on the path
+# between two handlers.
+SETTINGS_MAX_AGE_S = 0.05
 
 
 class PhaseError(Exception):
@@ -189,7 +193,7 @@ def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPha
     """Call the handler with the phase's settings as pipeline.yaml holds them now."""
     if claimed.doc is None:
         raise claimed.unreadable or PhaseError("the document could not be read")
-    spec = runtime.watcher.current().spec
+    spec = runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
     settings = spec.phases.get(claimed.phase)
     if settings is None:
         raise PhaseError(f"phase {claimed.phase!r} is no longer in pipeline.yaml")

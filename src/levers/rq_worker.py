@@ -4,15 +4,17 @@ trips per job, and each job's bookkeeping done while the next handler runs.
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import SimpleQueue
 from types import FrameType
 from typing import Any, ClassVar
 
@@ -47,14 +49,19 @@ PREFETCH_AFTER_S = 1.0
 
 
 class JobTimeout(UnixSignalDeathPenalty):
-    """RQ's SIGALRM job timeout, with its signal handler installed once per process: RQ installs
-    and removes it around every job, and each ``signal.signal`` call costs tens of microseconds
-    in a worker that runs threads."""
+    """RQ's SIGALRM job timeout, with its signal handler installed once and kept: RQ installs and
+    removes it around every job, and each ``signal.signal`` call costs tens of microseconds in a
+    worker that runs threads. It is installed again if other code replaced it.
+
+    The check reads the handler with ``_signal.getsignal``: ``signal.getsignal`` first tries to
+    turn it into an enum member, which for a Python function fails through an exception, about
+    100 µs between two handlers.
+    """
 
     _armed: ClassVar[JobTimeout | None] = None
 
     def setup_death_penalty(self) -> None:
-        if signal.getsignal(signal.SIGALRM) is not JobTimeout._on_alarm:
+        if _signal.getsignal(signal.SIGALRM) is not JobTimeout._on_alarm:
             signal.signal(signal.SIGALRM, JobTimeout._on_alarm)
         JobTimeout._armed = self
         signal.alarm(self._timeout)
@@ -68,6 +75,54 @@ class JobTimeout(UnixSignalDeathPenalty):
         armed = JobTimeout._armed
         if armed is not None:  # else it struck just as its job ended
             armed.handle_death_penalty(signum, frame)
+
+
+class Courier:
+    """The worker's helper thread: it runs the steps it is handed, in order.
+
+    A step handed with ``ask`` sends its result (or its exception) back to ``answer``; one asked
+    step at a time. Plain queues, not an executor: the hand-over lies on the path between two
+    handlers, where every line of code touched costs.
+    """
+
+    def __init__(self) -> None:
+        self._inbox: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], bool] | None] = SimpleQueue()
+        self._answers: SimpleQueue[tuple[Any, Exception | None]] = SimpleQueue()
+        # a daemon so that a worker dying without teardown() does not hang on it at exit
+        self._thread = threading.Thread(target=self._serve, name="levers-courier", daemon=True)
+        self._thread.start()
+
+    def send(self, step: Callable[..., Any], *args: Any) -> None:
+        self._inbox.put((step, args, False))
+
+    def ask(self, step: Callable[..., Any], *args: Any) -> None:
+        self._inbox.put((step, args, True))
+
+    def answer(self) -> Any:
+        """The asked step's result once it ran; what it raised is raised here."""
+        result, error = self._answers.get()
+        if error is not None:
+            raise error
+        return result
+
+    def stop(self) -> None:
+        """Once every step handed over has run."""
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            step, args, asked = item
+            try:
+                result = step(*args)
+            except Exception as exc:
+                if asked:
+                    self._answers.put((None, exc))
+                else:
+                    log.exception("the worker's courier failed at %s", getattr(step, "__name__", step))
+                continue
+            if asked:
+                self._answers.put((result, None))
 
 
 @dataclass
@@ -108,8 +163,8 @@ class LeversWorker(SimpleWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._courier: ThreadPoolExecutor | None = None
-        self._next: Future[Claim | None] | None = None  # the claim the courier is making
+        self._courier: Courier | None = None
+        self._claiming = False  # the courier is claiming the next job (its answer not yet taken)
         self._held: Claim | None = None  # a claim taken from the courier that has not run yet
         self._outcome: Callable[[], None] | None = None  # the last job's completion, not yet handed over
         self._last_job_s = math.inf
@@ -144,7 +199,7 @@ class LeversWorker(SimpleWorker):
             super().check_for_suspension(burst)
 
     def _claim_ahead(self) -> bool:
-        return self._next is not None or self._held is not None
+        return self._claiming or self._held is not None
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -164,13 +219,14 @@ class LeversWorker(SimpleWorker):
         if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
             # one hand-over for the last job's completion and the next claim: each wakes the courier
             outcome, self._outcome = self._outcome, None
-            self._next = self._courier_pool().submit(self._claim_next, outcome)
+            self._courier_started().ask(self._claim_next, outcome)
+            self._claiming = True
         else:
             self._hand_over_outcome()
         started = time.monotonic()
         self._run(claim)
         self._last_job_s = time.monotonic() - started
-        if self._next is None:  # no claim to hand the outcome over with
+        if not self._claiming:  # no claim to hand the outcome over with
             self._hand_over_outcome()
             self.set_state(WorkerStatus.IDLE)
 
@@ -188,33 +244,33 @@ class LeversWorker(SimpleWorker):
             if self._held is not None:
                 self._release(self._held)
                 self._held = None
-            self._courier.shutdown(wait=True)  # the last jobs' bookkeeping completes
+            self._courier.stop()  # the last jobs' bookkeeping completes
+            self._courier = None
         super().teardown()
 
-    def _courier_pool(self) -> ThreadPoolExecutor:
+    def _courier_started(self) -> Courier:
         # made on first use, in the worker process: threads do not survive the fork
         if self._courier is None:
-            self._courier = ThreadPoolExecutor(1, thread_name_prefix="levers-courier")
+            self._courier = Courier()
         return self._courier
 
     def _take_next(self) -> Claim | None:
         """The courier's claim, once made; it is held until it runs (or goes back in teardown)."""
-        pending = self._next
-        if pending is None:
+        if not self._claiming:
             return None
         try:
-            self._held = pending.result()
+            self._held = self._courier_started().answer()
         except Exception:
             # a job half-claimed (moved off its queue) is put back by RQ's intermediate queue check
             log.exception("claiming the next job failed; dequeueing the usual way")
             return None
         finally:
-            self._next = None
+            self._claiming = False
         return self._held
 
     def _hand_over_outcome(self) -> None:
         if self._outcome is not None:
-            self._courier_pool().submit(self._outcome)
+            self._courier_started().send(self._outcome)
             self._outcome = None
 
     def _claim_next(self, outcome: Callable[[], None] | None = None) -> Claim | None:

@@ -1,7 +1,8 @@
 """Following pipeline.yaml while it is edited: the last good pipeline, and the error of a bad edit.
 
 ``current()`` is cheap when nothing changed (one stat); it re-reads and re-validates only when
-the file's bytes changed, and never hands out a pipeline that failed validation.
+the file's bytes changed, and never hands out a pipeline that failed validation. A watcher may be
+shared by threads: at worst two of them read the same edit.
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ class PipelineWatcher:
         self._good = loaded
         self._on_change = on_change
         self._stamp = _stamp(self.path)
+        self._looked = time.monotonic()
         self.error: str | None = None
 
     @classmethod
     def open(cls, path: Path) -> PipelineWatcher:
         return cls(load_pipeline(path))
 
-    def current(self) -> LoadedPipeline:
-        """The newest valid version of the file (the last good one while the file is invalid)."""
+    def current(self, max_age_s: float = 0.0) -> LoadedPipeline:
+        """The newest valid version of the file (the last good one while the file is invalid);
+        with ``max_age_s``, the version found by a look at the file at most that long ago."""
+        now = time.monotonic()
+        if now - self._looked < max_age_s:
+            return self._good
+        self._looked = now
         stamp = _stamp(self.path)
         if stamp == self._stamp and not _racy(stamp):
             return self._good
