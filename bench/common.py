@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import redis
+from redis.utils import HIREDIS_AVAILABLE
 
 from levers.embedded import EmbeddedServer, valkey_binary
 
@@ -136,7 +137,7 @@ def machine() -> dict[str, str]:
         "OS": f"{platform.system()} {platform.release()}",
         "Python": platform.python_version(),
         "rq": _version("rq"),
-        "redis-py": _version("redis"),
+        "redis-py": _version("redis") + (f" (hiredis {_version('hiredis')})" if HIREDIS_AVAILABLE else ""),
         "server": _valkey_version() + " (levers' embedded server, appendonly everysec)",
         "load average at start": f"{load1:.2f} (1 min), {load5:.2f} (5 min)",
     }

@@ -16,7 +16,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from levers.rq_worker import JobTimeout
+from levers.rq_worker import Courier, JobTimeout
 from levers.store import ArtifactStore
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
@@ -195,6 +195,28 @@ def test_the_job_timeout_strikes_inside_its_job_only() -> None:
         pass
     os.kill(os.getpid(), signal.SIGALRM)  # an alarm that outlives its job is ignored, not fatal
     time.sleep(0.05)
+
+
+def test_the_courier_runs_steps_in_order_past_their_failures(caplog: pytest.LogCaptureFixture) -> None:
+    done: list[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("bookkeeping broke")
+
+    courier = Courier()
+    courier.send(done.append, "completed 1")
+    courier.send(fails)  # logged; the steps after it still run
+    courier.ask(lambda: done.append("claimed 2") or "claim 2")
+    assert courier.answer() == "claim 2"
+    courier.ask(fails)
+    with pytest.raises(RuntimeError, match="bookkeeping broke"):
+        courier.answer()  # an asked step's failure reaches the asker
+    courier.send(time.sleep, 0.2)
+    courier.send(done.append, "completed 2")
+    courier.stop()  # returns once every step handed over has run
+
+    assert done == ["completed 1", "claimed 2", "completed 2"]
+    assert "the worker's courier failed at fails" in caplog.text
 
 
 def test_a_job_a_dying_worker_took_but_never_registered_runs_again(
