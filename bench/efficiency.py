@@ -54,7 +54,8 @@ class Cell:
     semaphore: int
     docs: int
     patched: bool = False  # run by bench.supervise on the other side of the per-job patches
-    rates: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # steady: the sum of each worker's own rate
+    batch_rates: list[float] = field(default_factory=list)  # documents / (last finish - first start)
     submit_s: list[float] = field(default_factory=list)  # time the submitter took, for context
     window_s: list[float] = field(default_factory=list)
     handler_s: list[float] = field(default_factory=list)  # mean time of the handler inside the worker
@@ -72,6 +73,10 @@ class Cell:
     @property
     def efficiency(self) -> float:
         return self.measured / self.ideal
+
+    @property
+    def batch_efficiency(self) -> float:
+        return median(self.batch_rates) / self.ideal
 
     @property
     def per_doc_s(self) -> float:
@@ -156,7 +161,28 @@ def _run_cell(server: Server, root: Path, cell: Cell, tag: str, supervisor: int)
     handler = [s for r in records if r is not None and (s := r.phases[PHASE].seconds) is not None]
     cell.handler_s.append(sum(handler) / len(handler))
     cell.window_s.append(window)
-    cell.rates.append(cell.docs / window)
+    cell.batch_rates.append(cell.docs / window)
+    cells_docs = {o.doc_id for o in outcomes}
+    finished = Job.fetch_many(counts.finished.get_job_ids(), server.connection, JSONSerializer)
+    cell.rates.append(steady_rate([j for j in finished if j is not None and j.args[1] in cells_docs]))
+
+
+def steady_rate(jobs: Sequence[Job]) -> float:
+    """Documents per second as the sum of each worker's own rate: its jobs over the span from its
+    first job's start to its last job's end (RQ's times).
+
+    A cell's documents reach the workers one by one as the submitter makes them, so the workers
+    start a few milliseconds apart and, each doing its share, end as far apart; over the whole
+    batch that stagger counts as if every worker had idled through it. Each worker's own span
+    still holds all that happens between its jobs.
+    """
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for job in jobs:
+        if job.started_at is None or job.ended_at is None:
+            raise RuntimeError(f"RQ lacks the times of job {job.id}")
+        span = (job.started_at.timestamp(), job.ended_at.timestamp())
+        spans.setdefault(str(job.worker_name), []).append(span)
+    return sum(len(times) / (max(e for _, e in times) - min(s for s, _ in times)) for times in spans.values())
 
 
 def _supervise(server: Server, root: Path, workers: int, patched: bool) -> subprocess.Popen[bytes]:
@@ -255,7 +281,8 @@ def _run_rq_cell(server: Server, cell: Cell, processes: Sequence[subprocess.Pope
         raise RuntimeError("RQ lacks times for some jobs")
     window = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
     cell.window_s.append(window)
-    cell.rates.append(cell.docs / window)
+    cell.batch_rates.append(cell.docs / window)
+    cell.rates.append(steady_rate(fetched))
     cell.handler_s.append(sum((e - s).total_seconds() for s, e in spans) / len(spans))
 
 
