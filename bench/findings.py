@@ -120,6 +120,8 @@ def _efficiency(result: EfficiencyResult) -> list[str]:
     busiest = max(plain, key=lambda c: median(c.busy) if c.busy else 0)
     fastest = max(c.semaphore for c in plain)
     ceiling = min(c.workers / c.ideal / alone(c) for c in plain if c.semaphore == fastest)
+    fastest_cell = next(c for c in plain if c.semaphore == fastest)
+    spare = fastest_cell.workers / fastest_cell.ideal / 0.95 - alone(fastest_cell)
     out = ["", "### Lever efficiency", ""]
     out.append(
         f"- {len(met)} of {len(plain)} cells reach 95 % of the ideal; the lowest is {worst.efficiency:.1%} "
@@ -132,12 +134,13 @@ def _efficiency(result: EfficiencyResult) -> list[str]:
         f"{min(overheads) * 1000:.2f} to {max(overheads) * 1000:.2f}), of which the handler itself running "
         f"slower inside the worker is {median(slower) * 1000:.2f} ms. Even the handler alone stays under "
         f"the ideal ({ceiling:.1%} at semaphore {fastest}: `asyncio.sleep` wakes up to a millisecond "
-        "late), so at 20 ms jobs a worker has about half a millisecond to spare for everything else."
+        f"late), so at {CALL_S * 1000:.0f} ms jobs a worker has {spare * 1000:.2f} ms per job to spare for "
+        "everything else before it falls under 95 %."
     )
     if result.steps_us is not None:
         hot, cold = result.steps_us
         out.append(
-            f"- Why that half millisecond is tight here: levers' own steps around a handler (job timeout, "
+            f"- Why that is tight here: levers' own steps around a handler (job timeout, "
             f"the pipeline file's stat, the context, the event loop's entry and exit; "
             f"`steps_around_a_handler`) take {hot:.0f} µs back to back and {cold:.0f} µs right after a "
             f"{CALL_S * 1000:.0f} ms wait, {cold / hot:.0f}× as long: while a worker waits, this VM's "
