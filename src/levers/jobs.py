@@ -190,7 +190,8 @@ def claim_phase(runtime: WorkerRuntime, phase: str, doc_id: str) -> ClaimedPhase
 
 
 def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPhase:
-    """Call the handler with the phase's settings as pipeline.yaml holds them now."""
+    """Call the handler with the phase's settings as pipeline.yaml holds them now (a look at the
+    file at most SETTINGS_MAX_AGE_S old)."""
     if claimed.doc is None:
         raise claimed.unreadable or PhaseError("the document could not be read")
     spec = runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
