@@ -93,7 +93,11 @@ class Harness:
         self.spawned: list[tuple[str, LoadedPipeline, FakeProcess]] = []  # (phase, pipeline, process)
         self.recovered: list[Slot] = []
         self.busy: set[int] = set()
-        seams = Seams(spawn=self._spawn, recover=self._recover, is_busy=self._is_busy, clock=self.clock)
+        self.sweeps: list[bool] = []  # each tick's sweep: whether it was told to wait (the last tick)
+        seams = Seams(
+            spawn=self._spawn, recover=self._recover, sweep=self.sweeps.append, is_busy=self._is_busy,
+            clock=self.clock,
+        )  # fmt: skip
         self.supervisor = Supervisor(PipelineWatcher.open(path), seams, only=only)
 
     def _spawn(self, phase: str, loaded: LoadedPipeline) -> FakeProcess:
@@ -383,6 +387,8 @@ def test_request_stop_terminates_all_and_finishes_once_they_exit(harness: Harnes
     processes[-1].exitcode = -15
     harness.tick()
     assert harness.supervisor.finished()
+    # every tick sweeps; the last one waits for what a worker that died while stopping left behind
+    assert harness.sweeps == [False] * (len(harness.sweeps) - 1) + [True]
     assert len(harness.spawned) == len(processes), "nothing is respawned while stopping"
     assert [s.process for s in harness.recovered] == processes
     assert all("kill" not in p.signals for p in processes)

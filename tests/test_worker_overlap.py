@@ -18,6 +18,7 @@ from rq.timeouts import JobTimeoutException
 
 from levers.rq_worker import Courier, JobTimeout
 from levers.store import ArtifactStore
+from levers.worker import CLAIM_GRACE_S, StrandedJobs
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 
@@ -240,3 +241,39 @@ def test_a_job_a_dying_worker_took_but_never_registered_runs_again(
         output = stop(supervisor)
     assert f"requeued job {stranded_job.decode()}" in output
     assert queue.intermediate_queue.get_job_ids() == []
+
+
+def test_stranded_jobs_go_back_after_the_grace_period_only_if_still_unregistered(
+    connection: redis.Redis,
+) -> None:
+    queue = Queue("stranded.test", connection=connection, serializer=JSONSerializer)
+    stranded, registered = (queue.enqueue("levers.jobs.run_phase", "p", d) for d in ("a", "b"))
+    for _ in range(2):  # what workers killed between taking and registering a job leave behind
+        connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+    now = [100.0]
+    jobs = StrandedJobs(connection, clock=lambda: now[0])
+
+    jobs.note(queue.name)
+    now[0] += CLAIM_GRACE_S / 2
+    assert jobs.requeue_due() == []  # too soon: a live worker may be about to register them
+    registry = queue.started_job_registry  # a live worker registers its job (job id:execution id)
+    connection.zadd(registry.key, {f"{registered.id}:execution": time.time() + 60})
+    now[0] += CLAIM_GRACE_S / 2
+
+    assert jobs.requeue_due() == [stranded.id]
+    assert queue.get_job_ids() == [stranded.id]
+    assert queue.intermediate_queue.get_job_ids() == [registered.id]
+    assert jobs.requeue_due() == []  # each noted job is looked at once
+
+
+def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> None:
+    queue = Queue("stranded.last", connection=connection, serializer=JSONSerializer)
+    job = queue.enqueue("levers.jobs.run_phase", "p", "a")
+    connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+    jobs = StrandedJobs(connection)
+    jobs.note(queue.name)
+
+    started = time.monotonic()
+    assert jobs.requeue_due(wait=True) == [job.id]  # the supervisor's last tick: nothing comes after
+    assert time.monotonic() - started >= CLAIM_GRACE_S * 0.9
+    assert queue.get_job_ids() == [job.id]

@@ -34,7 +34,7 @@ from levers.project import Project, save_last_good
 from levers.rq_worker import LeversWorker
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
-from levers.worker import recover_jobs, requeue_stranded, run_worker, worker_name
+from levers.worker import StrandedJobs, recover_jobs, run_worker, worker_name
 
 log = logging.getLogger("levers.supervisor")
 
@@ -88,6 +88,8 @@ def build_supervisor(
 def make_supervisor(
     watcher: PipelineWatcher, connection: redis.Redis, options: PoolOptions, only: frozenset[str]
 ) -> Supervisor:
+    stranded = StrandedJobs(connection)
+
     def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
         process = _fork.Process(
             target=_worker_main, args=(loaded.path, phase, options), name=f"levers-{phase}", daemon=False
@@ -100,15 +102,16 @@ def make_supervisor(
         spec = watcher.current().spec
         retries = spec.phases[slot.phase].retries if slot.phase in spec.phases else 0
         recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries)
-        if slot.process.exitcode == 0:  # a worker that exits on its own leaves nothing half taken
-            return recovered
-        return recovered + requeue_stranded(connection, keys.queue_name(spec.name, slot.phase))
+        if slot.process.exitcode != 0:  # a worker that exits on its own leaves nothing half taken
+            stranded.note(keys.queue_name(spec.name, slot.phase))
+        return recovered
 
     def is_busy(slot: Slot) -> bool:
         key = LeversWorker.redis_worker_namespace_prefix + worker_name(slot.phase, slot.pid)
         return connection.hget(key, "state") == b"busy"
 
-    return Supervisor(watcher, Seams(spawn=spawn, recover=recover, is_busy=is_busy), only=only)
+    seams = Seams(spawn=spawn, recover=recover, sweep=stranded.requeue_due, is_busy=is_busy)
+    return Supervisor(watcher, seams, only=only)
 
 
 def _end_process_group(pid: int) -> None:

@@ -5,7 +5,7 @@ grow or shrink every phase toward its ``workers`` lever. Crashing workers come b
 exponential backoff; a phase whose workers keep crashing is marked failing. Shrinking retires
 idle workers first and never kills a running job: a retiring worker finishes its job, then exits.
 
-Side effects come in through seams (``spawn``, ``recover``, ``is_busy``, ``clock``), so tests
+Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``clock``), so tests
 can replay a history of deaths and edits without processes.
 """
 
@@ -87,10 +87,12 @@ class PhaseHealth:
 
 @dataclass
 class Seams:
-    """The supervisor's side effects. ``recover`` puts back the jobs of a dead worker."""
+    """The supervisor's side effects. ``recover`` puts back the jobs of a dead worker; ``sweep``,
+    called every tick, finishes what needs a second look later (``wait``: on the last tick)."""
 
     spawn: Callable[[str, LoadedPipeline], ProcessHandle]
     recover: Callable[[Slot], list[str]]
+    sweep: Callable[[bool], object] = lambda wait: None
     is_busy: Callable[[Slot], bool] = lambda slot: False
     clock: Callable[[], float] = time.monotonic
 
@@ -118,6 +120,7 @@ class Supervisor:
         """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall."""
         loaded = self.watcher.current()
         self._reap()
+        self.seams.sweep(self.finished())
         if self.stopping:
             self._enforce_stop_deadline()
             return

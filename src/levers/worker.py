@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -114,32 +115,64 @@ def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveri
     return recovered
 
 
-def requeue_stranded(connection: redis.Redis, queue_name: str) -> list[str]:
-    """Put back the jobs a dead worker took off ``queue_name`` but had not registered yet; their ids.
+class StrandedJobs:
+    """Jobs dead workers took off a queue but had not registered yet, put back after a second look.
 
     A worker moves a job to the queue's holding list, then registers it as started, a few
     milliseconds later. One killed in between leaves the job in neither place, where RQ would
-    fail it after a minute or more; a job still unregistered after ``CLAIM_GRACE_S`` (live
-    workers need milliseconds) goes back to the head of its queue.
+    fail it after a minute or more. After a worker's death, ``note`` records its queue's
+    unregistered jobs; ``requeue_due``, called on every supervisor tick, puts back at the head of
+    the queue those still unregistered ``CLAIM_GRACE_S`` after they were noted (live workers
+    register theirs within milliseconds). The supervisor never waits for the second look.
     """
-    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-    holding = queue.intermediate_queue
 
-    def unregistered() -> set[str]:
-        return {job_id for job_id in holding.get_job_ids() if job_id not in queue.started_job_registry}
+    def __init__(self, connection: redis.Redis, clock: Callable[[], float] = time.monotonic) -> None:
+        self.connection = connection
+        self._clock = clock
+        self._noted: dict[str, dict[str, float]] = {}  # queue -> job id -> when first noted
 
-    suspects = unregistered()
-    if not suspects:
-        return []
-    time.sleep(CLAIM_GRACE_S)
-    stranded = sorted(suspects & unregistered())
-    for job_id in stranded:
-        holding.remove(job_id)
+    def note(self, queue_name: str) -> None:
+        noted = self._noted.setdefault(queue_name, {})
+        now = self._clock()
+        for job_id in _unregistered(self._queue(queue_name)):
+            noted.setdefault(job_id, now)
+
+    def requeue_due(self, wait: bool = False) -> list[str]:
+        """Put back the noted jobs still unregistered after the grace period; their ids. ``wait``
+        sleeps until every noted job is due (the supervisor's last tick)."""
+        if wait and self._noted:
+            last = max((at for noted in self._noted.values() for at in noted.values()), default=0.0)
+            time.sleep(max(0.0, last + CLAIM_GRACE_S - self._clock()))
+        now = self._clock()
+        requeued = []
+        for queue_name, noted in list(self._noted.items()):
+            due = {job_id for job_id, at in noted.items() if now - at >= CLAIM_GRACE_S}
+            if due:
+                queue = self._queue(queue_name)
+                requeued += [j for j in sorted(due & _unregistered(queue)) if self._requeue(queue, j)]
+            for job_id in due:
+                del noted[job_id]
+            if not noted:
+                del self._noted[queue_name]
+        return requeued
+
+    def _queue(self, name: str) -> Queue:
+        return Queue(name, connection=self.connection, serializer=JSONSerializer)
+
+    def _requeue(self, queue: Queue, job_id: str) -> bool:
+        if not self.connection.lrem(queue.intermediate_queue_key, 1, job_id):
+            return False  # someone else moved it meanwhile
         job = queue.fetch_job(job_id)
-        if job is not None:
-            queue.enqueue_job(job, at_front=True)
-            log.warning("requeued job %s: taken off %s by a worker that died", job_id, queue_name)
-    return stranded
+        if job is None:
+            return False
+        queue.enqueue_job(job, at_front=True)
+        log.warning("requeued job %s: taken off %s by a worker that died", job_id, queue.name)
+        return True
+
+
+def _unregistered(queue: Queue) -> set[str]:
+    held = set(queue.intermediate_queue.get_job_ids())
+    return held - set(queue.started_job_registry.get_job_ids(cleanup=False)) if held else set()
 
 
 def _fail_killed_job(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, deaths: int) -> None:
