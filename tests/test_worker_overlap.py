@@ -189,6 +189,36 @@ def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
     assert not (tmp_path / ".levers" / "artifacts" / doc_id / "sets.json").exists()
 
 
+def test_rq_get_current_job_works_inside_sync_and_async_handlers(tmp_path: Path) -> None:
+    handlers = textwrap.dedent(
+        """
+        import rq
+
+        def sync(doc, ctx):
+            return {"args": rq.get_current_job().args}
+
+        async def in_async(doc, ctx):
+            return {"args": rq.get_current_job().args}
+        """
+    )
+    (tmp_path / "jobphase.py").write_text(handlers)
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: current\nphases:\n"
+        "  first: {handler: jobphase:sync, accepts: [.txt], next: second, retries: 0}\n"
+        "  second: {handler: jobphase:in_async, accepts: [], retries: 0}\n"
+    )
+    (tmp_path / "a.txt").write_text("a")
+    supervisor = start_levers("up", cwd=tmp_path)
+    try:
+        [doc_id] = submit(tmp_path, "a.txt")
+        store = ArtifactStore(tmp_path / ".levers" / "artifacts")
+        wait_until(lambda: store.has_output(doc_id, "second"))
+    finally:
+        stop(supervisor)
+    assert store.output(doc_id, "first") == {"args": ["first", doc_id]}
+    assert store.output(doc_id, "second") == {"args": ["second", doc_id]}
+
+
 def test_the_job_timeout_strikes_inside_its_job_only() -> None:
     with pytest.raises(JobTimeoutException, match="1 seconds"), JobTimeout(1, JobTimeoutException):
         time.sleep(5)

@@ -22,7 +22,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, _current_job
 from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now
@@ -314,13 +314,24 @@ class LeversWorker(SimpleWorker):
             with self.death_penalty_class(
                 job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException, job_id=job.id
             ):
-                result = perform_phase(current_runtime(), claim.phase) if claim.phase else job.perform()
+                result = self._perform(claim)
         except Exception:
             job.ended_at = now()
             self._after(claim, self._fail, claim, sys.exc_info(), time.perf_counter() - started)
             return
         job.ended_at = now()
         self._after(claim, self._complete, claim, result)
+
+    @staticmethod
+    def _perform(claim: Claim) -> Any:
+        if claim.phase is None:
+            return claim.job.perform()
+        # rq.get_current_job() works inside a handler, as in the jobs RQ's own perform() runs
+        current = _current_job.set(claim.job)
+        try:
+            return perform_phase(current_runtime(), claim.phase)
+        finally:
+            _current_job.reset(current)
 
     def _after(self, claim: Claim, step: Callable[..., None], *args: Any) -> None:
         # RQ runs callbacks under a SIGALRM timeout, which only the main thread can set
