@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from levers.rq_worker import Courier, JobTimeout
+from levers.rq_worker import COURIER_NICENESS, Courier, JobTimeout
 from levers.store import ArtifactStore
 from levers.worker import CLAIM_GRACE_S, StrandedJobs
 from tests.conftest import start_levers, wait_until
@@ -248,6 +250,18 @@ def test_the_courier_runs_steps_in_order_past_their_failures(caplog: pytest.LogC
 
     assert done == ["completed 1", "claimed 2", "completed 2"]
     assert "the worker's courier failed at fails" in caplog.text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread has a niceness of its own on Linux")
+def test_the_courier_yields_the_cpu_to_handlers() -> None:
+    worker = os.getpriority(os.PRIO_PROCESS, 0)
+    courier = Courier()
+    courier.ask(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    try:
+        assert courier.answer() == worker + COURIER_NICENESS
+    finally:
+        courier.stop()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == worker  # the handlers' thread keeps its own
 
 
 def test_a_job_a_dying_worker_took_but_never_registered_runs_again(

@@ -8,6 +8,7 @@ import _signal
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -46,6 +47,9 @@ log = logging.getLogger("levers.worker")
 HEARTBEAT_MIN_INTERVAL_S = 1.0
 # A worker claims its next job while a handler runs only after a job shorter than this.
 PREFETCH_AFTER_S = 1.0
+# The courier's niceness above its worker's: on busy cores a handler's wake-up goes before
+# bookkeeping that can wait (Linux, where a thread has a niceness of its own).
+COURIER_NICENESS = 5
 
 
 class JobTimeout(UnixSignalDeathPenalty):
@@ -111,6 +115,10 @@ class Courier:
         self._thread.join()
 
     def _serve(self) -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                niceness = os.getpriority(os.PRIO_PROCESS, 0) + COURIER_NICENESS
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
         while (item := self._inbox.get()) is not None:
             step, args, asked = item
             try:
