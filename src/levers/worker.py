@@ -132,16 +132,18 @@ class StrandedJobs:
         self._noted: dict[str, dict[str, float]] = {}  # queue -> job id -> when first noted
 
     def note(self, queue_name: str) -> None:
-        noted = self._noted.setdefault(queue_name, {})
-        now = self._clock()
-        for job_id in _unregistered(self._queue(queue_name)):
-            noted.setdefault(job_id, now)
+        suspects = _unregistered(self._queue(queue_name))
+        if suspects:  # a queue is kept only while it has jobs to look at again
+            noted = self._noted.setdefault(queue_name, {})
+            now = self._clock()
+            for job_id in suspects:
+                noted.setdefault(job_id, now)
 
     def requeue_due(self, wait: bool = False) -> list[str]:
         """Put back the noted jobs still unregistered after the grace period; their ids. ``wait``
         sleeps until every noted job is due (the supervisor's last tick)."""
         if wait and self._noted:
-            last = max((at for noted in self._noted.values() for at in noted.values()), default=0.0)
+            last = max(at for noted in self._noted.values() for at in noted.values())
             time.sleep(max(0.0, last + CLAIM_GRACE_S - self._clock()))
         now = self._clock()
         requeued = []
