@@ -390,7 +390,7 @@ def handler_alone(semaphores: Sequence[int], runs: int = 9) -> dict[int, float]:
 
 def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, float]:
     """Median microseconds of levers' own steps around an async handler that returns at once (the
-    job timeout, the pipeline file's stat, the context, the event loop's entry and exit), run back
+    job timeout, the look at the pipeline file, the context, the event loop's entry and exit), run back
     to back and run right after a wait as long as one simulated call.
 
     The second is what the steps cost between two handlers of this benchmark: after a wait the

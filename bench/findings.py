@@ -141,7 +141,7 @@ def _efficiency(result: EfficiencyResult) -> list[str]:
         hot, cold = result.steps_us
         out.append(
             f"- Why that is tight here: levers' own steps around a handler (job timeout, "
-            f"the pipeline file's stat, the context, the event loop's entry and exit; "
+            f"the look at the pipeline file, the context, the event loop's entry and exit; "
             f"`steps_around_a_handler`) take {hot:.0f} µs back to back and {cold:.0f} µs right after a "
             f"{CALL_S * 1000:.0f} ms wait, {cold / hot:.0f}× as long: while a worker waits, this VM's "
             "core idles or runs others, and the code and data the worker needs next are out of the "
