@@ -26,15 +26,34 @@ from typing import Any
 import redis
 from redis.connection import AbstractConnection
 from rq import Queue, SimpleWorker, Worker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 import bench.jobs  # noqa: F401  (imported before any fork: a work horse must not import or compile it)
 from levers import worker as levers_worker
+from levers.rq_worker import Claim, LeversWorker
+
+
+class BareLeversWorker(LeversWorker):
+    """LeversWorker's loop on the benchmark's plain RQ jobs (bench.jobs.noop). levers' workers run
+    no job but their own, so this subclass, here only, claims any job and runs it as RQ does."""
+
+    job_class = Job
+
+    def _claim(self, job: Job, queue: Queue) -> Claim:
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        return Claim(job, queue, execution, None)
+
+    @staticmethod
+    def _perform(claim: Claim) -> Any:
+        return claim.job.perform()
+
 
 WORKER_CLASSES: dict[str, type[Any]] = {
     "fork": Worker,
     "simple": SimpleWorker,
-    "levers-bare": levers_worker.LeversWorker,
+    "levers-bare": BareLeversWorker,
 }
 
 

@@ -125,16 +125,18 @@ def install_runtime(runtime: WorkerRuntime) -> None:
     _runtime = runtime
 
 
-def current_runtime() -> WorkerRuntime:
-    """The installed runtime; in a plain `rq worker`, one built from LEVERS_FILE or ./pipeline.yaml."""
+def current_runtime(connection: redis.Redis | None = None) -> WorkerRuntime:
+    """The installed runtime; in a plain `rq worker`, one built from LEVERS_FILE or ./pipeline.yaml,
+    on ``connection`` or else the current job's."""
     global _runtime
     if _runtime is None:
         job = rq.get_current_job()
-        if job is None:
+        connection = connection or (job.connection if job is not None else None)
+        if connection is None:
             raise PhaseError("run_phase runs inside an RQ worker")
         path = Path(os.environ.get("LEVERS_FILE", "pipeline.yaml"))
         watcher = PipelineWatcher.open(path)
-        _runtime = WorkerRuntime(watcher, job.connection, resolve(watcher.current(), start=False).url)
+        _runtime = WorkerRuntime(watcher, connection, resolve(watcher.current(), start=False).url)
     return _runtime
 
 

@@ -32,6 +32,7 @@ from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.project import Project, save_last_good
 from levers.rq_worker import LeversWorker
+from levers.safe import escape_logs
 from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
 from levers.watch import PipelineWatcher
 from levers.worker import StrandedJobs, recover_jobs, run_worker, worker_name
@@ -164,14 +165,16 @@ SUPERVISOR_LOG_FORMAT = "%(asctime)s %(levelname)s [supervisor pid=%(process)d] 
 
 
 def configure_logging(log_dir: Path | None) -> None:
-    """Supervisor logs go to stderr, or to ``log_dir/supervisor.log`` when a progress bar owns it."""
+    """Supervisor logs go to stderr, or to ``log_dir/supervisor.log`` when a progress bar owns it;
+    one line per message, whatever names it carries."""
     if log_dir is None:
         logging.basicConfig(level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, force=True)
-        return
-    log_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, filename=log_dir / "supervisor.log", force=True
-    )
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(
+            level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, filename=log_dir / "supervisor.log", force=True
+        )
+    escape_logs(logging.getLogger())
 
 
 def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:

@@ -1,7 +1,8 @@
 """Where a document goes: the entry phase for its type, and the RQ job that carries it to a phase.
 
 Job payloads are JSON (RQ's JSONSerializer): the job names ``levers.jobs.run_phase`` and carries
-the phase and document id only; documents and outputs live in the artifact store.
+the phase and document id only; documents and outputs live in the artifact store. Workers run no
+other job (levers.guard).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from levers.errors import DocumentError
 from levers.spec import Phase, Pipeline
 
 JOB_FUNCTION = "levers.jobs.run_phase"
+# Hex digits of the content hash kept as a document id (the job's second argument): 80 bits, short
+# enough to type.
+ID_HEX_DIGITS = 20
 # No retry waits longer than this, however many came before it.
 MAX_RETRY_WAIT_S = 600
 # How long finished and failed jobs stay visible to RQ tools.

@@ -24,12 +24,16 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, _current_job
+from rq.job_lifecycle import call_exception_handlers
+from rq.serializers import JSONSerializer
 from rq.suspension import is_suspended
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from levers.guard import GuardedJob, refusal, refuse
 from levers.jobs import (
+    SETTINGS_MAX_AGE_S,
     ClaimedPhase,
     PerformedPhase,
     claim_phase,
@@ -39,7 +43,7 @@ from levers.jobs import (
     record_failure,
     release_claim,
 )
-from levers.routing import JOB_FUNCTION
+from levers.safe import escape_logs
 
 log = logging.getLogger("levers.worker")
 
@@ -140,7 +144,7 @@ class Claim:
     job: Job
     queue: Queue
     execution: Execution
-    phase: ClaimedPhase | None  # for levers' own jobs: the ledger's record and the document
+    phase: ClaimedPhase | None  # the ledger's record and the document, unless ``error``
     error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
 
 
@@ -160,6 +164,9 @@ class LeversWorker(SimpleWorker):
     EXPIRE and EXPIRE in three round trips, and writes the idle state twice. Here a heartbeat is
     one round trip, a default-TTL heartbeat within a second of the last one is skipped, and an
     unchanged state is not written again.
+
+    It runs only levers' own jobs (see levers.guard), read as JSON whatever serializer or job
+    class it is given (`rq worker` passes pickle unless told otherwise).
     """
 
     _last_default_beat = float("-inf")
@@ -168,14 +175,25 @@ class LeversWorker(SimpleWorker):
     # RQ's fourth log line per job ("result is kept for N seconds") says the same every time
     log_result_lifespan = False
     death_penalty_class = JobTimeout
+    job_class = GuardedJob
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
+        given = list(queues) if isinstance(queues, list | tuple) else [queues]
+        if kwargs.get("connection") is None:
+            kwargs["connection"] = next((q.connection for q in given if isinstance(q, Queue)), None)
+        # queues by name: RQ makes them again with this serializer and job class, which its registry
+        # cleanups then use too (a failure callback of a job found there is resolved by them)
+        kwargs.update(serializer=JSONSerializer, job_class=self.job_class)
+        super().__init__([q.name if isinstance(q, Queue) else q for q in given], *args, **kwargs)
         self._courier: Courier | None = None
         self._claiming = False  # the courier is claiming the next job (its answer not yet taken)
         self._held: Claim | None = None  # a claim taken from the courier that has not run yet
         self._outcome: Callable[[], None] | None = None  # the last job's completion, not yet handed over
         self._last_job_s = math.inf
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)  # where RQ sets up its log handlers if nobody did
+        escape_logs(logging.getLogger(), logging.getLogger("rq.worker"), logging.getLogger("rq.job"))
 
     def heartbeat(self, timeout: int | None = None, pipeline: redis.client.Pipeline | None = None) -> None:
         if timeout is not None and timeout > self.worker_ttl + 60:
@@ -224,6 +242,9 @@ class LeversWorker(SimpleWorker):
         claim, self._held = self._held, None
         if claim is None:
             claim = self._claim(job, queue)
+        if claim is None:  # refused
+            self._hand_over_outcome()
+            return
         if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
             # one hand-over for the last job's completion and the next claim: each wakes the courier
             outcome, self._outcome = self._outcome, None
@@ -237,6 +258,12 @@ class LeversWorker(SimpleWorker):
         if not self._claiming:  # no claim to hand the outcome over with
             self._hand_over_outcome()
             self.set_state(WorkerStatus.IDLE)
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        # RQ puts the traceback in the message, which the log keeps on one line; as exc_info it
+        # keeps its lines, each indented under the record
+        self.log.error("Worker %s: job %s failed", self.name, job.id, exc_info=exc_info)
+        call_exception_handlers(self._exc_handlers, job, *exc_info)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # the job ended when its handler returned, not when the courier got to its bookkeeping
@@ -300,11 +327,16 @@ class LeversWorker(SimpleWorker):
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
         return self._claim(job, queue)
 
-    def _claim(self, job: Job, queue: Queue) -> Claim:
+    def _claim(self, job: Job, queue: Queue) -> Claim | None:
+        """Register ``job`` as this worker's and record its start; None when it is not a levers job
+        (it is failed at once, before anything it names is resolved)."""
+        spec = current_runtime(self.connection).watcher.current(SETTINGS_MAX_AGE_S).spec
+        reason = refusal(job, queue.name, spec)
+        if reason is not None:
+            refuse(self.connection, job, queue, reason, self.name)
+            return None
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-        if job.func_name != JOB_FUNCTION:
-            return Claim(job, queue, execution, None)
         try:
             phase = claim_phase(current_runtime(), str(job.args[0]), str(job.args[1]))
         except Exception as exc:
@@ -332,8 +364,7 @@ class LeversWorker(SimpleWorker):
 
     @staticmethod
     def _perform(claim: Claim) -> Any:
-        if claim.phase is None:
-            return claim.job.perform()
+        assert claim.phase is not None  # a claim without one carries the error _run raised
         # rq.get_current_job() works inside a handler, as in the jobs RQ's own perform() runs
         current = _current_job.set(claim.job)
         try:

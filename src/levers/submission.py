@@ -18,24 +18,24 @@ from levers import keys
 from levers.errors import DocumentError, LeversError
 from levers.ledger import Ledger
 from levers.loading import LoadedPipeline
-from levers.routing import enqueue_phase, entry_phase
+from levers.routing import ID_HEX_DIGITS, enqueue_phase, entry_phase
 from levers.store import ArtifactStore
 
-# Hex digits of the content hash kept as a document id: 80 bits, short enough to type.
-ID_HEX_DIGITS = 20
 # In-memory documents wait in Redis at most this long for their entry phase.
 BLOB_TTL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one submitted path: queued, skipped (already known) or an error."""
+    """What happened to one submitted path: queued, skipped (already known, or left out with a
+    ``reason``) or an error."""
 
     source: str
     doc_id: str | None = None
     phase: str | None = None
     skipped: bool = False
     error: str | None = None
+    reason: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,71 @@
+"""Text from outside, made safe to show on a terminal, in a table or in a log line.
+
+Document names, file names, handlers' errors and whatever a job in Redis holds come from users,
+documents and other processes. Shown raw, a newline forges a log line, an escape sequence
+recolours or retitles the terminal, and a bidi override shows a name other than the one stored.
+``shown`` escapes them all; JSON output needs nothing more (json.dumps escapes them itself).
+Imports nothing of levers.
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+
+# Categories escaped: control characters (C0, DEL, C1), format characters (bidi overrides and
+# isolates, zero-width characters, invisible tags), lone surrogates (a file name that is not
+# UTF-8), and the line and paragraph separators that some viewers break lines at.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: object, keep_newlines: bool = False) -> str:
+    """``text`` with every character that could act on a terminal or a log written as an escape
+    (``\\n``, ``\\x1b``, ``\\u202e``); ``keep_newlines`` keeps the line breaks of a multi-line text."""
+    text = str(text)
+    if text.isprintable():  # the usual case, checked in C
+        return text
+    if keep_newlines:
+        return "\n".join(shown(line) for line in text.split("\n"))
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+        return char
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records whose message is always one line, whatever text it carries (a document's name,
+    a handler's error): control characters are escaped, so no text can start a line that reads as
+    a record of its own. A traceback keeps its lines, each indented under its record."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: object) -> str:
+        return _indented(super().formatException(ei))  # type: ignore[arg-type]
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + shown(line) for line in text.split("\n"))
+
+
+def escape_logs(*loggers: logging.Logger) -> None:
+    """Give every handler of ``loggers`` a ``OneLineFormatter`` in place of its formatter, with the
+    same format, style and date format (handlers set up by others too, such as `rq worker`'s)."""
+    for logger in loggers:
+        for handler in logger.handlers:
+            old = handler.formatter or logging.Formatter()
+            if not isinstance(old, OneLineFormatter):
+                formatter = OneLineFormatter()
+                formatter.__dict__.update(old.__dict__)
+                handler.setFormatter(formatter)
