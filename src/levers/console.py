@@ -45,13 +45,19 @@ def outcomes(results: Sequence[Outcome], as_json: bool) -> None:
         print_json([r.__dict__ | {"ok": r.ok} for r in results])
         return
     for result in results:
-        if result.error:
-            error(result.error)
-        elif result.skipped:
-            note(f"{result.source}: already submitted as {result.doc_id} (use --force to run it again)")
+        explain(result)
+        if result.doc_id:
             out.print(result.doc_id)
-        else:
-            out.print(result.doc_id)
+
+
+def explain(result: Outcome) -> None:
+    """Why a submitted path was not queued as given, if it was not: its error, or why it was skipped."""
+    if result.error:
+        error(result.error)
+    elif result.skipped and result.doc_id:
+        note(f"{result.source}: already submitted as {result.doc_id} (use --force to run it again)")
+    elif result.skipped:
+        note(f"{result.source}: skipped, {result.reason}")
 
 
 class DocumentProgress:

@@ -28,8 +28,8 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
     try:
         outcomes = Submitter(project.loaded, project.connection).submit_paths(paths, force)
         for outcome in outcomes:
-            if outcome.error:
-                console.error(outcome.error)
+            if outcome.error or (outcome.skipped and not outcome.doc_id):
+                console.explain(outcome)
         doc_ids = list(dict.fromkeys(o.doc_id for o in outcomes if o.doc_id))
         if not doc_ids:
             raise UsageError("no document to process", fix="pass files or directories the pipeline accepts")
