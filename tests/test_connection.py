@@ -10,6 +10,8 @@ import pytest
 from levers.connection import Target, configured_url, connect, expand_env, masked, resolve
 from levers.errors import ConnectionFailed, UsageError
 from levers.loading import LoadedPipeline, parse_pipeline
+from tests.conftest import levers
+from tests.test_e2e import make_project
 
 PASSWORD = "s3cr3t-pw"
 
@@ -172,3 +174,50 @@ def test_connecting_to_a_server_that_does_not_answer_fails_with_the_masked_url()
     assert PASSWORD not in str(error)
     assert PASSWORD not in repr(error.args)
     assert "REDIS_URL" in error.fix
+
+
+# --- malformed URLs ------------------------------------------------------------------------------
+
+
+MALFORMED = [
+    ("redis://host:notaport", "Port could not be cast to integer value as 'notaport'"),
+    (f"redis://:{PASSWORD}@host:99999/0", "Port out of range"),
+    (f"redis://:{PASSWORD}@[::1", "Invalid IPv6 URL"),
+    ("redis://host/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+    (f"redis://:{PASSWORD}@host/0?no_such_option=1", "unknown option 'no_such_option'"),
+    ("rediss://host/0?ssl_cert_reqs=bogus", "Invalid SSL Certificate Requirements Flag"),
+    ("redis://host/notadb", "the database must be a number, not 'notadb'"),
+    ("unix://", "unix:// needs the socket's path"),
+]
+
+
+@pytest.mark.parametrize(("url", "reason"), MALFORMED)
+def test_a_malformed_redis_url_is_one_line_naming_the_variable(tmp_path: Path, url: str, reason: str) -> None:
+    root = make_project(tmp_path, docs=1)
+
+    result = levers("submit", "docs", cwd=root, env={"REDIS_URL": url})
+
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: REDIS_URL: '{masked(url)}' is not a Redis URL: ")
+    assert reason in line and "redis://[:PASSWORD@]HOST" in line
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_malformed_url_in_the_pipeline_file_names_the_key(tmp_path: Path) -> None:
+    root = make_project(tmp_path, docs=1)
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text(f"redis: redis://:{PASSWORD}@host:notaport/0\n" + pipeline.read_text())
+
+    result = levers("status", cwd=root, env={"REDIS_URL": ""})
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: redis: in pipeline.yaml: 'redis://:***@host:notaport/0' is not a Redis URL: Port could not "
+        "be cast to integer value as 'notaport' (write redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... "
+        "for TLS, or unix:///PATH)"
+    ]
+
+
+def test_masked_hides_the_password_of_a_url_too_malformed_to_parse() -> None:
+    assert masked(f"redis://alice:{PASSWORD}@[::1") == "redis://alice:***@[::1"

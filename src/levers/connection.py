@@ -41,17 +41,43 @@ def embedded_server(loaded: LoadedPipeline) -> EmbeddedServer:
 
 
 def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The URL the configuration names, or None for the embedded server."""
-    url = environ.get("REDIS_URL") or expand_env(loaded.spec.redis or "", environ)
+    """The URL the configuration names, or None for the embedded server. A malformed one is a
+    UsageError that names where it came from."""
+    if environ.get("REDIS_URL"):
+        url, source = environ["REDIS_URL"], "REDIS_URL"
+    else:
+        url, source = expand_env(loaded.spec.redis or "", environ), f"redis: in {loaded.path.name}"
     if not url:
         return None
-    scheme = urlsplit(url).scheme
-    if scheme not in SUPPORTED_SCHEMES:
-        raise UsageError(
-            f"unsupported Redis URL {masked(url)!r}",
-            fix="use redis://, rediss:// or unix://",
-        )
+    problem = url_problem(url)
+    if problem is not None:
+        raise UsageError(f"{source}: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)
     return url
+
+
+URL_FORMS = "write redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or unix:///PATH"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis URL (checked as the client reads it, without
+    connecting), or None. The answer never holds the password."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in SUPPORTED_SCHEMES:
+            return f"the scheme must be one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+        if parts.scheme == "unix" and not parts.path:
+            return "unix:// needs the socket's path"
+        if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+            return f"the database must be a number, not {parts.path.strip('/')!r}"
+        pool = redis.ConnectionPool.from_url(url)
+        pool.make_connection()  # the client's connection as the URL's options make it, unconnected
+    except TypeError as exc:  # an option the client does not take
+        unknown = re.search(r"keyword argument '(\w+)'", str(exc))
+        return f"unknown option {unknown.group(1)!r}" if unknown else str(exc)
+    except (ValueError, redis.RedisError) as exc:
+        password = _password(url)
+        return str(exc).replace(password, "***") if password else str(exc)
+    return None
 
 
 def resolve(loaded: LoadedPipeline, start: bool = True, environ: Mapping[str, str] = os.environ) -> Target:
@@ -88,7 +114,10 @@ def connect(target: Target) -> redis.Redis:
 
 def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
     """A connection to the pipeline's Redis if it answers now; never starts the embedded server."""
-    url = configured_url(loaded)
+    try:
+        url = configured_url(loaded)
+    except UsageError:  # a malformed URL answers nothing: the command that connects says why
+        return None
     if url is None:
         running = embedded_server(loaded).running()
         if running is None:
@@ -98,6 +127,14 @@ def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
         return connect(Target(url=url, embedded=False))
     except ConnectionFailed:
         return None
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        match = _USERINFO.match(url)
+        return url[match.end(1) : match.end() - 1] if match else None
 
 
 def expand_env(text: str, environ: Mapping[str, str]) -> str:
@@ -116,9 +153,16 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
     return _ENV_REFERENCE.sub(substitute, text)
 
 
+# user:password@ in a URL too malformed to parse; greedy, so a password holding '@' is covered
+_USERINFO = re.compile(r"^([\w+.-]+://[^:@/]*:).*@")
+
+
 def masked(url: str) -> str:
-    """The URL with any password replaced by '***'."""
-    parts = urlsplit(url)
+    """The URL with any password replaced by '***' (a URL too malformed to parse too)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub(r"\1***@", url)
     if parts.password is None:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")
