@@ -1,8 +1,14 @@
-"""What levers shows a person: phase outputs in a few words."""
+"""What levers shows a person: phase outputs in a few words, names as written and safely."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import redis
+
 from levers.console import _describe
+from tests.conftest import levers
+from tests.test_e2e import make_project
 
 
 def test_outputs_are_described_by_size_and_figures() -> None:
@@ -16,3 +22,40 @@ def test_outputs_are_described_by_size_and_figures() -> None:
         "provider: anthropic; chunks: 3; text: 500 chars; "
         "usage: input_tokens 2480, cache_read_input_tokens 6460, calls 20"
     )
+
+
+# A name that would retitle the terminal, turn it red, reverse its tail, and style or link itself.
+MARKUP_NAME = "evil\x1b]0;pwned\x07\x1b[31m[red]r[/red][link=http://e.vil]k[/link]:smile:\u202egnp.txt"
+
+
+def test_show_writes_a_name_as_written_with_its_control_characters_escaped(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, docs=0)
+    [doc_id] = levers("submit", "-", "--name", MARKUP_NAME, cwd=root, stdin=b"text").stdout.split()
+
+    shown = levers("show", doc_id, cwd=root)
+
+    assert shown.returncode == 0, shown.stderr
+    first_line = shown.stdout.splitlines()[0]
+    assert first_line.startswith(
+        "evil\\x1b]0;pwned\\x07\\x1b[31m[red]r[/red][link=http://e.vil]k[/link]:smile:\\u202egnp.txt  "
+    )
+    assert "\x1b" not in shown.stdout + shown.stderr and "\u202e" not in shown.stdout
+
+
+def test_run_shows_names_and_errors_safely_in_its_table_and_error_lines(
+    tmp_path: Path, redis_url: str
+) -> None:
+    root = make_project(tmp_path, docs=0)
+    name = "a\x1b[2J[bold]b\nFORGED.txt"
+    (root / "docs" / name).write_text("FAIL")
+
+    result = levers("run", "docs", cwd=root)
+
+    assert result.returncode == 1
+    assert "\x1b" not in result.stdout + result.stderr
+    assert "a\\x1b[2J[bold]b\\nFORGED.txt" in result.stdout  # the summary table's row
+    assert result.stderr.splitlines()[-1].startswith("error: a\\x1b[2J[bold]b\\nFORGED.txt (")
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    assert not any(line.startswith("FORGED") for line in lines)

@@ -150,7 +150,8 @@ def submit(
 
     project = open_project(file, last_good=True)
     if project.file_error:
-        console.error(f"{project.file_error}\n(submitting with the last good version of the file)")
+        for line in [*project.file_error.splitlines(), "(submitting with the last good version of the file)"]:
+            console.error(line)
     submitter = Submitter(project.loaded, project.connection)
     if "-" in paths:
         if not name:

@@ -1,4 +1,8 @@
-"""Everything levers shows a person: tables, progress and one-line errors. The one place that prints."""
+"""Everything levers shows a person: tables, progress and one-line errors. The one place that prints.
+
+Names, errors and outputs come from outside: every such text goes through ``safe.shown``, and rich
+markup and emoji codes are off, so ``[red]`` or ``:x:`` in a name is shown as written.
+"""
 
 from __future__ import annotations
 
@@ -14,25 +18,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from levers.errors import LeversError
+from levers.errors import LeversError, SpecError
 from levers.ledger import DocStatus, DocumentRecord
+from levers.safe import shown
 from levers.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING, PipelineStatus
 from levers.submission import Outcome
 
 # Piped output (CI logs, files) gets room for every column instead of the 80 a non-terminal implies.
 PIPED_WIDTH = 160
-out = Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else PIPED_WIDTH)
+# Text is shown as written: no markup, no :emoji: codes, no highlighting of what looks like numbers.
+_LITERAL: dict[str, Any] = {"highlight": False, "markup": False, "emoji": False}
+out = Console(**_LITERAL, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True, **_LITERAL, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 
 def error(exc: LeversError | str) -> None:
-    """A failure as red lines on stderr: one per problem, no traceback."""
-    for line in str(exc).splitlines():
-        err.print(f"[red]error:[/red] {line}", markup=True, soft_wrap=True)
+    """A failure as a red line on stderr, no traceback; one per problem of a pipeline file."""
+    lines = [str(p) for p in exc.problems] if isinstance(exc, SpecError) else [str(exc)]
+    for line in lines:
+        err.print(Text.assemble(("error:", "red"), " ", shown(line)), soft_wrap=True)
 
 
 def note(text: str) -> None:
-    err.print(text, soft_wrap=True)
+    err.print(shown(text), soft_wrap=True)
+
+
+def text_block(text: str) -> None:
+    """Text of several lines on stdout (a pipeline's summary of its results)."""
+    out.print(shown(text, keep_newlines=True), soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -92,9 +105,8 @@ def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> Non
     for phase in phases:
         table.add_column(f"{phase} s", justify="right")
     for record in records:
-        colour = {"done": "green", "failed": "red"}.get(record.status, "yellow")
         cells = [_seconds(record.phases.get(p)) for p in phases]
-        table.add_row(record.name, record.id[:12], f"[{colour}]{record.status}[/{colour}]", *cells)
+        table.add_row(shown(record.name), record.id[:12], _status(record.status), *cells)
     out.print(table)
     totals = Table(title="phases", title_justify="left")
     for column in ("phase", "documents", "mean s", "max s", "attempts"):
@@ -109,6 +121,10 @@ def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> Non
     for record in records:
         if record.status is DocStatus.FAILED:
             error(f"{record.name} ({record.id[:12]}): {record.error}")
+
+
+def _status(status: str) -> Text:
+    return Text(status, style={"done": "green", "failed": "red"}.get(status, "yellow"))
 
 
 def _seconds(run: Any) -> str:
@@ -127,10 +143,10 @@ def status_view(status: PipelineStatus) -> Group:
             "red" if p.queued > QUEUE_EMERGENCY else "yellow" if p.queued > QUEUE_WARNING else "default"
         )
         failed_colour = "red" if p.failed_share > FAILED_SHARE_WARNING else "default"
-        name = f"[bold red]{p.phase} ◀[/]" if p.bottleneck else p.phase
+        name = Text(f"{p.phase} ◀", style="bold red") if p.bottleneck else p.phase
         table.add_row(
-            name, f"[{queued_colour}]{p.queued}[/]", _duration(p.oldest_wait_s), str(p.running),
-            str(p.waiting_retry), str(p.done), f"[{failed_colour}]{p.failed}[/]",
+            name, Text(str(p.queued), style=queued_colour), _duration(p.oldest_wait_s), str(p.running),
+            str(p.waiting_retry), str(p.done), Text(str(p.failed), style=failed_colour),
             f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",
             f"{p.throughput:.3f}", _number(p.p50_s), _number(p.p95_s), str(p.semaphore), str(p.threads),
             p.state, "; ".join(p.alerts),
@@ -144,7 +160,7 @@ def status_view(status: PipelineStatus) -> Group:
         parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
     if status.config_error:
         parts.append(Text("pipeline.yaml has an error; workers keep the last good version:", style="red"))
-        parts.append(Text(status.config_error, style="red"))
+        parts.append(Text(shown(status.config_error, keep_newlines=True), style="red"))
     return Group(*parts)
 
 
@@ -154,7 +170,7 @@ def _limits_table(limits: Sequence[dict[str, Any]]) -> Table:
         table.add_column(column, justify="left" if column == "limit" else "right")
     for limit in limits:
         table.add_row(
-            limit["name"], str(limit["in_flight"]), str(limit["peak_in_flight"]),
+            shown(limit["name"]), str(limit["in_flight"]), str(limit["peak_in_flight"]),
             str(limit["concurrency"] or "-"), str(limit["calls_in_window"]),
             f"{limit['requests_per_minute'] or '-'} / {limit['window_seconds']:g} s",
             str(limit["calls"]), str(limit["rate_limited"]),
@@ -177,14 +193,15 @@ def _number(value: float | None) -> str:
 def findings(found: Sequence[Any]) -> None:
     """`levers advise`: each finding with its evidence and the command that acts on it."""
     if not found:
-        out.print("[green]no finding[/green]: queues drain, workers are busy enough, nothing is rate limited")
+        all_clear = ": queues drain, workers are busy enough, nothing is rate limited"
+        out.print(Text.assemble(("no finding", "green"), all_clear))
         return
     for finding in found:
-        out.print(f"[bold]{finding.subject}[/bold]: [yellow]{finding.symptom}[/yellow]")
+        out.print(Text.assemble((finding.subject, "bold"), ": ", (finding.symptom, "yellow")))
         out.print(f"  evidence: {finding.evidence}")
         out.print(f"  action:   {finding.action}")
         if finding.command:
-            out.print(f"  [bold]{finding.command}[/bold]")
+            out.print(Text.assemble("  ", (finding.command, "bold")))
 
 
 def status_table(status: PipelineStatus) -> None:
@@ -192,8 +209,7 @@ def status_table(status: PipelineStatus) -> None:
 
 
 def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
-    colour = {"done": "green", "failed": "red"}.get(record.status, "yellow")
-    out.print(f"[bold]{record.name}[/bold]  {record.id}  [{colour}]{record.status}[/{colour}]")
+    out.print(Text.assemble((shown(record.name), "bold"), f"  {record.id}  ", _status(record.status)))
     out.print(f"submitted {_clock(record.submitted)}" + (f", finished {_clock(record.finished)}"
               if record.finished else f", now at {record.phase}"))  # fmt: skip
     table = Table()
@@ -201,8 +217,8 @@ def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
         table.add_column(column)
     for phase, run in record.phases.items():
         table.add_row(
-            phase, _clock(run.started), _seconds(run), str(run.attempts), run.error or "",
-            _describe(outputs.get(phase)),
+            phase, _clock(run.started), _seconds(run), str(run.attempts), shown(run.error or ""),
+            shown(_describe(outputs.get(phase))),
         )  # fmt: skip
     out.print(table)
     if record.error:
@@ -246,7 +262,7 @@ def watch_status(read: Callable[[], PipelineStatus], refresh_s: float = 1.0) -> 
 
 def changes(applied_changes: Sequence[Any]) -> None:
     for change in applied_changes:
-        out.print(f"{change.dotted}: {change.old} -> {change.new}")
+        out.print(shown(f"{change.dotted}: {change.old} -> {change.new}"))
 
 
 def applied(result: Any) -> None:
@@ -272,7 +288,7 @@ def graph_results(query: str, results: Sequence[dict[str, Any]], as_json: bool) 
     if not results:
         note(f"nothing in the graph matches {query!r}")
         return
-    table = Table(title=f"graph search: {query}", title_justify="left")
+    table = Table(title=f"graph search: {shown(query)}", title_justify="left")
     for column in ("#", "kind", "name", "text"):
         table.add_column(column, justify="right" if column == "#" else "left")
     for rank, row in enumerate(results, 1):
@@ -280,9 +296,8 @@ def graph_results(query: str, results: Sequence[dict[str, Any]], as_json: bool) 
         text = " ".join(str(row.get("text") or "").split())
         if len(text) > GRAPH_TEXT_CHARS:
             text = text[: GRAPH_TEXT_CHARS - 1] + "…"
-        # Text, not markup: facts and chunks may hold brackets that rich would read as styles
         style = "cyan" if kind == "fact" else "green"
-        table.add_row(str(rank), Text(kind, style=style), Text(str(row.get("name") or "")), Text(text))
+        table.add_row(str(rank), Text(shown(kind), style=style), shown(row.get("name") or ""), shown(text))
     out.print(table)
 
 

@@ -63,7 +63,7 @@ def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
     except Exception as exc:  # the summary is a courtesy: its failure must not fail the run
         console.error(f"summary {spec.summary} failed: {type(exc).__name__}: {exc}")
         return
-    console.out.print(str(text), markup=False, highlight=False, soft_wrap=True)
+    console.text_block(str(text))
 
 
 def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:
