@@ -23,6 +23,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from levers import keys
+from levers.jobs import run_phase
 from levers.routing import FAILURE_TTL_S, ID_HEX_DIGITS, JOB_FUNCTION
 from levers.spec import Pipeline
 
@@ -58,8 +59,6 @@ class GuardedJob(Job):
     def func(self) -> Any:
         if self.func_name != JOB_FUNCTION or self.instance is not None:
             raise ForeignJob(f"{_quoted(self.func_name)} is not levers' job function")
-        from levers.jobs import run_phase  # not at import: jobs imports what imports this module
-
         return run_phase
 
     @property
