@@ -243,6 +243,56 @@ def test_other_errors_propagate_at_once_and_release_the_slot(redis_url: str, ant
     assert (after["calls"], after["rate_limited"], after["in_flight"]) == (1, 0, 0)
 
 
+def test_call_retries_server_errors_without_counting_them_as_rate_limited(
+    redis_url: str, anthropic: ModuleType
+) -> None:
+    with FakeAnthropic() as fake:
+        fake.fail_next(1, status=500, retry_after=None)
+        fake.fail_next(1, status=503, retry_after=0.3)
+        started = time.monotonic()
+        message = ask(anthropic, fake, redis_url, backoff_s=0.05)
+
+    assert message.content[0].type == "text" and len(fake.requests) == 3
+    assert time.monotonic() - started >= 0.3
+    after = status(redis_url, concurrency=2)
+    assert (after["calls"], after["rate_limited"], after["in_flight"]) == (3, 0, 0)
+
+
+class ProviderError(Exception):
+    """As Deepgram's SDK raises them: the status and the response's headers on the error itself."""
+
+    def __init__(self, status_code: int, headers: dict[str, str]) -> None:
+        super().__init__(f"status {status_code}")
+        self.status_code = status_code
+        self.headers = headers
+
+
+def test_call_honours_retry_after_in_an_error_s_own_headers_and_gives_up(redis_url: str) -> None:
+    attempts: list[float] = []
+
+    async def flaky(failures: list[ProviderError]) -> str:
+        attempts.append(time.monotonic())
+        if failures:
+            raise failures.pop(0)
+        return "transcript"
+
+    async def body(limit: SharedLimit) -> tuple[str, BaseException | None]:
+        first = await limit.call(flaky, [ProviderError(503, {"Retry-After": "0.4"})])
+        try:
+            await limit.call(flaky, [ProviderError(502, {}) for _ in range(3)])
+        except ProviderError as exc:
+            return first, exc
+        return first, None
+
+    first, gave_up = asyncio.run(
+        with_limit(redis_url, {"concurrency": 1}, body, backoff_s=0.01, max_rate_retries=2)
+    )
+
+    assert first == "transcript" and attempts[1] - attempts[0] >= 0.4
+    assert isinstance(gave_up, ProviderError) and gave_up.status_code == 502
+    assert len(attempts) == 2 + 3  # the second call: the first try and 2 retries
+
+
 def test_a_retry_wait_does_not_hold_the_slot(redis_url: str) -> None:
     order: list[str] = []
 

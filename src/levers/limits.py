@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from uuid import uuid4
@@ -67,6 +67,8 @@ POLL_JITTER_S = 0.02
 RETRY_AFTER_JITTER = 0.1
 # Too many requests, and Anthropic's "overloaded".
 RATE_LIMIT_STATUSES = frozenset({429, 529})
+# The provider failed, not the request: the same request may well succeed a moment later.
+SERVER_ERROR_STATUSES = range(500, 600)
 
 
 class RateLimited(Exception):
@@ -109,8 +111,9 @@ class SharedLimit:
 
     ``async with limit:`` waits for a slot and holds it for the block; ``await limit.call(fn, ...)``
     does the same around ``fn`` and also retries it when it is rate limited (status 429 or 529, or
-    ``RateLimited``). The limit counts the requests it admits, so clients must not retry on their
-    own: give SDK clients ``max_retries=0`` (an SDK retry is a request the window never saw).
+    ``RateLimited``) or the provider fails (a 5xx status). The limit counts the requests it admits,
+    so clients must not retry on their own: give SDK clients ``max_retries=0`` (an SDK retry is a
+    request the window never saw).
 
     One instance may serve many tasks of one event loop at once; its client must belong to that
     loop. A lease is renewed by a task of that loop, so a handler that blocks the loop longer than
@@ -159,12 +162,14 @@ class SharedLimit:
         await self.release(lease, rate_limited=exc is not None and is_rate_limited(exc))
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """``await fn(*args, **kwargs)`` inside the limit, retried while it is rate limited.
+        """``await fn(*args, **kwargs)`` inside the limit, retried while it is rate limited or the
+        provider answers a server error (5xx).
 
         Between retries the slot is released and the wait honours the error's retry-after
-        (``RateLimited.retry_after`` or the response's retry-after-ms / retry-after header), or
-        backs off exponentially with jitter. After ``max_rate_retries`` retries the error is
-        raised; any other error is raised at once.
+        (``RateLimited.retry_after`` or the retry-after-ms / retry-after header of its response or
+        of its own ``headers``), or backs off exponentially with jitter. After ``max_rate_retries``
+        retries the error is raised; any other error is raised at once. These retries are the
+        call's own: they do not spend the job's.
         """
         attempt = 0
         while True:
@@ -174,13 +179,14 @@ class SharedLimit:
                 return await fn(*args, **kwargs)
             except Exception as exc:
                 rate_limited = is_rate_limited(exc)
-                if not rate_limited or attempt >= self.max_rate_retries:
+                if not (rate_limited or is_server_error(exc)) or attempt >= self.max_rate_retries:
                     raise
                 delay = retry_delay(exc, attempt, self.backoff_s)
+                reason = "rate limited" if rate_limited else f"server error {_status(exc)}"
             finally:
                 await self.release(lease, rate_limited=rate_limited)
             attempt += 1
-            log.info("limit %r: rate limited, retry %d in %.2f s", self.name, attempt, delay)
+            log.info("limit %r: %s, retry %d in %.2f s", self.name, reason, attempt, delay)
             await asyncio.sleep(delay)
 
     async def acquire(self) -> Lease:
@@ -307,31 +313,50 @@ class JobLimits:
 
 def is_rate_limited(exc: BaseException) -> bool:
     """Whether ``exc`` says "too many requests": RateLimited, or a status of 429 or 529."""
-    if isinstance(exc, RateLimited):
-        return True
+    return isinstance(exc, RateLimited) or _status(exc) in RATE_LIMIT_STATUSES
+
+
+def is_server_error(exc: BaseException) -> bool:
+    """Whether ``exc`` carries a 5xx status other than those that mean "too many requests"."""
+    status = _status(exc)
+    return status in SERVER_ERROR_STATUSES and status not in RATE_LIMIT_STATUSES
+
+
+def _status(exc: BaseException) -> int | None:
     status = getattr(exc, "status_code", None)
     if status is None:
         # httpx.HTTPStatusError and the like carry the status on their response only
         status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status in RATE_LIMIT_STATUSES
+    return status if isinstance(status, int) else None
 
 
 def retry_after_s(exc: BaseException) -> float | None:
-    """The wait ``exc`` asks for: RateLimited.retry_after, else its response's retry-after headers."""
+    """The wait ``exc`` asks for: RateLimited.retry_after, else the retry-after headers of its
+    response (Anthropic's and httpx's errors) or its own ``headers`` (Deepgram's)."""
     if isinstance(exc, RateLimited):
         return exc.retry_after
     headers = getattr(getattr(exc, "response", None), "headers", None)
     if headers is None:
+        headers = getattr(exc, "headers", None)
+    if not isinstance(headers, Mapping):
         return None
     try:
-        return float(headers.get("retry-after-ms")) / 1000
+        return float(_header(headers, "retry-after-ms")) / 1000
     except (TypeError, ValueError):
         pass
     try:
         # seconds, as Anthropic sends it; the rare HTTP-date form falls back to backoff
-        return float(headers.get("retry-after"))
+        return float(_header(headers, "retry-after"))
     except (TypeError, ValueError):
         return None
+
+
+def _header(headers: Mapping[str, Any], name: str) -> Any:
+    """A header by its lower-case name, from a case-insensitive mapping or a plain dict."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
+    return value
 
 
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
