@@ -366,6 +366,29 @@ def test_a_waiter_stops_when_cancelled_even_if_the_redis_client_loses_the_cancel
         assert connection.zcard(keys.limit_window(PIPELINE, "api")) == 1  # the cancelled call left no trace
 
 
+def test_a_release_ends_the_renewal_even_if_the_redis_client_loses_the_cancel(redis_url: str) -> None:
+    async def scenario(limit: SharedLimit) -> tuple[bool, bool]:
+        renewing, lost = asyncio.Event(), asyncio.Event()
+        real_renew = limit._scripts.renew
+
+        async def renew_losing_the_cancel(**kwargs: Any) -> Any:
+            if not lost.is_set():
+                renewing.set()
+                try:
+                    await asyncio.sleep(1.0)
+                except asyncio.CancelledError:
+                    lost.set()  # and carry on, as redis-py's client now and then does
+            return await real_renew(**kwargs)
+
+        limit._scripts = dataclasses.replace(limit._scripts, renew=renew_losing_the_cancel)
+        held = asyncio.ensure_future(limit.call(renewing.wait))  # released while its lease renews
+        done, _ = await asyncio.wait([held], timeout=3.0)
+        return lost.is_set(), held in done
+
+    assert asyncio.run(with_limit(redis_url, {"concurrency": 1}, scenario, lease_ttl=0.6)) == (True, True)
+    assert status(redis_url, concurrency=1)["in_flight"] == 0
+
+
 def test_leases_do_not_over_admit_under_contention(redis_url: str) -> None:
     inside = peak = done = 0
 

@@ -241,9 +241,12 @@ class SharedLimit:
                     args=[_ms(self.lease_ttl), lease_id, self._window_life_ms],
                 )
             except (redis.RedisError, OSError) as exc:
+                _raise_if_cancelled()
                 # the lease still has two thirds of its ttl: the next renewal may succeed
                 log.warning("limit %r: could not renew a lease (%s); trying again", self.name, exc)
                 continue
+            # a cancel lost by the client here would keep renewing, and its releaser waiting, forever
+            _raise_if_cancelled()
             if not renewed:
                 log.warning("limit %r: a lease expired unrenewed (event loop blocked for %.1f s?); its call "
                             "no longer counts as in flight", self.name, self.lease_ttl)  # fmt: skip
