@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from levers.limits import SharedLimit
+    from levers.store import ArtifactStore
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,6 +65,8 @@ class PhaseContext:
     ``gather`` and ``map`` run coroutines concurrently, never more at once than the semaphore
     lever. ``run_in_thread`` runs blocking work on the process's thread pool, sized by the threads
     lever; with threads 0 it runs inline. One context serves one job and one event loop.
+    ``store`` is the pipeline's artifact store (None outside a levers job): its ``cached`` and
+    ``put_cached`` keep values that every worker sharing the store can reuse.
     """
 
     def __init__(
@@ -74,11 +77,13 @@ class PhaseContext:
         state_dir: Path,
         executor: ThreadPoolExecutor | None,
         limits: Callable[[str], SharedLimit] | None = None,
+        store: ArtifactStore | None = None,
     ) -> None:
         self.phase = phase
         self.levers = levers
         self.options = options
         self.state_dir = state_dir
+        self.store = store
         self.log = logging.getLogger(f"levers.phase.{phase}")
         self._executor = executor
         self._limits = limits

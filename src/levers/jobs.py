@@ -249,7 +249,9 @@ def _call_handler(
     lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
     limits = JobLimits(spec, runtime.url)
     executor = runtime.executor(lever_values.threads)
-    ctx = PhaseContext(phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits)
+    ctx = PhaseContext(
+        phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits, runtime.store(spec)
+    )
     if inspect.iscoroutinefunction(handler):
         output = runtime.run_async(_run_async(handler, doc, ctx, limits))
     else:
