@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 
 from levers.context import Document, Levers, PhaseContext
+from phases.audio import Recording
 from phases.chunking import ChunkingError, Tokens, chunk
 from phases.extraction import extract_bytes
+from phases.transcription import Settings, transcript_output
+from tests.fake_deepgram import response as deepgram_response
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
 
@@ -146,3 +149,29 @@ def test_bad_input_fails_with_reason(
 ) -> None:
     with pytest.raises(ChunkingError, match=reason):
         run_chunk(extracted, tmp_path, executor, **options)
+
+
+def test_chunks_of_a_transcript_carry_their_time_span(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    script = " ".join(f"Sentence {n} says how the Redis Queue feeds the PDF Parser." for n in range(30))
+    answer = deepgram_response(b"", 120.0, script, {"paragraphs": "true", "punctuate": "true"})
+    transcript = transcript_output(answer, "standup", Settings(), Recording("wav", 0, "", 120.0, "header"))
+
+    out = run_chunk(transcript, tmp_path, executor, chunk_tokens=40, overlap_tokens=8)
+
+    chunks = out["chunks"]
+    assert len(chunks) > 5
+    for item in chunks:
+        held = [w for w in transcript["words"] if item["start"] <= w["offset"] < item["end"]]
+        assert (item["start_s"], item["end_s"]) == (held[0]["start_s"], held[-1]["end_s"])
+    assert all(a["start_s"] < b["start_s"] for a, b in pairwise(chunks))
+    assert chunks[0]["start_s"] == 0.1 and chunks[-1]["end_s"] <= 120.0
+    assert re.search(
+        r"From 'standup', 0:00\.1-0:\d\d\.\d into the recording, part 1 of", chunks[0]["context"]
+    )
+
+
+def test_chunks_without_word_timings_have_no_time_span(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
+    out = run_chunk(markdown("# Notes\n\nOne paragraph of text."), tmp_path, executor)
+
+    assert [(c["start_s"], c["end_s"]) for c in out["chunks"]] == [(None, None)]
+    assert "into the recording" not in out["chunks"][0]["context"]

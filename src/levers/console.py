@@ -221,8 +221,48 @@ def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
             shown(_describe(outputs.get(phase))),
         )  # fmt: skip
     out.print(table)
+    for phase, output in outputs.items():
+        _time_spans(phase, output)
     if record.error:
         error(record.error)
+
+
+# Items with a time span listed per output (chunks of a recording); the stored output has them all.
+SPANS_SHOWN = 30
+SPAN_TEXT_CHARS = 70
+
+
+def _time_spans(phase: str, output: Any) -> None:
+    """The items of an output that carry ``start_s``, ``end_s`` and ``text`` (the chunks of a
+    recording), each with where it is in the recording, so a reader can go and listen."""
+    lists = output.values() if isinstance(output, dict) else []
+    items = [
+        item
+        for value in lists
+        if isinstance(value, list)
+        for item in value
+        if isinstance(item, dict)
+        and isinstance(item.get("text"), str)
+        and all(isinstance(item.get(key), (int, float)) for key in ("start_s", "end_s"))
+    ]
+    if not items:
+        return
+    out.print(f"{phase}: {len(items)} in the recording")
+    for number, item in enumerate(items[:SPANS_SHOWN]):
+        span = f"{_recording_time(item['start_s'])}-{_recording_time(item['end_s'])}"
+        text = " ".join(item["text"].split())
+        text = text if len(text) <= SPAN_TEXT_CHARS else text[: SPAN_TEXT_CHARS - 3] + "..."
+        out.print(Text(f"  [{item.get('index', number)}] {span}  {text}"))
+    if len(items) > SPANS_SHOWN:
+        out.print(f"  ... and {len(items) - SPANS_SHOWN} more")
+
+
+def _recording_time(seconds: float) -> str:
+    """0:42.5, 12:03.0, 1:02:03.0: a time in a recording, to the tenth of a second."""
+    hours, tenths = divmod(round(max(float(seconds), 0.0) * 10), 36_000)
+    minutes, tenths = divmod(tenths, 600)
+    second = f"{tenths // 10:02d}.{tenths % 10}"
+    return f"{hours}:{minutes:02d}:{second}" if hours else f"{minutes}:{second}"
 
 
 def _clock(timestamp: float | None) -> str:

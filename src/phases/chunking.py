@@ -23,9 +23,12 @@ A provider is any object with ``name`` and ``async contexts(...) -> Contexts`` r
 ``PROVIDERS``; one that asks a model uses ``ctx.map`` to stay under the semaphore lever.
 
 Output: ``{"provider", "model", "title", "usage", "cached", "chunks": [{"index", "text", "context",
-"start", "end", "page", "tokens", "headings"}]}`` where ``start``/``end`` are offsets in the
-extracted text, ``page`` is 1-based and ``headings`` is the heading path from the outermost
-heading in. ``usage`` sums the tokens of the document's API calls (``input_tokens``,
+"start", "end", "page", "tokens", "headings", "start_s", "end_s"}]}`` where ``start``/``end`` are
+offsets in the extracted text, ``page`` is 1-based and ``headings`` is the heading path from the
+outermost heading in. ``start_s``/``end_s`` are the chunk's span in seconds of a recording: from
+the first word's start to the last word's end, for input with word timings (``words``, each
+with ``offset`` in the text, ``start_s`` and ``end_s``, as the transcription phase gives them);
+null otherwise. ``usage`` sums the tokens of the document's API calls (``input_tokens``,
 ``output_tokens``, ``cache_creation_input_tokens``, ``cache_read_input_tokens``, ``calls``; all
 zero for ``local``), ``cached`` counts contexts taken from the disk cache and ``model`` is None
 for ``local``.
@@ -85,6 +88,8 @@ class Chunk:
     tokens: int
     headings: list[str]
     context: str = ""
+    start_s: float | None = None
+    end_s: float | None = None
 
 
 class Tokens:
@@ -128,6 +133,8 @@ class LocalContext:
             path = chunk.headings[1:] if chunk.headings[:1] == [title] else chunk.headings
             if path:
                 parts.append(f"section '{' > '.join(path)}'")
+            if chunk.start_s is not None and chunk.end_s is not None:
+                parts.append(f"{clock(chunk.start_s)}-{clock(chunk.end_s)} into the recording")
             parts.append(f"part {chunk.index + 1} of {len(chunks)}")
             lines.append(", ".join(parts) + ".")
         return Contexts(lines)
@@ -155,6 +162,7 @@ async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
         budget,
         overlap,
     )
+    time_spans(chunks, extracted.get("words") or [])
     contexts = await provider.contexts(title, text, chunks, ctx)
     for item, context in zip(chunks, contexts.lines, strict=True):
         item.context = context
@@ -166,6 +174,31 @@ async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
         "cached": contexts.cached,
         "chunks": [asdict(item) for item in chunks],
     }
+
+
+def time_spans(chunks: Sequence[Chunk], words: Sequence[Any]) -> None:
+    """Give each chunk the time span of the words it holds: from its first word's start to its
+    last word's end. Words without an offset and both times are skipped."""
+    timed = sorted(
+        (int(w["offset"]), float(w["start_s"]), float(w["end_s"]))
+        for w in words
+        if isinstance(w, dict)
+        and all(isinstance(w.get(k), (int, float)) for k in ("offset", "start_s", "end_s"))
+    )
+    offsets = [offset for offset, _, _ in timed]
+    for chunk in chunks:
+        first = bisect.bisect_left(offsets, chunk.start)
+        last = bisect.bisect_left(offsets, chunk.end) - 1
+        if first <= last:
+            chunk.start_s, chunk.end_s = timed[first][1], max(end for _, _, end in timed[first : last + 1])
+
+
+def clock(seconds: float) -> str:
+    """A time in a recording, to the tenth of a second: 0:42.5, 12:03.0, 1:02:03.0."""
+    hours, tenths = divmod(round(max(seconds, 0.0) * 10), 36_000)
+    minutes, tenths = divmod(tenths, 600)
+    second = f"{tenths // 10:02d}.{tenths % 10}"
+    return f"{hours}:{minutes:02d}:{second}" if hours else f"{minutes}:{second}"
 
 
 def _token_options(options: dict[str, Any]) -> tuple[int, int]:
