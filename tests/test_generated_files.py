@@ -36,7 +36,7 @@ def test_procfile_runs_each_phase_as_its_own_process_type() -> None:
     lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     assert result.exit_code == 0
     assert "extraction: levers up -f " in lines[0] and lines[0].endswith("--phase extraction")
-    assert len(lines) == 4
+    assert len(lines) == 5
 
 
 def test_the_seed_levers_are_declared() -> None:
