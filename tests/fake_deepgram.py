@@ -72,6 +72,7 @@ class RecordedRequest:
     headers: dict[str, str]
     chunked: bool
     at: float  # time.monotonic() when its headers arrived
+    client_port: int  # the connection it came on: the same port again is a kept-alive connection
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
         if headers.get("authorization") != f"Token {fake.api_key}":
             self._read_body(chunked)
             return self._error(401)
-        admitted, failure = fake.admit(RecordedRequest(split.path, query, headers, chunked, started))
+        admitted, failure = fake.admit(
+            RecordedRequest(split.path, query, headers, chunked, started, self.client_address[1])
+        )
         answer = None
         try:
             body = self._read_body(chunked)

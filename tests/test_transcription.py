@@ -44,20 +44,20 @@ def run(
     path: Path, store: ArtifactStore | None, limits: tuple[Pipeline, str] | None = None, **options: Any
 ) -> dict[str, Any]:
     """The handler on the file at ``path``, as a job runs it; ``limits`` is (pipeline, redis url)."""
+    return asyncio.run(job(path, store, limits, **options))
 
-    async def job() -> dict[str, Any]:
-        job_limits = JobLimits(*limits) if limits else None
-        with ThreadPoolExecutor(1) as pool:
-            ctx = PhaseContext(
-                "transcription", Levers(1, 1, 1), options, path.parent, pool, job_limits, store
-            )
-            try:
-                return await transcribe(Document("doc", path.name, path), ctx)
-            finally:
-                if job_limits is not None:
-                    await job_limits.aclose()
 
-    return asyncio.run(job())
+async def job(
+    path: Path, store: ArtifactStore | None, limits: tuple[Pipeline, str] | None = None, **options: Any
+) -> dict[str, Any]:
+    job_limits = JobLimits(*limits) if limits else None
+    with ThreadPoolExecutor(1) as pool:
+        ctx = PhaseContext("transcription", Levers(1, 1, 1), options, path.parent, pool, job_limits, store)
+        try:
+            return await transcribe(Document("doc", path.name, path), ctx)
+        finally:
+            if job_limits is not None:
+                await job_limits.aclose()
 
 
 def deepgram_limit(concurrency: int = 2) -> Pipeline:
@@ -126,6 +126,20 @@ def test_the_file_is_streamed_with_its_size_never_read_whole(
     assert out["text"].startswith("The Redis Queue")
     request = fake.requests[0]
     assert request.headers["content-length"] == str(path.stat().st_size) and not request.chunked
+
+
+def test_jobs_on_one_event_loop_share_one_kept_alive_connection(fake: FakeDeepgram, tmp_path: Path) -> None:
+    paths = [write_wav(tmp_path / f"r{n}.wav", 1.0, f"Recording {n}.") for n in range(3)]
+
+    async def one_worker() -> list[dict[str, Any]]:
+        return [await job(path, None) for path in paths]  # a worker's jobs share its loop
+
+    texts = [out["text"] for out in asyncio.run(one_worker())]
+    run(paths[0], None)  # another loop: another worker
+
+    assert texts == ["Recording 0.", "Recording 1.", "Recording 2."]
+    ports = [request.client_port for request in fake.requests]
+    assert ports[0] == ports[1] == ports[2] != ports[3]
 
 
 def test_the_same_audio_again_makes_no_call_on_any_name_and_new_options_do(

@@ -16,7 +16,9 @@ over a second, which every worker of every phase would otherwise pay. List ``dee
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,45 +85,62 @@ async def request_transcript(
 ) -> Any:
     """Deepgram's response, as JSON; a TranscriptionError (one line) when it cannot be had."""
     import httpx
-    from deepgram import AsyncDeepgramClient
     from deepgram.core.api_error import ApiError
 
+    client = _client(api_key, call.base_url)
     options: dict[str, Any] = {"max_retries": 0, "timeout": call.timeout_s}
     if isinstance(call.content, Path):
         options["additional_headers"] = {"Content-Length": str(call.size)}
-    async with httpx.AsyncClient() as http:
-        client = AsyncDeepgramClient(
-            api_key=api_key, httpx_client=http, max_retries=0, **_environment(call.base_url)
-        )
 
-        async def once() -> Any:
-            body = call.content if isinstance(call.content, bytes) else _blocks(call.content, run_in_thread)
-            try:
-                return await client.listen.v1.media.transcribe_file(
-                    request=body, **call.params, request_options=options
-                )
-            finally:
-                if not isinstance(body, bytes):
-                    await body.aclose()
-
+    async def once() -> Any:
+        body = call.content if isinstance(call.content, bytes) else _blocks(call.content, run_in_thread)
         try:
-            response = await (limit.call(once) if limit is not None else once())
-        except ApiError as exc:
-            raise TranscriptionError(describe_api_error(exc, retried=limit is not None)) from None
-        except httpx.TimeoutException:
-            raise TranscriptionError(
-                f"Deepgram did not answer within {call.timeout_s:.1f} s (the timeout grows with the "
-                "recording's duration: raise the options request_timeout or timeout_per_audio_minute)"
-            ) from None
-        except httpx.HTTPError as exc:
-            where = shown(call.base_url or "https://api.deepgram.com")
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise TranscriptionError(
-                f"could not reach Deepgram at {where}: {type(exc).__name__}: {first}"
-            ) from None
+            return await client.listen.v1.media.transcribe_file(
+                request=body, **call.params, request_options=options
+            )
+        finally:
+            if not isinstance(body, bytes):
+                await body.aclose()
+
+    try:
+        response = await (limit.call(once) if limit is not None else once())
+    except ApiError as exc:
+        raise TranscriptionError(describe_api_error(exc, retried=limit is not None)) from None
+    except httpx.TimeoutException:
+        raise TranscriptionError(
+            f"Deepgram did not answer within {call.timeout_s:.1f} s (the timeout grows with the "
+            "recording's duration: raise the options request_timeout or timeout_per_audio_minute)"
+        ) from None
+    except httpx.HTTPError as exc:
+        where = shown(call.base_url or "https://api.deepgram.com")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TranscriptionError(
+            f"could not reach Deepgram at {where}: {type(exc).__name__}: {first}"
+        ) from None
     if not hasattr(response, "results"):
         raise TranscriptionError("Deepgram answered without results (a callback request?)")
     return response.model_dump(mode="json")
+
+
+# One client per event loop, key and endpoint. A worker runs its jobs on one loop, so its jobs
+# share one client: its kept-alive connection (no TLS handshake per recording) and its SSL
+# context, whose certificates take some 0.2 s of CPU to load (measured: more than the rest of a
+# job). The loop owns the client's connections, hence one per loop; a closed loop's is dropped.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _client(api_key: str, url: str | None) -> Any:
+    made = _clients.setdefault(asyncio.get_running_loop(), {})
+    if (api_key, url) not in made:
+        import httpx
+        from deepgram import AsyncDeepgramClient
+
+        made[api_key, url] = AsyncDeepgramClient(
+            api_key=api_key, httpx_client=httpx.AsyncClient(), max_retries=0, **_environment(url)
+        )
+    return made[api_key, url]
 
 
 def _environment(url: str | None) -> dict[str, Any]:
