@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench import efficiency, memory, observability, overhead
+from bench import efficiency, memory, observability, overhead, transcription
 from bench.common import ROOT, embedded_server, machine
 from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
 
-BENCHMARKS = ("overhead", "efficiency", "memory", "observability")
+BENCHMARKS = ("overhead", "efficiency", "memory", "observability", "transcription")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     about = machine()
     fingerprint = src_fingerprint()
     progress(f"bench: {command} on {about['CPU']}")
-    result_overhead = result_efficiency = result_memory = result_observability = None
+    result_overhead = result_efficiency = result_memory = result_observability = result_transcription = None
     with embedded_server() as server:
         if "overhead" in only:
             progress("1. per-job overhead")
@@ -95,6 +95,10 @@ def main(argv: list[str]) -> int:
         if "observability" in only:
             progress("4. status with a deep queue, metrics per job")
             result_observability = observability.run(server, 2 if args.quick else 5)
+        if "transcription" in only:
+            progress("5. transcription under a provider's concurrency cap")
+            plan_audio = transcription.QUICK if args.quick else transcription.FULL
+            result_transcription = transcription.run(server, plan_audio, progress)
     load1, load5, _ = os.getloadavg()
     info = RunInfo(
         command=command,
@@ -111,10 +115,23 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     if result_observability is not None:
         text += "\n" + observability.render(result_observability)
+    if result_transcription is not None:
+        text = _with_transcription(text, result_transcription, args.output, alone=only == ["transcription"])
     args.output.write_text(text)
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     progress(f"bench: wrote {shown} in {info.seconds / 60:.1f} min")
     return 0
+
+
+def _with_transcription(
+    text: str, result: transcription.TranscriptionResult, output: Path, alone: bool
+) -> str:
+    """The report with the transcription section. That benchmark measures a phase, not levers'
+    worker: run alone, it replaces its own section of the existing file and keeps the rest."""
+    section = transcription.render(result)
+    if alone and output.exists():
+        return transcription.merge_section(output.read_text(), section)
+    return text + "\n" + section
 
 
 if __name__ == "__main__":
