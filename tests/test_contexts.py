@@ -150,9 +150,9 @@ def test_usage_is_summed_over_the_calls(fake: FakeAnthropic, tmp_path: Path) -> 
     assert {r.body["max_tokens"] for r in fake.requests} == {90}
 
 
-@pytest.mark.parametrize("status", [429, 529])
-def test_a_rate_limit_is_retried_by_the_shared_limit_honouring_retry_after(
-    fake: FakeAnthropic, tmp_path: Path, redis_url: str, status: int
+@pytest.mark.parametrize(("status", "rate_limited"), [(429, 2), (529, 2), (500, 0), (503, 0)])
+def test_rate_limits_and_server_errors_are_retried_by_the_shared_limit_honouring_retry_after(
+    fake: FakeAnthropic, tmp_path: Path, redis_url: str, status: int, rate_limited: int
 ) -> None:
     pipeline = spec(anthropic={"concurrency": 3})
     fake.fail_next(2, status=status, retry_after=0.2)
@@ -167,7 +167,7 @@ def test_a_rate_limit_is_retried_by_the_shared_limit_honouring_retry_after(
     assert {request.headers["x-stainless-retry-count"] for request in fake.requests} == {"0"}
     with redis.Redis.from_url(redis_url) as connection:
         totals = limits_status(connection, pipeline, "anthropic")
-    assert (totals["calls"], totals["rate_limited"], totals["in_flight"]) == (12, 2, 0)
+    assert (totals["calls"], totals["rate_limited"], totals["in_flight"]) == (12, rate_limited, 0)
     assert fake.peak_in_flight <= 3
 
 
@@ -289,7 +289,7 @@ def test_explicit_anthropic_without_a_key_fails_with_one_clear_line(
     assert fake.requests == []
 
 
-@pytest.mark.parametrize(("status", "limited"), [(400, False), (500, False), (500, True)])
+@pytest.mark.parametrize(("status", "limited"), [(400, False), (500, False), (400, True)])
 def test_an_api_error_fails_the_document_with_one_line(
     fake: FakeAnthropic, tmp_path: Path, request: pytest.FixtureRequest, status: int, limited: bool
 ) -> None:
