@@ -62,13 +62,14 @@ def problem(position: tuple[int, int], message: str) -> SpecProblem:
 # --- the real pipeline ---------------------------------------------------------------------------
 
 
-def test_the_real_pipeline_loads_with_its_two_entry_phases() -> None:
+def test_the_real_pipeline_loads_with_its_three_entry_phases() -> None:
     loaded = load_pipeline(REAL_PIPELINE)
 
     spec = loaded.spec
-    assert spec.entry_phases() == ["extraction", "ingest_extract"]
+    assert spec.entry_phases() == ["extraction", "ingest_extract", "transcription"]
     assert spec.phases["ingest_extract"].input == "bytes"
     assert spec.phases["extraction"].input == "files"
+    assert spec.phases["transcription"].input == "files" and ".mp3" in spec.phases["transcription"].accepts
     assert all(p.next is None or p.next in spec.phases for p in spec.phases.values())
     assert loaded.path == REAL_PIPELINE
     assert loaded.project_dir == REAL_PIPELINE.parent
