@@ -84,6 +84,7 @@ class TranscriptionResult:
     drain_s: float  # first request to last answer
     ideal_drain_s: float  # the requests' own latencies over CAP slots
     cpu_ms_per_recording: float  # the workers' CPU, their start-up included
+    leases_expired: int  # slots whose holder's loop was stalled past the lease (levers up's log)
     context: str  # when, on which source, and how loaded the machine was
 
 
@@ -118,7 +119,8 @@ def _run(server: Server, plan: Plan, progress: Callable[[str], None]) -> Transcr
                 cpu_s = _workers_cpu_s(supervisor)
             finally:
                 stop_process(supervisor, timeout_s=60)
-            return _result(plan, fake, failed, cpu_s)
+            expired = (root / "levers-up.log").read_text(errors="replace").count("a lease expired unrenewed")
+            return _result(plan, fake, failed, cpu_s, expired)
 
 
 def _submit(server: Server, root: Path, recordings: int) -> list[str]:
@@ -165,7 +167,7 @@ def _workers_cpu_s(supervisor: subprocess.Popen[bytes]) -> float:
     return total
 
 
-def _result(plan: Plan, fake: FakeDeepgram, failed: int, cpu_s: float) -> TranscriptionResult:
+def _result(plan: Plan, fake: FakeDeepgram, failed: int, cpu_s: float, expired: int) -> TranscriptionResult:
     spans = sorted(fake.spans)
     first, last_admitted = spans[0][0], spans[-1][0]
     full = first_full(spans)
@@ -184,6 +186,7 @@ def _result(plan: Plan, fake: FakeDeepgram, failed: int, cpu_s: float) -> Transc
         drain_s=max(end for _, end in spans) - first,
         ideal_drain_s=(plan.recordings * plan.latency_s + audio * plan.per_audio_s) / CAP,
         cpu_ms_per_recording=cpu_s * 1000 / plan.recordings,
+        leases_expired=expired,
         context="",
     )
 
@@ -223,6 +226,7 @@ def render(result: TranscriptionResult) -> str:
         ["all slots busy after the first request", full],
         ["first request to last answer", f"{result.drain_s:.1f} s (ideal {result.ideal_drain_s:.1f} s)"],
         ["workers' CPU per recording (start-up included)", f"{result.cpu_ms_per_recording:.0f} ms"],
+        ["leases that expired under a stalled worker", str(result.leases_expired)],
     ]
     met = result.refused == 0 and result.failed == 0 and result.busy_backlog >= 0.95
     return f"""{SECTION}

@@ -134,12 +134,20 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, s
 def _client(api_key: str, url: str | None) -> Any:
     made = _clients.setdefault(asyncio.get_running_loop(), {})
     if (api_key, url) not in made:
+        import anyio
         import httpx
         from deepgram import AsyncDeepgramClient
 
-        made[api_key, url] = AsyncDeepgramClient(
+        client = AsyncDeepgramClient(
             api_key=api_key, httpx_client=httpx.AsyncClient(), max_retries=0, **_environment(url)
         )
+        # What a first call would import while holding a slot of the shared limit, imported now
+        # (some 0.3 s of CPU): the SDK's listen clients, and the asyncio backend of anyio, which
+        # httpx's connection pool loads on its first request. A process starved of CPU while it
+        # holds a slot can outlive its lease, and the slot would be given to another call.
+        _ = client.listen.v1.media
+        anyio.Event()
+        made[api_key, url] = client
     return made[api_key, url]
 
 
