@@ -46,7 +46,7 @@ DRAIN_TIMEOUT_S = 600.0
 SECTION = "## 5. Transcription: recordings against a provider's concurrency cap"
 PIPELINE_YAML = f"""\
 name: {PIPELINE}
-preload: [deepgram]   # the SDK imported once by the supervisor, not by each of the workers
+preload: [phases.transcription_preload]   # the SDK and TLS set up once, for all the workers
 phases:
   transcription:
     handler: phases.transcription:transcribe

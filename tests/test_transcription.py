@@ -7,6 +7,8 @@ shared limits where it says so) on recordings the tests make.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -274,3 +276,15 @@ def test_an_unreachable_endpoint_and_bad_options_are_one_line(
     assert "secret" not in str(unreachable.value)
     assert str(misspelt.value) == "bad transcription option 'smart_formating': Extra inputs are not permitted"
     assert "is not an http(s) URL" in str(not_a_url.value)
+
+
+def test_the_preload_module_sets_up_what_a_first_call_needs() -> None:
+    check = (
+        "import sys, phases.transcription_preload\n"
+        "from phases.deepgram_api import _tls\n"
+        "loaded = {'deepgram.listen.v1.media.client', 'anyio._backends._asyncio'} - set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "assert _tls.cache_info().currsize == 1\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr

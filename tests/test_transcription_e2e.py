@@ -47,7 +47,7 @@ phases:
     options: {{context_provider: local}}
 limits:
   deepgram: {{concurrency: {concurrency}}}
-preload: [deepgram]
+preload: [phases.transcription_preload]
 """
 
 

@@ -10,14 +10,17 @@ a retry the SDK made on its own would be a request the limit never counted, hold
 silently. Without a limit, a failed call fails the attempt and the job's retries take over.
 
 The SDK and httpx are imported when a call is made, not with the module: importing the SDK takes
-over a second, which every worker of every phase would otherwise pay. List ``deepgram`` under
-``preload:`` to pay it once in the supervisor instead.
+over a second, which every worker of every phase would otherwise pay. With many transcription
+workers, list ``phases.transcription_preload`` under ``preload:`` to pay it once, in the
+supervisor, for all of them (see ``warm``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import ssl
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -123,9 +126,8 @@ async def request_transcript(
 
 
 # One client per event loop, key and endpoint. A worker runs its jobs on one loop, so its jobs
-# share one client: its kept-alive connection (no TLS handshake per recording) and its SSL
-# context, whose certificates take some 0.2 s of CPU to load (measured: more than the rest of a
-# job). The loop owns the client's connections, hence one per loop; a closed loop's is dropped.
+# share one client and its kept-alive connection (no TLS handshake per recording). The loop owns
+# the client's connections, hence one per loop; a closed loop's is dropped.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None], Any]] = (
     weakref.WeakKeyDictionary()
 )
@@ -135,20 +137,50 @@ def _client(api_key: str, url: str | None) -> Any:
     made = _clients.setdefault(asyncio.get_running_loop(), {})
     if (api_key, url) not in made:
         import anyio
-        import httpx
-        from deepgram import AsyncDeepgramClient
 
-        client = AsyncDeepgramClient(
-            api_key=api_key, httpx_client=httpx.AsyncClient(), max_retries=0, **_environment(url)
-        )
-        # What a first call would import while holding a slot of the shared limit, imported now
-        # (some 0.3 s of CPU): the SDK's listen clients, and the asyncio backend of anyio, which
-        # httpx's connection pool loads on its first request. A process starved of CPU while it
-        # holds a slot can outlive its lease, and the slot would be given to another call.
-        _ = client.listen.v1.media
+        made[api_key, url] = _new_client(api_key, url)
+        # httpx's connection pool loads anyio's asyncio backend on its first request: loaded now
+        # instead, before any slot is held (see warm)
         anyio.Event()
-        made[api_key, url] = client
     return made[api_key, url]
+
+
+def _new_client(api_key: str, url: str | None) -> Any:
+    import httpx
+    from deepgram import AsyncDeepgramClient
+
+    http = httpx.AsyncClient(verify=_tls())
+    client = AsyncDeepgramClient(api_key=api_key, httpx_client=http, max_retries=0, **_environment(url))
+    _ = client.listen.v1.media  # the SDK imports its listen clients on first use: now, not in a call
+    return client
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The TLS context every client of the process shares: loading the certificates costs some
+    0.2 s of CPU, more than the rest of a job."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+def warm() -> None:
+    """Import and load what a first call needs (some 1.5 s of CPU): the SDK, its listen clients,
+    anyio's asyncio backend, the TLS certificates. A worker does it before it takes a slot of the
+    shared limit: one starved of CPU while it holds a slot can outlive its lease, and the slot is
+    given to another call. ``preload: [phases.transcription_preload]`` does it once, in the
+    supervisor, for every worker it forks."""
+    import anyio
+
+    _new_client("preload", None)
+
+    async def backend() -> None:
+        anyio.Event()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop: the usual case, a supervisor importing its preloads
+        asyncio.run(backend())
 
 
 def _environment(url: str | None) -> dict[str, Any]:
