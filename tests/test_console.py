@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 
-from levers.console import _describe
+from levers.console import _describe, document_timeline
+from levers.ledger import DocStatus, DocumentRecord
 from tests.conftest import levers
 from tests.test_e2e import make_project
 
@@ -59,3 +61,23 @@ def test_run_shows_names_and_errors_safely_in_its_table_and_error_lines(
     assert result.stderr.splitlines()[-1].startswith("error: a\\x1b[2J[bold]b\\nFORGED.txt (")
     lines = result.stdout.splitlines() + result.stderr.splitlines()
     assert not any(line.startswith("FORGED") for line in lines)
+
+
+def test_chunks_of_a_recording_are_listed_with_their_time_span(capsys: pytest.CaptureFixture[str]) -> None:
+    chunks = [
+        {"index": 0, "text": "Queues absorb\nbursts.", "start_s": 0.4, "end_s": 42.46},
+        {"index": 1, "text": "Then \x1b[31mred\x1b[0m " + "long " * 30, "start_s": 3599.96, "end_s": 3723.0},
+        {"index": 2, "text": "no time", "start_s": None, "end_s": None},
+        {"index": 3, "text": "not a time", "start_s": float("nan"), "end_s": 1.0},
+    ]
+    record = DocumentRecord("a" * 20, "talk.wav", "files", DocStatus.DONE, "chunking", 0.0, 1.0, None)
+
+    document_timeline(record, {"transcription": {"words": [{"word": "x", "start_s": 0.1, "end_s": 0.2}]},
+                               "chunking": {"chunks": chunks}})  # fmt: skip
+
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("chunking: 2 in the recording")
+    assert lines[at + 1] == "  [0] 0:00.4-0:42.5  Queues absorb bursts."
+    assert lines[at + 2].startswith("  [1] 1:00:00.0-1:02:03.0  Then \\x1b[31mred\\x1b[0m long long")
+    assert lines[at + 2].endswith("...") and len(lines[at + 2]) < 120
+    assert len(lines) == at + 3  # words carry no text: not listed

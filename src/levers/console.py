@@ -7,6 +7,7 @@ markup and emoji codes are off, so ``[red]`` or ``:x:`` in a name is shown as wr
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -243,16 +244,19 @@ def _time_spans(phase: str, output: Any) -> None:
         for item in value
         if isinstance(item, dict)
         and isinstance(item.get("text"), str)
-        and all(isinstance(item.get(key), (int, float)) for key in ("start_s", "end_s"))
+        and all(
+            isinstance(item.get(key), (int, float)) and math.isfinite(item[key])
+            for key in ("start_s", "end_s")
+        )
     ]
     if not items:
         return
-    out.print(f"{phase}: {len(items)} in the recording")
+    out.print(shown(f"{phase}: {len(items)} in the recording"))
     for number, item in enumerate(items[:SPANS_SHOWN]):
         span = f"{_recording_time(item['start_s'])}-{_recording_time(item['end_s'])}"
         text = " ".join(item["text"].split())
         text = text if len(text) <= SPAN_TEXT_CHARS else text[: SPAN_TEXT_CHARS - 3] + "..."
-        out.print(Text(f"  [{item.get('index', number)}] {span}  {text}"))
+        out.print(shown(f"  [{item.get('index', number)}] {span}  {text}"))
     if len(items) > SPANS_SHOWN:
         out.print(f"  ... and {len(items) - SPANS_SHOWN} more")
 
