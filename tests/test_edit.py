@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from levers.edit import get_value, resolve_path, set_values
+from levers.edit import edit_text, get_value, resolve_path, set_values
 from levers.errors import SpecError, UsageError
 from levers.loading import load_pipeline
+from tests.conftest import levers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,3 +149,35 @@ def test_concurrent_sets_lose_no_update(styled: Path) -> None:
     assert spec.phases["second"].levers.workers == 15
     assert spec.phases["first"].levers.threads == 15
     assert "# lever 1" in styled.read_text()
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("first.workers=2147483648", "phases.first.levers.workers: 2147483648 is above the bound of 256"),
+        ("phases.first.timeout=18446744073709551616", "is above the bound of 604800"),
+        ("phases.first.retries=1000000000000000000000000000000", "is above the bound of 100"),
+        ("limits.api.requests_per_minute=true", "requests_per_minute: expected a whole number, not true"),
+    ],
+)
+def test_set_refuses_an_out_of_bound_value_with_exit_2_leaving_the_file_byte_identical(
+    styled: Path, assignment: str, message: str
+) -> None:
+    before = styled.read_bytes()
+
+    result = levers("set", assignment, cwd=styled.parent)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert all(line.startswith("error: pipeline.yaml:") for line in result.stderr.splitlines())
+    assert styled.read_bytes() == before
+
+
+def test_the_round_trip_load_of_an_edit_refuses_an_alias_bomb(styled: Path) -> None:
+    bomb = STYLED + "    options:\n      x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for level in range(1, 10):
+        bomb += f"      x{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]\n"
+
+    with pytest.raises(SpecError, match=r"alias \*a3 takes the file past"):
+        edit_text(styled, bomb, ["first", "second"], ["first.workers=2"])

@@ -163,3 +163,17 @@ def test_bad_options_exit_2(args: list[str], message: str) -> None:
     result = plan("-f", str(SEED), *args)
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+def test_an_alias_bomb_as_the_base_is_one_located_line_and_exit_2(seed_copy: Path) -> None:
+    bomb = seed_copy.with_name("main.yaml")
+    text = seed_copy.read_text() + "x0: &a0 [lol, lol, lol, lol, lol, lol]\n"
+    for level in range(1, 12):
+        text += f"x{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 6)}]\n"
+    bomb.write_text(text)
+
+    result = plan("-f", str(seed_copy), "--base", str(bomb))
+
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert re.match(rf"error: {re.escape(str(bomb))}:\d+:\d+: alias \*a\d+ takes the file past", line), line

@@ -147,3 +147,44 @@ def test_a_same_size_edit_within_one_timestamp_tick_is_seen(path: Path) -> None:
     os.utime(path, ns=(stamp, stamp))  # what a filesystem with coarse timestamps leaves behind
 
     assert watcher.current().spec.phases["extract"].levers.workers == 4
+
+
+def test_an_out_of_bound_edit_keeps_the_last_good_pipeline(path: Path) -> None:
+    watcher = PipelineWatcher.open(path)
+    good = watcher.current()
+    broken = GOOD.replace("workers: 3", "workers: 2147483648")
+
+    rewrite(path, broken)
+
+    assert watcher.current() is good
+    line, column = position_of(broken, "workers:", "2147483648")
+    message = "phases.extract.levers.workers: 2147483648 is above the bound of 256; set at most 256"
+    assert watcher.error == f"pipeline.yaml:{line}:{column}: {message}"
+
+
+def test_an_alias_bomb_edit_is_refused_at_the_alias(path: Path) -> None:
+    watcher = PipelineWatcher.open(path)
+    good = watcher.current()
+    bomb = GOOD + "    options:\n      x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for level in range(1, 10):
+        bomb += f"      x{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]\n"
+
+    rewrite(path, bomb)
+
+    assert watcher.current() is good
+    assert watcher.error is not None
+    assert watcher.error.startswith("pipeline.yaml:")
+    assert "alias *a3 takes the file past 20,000 keys and values" in watcher.error
+
+
+def test_a_file_grown_past_the_size_limit_is_refused(path: Path) -> None:
+    watcher = PipelineWatcher.open(path)
+    good = watcher.current()
+
+    rewrite(path, GOOD + "# padding\n" * 200_000)
+
+    assert watcher.current() is good
+    assert (
+        watcher.error
+        == "pipeline.yaml:1:1: the file is larger than 1,000,000 bytes, the most a pipeline file may be"
+    )

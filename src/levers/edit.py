@@ -23,7 +23,8 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.util import load_yaml_guess_indent
 
 from levers.errors import UsageError
-from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree
+from levers.safe_yaml import round_trip_yaml
 from levers.spec import LeverSettings, Phase, Pipeline, did_you_mean
 
 LEVER_NAMES = tuple(LeverSettings.model_fields)
@@ -91,18 +92,23 @@ def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, 
     with _locked(path):
         current = load_pipeline(path)
         text = path.read_text()
-        new_text, changes = edit_text(text, list(current.spec.phases), assignments)
+        new_text, changes = edit_text(path, text, list(current.spec.phases), assignments)
         updated = parse_pipeline(new_text.encode(), path, check_imports=True)
         if new_text != text:
             _replace(path, new_text)
     return updated, [c for c in changes if c.old != c.new]
 
 
-def edit_text(text: str, phases: Sequence[str], assignments: Sequence[str]) -> tuple[str, list[Change]]:
-    """``text`` of a pipeline file with ``KEY=VALUE`` assignments applied, layout kept. Not validated."""
+def edit_text(
+    path: Path, text: str, phases: Sequence[str], assignments: Sequence[str]
+) -> tuple[str, list[Change]]:
+    """``text`` of the pipeline file ``path`` with ``KEY=VALUE`` assignments applied, layout kept.
+    Loaded within the budgets of every load (SpecError past them), but not validated."""
     parsed = [parse_assignment(a) for a in assignments]
-    yaml = _round_trip(text)
-    tree = yaml.load(text)
+    yaml = round_trip_yaml()
+    yaml.preserve_quotes = True  # before the load: the loaded strings remember their quotes
+    tree = read_tree(text, path, yaml)
+    _keep_layout(yaml, text)
     changes = [_assign(tree, resolve_path(key, phases), value) for key, value in parsed]
     buffer = io.StringIO()
     yaml.dump(tree, buffer)
@@ -123,17 +129,15 @@ def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:
     return Change(path, old, value)
 
 
-def _round_trip(text: str) -> YAML:
-    """A round-trip YAML set up to write ``text`` back with its own indentation and quoting."""
-    yaml = YAML(typ="rt")
-    yaml.preserve_quotes = True
+def _keep_layout(yaml: YAML, text: str) -> None:
+    """Set ``yaml`` up to write ``text`` back with its own indentation. ``text`` must have loaded
+    within the budgets: ruamel's guess of the indentation loads it once more."""
     yaml.width = 4096  # never re-wrap a long line the user wrote
     mapping = _mapping_indent(text)
     _, sequence, offset = load_yaml_guess_indent(text)
     if offset is None:  # no block sequence in the file: any consistent choice keeps it unchanged
         sequence, offset = mapping, 0
     yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
-    return yaml
 
 
 def _mapping_indent(text: str) -> int:

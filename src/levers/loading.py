@@ -19,8 +19,11 @@ from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from levers.errors import SpecError, SpecProblem, UsageError
+from levers.safe_yaml import BudgetExceeded, read_capped, round_trip_yaml, too_big
 from levers.spec import Pipeline, cross_checks, did_you_mean
 
 Loc = Sequence[str | int]
@@ -56,7 +59,7 @@ def state_dir_of(pipeline_path: Path) -> Path:
 def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
     """Read, parse and validate ``path``; with ``check_imports``, import every handler too."""
     try:
-        raw = path.read_bytes()
+        raw = read_capped(path)
     except FileNotFoundError:
         raise UsageError(f"no pipeline file at {path}", fix="create one or pass -f FILE") from None
     except OSError as exc:
@@ -67,6 +70,9 @@ def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
 def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> LoadedPipeline:
     """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths."""
     shown = _shown_name(path)
+    refused = too_big(raw)
+    if refused:
+        raise SpecError([SpecProblem(shown, 1, 1, refused)])
     tree = _parse_yaml(raw, shown)
     try:
         spec = Pipeline.model_validate(_plain(tree))
@@ -81,9 +87,10 @@ def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> Loade
     return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
 
 
-def read_tree(raw: bytes, path: Path) -> CommentedMap:
-    """The round-trip tree of a pipeline file (comments and positions kept)."""
-    return _parse_yaml(raw, _shown_name(path))
+def read_tree(text: str, path: Path, yaml: YAML) -> CommentedMap:
+    """The round-trip tree of a pipeline file's text (comments and positions kept), loaded by
+    ``yaml`` (from ``round_trip_yaml``, set up as the caller will write it back)."""
+    return _parse_yaml(text, _shown_name(path), yaml)
 
 
 def ensure_importable_from(project_dir: Path) -> None:
@@ -131,9 +138,15 @@ def _shown_name(path: Path) -> str:
         return str(path)
 
 
-def _parse_yaml(raw: bytes, shown: str) -> CommentedMap:
+def _parse_yaml(raw: bytes | str, shown: str, yaml: YAML | None = None) -> CommentedMap:
     try:
-        tree = YAML(typ="rt").load(raw)
+        tree = (yaml or round_trip_yaml()).load(raw)
+    except BudgetExceeded as exc:
+        mark = exc.problem_mark
+        raise SpecError([SpecProblem(shown, mark.line + 1, mark.column + 1, exc.problem)]) from None
+    except ReaderError as exc:
+        line, col = _reader_position(raw, exc)
+        raise SpecError([SpecProblem(shown, line, col, _reader_message(exc))]) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -148,7 +161,28 @@ def _parse_yaml(raw: bytes, shown: str) -> CommentedMap:
     return tree
 
 
+def _reader_message(exc: ReaderError) -> str:
+    if exc.encoding == "unicode":  # a character YAML does not allow (NUL, most control characters)
+        return f"character #x{exc.character:04x} is not allowed in a YAML file; remove it"
+    return f"byte #x{exc.character:02x} is not {exc.encoding} ({exc.reason}); save the file as UTF-8"
+
+
+def _reader_position(raw: bytes | str, exc: ReaderError) -> tuple[int, int]:
+    """Line and column of a ReaderError, whose position counts characters of the decoded text when
+    a character is not allowed, and bytes when the bytes do not decode."""
+    if isinstance(raw, str):
+        before = raw[: exc.position]
+    elif exc.encoding == "unicode":
+        codec = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}.get(raw[:2], "utf-8")
+        before = raw.decode(codec, errors="replace")[: exc.position]
+    else:
+        before = raw[: exc.position].decode("utf-8", errors="replace")
+    return before.count("\n") + 1, len(before) - before.rfind("\n")
+
+
 def _plain(node: Any) -> Any:
+    if isinstance(node, ScalarBoolean):  # an anchored true: an int to Python, a boolean to YAML
+        return bool(node)
     if isinstance(node, dict):
         return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
     if isinstance(node, list):
@@ -158,9 +192,13 @@ def _plain(node: Any) -> Any:
 
 def _locate(tree: CommentedMap, shown: str, err: Any) -> SpecProblem:
     loc = [part for part in err["loc"] if part != "[key]"]
-    at_value = err["type"] not in ("extra_forbidden", "missing") and "[key]" not in err["loc"]
+    at_value = err["type"] not in _AT_KEY and "[key]" not in err["loc"]
     line, col = _position(tree, loc, at_value)
     return SpecProblem(shown, line, col, _message(err, loc))
+
+
+# errors about a key, or about a whole mapping, rather than about one value
+_AT_KEY = ("extra_forbidden", "missing", "too_long", "workers_total")
 
 
 def _message(err: Any, loc: list[str | int]) -> str:
@@ -170,7 +208,40 @@ def _message(err: Any, loc: list[str | int]) -> str:
         return f"unknown key {where!r}{hint}"
     if err["type"] == "missing":
         return f"{where} is required"
+    if err["type"] == "less_than_equal":
+        bound = _shown_value(_whole_if_exact(err["ctx"]["le"]))
+        return f"{where}: {_shown_value(err['input'])} is above the bound of {bound}; set at most {bound}"
+    if err["type"] == "too_long":
+        bound = err["ctx"]["max_length"]
+        return f"{where}: {len(err['input'])} entries is above the bound of {bound}; keep at most {bound}"
+    if err["type"] in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[err['type']]}, not {_shown_value(err['input'])}"
     return f"{where}: {err['msg']}"
+
+
+# pydantic's type errors for numbers, said with what was written instead (true is not a number)
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+}
+
+
+def _whole_if_exact(bound: float) -> float:
+    """A float field's bound, 86400.0, as the 86400 the file would say."""
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+
+
+def _shown_value(value: Any) -> str:
+    """``value`` as the file spells it, cut short: it may be anything the file holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _problem(tree: CommentedMap, shown: str, loc: Loc, message: str) -> SpecProblem:

@@ -121,7 +121,7 @@ def what_if(
 
     An invalid result is one UsageError line (exit 2) naming every problem.
     """
-    new_text, edits = edit_text(text, list(current.spec.phases), assignments)
+    new_text, edits = edit_text(current.path, text, list(current.spec.phases), assignments)
     effective = current.spec.model_dump(mode="json")
     # the value in force before (a default counts), not just what the file spelt out
     changes = [

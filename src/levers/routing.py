@@ -14,14 +14,12 @@ from rq.serializers import JSONSerializer
 
 from levers import keys
 from levers.errors import DocumentError
-from levers.spec import Phase, Pipeline
+from levers.spec import MAX_RETRY_DELAY_S, Phase, Pipeline
 
 JOB_FUNCTION = "levers.jobs.run_phase"
 # Hex digits of the content hash kept as a document id (the job's second argument): 80 bits, short
 # enough to type.
 ID_HEX_DIGITS = 20
-# No retry waits longer than this, however many came before it.
-MAX_RETRY_WAIT_S = 600
 # How long finished and failed jobs stay visible to RQ tools.
 RESULT_TTL_S = 24 * 3600
 FAILURE_TTL_S = 7 * 24 * 3600
@@ -69,7 +67,8 @@ def enqueue_phase(
 def _retry(settings: Phase) -> Retry | None:
     if settings.retries == 0:
         return None
-    waits = [min(settings.retry_delay * 2**i, MAX_RETRY_WAIT_S) for i in range(settings.retries)]
+    # the model bounds retries, so this list stays short; no wait is longer than the cap
+    waits = [min(settings.retry_delay * 2**i, MAX_RETRY_DELAY_S) for i in range(settings.retries)]
     return Retry(max=settings.retries, interval=waits)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from levers.errors import LeversError
 from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.safe_yaml import read_capped
 
 
 class PipelineWatcher:
@@ -46,7 +47,7 @@ class PipelineWatcher:
             return self._good
         self._stamp = stamp
         try:
-            raw = self.path.read_bytes()
+            raw = read_capped(self.path)  # a file grown past the limit is refused, not read whole
         except OSError as exc:
             self.error = f"{self.path}: {exc.strerror}"
             return self._good
