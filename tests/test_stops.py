@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,9 +16,13 @@ import psutil
 import pytest
 import redis
 from rq import Queue, Worker
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
+from levers.ledger import Ledger
 from levers.pool import live_reports
+from levers.rq_worker import LeversWorker
+from levers.worker import recover_jobs
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 from tests.test_exporter import free_port, try_scrape
@@ -195,6 +198,44 @@ def _phase_restarts(connection: redis.Redis) -> int:
     return int(report["phases"]["first"]["restarts"])
 
 
+def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=3)
+    running, claimed, handed_on = submit(root, "docs")
+    queue = first_queue(connection)
+    worker = LeversWorker([queue], connection=connection, name="first.host.1", serializer=JSONSerializer)
+    worker.register_birth()
+    ledger = Ledger(connection, "toy")
+    jobs = {}
+    for _ in range(3):  # what the worker did before it died: take each job and record its start
+        found = Queue.dequeue_any([queue], None, connection=connection, serializer=JSONSerializer)
+        assert found is not None
+        job = found[0]
+        worker.prepare_execution(job)
+        worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+        ledger.start(job.args[1], "first")
+        jobs[job.args[1]] = job
+    with connection.pipeline() as pipe:  # one job's hand-off went through before the death
+        pipe.multi()
+        ledger.finished(handed_on, "first", 0.1, "second", pipe)
+        pipe.execute()
+
+    was_running = jobs[running].id
+    recovered = recover_jobs(connection, "toy", worker.name, 1, struck=lambda job_id: job_id == was_running)
+
+    assert sorted(recovered) == sorted([jobs[running].id, jobs[claimed].id])
+    assert sorted(job.args[1] for job in queue.jobs) == sorted([running, claimed])
+    assert queue.started_job_registry.count == 0
+    # the job whose handler ran: a death mark, its attempt kept
+    assert deaths(queue, running) == 1 and doc_field(connection, running, "first:attempts") == "1"
+    # the one claimed ahead: as if never taken
+    assert deaths(queue, claimed) == 0 and doc_field(connection, claimed, "first:attempts") == "0"
+    assert doc_field(connection, claimed, "status") == "queued"
+    # the one handed on: finished, not run again
+    assert jobs[handed_on].get_status(refresh=True) == JobStatus.FINISHED
+    assert doc_field(connection, handed_on, "first:attempts") == "1"
+    assert doc_field(connection, handed_on, "phase") == "second"
+
+
 def test_the_metrics_exporter_dies_with_a_killed_supervisor(
     tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
 ) -> None:
@@ -210,19 +251,7 @@ def test_the_metrics_exporter_dies_with_a_killed_supervisor(
     supervisors.kill(supervisor)
 
     wait_until(lambda: _gone(exporter.pid))
-    assert _port_is_free(port)
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        # as servers bind: connections the exporter closed may linger in TIME_WAIT
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", port))
-            probe.listen()
-        except OSError:
-            return False
-    return True
+    assert try_scrape(port) is None  # nothing serves stale figures there, or holds the port
 
 
 def _gone(pid: int) -> bool:

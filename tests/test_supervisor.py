@@ -63,7 +63,7 @@ class FakeProcess:
 
     pid: int
     exitcode: int | None = None
-    finished_jobs: int = 0
+    jobs_started: int = 0
     signals: list[str] = field(default_factory=list)
 
     def terminate(self) -> None:
@@ -244,7 +244,7 @@ def test_workers_killed_after_finishing_jobs_are_replaced_at_once_and_never_make
     for kill in range(1, FAILING_AFTER_CRASHES * 3 + 1):
         h.clock.advance(1.0)  # each dies a second after its start, well within QUICK_CRASH_S
         [worker] = h.running("extract")
-        worker.finished_jobs = 3
+        worker.jobs_started = 3
         worker.exitcode = -9
         h.tick()
 
@@ -263,7 +263,7 @@ def test_a_kill_between_crashes_resets_the_crash_count(tmp_path: Path) -> None:
         h.tick()
 
     [worker] = h.running("extract")
-    worker.finished_jobs = 1  # it worked, then was killed
+    worker.jobs_started = 1  # it worked, then was killed
     crash_current_worker(h)
 
     assert len(h.running("extract")) == 1

@@ -127,6 +127,10 @@ class Ledger:
         pipe.hdel(self._key(doc_id), f"{phase}:error")
         pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
 
+    def phase_finished(self, doc_id: str, phase: str) -> bool:
+        """Whether an attempt of ``phase`` finished and handed the document on."""
+        return bool(self.connection.hexists(self._key(doc_id), f"{phase}:seconds"))
+
     def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0) -> None:
         """Record a failed attempt; ``final`` when no retry follows, which fails the document."""
         fields: dict[Any, str | float] = {f"{phase}:error": error}

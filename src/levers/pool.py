@@ -66,8 +66,8 @@ class WorkerProcess(ForkProcess):
         super().__init__(target=_worker_main, args=args, name=f"levers-{phase}", daemon=False)
 
     @property
-    def finished_jobs(self) -> int:
-        return self.progress.finished
+    def jobs_started(self) -> int:
+        return self.progress.jobs_started
 
 
 def preload_handlers(loaded: LoadedPipeline) -> None:

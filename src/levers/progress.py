@@ -1,10 +1,11 @@
-"""What a worker tells its supervisor through memory they share: how many jobs it has finished,
+"""What a worker tells its supervisor through memory they share: how many jobs it has started,
 and the job whose handler runs now.
 
-The supervisor reads it once the worker is dead, whatever killed it: a worker that finished jobs
-was killed, not crashing (it is replaced at once), and of the jobs the worker held, only the one
-whose handler ran can have killed it (the one it had claimed ahead goes back unmarked). Shared
-memory costs the job path nothing: no round trip, no system call.
+The supervisor reads it once the worker is dead, whatever killed it. A worker that started jobs
+was killed (out of memory, kill -9, or by its job), not crashing at start: it is replaced at
+once. Of the jobs the worker held, only the one whose handler ran can have killed it; the one it
+had claimed ahead goes back unmarked. Shared memory costs the job path nothing: no round trip,
+no system call.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ JOB_ID_BYTES = 256
 
 
 class _Fields(ctypes.Structure):
-    _fields_ = [("finished", ctypes.c_uint64), ("running", ctypes.c_char * JOB_ID_BYTES)]
+    _fields_ = [("started", ctypes.c_uint64), ("running", ctypes.c_char * JOB_ID_BYTES)]
 
 
 class WorkerProgress:
@@ -30,19 +31,15 @@ class WorkerProgress:
     def started(self, job_id: str) -> None:
         """The handler of ``job_id`` is about to run."""
         self._fields.running = job_id.encode()[:JOB_ID_BYTES]
+        self._fields.started += 1
 
     def ended(self) -> None:
-        """The running handler returned or raised: a job finished, whatever its outcome."""
-        self._fields.running = b""
-        self._fields.finished += 1
-
-    def interrupted(self) -> None:
-        """The running handler was cut short by a stop: its job goes back to its queue unmarked."""
+        """The running handler returned, raised, or was cut short by a stop."""
         self._fields.running = b""
 
     @property
-    def finished(self) -> int:
-        return int(self._fields.finished)
+    def jobs_started(self) -> int:
+        return int(self._fields.started)
 
     def running(self, job_id: str) -> bool:
         """Whether ``job_id``'s handler was running (when the worker died, read after its death)."""

@@ -380,7 +380,7 @@ class LeversWorker(SimpleWorker):
             return
         except BaseException:
             if self._cold_stop:
-                self.progress.interrupted()
+                self.progress.ended()
                 with contextlib.suppress(Exception):  # what stays registered, the supervisor requeues
                     self._release(claim, "a second stop signal cut it short")
             raise

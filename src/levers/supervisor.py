@@ -1,12 +1,13 @@
 """The supervisor: keeps each phase at its declared number of workers by reconciling, tick by tick.
 
 Each tick: follow pipeline.yaml, reap the dead (recovering the jobs they were running), then
-grow or shrink every phase toward its ``workers`` lever. A worker that dies before finishing any
-job is crashing: it comes back with exponential backoff, and a phase whose workers keep crashing
-is marked failing. One that finished jobs was killed (out of memory, kill -9): it is replaced at
-once. Shrinking retires idle workers first and never kills a running job: a retiring worker
-finishes its job, then exits. A stop waits ``grace_s`` for running jobs, then cuts short the
-workers still running one: their jobs go back to their queues.
+grow or shrink every phase toward its ``workers`` lever. A worker that dies soon after its start
+without having started a job is crashing: it comes back with exponential backoff, and a phase
+whose workers keep crashing is marked failing. One that started jobs was killed (out of memory,
+kill -9, or by its job, which then fails after ``retries`` such deaths): it is replaced at once.
+Shrinking retires idle workers first and never kills a running job: a retiring worker finishes
+its job, then exits. A stop waits ``grace_s`` for running jobs, then cuts short the workers
+still running one: their jobs go back to their queues.
 
 Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``clock``), so tests
 can replay a history of deaths and edits without processes.
@@ -26,7 +27,7 @@ from levers.watch import PipelineWatcher
 
 log = logging.getLogger("levers.supervisor")
 
-# A worker that dies sooner than this after its start, having finished no job, counts as a crash.
+# A worker that dies sooner than this after its start, having started no job, counts as a crash.
 QUICK_CRASH_S = 10.0
 # Waits before restarting a crashing phase: first, then doubling, up to the cap.
 FIRST_BACKOFF_S = 0.5
@@ -45,8 +46,8 @@ class ProcessHandle(Protocol):
     def exitcode(self) -> int | None: ...
 
     @property
-    def finished_jobs(self) -> int:
-        """Jobs the worker finished (read after its death: did it ever work?)."""
+    def jobs_started(self) -> int:
+        """Jobs whose handler the worker started (read after its death: did it ever work?)."""
         ...
 
     def terminate(self) -> None: ...
@@ -198,7 +199,7 @@ class Supervisor:
     def _count_death(self, slot: Slot, now: float) -> None:
         health = self.health.setdefault(slot.phase, PhaseHealth())
         health.restarts += 1
-        if slot.process.finished_jobs == 0 and now - slot.started_at < QUICK_CRASH_S:
+        if slot.process.jobs_started == 0 and now - slot.started_at < QUICK_CRASH_S:
             health.crashes += 1
             delay = min(FIRST_BACKOFF_S * 2 ** (health.crashes - 1), MAX_BACKOFF_S)
             health.next_spawn_at = now + delay

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import redis
 from rq import Queue
+from rq.defaults import DEFAULT_RESULT_TTL
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from levers import keys
@@ -108,7 +109,8 @@ def recover_jobs(
     worker-death mark, and one whose workers died under it more than ``max_recoveries`` times is
     failed instead, so a document that kills its worker (out of memory, say) cannot loop forever.
     The others (claimed ahead and not started, or cut short by a stop) go back as if never taken:
-    no mark, their attempt taken back.
+    no mark, their attempt taken back. A job whose handler ended and whose document was handed on
+    (the worker died while recording the rest) is recorded as finished, never run again.
     """
     worker = LeversWorker.find_by_key(
         LeversWorker.redis_worker_namespace_prefix + name, connection=connection, serializer=JSONSerializer
@@ -121,17 +123,30 @@ def recover_jobs(
         queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.intermediate_queue.remove(job.id)
+        ledger = Ledger(connection, pipeline)
+        levers_job = job.func_name == JOB_FUNCTION
+        if levers_job and ledger.phase_finished(str(job.args[1]), str(job.args[0])):
+            _record_finished(connection, job, queue)
+            log.warning("job %s of dead worker %s had handed its document on: not run again", job.id, name)
+            continue
         if struck(job.id):
             _requeue_struck(connection, pipeline, job, queue, max_recoveries)
         else:
             queue.enqueue_job(job, at_front=True)
-            if job.func_name == JOB_FUNCTION:
-                claimed_at = execution.created_at.timestamp()
-                Ledger(connection, pipeline).released(str(job.args[1]), str(job.args[0]), claimed_at)
+            if levers_job:
+                ledger.released(str(job.args[1]), str(job.args[0]), execution.created_at.timestamp())
             log.warning("requeued job %s unmarked: worker %s was not running it or was stopped", job.id, name)
         recovered.append(job.id)
     worker.register_death()
     return recovered
+
+
+def _record_finished(connection: redis.Redis, job: Job, queue: Queue) -> None:
+    with connection.pipeline() as pipe:
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_RESULT_TTL
+        FinishedJobRegistry(queue=queue).add(job, ttl, pipeline=pipe)
+        pipe.execute()
 
 
 def _requeue_struck(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, max_deaths: int) -> None:
