@@ -37,7 +37,7 @@ from levers.ledger import DocStatus, Ledger
 from levers.loading import load_pipeline
 from levers.pool import live_reports
 
-SECTION = "## 5. Kill storm"
+SECTION = "## 6. Kill storm"
 TARGET_SLOWDOWN = 2.0
 KILL_EVERY_S = (2.0, 3.0)
 POLL_S = 0.1
