@@ -1,4 +1,7 @@
-"""``python -m bench [--quick] [--only NAME,...] [--output FILE]``: run the benchmarks, write RESULTS.md."""
+"""``python -m bench [--quick] [--only NAME,...] [--output FILE]``: run the benchmarks, write RESULTS.md.
+
+``python -m bench killstorm [--docs N] [--output FILE]``: the kill storm, in a section of its own.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench import efficiency, memory, observability, overhead, transcription
+from bench import efficiency, killstorm, memory, observability, overhead, transcription
 from bench.common import ROOT, embedded_server, machine
 from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
@@ -54,6 +57,8 @@ def progress(message: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["killstorm"]:
+        return killstorm.main(argv[1:])
     parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer jobs, documents and repetitions")
     parser.add_argument(
@@ -117,6 +122,8 @@ def main(argv: list[str]) -> int:
         text += "\n" + observability.render(result_observability)
     if result_transcription is not None:
         text = _with_transcription(text, result_transcription, args.output, alone=only == ["transcription"])
+    if only != ["transcription"]:  # a transcription run alone already kept the rest of the file
+        text += killstorm.kept_section(args.output)  # run on its own; a full run keeps its last figures
     args.output.write_text(text)
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     progress(f"bench: wrote {shown} in {info.seconds / 60:.1f} min")

@@ -162,8 +162,11 @@ def test_second_signal_stops_at_once_and_requeues(tmp_path: Path, connection: re
     supervisor.communicate(timeout=20)
 
     assert supervisor.returncode == 0
-    assert Queue("toy.first", connection=connection).count == 1
+    [job] = Queue("toy.first", connection=connection).jobs
     assert doc_field(connection, doc_id, "first:seconds") is None
+    # the supervisor cut it short: no worker-death mark, and its attempt taken back
+    assert "worker_deaths" not in job.meta
+    assert doc_field(connection, doc_id, "first:attempts") == "0"
 
 
 def test_failed_document_is_retried_then_visible_in_status_and_show(

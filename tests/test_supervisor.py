@@ -18,7 +18,6 @@ from levers.supervisor import (
     FIRST_BACKOFF_S,
     MAX_BACKOFF_S,
     QUICK_CRASH_S,
-    STOP_GRACE_S,
     PhaseState,
     Seams,
     Slot,
@@ -64,6 +63,7 @@ class FakeProcess:
 
     pid: int
     exitcode: int | None = None
+    jobs_started: int = 0
     signals: list[str] = field(default_factory=list)
 
     def terminate(self) -> None:
@@ -235,6 +235,42 @@ def test_quick_repeated_crashes_back_off_exponentially_then_fail(tmp_path: Path)
     assert report["alive"] == 1  # a failing phase keeps being retried
 
 
+def test_workers_killed_after_finishing_jobs_are_replaced_at_once_and_never_make_the_phase_fail(
+    tmp_path: Path,
+) -> None:
+    h = single_phase_harness(tmp_path)
+    h.tick()
+
+    for kill in range(1, FAILING_AFTER_CRASHES * 3 + 1):
+        h.clock.advance(1.0)  # each dies a second after its start, well within QUICK_CRASH_S
+        [worker] = h.running("extract")
+        worker.jobs_started = 3
+        worker.exitcode = -9
+        h.tick()
+
+        assert len(h.spawned) == kill + 1, f"kill {kill}: not replaced in the same tick"
+        assert h.phase_report("extract")["state"] == PhaseState.OK
+
+    assert h.phase_report("extract")["restarts"] == FAILING_AFTER_CRASHES * 3
+
+
+def test_a_kill_between_crashes_resets_the_crash_count(tmp_path: Path) -> None:
+    h = single_phase_harness(tmp_path)
+    h.tick()
+    for crash in range(1, FAILING_AFTER_CRASHES):
+        crash_current_worker(h)
+        h.clock.advance(FIRST_BACKOFF_S * 2 ** (crash - 1))
+        h.tick()
+
+    [worker] = h.running("extract")
+    worker.jobs_started = 1  # it worked, then was killed
+    crash_current_worker(h)
+
+    assert len(h.running("extract")) == 1
+    crash_current_worker(h)  # a crash after it starts the count again: no failing phase
+    assert h.phase_report("extract")["state"] == PhaseState.BACKOFF
+
+
 def test_a_long_lived_worker_dying_resets_the_crash_count(tmp_path: Path) -> None:
     h = single_phase_harness(tmp_path)
     h.tick()
@@ -394,19 +430,25 @@ def test_request_stop_terminates_all_and_finishes_once_they_exit(harness: Harnes
     assert all("kill" not in p.signals for p in processes)
 
 
-def test_a_second_stop_request_kills(harness: Harness) -> None:
+def test_a_second_stop_request_kills_and_its_jobs_go_back_unmarked(harness: Harness) -> None:
     harness.tick()
 
     harness.supervisor.request_stop()
     harness.supervisor.request_stop()
 
     assert all(p.signals == ["terminate", "kill"] for p in harness.all_processes())
+    for p in harness.all_processes():
+        p.exitcode = -9
+    harness.tick()
+    # recover() sees the supervisor cut them short: their jobs did not kill them
+    assert {s.state for s in harness.recovered} == {SlotState.CUT_SHORT}
+    assert harness.supervisor.finished()
 
 
 def test_the_stop_deadline_kills_the_stragglers(harness: Harness) -> None:
     harness.tick()
     quick, *stragglers = harness.all_processes()
-    deadline = max(EXTRACT_TIMEOUT_S, CHUNK_TIMEOUT_S) + STOP_GRACE_S
+    deadline = max(EXTRACT_TIMEOUT_S, CHUNK_TIMEOUT_S)  # the default grace: the longest timeout
 
     harness.supervisor.request_stop()
     quick.exitcode = 0
@@ -420,10 +462,29 @@ def test_the_stop_deadline_kills_the_stragglers(harness: Harness) -> None:
     assert quick.signals == ["terminate"]
     assert all(p.signals == ["terminate", "kill"] for p in stragglers)
 
+    harness.clock.advance(1)
+    harness.tick()
+    assert all(p.signals == ["terminate", "kill"] for p in stragglers), "killed once"
+
     for p in stragglers:
         p.exitcode = -9
     harness.tick()
     assert harness.supervisor.finished()
+    assert [s.state for s in harness.recovered] == [SlotState.RETIRING] + [SlotState.CUT_SHORT] * 2
+
+
+def test_grace_sets_how_long_a_stop_waits(harness: Harness) -> None:
+    harness.supervisor.grace_s = 5
+    harness.tick()
+
+    harness.supervisor.request_stop()
+    harness.clock.advance(4.9)
+    harness.tick()
+    assert all(p.signals == ["terminate"] for p in harness.all_processes())
+
+    harness.clock.advance(0.1)
+    harness.tick()
+    assert all(p.signals == ["terminate", "kill"] for p in harness.all_processes())
 
 
 def test_an_edit_seen_during_a_tick_is_applied_cleanly(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue, Worker
+from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
@@ -113,6 +114,7 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
         # mid-job (0.2 of 0.5 s): one job running, the next claimed, the helper thread idle
         time.sleep(0.2)
         [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+        jobs = StartedJobRegistry("toy.first", connection=connection).get_job_ids()
         os.kill(worker.pid, signal.SIGKILL)
 
         wait_until(lambda: len(first_done(connection, doc_ids)) == 5)
@@ -120,6 +122,12 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
     finally:
         output = stop(supervisor)
     assert "requeued 2 job(s)" in output
+    # only the job whose handler ran carries the death and an extra attempt; the claimed one neither
+    held_jobs = Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer)
+    assert sorted(job.meta.get("worker_deaths", 0) for job in held_jobs if job is not None) == [0, 1]
+    held_docs = [job.args[1] for job in held_jobs if job is not None]
+    assert sorted(doc_field(connection, d, "first:attempts") or "" for d in held_docs) == ["1", "2"]
+    assert sum(int(doc_field(connection, d, "first:attempts") or 0) for d in doc_ids) == 6
 
 
 ASYNC_PHASES = """
@@ -191,7 +199,7 @@ def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
     assert not (tmp_path / ".levers" / "artifacts" / doc_id / "sets.json").exists()
 
 
-def test_rq_get_current_job_works_inside_sync_and_async_handlers(tmp_path: Path) -> None:
+def test_rq_get_current_job_works_inside_sync_and_async_handlers(tmp_path: Path, redis_url: str) -> None:
     handlers = textwrap.dedent(
         """
         import rq

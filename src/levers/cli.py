@@ -95,6 +95,15 @@ def up(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
     ] = None,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0,
+            help="How long a stop waits for running jobs before putting them back on their queues "
+            "(default: the longest phase timeout). Set the platform's grace a few seconds longer.",
+        ),
+    ] = None,
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers import pool
@@ -105,7 +114,7 @@ def up(
     unknown = only - set(project.loaded.spec.phases)
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
-    supervisor = pool.build_supervisor(project, only)
+    supervisor = pool.build_supervisor(project, only, grace_s=grace)
     exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)

@@ -2,12 +2,18 @@
 
 The exporter runs in a process of its own, forked by the supervisor before any worker: the
 supervisor forks workers all the time, and a thread serving HTTP inside it could hold a lock at
-the moment of a fork and leave the child deadlocked.
+the moment of a fork and leave the child deadlocked. It ends with its supervisor, even one killed
+by SIGKILL: an exporter left behind would serve stale figures and hold the port.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import redis
@@ -99,11 +105,35 @@ def _limit_metrics(limits: list[dict[str, object]]) -> Iterator[Metric]:
     yield from (in_flight, peak, calls, limited)
 
 
-def serve(watcher: PipelineWatcher, target: Target, port: int) -> None:
-    """Body of the exporter process: serve /metrics on ``port`` until terminated."""
+# Linux's prctl option: the signal a process receives when its parent dies.
+PR_SET_PDEATHSIG = 1
+# Elsewhere, how often the exporter checks that its supervisor is still there.
+PARENT_CHECK_S = 1.0
+
+
+def serve(watcher: PipelineWatcher, target: Target, port: int, supervisor_pid: int) -> None:
+    """Body of the exporter process: serve /metrics on ``port`` until terminated, or until the
+    supervisor (``supervisor_pid``) is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when this process ends
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_with(supervisor_pid)
     REGISTRY.register(StatusCollector(watcher, connect(target)))
     start_http_server(port)
     while True:
         signal.pause()
+
+
+def _end_with(supervisor_pid: int) -> None:
+    """SIGTERM this process when the supervisor dies: from the kernel on Linux, else from a thread."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    else:
+
+        def watch() -> None:
+            while os.getppid() == supervisor_pid:
+                time.sleep(PARENT_CHECK_S)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="levers-parent-watch", daemon=True).start()
+    if os.getppid() != supervisor_pid:  # it died before the kernel was told
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -24,6 +24,17 @@ redis.call('HSET', KEYS[1], 'status', ARGV[3], 'phase', ARGV[1], ARGV[1] .. ':st
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: the document's hash. ARGV: phase, the claim's time, the queued status. Takes back the
+# attempt a claim started, if its start was recorded (at or after the claim's time); returns 1
+# then, else 0: a worker killed between taking a job and recording its start leaves no attempt.
+_RELEASE = """
+local started = tonumber(redis.call('HGET', KEYS[1], ARGV[1] .. ':started') or '0')
+if started < tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':attempts', -1)
+redis.call('HSET', KEYS[1], 'status', ARGV[3])
+return 1
+"""
+
 
 class DocStatus(StrEnum):
     QUEUED = "queued"
@@ -93,13 +104,14 @@ class Ledger:
             return None
         return _record(doc_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def released(self, doc_id: str, phase: str) -> None:
-        """Take back a ``start`` whose job went back to its queue before it ran."""
-        key = self._key(doc_id)
-        with self.connection.pipeline() as pipe:
-            pipe.hincrby(key, f"{phase}:attempts", -1)
-            pipe.hset(key, "status", DocStatus.QUEUED)
-            pipe.execute()
+    def released(self, doc_id: str, phase: str, claimed_at: float = 0.0) -> bool:
+        """Take back a ``start`` whose job went back to its queue before it ran, or was cut short.
+
+        ``claimed_at``: when the job was taken (same host's clock as ``start``); a start recorded
+        before it was an earlier attempt's, and is kept. True when an attempt was taken back.
+        """
+        script = self.connection.register_script(_RELEASE)
+        return bool(script(keys=[self._key(doc_id)], args=[phase, repr(claimed_at), str(DocStatus.QUEUED)]))
 
     def finished(
         self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
@@ -114,6 +126,10 @@ class Ledger:
         pipe.hset(self._key(doc_id), mapping=fields)
         pipe.hdel(self._key(doc_id), f"{phase}:error")
         pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
+
+    def phase_finished(self, doc_id: str, phase: str) -> bool:
+        """Whether an attempt of ``phase`` finished and handed the document on."""
+        return bool(self.connection.hexists(self._key(doc_id), f"{phase}:seconds"))
 
     def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0) -> None:
         """Record a failed attempt; ``final`` when no retry follows, which fails the document."""

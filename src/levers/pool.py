@@ -19,6 +19,8 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.context import ForkProcess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,10 +32,11 @@ from levers import keys
 from levers.connection import Target
 from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
+from levers.progress import WorkerProgress
 from levers.project import Project, save_last_good
 from levers.rq_worker import LeversWorker
 from levers.safe import escape_logs
-from levers.supervisor import ProcessHandle, Seams, Slot, Supervisor
+from levers.supervisor import ProcessHandle, Seams, Slot, SlotState, Supervisor
 from levers.watch import PipelineWatcher
 from levers.worker import StrandedJobs, recover_jobs, run_worker, worker_name
 
@@ -51,6 +54,20 @@ _fork = multiprocessing.get_context("fork")
 class PoolOptions:
     target: Target
     log_dir: Path | None = None  # None: workers log to the supervisor's stderr
+
+
+class WorkerProcess(ForkProcess):
+    """A forked worker process, and what it tells the supervisor through shared memory."""
+
+    def __init__(self, path: Path, phase: str, options: PoolOptions) -> None:
+        self.progress = WorkerProgress()
+        # the supervisor's pid, known before the fork: one killed as a worker starts is seen gone
+        args = (path, phase, options, self.progress, os.getpid())
+        super().__init__(target=_worker_main, args=args, name=f"levers-{phase}", daemon=False)
+
+    @property
+    def jobs_started(self) -> int:
+        return self.progress.jobs_started
 
 
 def preload_handlers(loaded: LoadedPipeline) -> None:
@@ -75,15 +92,18 @@ def preload_handlers(loaded: LoadedPipeline) -> None:
 
 
 def build_supervisor(
-    project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None
-) -> Supervisor:
+    project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None,
+    grace_s: float | None = None,
+) -> Supervisor:  # fmt: skip
     """What `levers up` and `levers run` do before the first tick: import the handlers once, keep
     the pipeline as the last good version, route the logs, and make the supervisor."""
     preload_handlers(project.loaded)
     save_last_good(project.loaded)
     configure_logging(log_dir)
     watcher = PipelineWatcher(project.loaded, on_change=save_last_good)
-    return make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
+    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
+    supervisor.grace_s = grace_s
+    return supervisor
 
 
 def make_supervisor(
@@ -92,9 +112,7 @@ def make_supervisor(
     stranded = StrandedJobs(connection)
 
     def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
-        process = _fork.Process(
-            target=_worker_main, args=(loaded.path, phase, options), name=f"levers-{phase}", daemon=False
-        )
+        process = WorkerProcess(loaded.path, phase, options)
         process.start()
         return process
 
@@ -102,7 +120,11 @@ def make_supervisor(
         _end_process_group(slot.pid)
         spec = watcher.current().spec
         retries = spec.phases[slot.phase].retries if slot.phase in spec.phases else 0
-        recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries)
+        assert isinstance(slot.process, WorkerProcess)
+        # a job the supervisor cut short did not kill its worker
+        cut_short = slot.state is SlotState.CUT_SHORT
+        struck = (lambda job_id: False) if cut_short else slot.process.progress.running
+        recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries, struck)
         if slot.process.exitcode != 0:  # a worker that exits on its own leaves nothing half taken
             stranded.note(keys.queue_name(spec.name, slot.phase))
         return recovered
@@ -121,16 +143,18 @@ def _end_process_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _worker_main(path: Path, phase: str, options: PoolOptions) -> None:
+def _worker_main(
+    path: Path, phase: str, options: PoolOptions, progress: WorkerProgress, supervisor_pid: int
+) -> None:
     if options.log_dir is not None:
         options.log_dir.mkdir(parents=True, exist_ok=True)
         with (options.log_dir / f"{phase}.log").open("ab") as log_file:
             os.dup2(log_file.fileno(), 1)
             os.dup2(log_file.fileno(), 2)
-    run_worker(path, phase, options.target.url, options.target.embedded)
+    run_worker(path, phase, options.target.url, options.target.embedded, progress, supervisor_pid)
 
 
-def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> ProcessHandle:
+def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> BaseProcess:
     """Serve /metrics from a process of its own; the port is checked here, so a clash is one line."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -140,7 +164,8 @@ def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> Proce
             raise UsageError(message, fix="pick another port") from None
     from levers.exporter import serve
 
-    process = _fork.Process(target=serve, args=(watcher, target, port), name="levers-metrics", daemon=True)
+    args = (watcher, target, port, os.getpid())
+    process = _fork.Process(target=serve, args=args, name="levers-metrics", daemon=True)
     process.start()
     return process
 

@@ -43,6 +43,7 @@ from levers.jobs import (
     record_failure,
     release_claim,
 )
+from levers.progress import WorkerProgress
 from levers.safe import escape_logs
 
 log = logging.getLogger("levers.worker")
@@ -166,7 +167,9 @@ class LeversWorker(SimpleWorker):
     unchanged state is not written again.
 
     It runs only levers' own jobs (see levers.guard), read as JSON whatever serializer or job
-    class it is given (`rq worker` passes pickle unless told otherwise).
+    class it is given (`rq worker` passes pickle unless told otherwise). A second stop signal
+    (RQ's cold shutdown) puts the running job back at the head of its queue, its attempt taken
+    back, before the worker exits. ``progress`` is shared with the supervisor.
     """
 
     _last_default_beat = float("-inf")
@@ -177,7 +180,9 @@ class LeversWorker(SimpleWorker):
     death_penalty_class = JobTimeout
     job_class = GuardedJob
 
-    def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, queues: Any, *args: Any, progress: WorkerProgress | None = None, **kwargs: Any
+    ) -> None:
         given = list(queues) if isinstance(queues, list | tuple) else [queues]
         if kwargs.get("connection") is None:
             kwargs["connection"] = next((q.connection for q in given if isinstance(q, Queue)), None)
@@ -185,6 +190,8 @@ class LeversWorker(SimpleWorker):
         # cleanups then use too (a failure callback of a job found there is resolved by them)
         kwargs.update(serializer=JSONSerializer, job_class=self.job_class)
         super().__init__([q.name if isinstance(q, Queue) else q for q in given], *args, **kwargs)
+        self.progress = progress or WorkerProgress()
+        self._cold_stop = False  # a second stop signal is cutting the running job short
         self._courier: Courier | None = None
         self._claiming = False  # the courier is claiming the next job (its answer not yet taken)
         self._held: Claim | None = None  # a claim taken from the courier that has not run yet
@@ -213,6 +220,17 @@ class LeversWorker(SimpleWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipe)
             pipe.execute()
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (the running job, if any, finishes first)."""
+        return self._shutdown_requested_date is not None
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        # RQ raises SystemExit wherever the main thread is; _run gives back the job it cuts short
+        self._cold_stop = True
+        super().request_force_stop(signum, frame)
+        self._cold_stop = False  # RQ ignored it: a duplicate of the first signal
 
     def set_state(self, state: str, pipeline: redis.client.Pipeline | None = None) -> None:
         # only this worker writes its state, so the one it last wrote is the one Redis holds
@@ -277,7 +295,7 @@ class LeversWorker(SimpleWorker):
             with contextlib.suppress(Exception):  # _take_next logged it
                 self._take_next()
             if self._held is not None:
-                self._release(self._held)
+                self._release(self._held, "this worker stops before running it")
                 self._held = None
             self._courier.stop()  # the last jobs' bookkeeping completes
             self._courier = None
@@ -298,9 +316,8 @@ class LeversWorker(SimpleWorker):
         except Exception:
             # a job half-claimed (moved off its queue) is put back by RQ's intermediate queue check
             log.exception("claiming the next job failed; dequeueing the usual way")
-            return None
-        finally:
-            self._claiming = False
+        # not when a cold stop strikes while waiting: teardown() then takes the claim and gives it back
+        self._claiming = False
         return self._held
 
     def _hand_over_outcome(self) -> None:
@@ -348,6 +365,7 @@ class LeversWorker(SimpleWorker):
         job = claim.job
         job.started_at = now()
         started = time.perf_counter()
+        self.progress.started(job.id)
         try:
             if claim.error is not None:
                 raise claim.error
@@ -356,9 +374,17 @@ class LeversWorker(SimpleWorker):
             ):
                 result = self._perform(claim)
         except Exception:
+            self.progress.ended()
             job.ended_at = now()
             self._after(claim, self._fail, claim, sys.exc_info(), time.perf_counter() - started)
             return
+        except BaseException:
+            if self._cold_stop:
+                self.progress.ended()
+                with contextlib.suppress(Exception):  # what stays registered, the supervisor requeues
+                    self._release(claim, "a second stop signal cut it short")
+            raise
+        self.progress.ended()
         job.ended_at = now()
         self._after(claim, self._complete, claim, result)
 
@@ -402,14 +428,12 @@ class LeversWorker(SimpleWorker):
             record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds)
         self._finalize_failure(claim.job, claim.queue, claim.execution, exc_info)
 
-    def _release(self, claim: Claim) -> None:
-        """Put a claimed job that never ran back at the head of its queue."""
+    def _release(self, claim: Claim, why: str) -> None:
+        """Put a claimed job back at the head of its queue, its attempt taken back."""
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(claim.job, pipe, claim.execution)
             pipe.execute()
         claim.queue.enqueue_job(claim.job, at_front=True)
         if claim.phase is not None:
             release_claim(current_runtime(), claim.phase)
-        log.info(
-            "job %s goes back to %s: this worker stops before running it", claim.job.id, claim.queue.name
-        )
+        log.info("job %s goes back to %s: %s", claim.job.id, claim.queue.name, why)

@@ -1,9 +1,13 @@
 """The supervisor: keeps each phase at its declared number of workers by reconciling, tick by tick.
 
 Each tick: follow pipeline.yaml, reap the dead (recovering the jobs they were running), then
-grow or shrink every phase toward its ``workers`` lever. Crashing workers come back with
-exponential backoff; a phase whose workers keep crashing is marked failing. Shrinking retires
-idle workers first and never kills a running job: a retiring worker finishes its job, then exits.
+grow or shrink every phase toward its ``workers`` lever. A worker that dies soon after its start
+without having started a job is crashing: it comes back with exponential backoff, and a phase
+whose workers keep crashing is marked failing. One that started jobs was killed (out of memory,
+kill -9, or by its job, which then fails after ``retries`` such deaths): it is replaced at once.
+Shrinking retires idle workers first and never kills a running job: a retiring worker finishes
+its job, then exits. A stop waits ``grace_s`` for running jobs, then cuts short the workers
+still running one: their jobs go back to their queues.
 
 Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``clock``), so tests
 can replay a history of deaths and edits without processes.
@@ -23,15 +27,13 @@ from levers.watch import PipelineWatcher
 
 log = logging.getLogger("levers.supervisor")
 
-# A worker that dies sooner than this after its start counts as a crash.
+# A worker that dies sooner than this after its start, having started no job, counts as a crash.
 QUICK_CRASH_S = 10.0
 # Waits before restarting a crashing phase: first, then doubling, up to the cap.
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 # Consecutive crashes after which a phase is reported as failing (it keeps being retried).
 FAILING_AFTER_CRASHES = 5
-# Grace added to the longest phase timeout before a graceful stop turns forceful.
-STOP_GRACE_S = 30.0
 
 
 class ProcessHandle(Protocol):
@@ -43,6 +45,11 @@ class ProcessHandle(Protocol):
     @property
     def exitcode(self) -> int | None: ...
 
+    @property
+    def jobs_started(self) -> int:
+        """Jobs whose handler the worker started (read after its death: did it ever work?)."""
+        ...
+
     def terminate(self) -> None: ...
 
     def kill(self) -> None: ...
@@ -51,6 +58,7 @@ class ProcessHandle(Protocol):
 class SlotState(StrEnum):
     RUNNING = "running"
     RETIRING = "retiring"  # asked to stop after its current job
+    CUT_SHORT = "cut short"  # killed by the supervisor: a stop's grace ran out, or a second signal
 
 
 class PhaseState(StrEnum):
@@ -104,6 +112,7 @@ class Supervisor:
     only: frozenset[str] = frozenset()  # phases to run; empty means all
     slots: list[Slot] = field(default_factory=list)
     health: dict[str, PhaseHealth] = field(default_factory=dict)
+    grace_s: float | None = None  # how long a stop waits for running jobs; None: the longest timeout
     stopping: bool = False
     stop_deadline: float | None = None
 
@@ -141,14 +150,15 @@ class Supervisor:
         self.stopping = True
         now = self.seams.clock()
         if force:
-            log.warning("stopping now: running jobs go back on their queues")
+            log.warning("stopping now: running jobs go back to the head of their queues")
             self.stop_deadline = now
-            for slot in self.slots:
-                slot.process.kill()
+            self._cut_short()
             return
-        log.info("stopping: workers finish their current job first")
-        longest = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
-        self.stop_deadline = now + longest + STOP_GRACE_S
+        grace = self.grace_s
+        if grace is None:
+            grace = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
+        log.info("stopping: workers finish their current job first (up to %g s)", grace)
+        self.stop_deadline = now + grace
         for slot in self.slots:
             self._retire_one(slot)
 
@@ -184,12 +194,12 @@ class Supervisor:
                 "worker %s of %s exited with %s; requeued %d job(s)",
                 slot.pid, slot.phase, slot.process.exitcode, len(recovered),
             )  # fmt: skip
-            self._count_crash(slot, now)
+            self._count_death(slot, now)
 
-    def _count_crash(self, slot: Slot, now: float) -> None:
+    def _count_death(self, slot: Slot, now: float) -> None:
         health = self.health.setdefault(slot.phase, PhaseHealth())
         health.restarts += 1
-        if now - slot.started_at < QUICK_CRASH_S:
+        if slot.process.jobs_started == 0 and now - slot.started_at < QUICK_CRASH_S:
             health.crashes += 1
             delay = min(FIRST_BACKOFF_S * 2 ** (health.crashes - 1), MAX_BACKOFF_S)
             health.next_spawn_at = now + delay
@@ -237,5 +247,13 @@ class Supervisor:
 
     def _enforce_stop_deadline(self) -> None:
         if self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline:
-            for slot in self.slots:
+            if any(s.state is not SlotState.CUT_SHORT for s in self.slots):
+                log.warning("the stop's grace is over: running jobs go back to the head of their queues")
+            self._cut_short()
+
+    def _cut_short(self) -> None:
+        """Kill the workers still alive; their jobs go back to their queues (``recover``)."""
+        for slot in self.slots:
+            if slot.state is not SlotState.CUT_SHORT:
+                slot.state = SlotState.CUT_SHORT
                 slot.process.kill()

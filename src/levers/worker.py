@@ -18,14 +18,17 @@ from pathlib import Path
 
 import redis
 from rq import Queue
+from rq.defaults import DEFAULT_RESULT_TTL
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from levers import keys
 from levers.connection import Target, connect
 from levers.jobs import WorkerRuntime, install_runtime
 from levers.ledger import Ledger
+from levers.progress import WorkerProgress
+from levers.routing import JOB_FUNCTION
 from levers.rq_worker import LeversWorker
 from levers.watch import PipelineWatcher
 
@@ -45,8 +48,13 @@ def worker_name(phase: str, pid: int) -> str:
     return f"{phase}.{socket.gethostname()}.{pid}"
 
 
-def run_worker(pipeline_path: Path, phase: str, target_url: str, embedded: bool) -> None:
-    """Body of a worker process: serve ``phase``'s queue until told to stop."""
+def run_worker(
+    pipeline_path: Path, phase: str, target_url: str, embedded: bool,
+    progress: WorkerProgress | None = None, supervisor_pid: int | None = None,
+) -> None:  # fmt: skip
+    """Body of a worker process: serve ``phase``'s queue until told to stop, or until the
+    supervisor (default: the parent process) is gone; ``progress`` is shared with it."""
+    supervisor_pid = supervisor_pid or os.getppid()
     # the supervisor handles the terminal's signals; a worker hears only what the supervisor sends
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -64,32 +72,45 @@ def run_worker(pipeline_path: Path, phase: str, target_url: str, embedded: bool)
         name=worker_name(phase, os.getpid()),
         serializer=JSONSerializer,
         worker_ttl=WORKER_TTL_S,
+        progress=progress,
     )
-    _stop_when_orphaned(os.getppid())
+    _stop_when_orphaned(worker, supervisor_pid)
     worker.work(with_scheduler=True, logging_level="INFO", log_format=log_format)
 
 
-def _stop_when_orphaned(supervisor_pid: int) -> None:
+def _stop_when_orphaned(worker: LeversWorker, supervisor_pid: int) -> None:
     """Ask this worker to stop (after its current job) if its supervisor dies, even by SIGKILL.
 
     Workers lead their own process groups, so nothing else would end them: a restarted supervisor
-    would then run its full complement beside the orphans.
+    would then run its full complement beside the orphans. A stop already under way (the
+    supervisor's SIGTERM came before its SIGKILL, as platforms send them) is left to finish: a
+    second signal would be a cold stop, cutting the running job short.
     """
 
     def watch() -> None:
         while os.getppid() == supervisor_pid:
             time.sleep(ORPHAN_CHECK_S)
-        log.warning("the supervisor (pid %d) is gone: stopping after the current job", supervisor_pid)
+        gone = f"the supervisor (pid {supervisor_pid}) is gone"
+        if worker.stopping:
+            log.warning("%s: this worker was already stopping after its current job", gone)
+            return
+        log.warning("%s: stopping after the current job", gone)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="levers-orphan-watch", daemon=True).start()
 
 
-def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveries: int) -> list[str]:
-    """Put back on their queues the jobs a dead worker was running; returns their ids.
+def recover_jobs(
+    connection: redis.Redis, pipeline: str, name: str, max_recoveries: int, struck: Callable[[str], bool]
+) -> list[str]:
+    """Put back at the head of their queues the jobs a dead worker held; returns their ids.
 
-    A job whose workers died under it more than ``max_recoveries`` times is failed instead, so a
-    document that kills its worker (out of memory, say) cannot loop forever.
+    ``struck(job_id)`` tells the job whose handler was running when the worker died: it carries a
+    worker-death mark, and one whose workers died under it more than ``max_recoveries`` times is
+    failed instead, so a document that kills its worker (out of memory, say) cannot loop forever.
+    The others (claimed ahead and not started, or cut short by a stop) go back as if never taken:
+    no mark, their attempt taken back. A job whose handler ended and whose document was handed on
+    (the worker died while recording the rest) is recorded as finished, never run again.
     """
     worker = LeversWorker.find_by_key(
         LeversWorker.redis_worker_namespace_prefix + name, connection=connection, serializer=JSONSerializer
@@ -102,17 +123,41 @@ def recover_jobs(connection: redis.Redis, pipeline: str, name: str, max_recoveri
         queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.intermediate_queue.remove(job.id)
-        deaths = int(job.meta.get("worker_deaths", 0)) + 1
-        job.meta["worker_deaths"] = deaths
-        job.save_meta()
-        if deaths > max_recoveries:
-            _fail_killed_job(connection, pipeline, job, queue, deaths)
+        ledger = Ledger(connection, pipeline)
+        levers_job = job.func_name == JOB_FUNCTION
+        if levers_job and ledger.phase_finished(str(job.args[1]), str(job.args[0])):
+            _record_finished(connection, job, queue)
+            log.warning("job %s of dead worker %s had handed its document on: not run again", job.id, name)
+            continue
+        if struck(job.id):
+            _requeue_struck(connection, pipeline, job, queue, max_recoveries)
         else:
             queue.enqueue_job(job, at_front=True)
-            log.warning("requeued job %s: its worker %s died", job.id, name)
+            if levers_job:
+                ledger.released(str(job.args[1]), str(job.args[0]), execution.created_at.timestamp())
+            log.warning("requeued job %s unmarked: worker %s was not running it or was stopped", job.id, name)
         recovered.append(job.id)
     worker.register_death()
     return recovered
+
+
+def _record_finished(connection: redis.Redis, job: Job, queue: Queue) -> None:
+    with connection.pipeline() as pipe:
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_RESULT_TTL
+        FinishedJobRegistry(queue=queue).add(job, ttl, pipeline=pipe)
+        pipe.execute()
+
+
+def _requeue_struck(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, max_deaths: int) -> None:
+    deaths = int(job.meta.get("worker_deaths", 0)) + 1
+    job.meta["worker_deaths"] = deaths
+    job.save_meta()
+    if deaths > max_deaths:
+        _fail_killed_job(connection, pipeline, job, queue, deaths)
+    else:
+        queue.enqueue_job(job, at_front=True)
+        log.warning("requeued job %s: its worker died while running it", job.id)
 
 
 class StrandedJobs:
