@@ -15,6 +15,7 @@ import redis
 
 from levers.connection import Target, connect, embedded_server, resolve
 from levers.errors import SpecError
+from levers.files import write_atomically
 from levers.loading import LoadedPipeline, load_pipeline, state_dir_of
 from levers.spec import Pipeline
 
@@ -67,11 +68,8 @@ def last_good_path(pipeline: Path) -> Path:
 
 def save_last_good(loaded: LoadedPipeline) -> None:
     """Keep the version a supervisor applies, for commands run while the file is invalid."""
-    target = last_good_path(loaded.path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}))
-    tmp.replace(target)
+    saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}
+    write_atomically(last_good_path(loaded.path), json.dumps(saved).encode())
 
 
 def read_last_good(pipeline: Path) -> LoadedPipeline | None:

@@ -7,10 +7,10 @@ temporary file first and are renamed into place, so a reader never sees half a f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from levers.files import write_atomically
 
 
 class ArtifactStore:
@@ -20,7 +20,7 @@ class ArtifactStore:
     def put_document(self, doc_id: str, name: str, data: bytes) -> Path:
         path = self.document_path(doc_id, name)
         if not path.exists():
-            _write_atomically(path, data)
+            write_atomically(path, data)
         return path
 
     def document_path(self, doc_id: str, name: str) -> Path:
@@ -28,7 +28,7 @@ class ArtifactStore:
 
     def put_output(self, doc_id: str, phase: str, output: Any) -> Path:
         path = self.root / doc_id / f"{phase}.json"
-        _write_atomically(path, json.dumps(output, ensure_ascii=False).encode())
+        write_atomically(path, json.dumps(output, ensure_ascii=False).encode())
         return path
 
     def output(self, doc_id: str, phase: str) -> Any:
@@ -37,15 +37,3 @@ class ArtifactStore:
 
     def has_output(self, doc_id: str, phase: str) -> bool:
         return (self.root / doc_id / f"{phase}.json").exists()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
