@@ -193,6 +193,8 @@ def test_embedded_server_restart_loses_no_queued_document(
         assert len(submit(root, "docs")) == 3
         assert "stopped" in levers("down", cwd=root).stderr
 
+        again = levers("submit", "docs", cwd=root)  # starts the server again, on its append-only file
+        assert again.stderr.count("already submitted") == 3
         status = json.loads(levers("status", "--json", cwd=root).stdout)
         assert status["phases"][0]["queued"] == 3
 

@@ -40,9 +40,11 @@ class Project:
 
 
 def open_project(
-    given: Path | None, check_imports: bool = False, start: bool = True, last_good: bool = False
+    given: Path | None, check_imports: bool = False, start: bool = False, last_good: bool = False
 ) -> Project:
-    """Load the pipeline and connect to its Redis, starting the embedded server if it is the one.
+    """Load the pipeline and connect to its Redis. With ``start``, the embedded server is started
+    if it is the one and does not run; without, its absence is a ConnectionFailed (commands that
+    only read never start a server).
 
     With ``last_good``, an invalid file falls back to the version the supervisor last applied,
     so commands that only look (status, show) keep working while the file is being fixed.
