@@ -15,7 +15,10 @@ from rq import Queue
 from typer.testing import CliRunner
 
 from levers.cli import app
+from levers.connection import embedded_server
 from levers.embedded import servers_under
+from levers.loading import load_pipeline
+from levers.pool import live_reports
 from phases.kg_ingest import embedded_server as graph_server
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import make_project, stop, submit
@@ -45,12 +48,11 @@ def url_of(root: Path) -> str:
     return result.stdout.strip()
 
 
-def registered_queues(connection: redis.Redis) -> set[bytes]:
-    """RQ's set of queues; empty while the server is still starting."""
-    try:
-        return set(connection.smembers(Queue.redis_queues_keys))
-    except redis.ConnectionError:
-        return set()
+def supervising(project: Path) -> bool:
+    """A supervisor of the project has published its report (its start-up is over)."""
+    loaded = load_pipeline(project / "pipeline.yaml")
+    running = embedded_server(loaded).running()
+    return running is not None and bool(live_reports(redis.Redis.from_url(running.url), loaded.spec.name))
 
 
 def read(project: Path, *args: str) -> tuple[int, str, str]:
@@ -98,7 +100,7 @@ def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
 
     supervisor = start_levers("up", cwd=project)  # brings back what `levers down` stopped
     try:
-        wait_until(lambda: server.running() is not None)
+        wait_until(lambda: supervising(project))
         assert server.running().port == port  # type: ignore[union-attr]
         assert read(project, "graph", "counts")[0] == 0
     finally:
@@ -108,7 +110,7 @@ def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
 def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
     supervisor = start_levers("up", "--phase", "first", cwd=project)
     try:
-        wait_until(lambda: levers("url", cwd=project).returncode == 0)
+        wait_until(lambda: supervising(project))
         url = url_of(project)
     finally:
         output = stop(supervisor)
@@ -121,7 +123,7 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
 
     supervisor = start_levers("up", "--phase", "first", cwd=project)
     try:
-        wait_until(lambda: registered_queues(connection))
+        wait_until(lambda: supervising(project))
         assert url_of(project) == url
         info = subprocess.run(["rq", "info", "--url", url], capture_output=True, text=True, timeout=30)
     finally:
@@ -129,7 +131,7 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
     assert info.returncode == 0, info.stderr
     # every phase is listed, though only first has workers and no document reached second
     assert "toy.first" in info.stdout and "toy.second" in info.stdout
-    assert registered_queues(connection) == {b"rq:queue:toy.first", b"rq:queue:toy.second"}
+    assert connection.smembers(Queue.redis_queues_keys) == {b"rq:queue:toy.first", b"rq:queue:toy.second"}
 
 
 def test_url_status_and_up_mask_the_password_unless_asked(project: Path) -> None:
