@@ -3,8 +3,11 @@ password in files only their owner reads, and all stopped by `levers down`."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 import redis
 
 from levers.embedded import EmbeddedServer, servers_under, valkey_binary
-from tests.conftest import wait_until
+from tests.conftest import servers_started_under, wait_until
 
 
 def falkordb(data_dir: Path) -> EmbeddedServer:
@@ -132,3 +135,27 @@ def test_only_the_owner_can_read_the_server_files(tmp_path: Path, kind: str) -> 
     assert any(name.endswith(".aof") for name in modes)
     assert {name: mode for name, mode in modes.items() if mode not in (0o600, 0o700)} == {}
     assert all(modes[name] == 0o700 for name in ("server", "server/appendonlydir"))
+
+
+def test_a_live_server_slow_to_answer_is_waited_for_never_doubled(valkey: EmbeddedServer) -> None:
+    first = valkey.ensure_running()
+    os.kill(first.pid, signal.SIGSTOP)  # as a machine too busy to schedule it would
+    resume = threading.Timer(1.5, os.kill, (first.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        again = valkey.ensure_running()
+    finally:
+        resume.join()
+
+    assert again == first
+    assert len(servers_started_under(valkey.data_dir)) == 1
+
+
+def test_a_start_cut_short_before_it_was_recorded_is_found(valkey: EmbeddedServer) -> None:
+    first = valkey.ensure_running()
+    # the record as a command killed between the server's start and its record leaves it
+    info = valkey.data_dir / "server.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "pid": None}))
+
+    assert valkey.ensure_running() == first
+    assert valkey.stop() and servers_started_under(valkey.data_dir) == {}

@@ -38,6 +38,7 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.02
 INFO_FILE = "server.json"
+PID_FILE = "server.pid"
 PASSWORD_FILE = "password"
 # secrets.token_urlsafe's alphabet: safe in a URL and in the server's configuration as it is
 _PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,}$")
@@ -82,14 +83,41 @@ class EmbeddedServer:
         return self.data_dir / INFO_FILE
 
     def running(self) -> RunningServer | None:
-        """The server if its process is alive and answers on its port, else None."""
-        record = _read_record(self._info_file)
-        if record is None or record.get("pid") is None:
+        """The server once it answers, if its process is alive; else None.
+
+        A live server slow to answer (a busy machine, a long append-only file to load) is waited
+        for, never taken for gone: a second server on the same files would corrupt them. One that
+        never answers is a ServerError."""
+        process = self._process()
+        if process is None:
             return None
-        pid, port = int(record["pid"]), int(record["port"])
-        if not self._is_mine(pid) or not _answers(port):
-            return None
+        pid, port = process
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(port):
+            if not self._is_mine(pid):
+                return None
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"the server in {self.data_dir} (pid {pid}) does not answer on port {port}",
+                    fix=f"stop it with `levers down`; see {self.data_dir / 'server.log'}",
+                )
+            time.sleep(POLL_S)
         return RunningServer(pid=pid, port=port, password=self._password())
+
+    def alive(self) -> bool:
+        """Its process runs (answering or not)."""
+        return self._process() is not None
+
+    def _process(self) -> tuple[int, int] | None:
+        """Pid and port of the live process serving this directory: the one recorded, else the
+        one its pid file names (a start cut short before it was recorded)."""
+        record = _read_record(self._info_file)
+        if record is None:
+            return None
+        for pid in (record.get("pid"), _read_pid(self.data_dir / PID_FILE)):
+            if pid is not None and self._is_mine(int(pid)):
+                return int(pid), int(record["port"])
+        return None
 
     def recorded_url(self) -> str | None:
         """Where the server listens when it runs (its recorded port), whether it runs now or not."""
@@ -109,16 +137,17 @@ class EmbeddedServer:
 
         Its port stays recorded, for the next start."""
         with self._lock():
-            server = self.running()
-            if server is None:
+            process = self._process()
+            if process is None:
                 return False
-            os.kill(server.pid, signal.SIGTERM)
+            pid, port = process
+            os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT_S
-            while psutil.pid_exists(server.pid) and time.monotonic() < deadline:
-                if _is_zombie(server.pid):
+            while psutil.pid_exists(pid) and time.monotonic() < deadline:
+                if _is_zombie(pid):
                     break
                 time.sleep(POLL_S)
-            self._record(server.port, pid=None)
+            self._record(port, pid=None)
             return True
 
     @contextlib.contextmanager
@@ -145,7 +174,6 @@ class EmbeddedServer:
             # taken between the check and the server's bind: any free port will do
             port = _free_port()
             pid = self._launch(port, password)
-        self._record(port, pid)
         if recorded is not None and recorded != port:
             log.warning(
                 "port %d of the server in %s is taken by another process: it listens on %d now "
@@ -155,7 +183,7 @@ class EmbeddedServer:
 
     def _launch(self, port: int, password: str) -> int:
         """Start the daemon on ``port``; its pid once it answers."""
-        pidfile = self.data_dir / "server.pid"
+        pidfile = self.data_dir / PID_FILE
         pidfile.unlink(missing_ok=True)
         args = [
             str(self.binary),
@@ -185,8 +213,13 @@ class EmbeddedServer:
 
     def _wait_until_ready(self, port: int, pidfile: Path) -> int:
         deadline = time.monotonic() + START_TIMEOUT_S
+        recorded = None
         while time.monotonic() < deadline:
             pid = _read_pid(pidfile)
+            if pid is not None and pid != recorded:
+                # recorded at once: if this command is killed now, the next finds the server
+                self._record(port, pid)
+                recorded = pid
             if pid is not None and _answers(port):
                 return pid
             if pid is not None and _is_zombie(pid):  # it exited: a port taken meanwhile, say
@@ -251,7 +284,7 @@ def recorded_servers(state_dir: Path) -> list[EmbeddedServer]:
 
 def servers_under(state_dir: Path) -> list[EmbeddedServer]:
     """The embedded servers under ``state_dir`` that run now."""
-    return [server for server in recorded_servers(state_dir) if server.running() is not None]
+    return [server for server in recorded_servers(state_dir) if server.alive()]
 
 
 def start_recorded(state_dir: Path, skip: Path | None = None) -> None:
