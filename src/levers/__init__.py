@@ -22,7 +22,7 @@ def submit_bytes(data: bytes, name: str, pipeline: str | Path | None = None, for
     from levers.project import open_project
     from levers.submission import Submitter
 
-    project = open_project(Path(pipeline) if pipeline else None, last_good=True)
+    project = open_project(Path(pipeline) if pipeline else None, start=True, last_good=True)
     outcome = Submitter(project.loaded, project.connection).submit_bytes(data, name, force)
     assert outcome.doc_id is not None
     return outcome.doc_id

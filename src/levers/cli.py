@@ -107,24 +107,49 @@ def up(
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers import pool
+    from levers.embedded import start_recorded
     from levers.project import open_project
 
-    project = open_project(file, check_imports=True)
+    project = open_project(file, check_imports=True, start=True)
     only = frozenset(phase or [])
     unknown = only - set(project.loaded.spec.phases)
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
+    # what `levers down` stopped (a phase's graph database, say) comes back on its own address
+    start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
     supervisor = pool.build_supervisor(project, only, grace_s=grace)
     exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)
-    console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked}")
+    console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked} {URL_HINT}")
     try:
         pool.run(supervisor, project.connection)
     finally:
         if exporter is not None:
             exporter.terminate()
     console.note("levers: stopped")
+
+
+URL_HINT = "(for rq info and rq-dashboard: levers url --show-password)"
+
+
+@app.command()
+@reports_errors
+def url(
+    file: FileOption = None,
+    show_password: Annotated[
+        bool, typer.Option("--show-password", help="Print the password too, for the tool it is given to.")
+    ] = False,
+) -> None:
+    """Print the URL of the pipeline's Redis, to give `rq info --url` or rq-dashboard (password masked)."""
+    from levers.connection import masked, redis_address
+    from levers.loading import load_pipeline
+    from levers.project import pipeline_path
+
+    address, running = redis_address(load_pipeline(pipeline_path(file)))
+    console.out.print(address if show_password else masked(address), soft_wrap=True)
+    if running is False:
+        console.note("the embedded server is not running now (start it with `levers up` or `levers run`)")
 
 
 @app.command()
@@ -157,7 +182,7 @@ def submit(
     from levers.project import open_project
     from levers.submission import Submitter
 
-    project = open_project(file, last_good=True)
+    project = open_project(file, start=True, last_good=True)
     if project.file_error:
         for line in [*project.file_error.splitlines(), "(submitting with the last good version of the file)"]:
             console.error(line)
@@ -235,11 +260,12 @@ def get(
     file: FileOption = None,
 ) -> None:
     """Print one setting's effective value (defaults included)."""
+    from levers.connection import masked_values
     from levers.edit import get_value
     from levers.loading import load_pipeline
     from levers.project import pipeline_path
 
-    value = get_value(load_pipeline(pipeline_path(file)), key)
+    value = masked_values(get_value(load_pipeline(pipeline_path(file)), key))
     console.print_json(value) if isinstance(value, (dict, list)) else console.out.print(str(value))
 
 
@@ -262,9 +288,9 @@ def status(
     if as_json:
         console.print_json(read().as_json())
     elif watch:
-        console.watch_status(read)
+        console.watch_status(read, project.target.masked)
     else:
-        console.status_table(read())
+        console.status_table(read(), project.target.masked)
 
 
 @app.command()

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -22,6 +23,8 @@ from levers.loading import LoadedPipeline
 _ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 CONNECT_TIMEOUT_S = 5.0
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+NOT_RUNNING = "the embedded server is not running"
+START_HINT = "start it with `levers up` or `levers run`"
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,25 @@ def resolve(loaded: LoadedPipeline, start: bool = True, environ: Mapping[str, st
     server = embedded_server(loaded)
     running = server.ensure_running() if start else server.running()
     if running is None:
-        raise ConnectionFailed("the embedded server is not running", fix="start it with `levers up`")
+        raise ConnectionFailed(NOT_RUNNING, fix=START_HINT)
     return Target(url=running.url, embedded=True)
+
+
+def redis_address(loaded: LoadedPipeline) -> tuple[str, bool | None]:
+    """The URL of the pipeline's Redis (password included) and whether it runs: None when it is
+    not the embedded server (nothing is asked of a server here). The embedded server's URL is
+    the one recorded when it last ran; never starts it."""
+    url = configured_url(loaded)
+    if url is not None:
+        return url, None
+    server = embedded_server(loaded)
+    running = server.running()
+    if running is not None:
+        return running.url, True
+    recorded = server.recorded_url()
+    if recorded is None:
+        raise ConnectionFailed("no embedded server has run in this project yet", fix=START_HINT)
+    return recorded, False
 
 
 def connect(target: Target) -> redis.Redis:
@@ -168,3 +188,14 @@ def masked(url: str) -> str:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def masked_values(value: Any) -> Any:
+    """``value`` with every string in it that is a URL with a password masked, at any depth."""
+    if isinstance(value, str):
+        return masked(value)
+    if isinstance(value, dict):
+        return {key: masked_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [masked_values(item) for item in value]
+    return value

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from levers.connection import masked_values
 from levers.errors import LeversError, SpecError
 from levers.ledger import DocStatus, DocumentRecord
 from levers.safe import shown
@@ -132,8 +133,9 @@ def _seconds(run: Any) -> str:
     return f"{run.seconds:.3f}" if run is not None and run.seconds is not None else "-"
 
 
-def status_view(status: PipelineStatus) -> Group:
-    """The status table, limits, and notes for a missing supervisor and a broken pipeline.yaml."""
+def status_view(status: PipelineStatus, server: str | None = None) -> Group:
+    """The status table, limits, the server's (masked) URL, and notes for a missing supervisor and
+    a broken pipeline.yaml."""
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
     columns = ("phase", "queued", "oldest", "running", "retry", "done", "failed", "workers", "busy",
                "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state", "alerts")  # fmt: skip
@@ -157,6 +159,8 @@ def status_view(status: PipelineStatus) -> Group:
         parts.append(Text("◀ the bottleneck: the longest backlog to drain, else the busiest phase"))
     if status.limits:
         parts.append(_limits_table(status.limits))
+    if server is not None:
+        parts.append(Text(f"server: {server} (for rq info and rq-dashboard: levers url --show-password)"))
     if not status.supervisors:
         parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
     if status.config_error:
@@ -205,8 +209,8 @@ def findings(found: Sequence[Any]) -> None:
             out.print(Text.assemble("  ", (finding.command, "bold")))
 
 
-def status_table(status: PipelineStatus) -> None:
-    out.print(status_view(status))
+def status_table(status: PipelineStatus, server: str | None = None) -> None:
+    out.print(status_view(status, server))
 
 
 def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
@@ -293,20 +297,23 @@ def _describe(output: Any) -> str:
     return "; ".join(parts)
 
 
-def watch_status(read: Callable[[], PipelineStatus], refresh_s: float = 1.0) -> None:
+def watch_status(
+    read: Callable[[], PipelineStatus], server: str | None = None, refresh_s: float = 1.0
+) -> None:
     """Redraw the status in place until Ctrl-C."""
     try:
-        with Live(status_view(read()), console=out, refresh_per_second=4) as live:
+        with Live(status_view(read(), server), console=out, refresh_per_second=4) as live:
             while True:
                 time.sleep(refresh_s)
-                live.update(status_view(read()))
+                live.update(status_view(read(), server))
     except KeyboardInterrupt:
         pass
 
 
 def changes(applied_changes: Sequence[Any]) -> None:
     for change in applied_changes:
-        out.print(shown(f"{change.dotted}: {change.old} -> {change.new}"))
+        old, new = masked_values(change.old), masked_values(change.new)
+        out.print(shown(f"{change.dotted}: {old} -> {new}"))
 
 
 def applied(result: Any) -> None:

@@ -46,5 +46,7 @@ def call_graph_phase(
         return call(state_dir=loaded.state_dir, **extra, **kwargs)
     except ValueError as exc:  # the phase's word for bad input, such as a malformed group id
         raise UsageError(str(exc)) from None
+    except LeversError:  # already a line for the user (its server is not running, say)
+        raise
     except Exception as exc:
         raise LeversError(f"{module_name}.{function} failed: {type(exc).__name__}: {exc}") from None

@@ -34,6 +34,7 @@ from levers.errors import UsageError
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.progress import WorkerProgress
 from levers.project import Project, save_last_good
+from levers.routing import register_queues
 from levers.rq_worker import LeversWorker
 from levers.safe import escape_logs
 from levers.supervisor import ProcessHandle, Seams, Slot, SlotState, Supervisor
@@ -99,11 +100,29 @@ def build_supervisor(
     the pipeline as the last good version, route the logs, and make the supervisor."""
     preload_handlers(project.loaded)
     save_last_good(project.loaded)
+    register_queues(project.connection, project.loaded.spec)
     configure_logging(log_dir)
-    watcher = PipelineWatcher(project.loaded, on_change=save_last_good)
+    watcher = PipelineWatcher(project.loaded, on_change=_took_up(project.connection))
     supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
     supervisor.grace_s = grace_s
     return supervisor
+
+
+def _took_up(connection: redis.Redis) -> Callable[[LoadedPipeline], None]:
+    """What follows a new valid pipeline.yaml: keep it as the last good version and register its
+    queues. Neither is worth a supervisor: a failure is a warning, and the next edit tries again."""
+
+    def took_up(loaded: LoadedPipeline) -> None:
+        try:
+            save_last_good(loaded)
+        except OSError as exc:
+            log.warning("could not keep the last good pipeline: %s", exc)
+        try:
+            register_queues(connection, loaded.spec)
+        except redis.RedisError as exc:
+            log.warning("could not register the queues of the new pipeline: %s", exc)
+
+    return took_up
 
 
 def make_supervisor(

@@ -15,6 +15,7 @@ import redis
 
 from levers.connection import Target, connect, embedded_server, resolve
 from levers.errors import SpecError
+from levers.files import write_atomically
 from levers.loading import LoadedPipeline, load_pipeline, state_dir_of
 from levers.spec import Pipeline
 
@@ -39,9 +40,11 @@ class Project:
 
 
 def open_project(
-    given: Path | None, check_imports: bool = False, start: bool = True, last_good: bool = False
+    given: Path | None, check_imports: bool = False, start: bool = False, last_good: bool = False
 ) -> Project:
-    """Load the pipeline and connect to its Redis, starting the embedded server if it is the one.
+    """Load the pipeline and connect to its Redis. With ``start``, the embedded server is started
+    if it is the one and does not run; without, its absence is a ConnectionFailed (commands that
+    only read never start a server).
 
     With ``last_good``, an invalid file falls back to the version the supervisor last applied,
     so commands that only look (status, show) keep working while the file is being fixed.
@@ -67,11 +70,8 @@ def last_good_path(pipeline: Path) -> Path:
 
 def save_last_good(loaded: LoadedPipeline) -> None:
     """Keep the version a supervisor applies, for commands run while the file is invalid."""
-    target = last_good_path(loaded.path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}))
-    tmp.replace(target)
+    saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}
+    write_atomically(last_good_path(loaded.path), json.dumps(saved).encode())
 
 
 def read_last_good(pipeline: Path) -> LoadedPipeline | None:

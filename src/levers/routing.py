@@ -46,6 +46,12 @@ def queue(connection: redis.Redis, spec: Pipeline, phase: str) -> Queue:
     return Queue(keys.queue_name(spec.name, phase), connection=connection, serializer=JSONSerializer)
 
 
+def register_queues(connection: redis.Redis, spec: Pipeline) -> None:
+    """Name every phase's queue in RQ's set of queues, so `rq info` and rq-dashboard list a phase
+    before its first job (RQ adds a queue there only when something is enqueued to it)."""
+    connection.sadd(Queue.redis_queues_keys, *(queue(connection, spec, phase).key for phase in spec.phases))
+
+
 def enqueue_phase(
     connection: redis.Redis, spec: Pipeline, phase: str, doc_id: str, doc_name: str,
     pipeline: redis.client.Pipeline | None = None,

