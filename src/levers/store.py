@@ -65,4 +65,3 @@ class ArtifactStore:
                 raise ValueError(f"cache namespaces and keys are letters, digits, - and _: not {name!r}")
         # sharded, so that no directory grows to millions of entries
         return self.root / CACHE_DIR / namespace / key[:2] / f"{key}.json"
-
