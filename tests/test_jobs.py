@@ -87,3 +87,14 @@ def test_a_lost_host_leaves_a_document_it_already_handed_on_alone(
 
     assert doc_field(connection, doc, "status") == "queued"
     assert doc_field(connection, doc, "first:lost") is None
+
+
+def test_a_failed_documents_job_requeued_by_hand_runs_again(tmp_path: Path, connection: redis.Redis) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    record_failure(runtime, claim_phase(runtime, "first", doc), ValueError("flaky"), final=True, seconds=0.1)
+    assert doc_field(connection, doc, "status") == "failed"
+
+    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+
+    assert doc_field(connection, doc, "first:attempts") == "2"
+    assert doc_field(connection, doc, "phase") == "second"

@@ -24,11 +24,12 @@ from levers import keys, metrics
 
 # KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
 # returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown; 0,
-# writing nothing, when the document is past this phase (a copy of a job that ran already).
+# writing nothing, when the document is past this phase (a copy of a job that ran already). A
+# failed document's job may run again (requeued by hand with RQ's tools, say).
 _START = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local at = redis.call('HMGET', KEYS[1], 'phase', 'status')
-if at[1] ~= ARGV[1] or at[2] == 'done' or at[2] == 'failed' then return 0 end
+if at[1] ~= ARGV[1] or at[2] == 'done' then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':attempts', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'phase', ARGV[1], ARGV[1] .. ':started', ARGV[2])
 return redis.call('HGETALL', KEYS[1])
