@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench import efficiency, killstorm, memory, observability, overhead, transcription
+from bench import efficiency, killstorm, memory, observability, overhead, takeover, transcription
 from bench.common import ROOT, embedded_server, machine
 from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
 
-BENCHMARKS = ("overhead", "efficiency", "memory", "observability", "transcription")
+BENCHMARKS = ("overhead", "efficiency", "memory", "observability", "transcription", "takeover")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     fingerprint = src_fingerprint()
     progress(f"bench: {command} on {about['CPU']}")
     result_overhead = result_efficiency = result_memory = result_observability = result_transcription = None
+    result_takeover = None
     with embedded_server() as server:
         if "overhead" in only:
             progress("1. per-job overhead")
@@ -104,6 +105,9 @@ def main(argv: list[str]) -> int:
             progress("5. transcription under a provider's concurrency cap")
             plan_audio = transcription.QUICK if args.quick else transcription.FULL
             result_transcription = transcription.run(server, plan_audio, progress)
+        if "takeover" in only:
+            progress("7. a dead host's job running elsewhere")
+            result_takeover = takeover.run(server, 3 if args.quick else 5, progress)
     load1, load5, _ = os.getloadavg()
     info = RunInfo(
         command=command,
@@ -122,7 +126,9 @@ def main(argv: list[str]) -> int:
         text += "\n" + observability.render(result_observability)
     if result_transcription is not None:
         text = _with_transcription(text, result_transcription, args.output, alone=only == ["transcription"])
-    if only != ["transcription"]:  # a transcription run alone already kept the rest of the file
+    if result_takeover is not None:
+        text = _with_takeover(text, result_takeover, args.output, alone=only == ["takeover"])
+    if only not in (["transcription"], ["takeover"]):  # those run alone already kept the rest of the file
         text += killstorm.kept_section(args.output)  # run on its own; a full run keeps its last figures
     args.output.write_text(text)
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
@@ -138,6 +144,15 @@ def _with_transcription(
     section = transcription.render(result)
     if alone and output.exists():
         return transcription.merge_section(output.read_text(), section)
+    return text + "\n" + section
+
+
+def _with_takeover(text: str, results: list[takeover.Takeover], output: Path, alone: bool) -> str:
+    """The report with the takeover section; run alone, it replaces its own section of the
+    existing file and keeps the rest."""
+    section = takeover.render(results)
+    if alone and output.exists():
+        return takeover.merge_section(output.read_text(), section)
     return text + "\n" + section
 
 

@@ -32,13 +32,14 @@ import asyncio
 import gc
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import rq
 from rq import SimpleWorker
 
 from levers.jobs import WorkerRuntime
-from levers.ledger import DocStatus, DocumentRecord, Ledger, _record
+from levers.ledger import DocStatus, DocumentRecord, Ledger, PhaseRecord, _record
 from levers.rq_worker import LeversWorker
 
 ALL = ("heartbeat-pipeline", "heartbeat-throttle", "idle-state", "ledger-merge", "overlap")
@@ -155,7 +156,11 @@ def apply(names: tuple[str, ...] | None = None) -> tuple[str, ...]:
 
 
 def _start_in_two_round_trips(self: Ledger, doc_id: str, phase: str) -> DocumentRecord | None:
-    """``Ledger.get`` then ``Ledger.started`` as they were before the merge (HGETALL, MULTI/EXEC)."""
+    """``Ledger.get`` then ``Ledger.started`` as they were before the merge (HGETALL, MULTI/EXEC).
+
+    The record returned counts the attempt just started, as ``Ledger.start``'s does: the hand-off
+    commits only for the attempt the ledger holds.
+    """
     record = self.get(doc_id)
     if record is None:
         return None
@@ -164,7 +169,8 @@ def _start_in_two_round_trips(self: Ledger, doc_id: str, phase: str) -> Document
         pipe.hincrby(key, f"{phase}:attempts", 1)
         pipe.hset(key, mapping={"status": DocStatus.RUNNING, "phase": phase, f"{phase}:started": time.time()})
         pipe.execute()
-    return record
+    run = record.phases.get(phase, PhaseRecord(None, None, 0, None))
+    return replace(record, phases={**record.phases, phase: replace(run, attempts=run.attempts + 1)})
 
 
 def revert() -> tuple[str, ...]:

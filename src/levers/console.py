@@ -21,6 +21,7 @@ from rich.text import Text
 
 from levers.connection import masked_values
 from levers.errors import LeversError, SpecError
+from levers.leases import SupervisorLease
 from levers.ledger import DocStatus, DocumentRecord
 from levers.safe import shown
 from levers.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING, PipelineStatus
@@ -161,12 +162,32 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         parts.append(_limits_table(status.limits))
     if server is not None:
         parts.append(Text(f"server: {server} (for rq info and rq-dashboard: levers url --show-password)"))
-    if not status.supervisors:
+    if status.supervisors:
+        parts.append(_supervisors_table(status.supervisors))
+    if any(s.lapsed for s in status.supervisors):
+        parts.append(
+            Text("a lapsed lease's jobs go back to their queues once a live supervisor takes it over")
+        )
+    if not any(not s.lapsed for s in status.supervisors):
         parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
     if status.config_error:
         parts.append(Text("pipeline.yaml has an error; workers keep the last good version:", style="red"))
         parts.append(Text(shown(status.config_error, keep_newlines=True), style="red"))
     return Group(*parts)
+
+
+def _supervisors_table(supervisors: Sequence[SupervisorLease]) -> Table:
+    table = Table(title="supervisors", title_justify="left")
+    for column in ("host", "pid", "phases", "workers", "lease", "pipeline version"):
+        table.add_column(column, justify="right" if column in ("pid", "workers") else "left")
+    for s in supervisors:
+        age = "-" if s.lease_age_s is None else _duration(s.lease_age_s)
+        lease = Text(f"lapsed (renewed {age} ago)", style="red") if s.lapsed else f"renewed {age} ago"
+        # host names, phases and versions come from Redis: shown as written
+        table.add_row(
+            shown(s.host), str(s.pid), shown(", ".join(s.phases)), str(s.workers), lease, shown(s.version)
+        )
+    return table
 
 
 def _limits_table(limits: Sequence[dict[str, Any]]) -> Table:
@@ -221,9 +242,10 @@ def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
     for column in ("phase", "started", "seconds", "attempts", "error", "output"):
         table.add_column(column)
     for phase, run in record.phases.items():
+        errors = [run.error, *([run.lost] if run.lost != run.error else [])]
         table.add_row(
-            phase, _clock(run.started), _seconds(run), str(run.attempts), shown(run.error or ""),
-            shown(_describe(outputs.get(phase))),
+            phase, _clock(run.started), _seconds(run), str(run.attempts),
+            shown("; ".join(e for e in errors if e)), shown(_describe(outputs.get(phase))),
         )  # fmt: skip
     out.print(table)
     for phase, output in outputs.items():

@@ -2,7 +2,9 @@
 
 Each job reads the phase's settings from pipeline.yaml as it is when the job starts (the last
 valid version if an edit broke it), calls the handler, stores its output and enqueues the
-document to ``next`` in the same Redis transaction that records the phase as finished.
+document to ``next`` in the same Redis transaction that records the phase as finished. That
+transaction commits only while the job's attempt is the document's current one, so a job run
+twice (its host lost, then back) hands the document on once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import rq
 from levers import keys, metrics
 from levers.connection import resolve
 from levers.context import Document, Levers, PhaseContext
-from levers.ledger import DocumentRecord, Ledger
+from levers.ledger import DocumentRecord, Ledger, Superseded
 from levers.limits import JobLimits
 from levers.loading import ensure_importable_from, import_handler, state_dir_of
 from levers.routing import enqueue_phase
@@ -149,6 +151,12 @@ class ClaimedPhase:
     doc: Document | None
     unreadable: Exception | None = None  # why ``doc`` is None: the job fails with it when it runs
 
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the phase this is: the ledger's count when it started."""
+        run = self.record.phases.get(self.phase)
+        return run.attempts if run is not None else 0
+
 
 @dataclass(frozen=True)
 class PerformedPhase:
@@ -168,19 +176,31 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
     and complete the last while a handler runs; this is the whole job in one call, for any worker.
     """
     runtime = current_runtime()
-    claimed = claim_phase(runtime, phase, doc_id)
+    try:
+        claimed = claim_phase(runtime, phase, doc_id)
+    except Superseded as exc:
+        return superseded(phase, doc_id, exc)
     started = time.perf_counter()
     try:
         return complete_phase(runtime, perform_phase(runtime, claimed))
+    except Superseded as exc:
+        return superseded(phase, doc_id, exc)
     except Exception as exc:
         job = rq.get_current_job()
         final = job is None or not job.retries_left
-        record_failure(runtime, claimed, exc, final, time.perf_counter() - started)
+        if not record_failure(runtime, claimed, exc, final, time.perf_counter() - started):
+            return superseded(phase, doc_id, exc)
         raise
 
 
+def superseded(phase: str, doc_id: str, reason: BaseException) -> dict[str, Any]:
+    """The result of a job whose attempt another took over: it recorded nothing."""
+    return {"document": doc_id, "phase": phase, "superseded": str(reason)}
+
+
 def claim_phase(runtime: WorkerRuntime, phase: str, doc_id: str) -> ClaimedPhase:
-    """Record the attempt's start in the ledger (one round trip) and read the document."""
+    """Record the attempt's start in the ledger (one round trip) and read the document; raise
+    Superseded for a copy of a job that ran already."""
     spec = runtime.watcher.current().spec
     record = Ledger(runtime.connection, spec.name).start(doc_id, phase)
     if record is None:
@@ -206,30 +226,37 @@ def perform_phase(runtime: WorkerRuntime, claimed: ClaimedPhase) -> PerformedPha
 
 
 def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[str, Any]:
-    """Store the output and hand the document on; returns the job's result."""
+    """Store the output and hand the document on; returns the job's result. Raises Superseded,
+    storing and handing off nothing, when the job's attempt was taken over meanwhile."""
     claimed, spec = performed.claimed, performed.spec
-    try:
-        runtime.store(spec).put_output(claimed.record.id, claimed.phase, performed.output)
-    except (TypeError, ValueError) as exc:
-        handler = spec.phases[claimed.phase].handler
-        raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
-    _hand_off(runtime.connection, spec, claimed.phase, claimed.record, performed.seconds, performed.calls)
+
+    def store_output() -> None:
+        try:
+            runtime.store(spec).put_output(claimed.record.id, claimed.phase, performed.output)
+        except (TypeError, ValueError) as exc:
+            handler = spec.phases[claimed.phase].handler
+            raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
+
+    _hand_off(runtime.connection, spec, claimed, performed.seconds, performed.calls, store_output)
     return {"document": claimed.record.id, "phase": claimed.phase, "seconds": round(performed.seconds, 4)}
 
 
 def record_failure(
     runtime: WorkerRuntime, claimed: ClaimedPhase, exc: BaseException, final: bool, seconds: float
-) -> None:
-    """Record a failed attempt; ``final`` when RQ will not retry the job."""
+) -> bool:
+    """Record a failed attempt; ``final`` when RQ will not retry the job. False, recording
+    nothing, when the attempt was taken over meanwhile."""
     spec = runtime.watcher.current().spec
-    Ledger(runtime.connection, spec.name).attempt_failed(
-        claimed.record.id, claimed.phase, one_line(exc), final, seconds
+    return Ledger(runtime.connection, spec.name).attempt_failed(
+        claimed.record.id, claimed.phase, one_line(exc), final, seconds, claimed.attempt
     )
 
 
 def release_claim(runtime: WorkerRuntime, claimed: ClaimedPhase) -> None:
-    """Undo ``claim_phase`` for a job that goes back to its queue without having run."""
-    Ledger(runtime.connection, runtime.watcher.current().spec.name).released(claimed.record.id, claimed.phase)
+    """Undo ``claim_phase`` for a job that goes back to its queue without having run (unless its
+    attempt was taken over meanwhile and started again elsewhere)."""
+    ledger = Ledger(runtime.connection, runtime.watcher.current().spec.name)
+    ledger.released(claimed.record.id, claimed.phase, attempt=claimed.attempt)
 
 
 def one_line(exc: BaseException) -> str:
@@ -297,14 +324,20 @@ def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str])
 
 
 def _hand_off(
-    connection: redis.Redis, spec: Pipeline, phase: str, record: DocumentRecord, seconds: float, calls: int
-) -> None:
-    """Record the phase as finished and enqueue the next one, atomically."""
+    connection: redis.Redis, spec: Pipeline, claimed: ClaimedPhase, seconds: float, calls: int,
+    store_output: Callable[[], None],
+) -> None:  # fmt: skip
+    """Store the output, record the phase as finished and enqueue the next one, atomically and
+    only while the job's attempt is the document's current one (else Superseded)."""
+    phase, record = claimed.phase, claimed.record
     next_phase = spec.phases[phase].next
     if next_phase not in spec.phases:
         next_phase = None
     ledger = Ledger(connection, spec.name)
-    with connection.pipeline() as pipe:
+
+    def write(pipe: redis.client.Pipeline) -> None:
+        # after the check: a superseded attempt must not overwrite the output the next phase reads
+        store_output()
         # RQ opens the transaction (MULTI) itself, so its enqueue must come first
         if next_phase is not None:
             enqueue_phase(connection, spec, next_phase, record.id, record.name, pipeline=pipe)
@@ -315,4 +348,5 @@ def _hand_off(
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))
-        pipe.execute()
+
+    ledger.commit_if_current(record.id, phase, claimed.attempt, write)

@@ -59,3 +59,28 @@ def limit_totals(pipeline: str, limit: str) -> str:
 def phase_metrics(pipeline: str, phase: str, minute: int) -> str:
     """Hash: one phase's job counts, busy seconds and duration histogram for one minute."""
     return f"levers:{pipeline}:phase:{phase}:metrics:{minute}"
+
+
+def lease(pipeline: str, supervisor: str) -> str:
+    """String, expiring: a supervisor's lease, renewed every tick; gone means it stopped renewing."""
+    return f"levers:{pipeline}:lease:{supervisor}"
+
+
+def lease_records(pipeline: str) -> str:
+    """Hash: supervisor id -> JSON (host, pid, phases, pipeline version, its workers' RQ names)."""
+    return f"levers:{pipeline}:leases"
+
+
+def lease_renewals(pipeline: str) -> str:
+    """Hash: supervisor id -> when it last renewed its lease, in the server's milliseconds."""
+    return f"levers:{pipeline}:lease-renewals"
+
+
+def lost_leases(pipeline: str) -> str:
+    """Set: ids of supervisors whose lease lapsed and whose jobs another supervisor took over."""
+    return f"levers:{pipeline}:lost-leases"
+
+
+def takeover(pipeline: str, supervisor: str) -> str:
+    """String, expiring: the id of the supervisor taking over a lapsed lease's jobs (the claim)."""
+    return f"levers:{pipeline}:takeover:{supervisor}"

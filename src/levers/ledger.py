@@ -1,12 +1,19 @@
 """Where each document stands: one Redis hash per document, written by submitters and workers.
 
 Fields: name, input (files|bytes), status, phase, submitted, finished, error, and per phase
-``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``.
+``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``, ``<phase>:lost``
+(the last host lost while it ran this phase).
+
+An attempt is the document's current one while the document is at its phase, running, with the
+attempt count it started with. Only the current attempt may record its outcome: a worker cut off
+from Redis whose job was taken over and run again elsewhere comes back to find its attempt
+superseded, and hands nothing off.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -16,24 +23,46 @@ import redis
 from levers import keys, metrics
 
 # KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
-# returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown.
+# returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown; 0,
+# writing nothing, when the document is past this phase (a copy of a job that ran already). A
+# failed document's job may run again (requeued by hand with RQ's tools, say).
 _START = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local at = redis.call('HMGET', KEYS[1], 'phase', 'status')
+if at[1] ~= ARGV[1] or at[2] == 'done' then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':attempts', 1)
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'phase', ARGV[1], ARGV[1] .. ':started', ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: the document's hash. ARGV: phase, the claim's time, the queued status. Takes back the
-# attempt a claim started, if its start was recorded (at or after the claim's time); returns 1
-# then, else 0: a worker killed between taking a job and recording its start leaves no attempt.
+# KEYS: the document's hash. ARGV: phase, the claim's time, the queued status, the claim's attempt
+# ('' if unknown). Takes back the attempt a claim started, if its start was recorded (at or after
+# the claim's time) and no later attempt started since; returns 1 then, else 0: a worker killed
+# between taking a job and recording its start leaves no attempt.
 _RELEASE = """
 local started = tonumber(redis.call('HGET', KEYS[1], ARGV[1] .. ':started') or '0')
 if started < tonumber(ARGV[2]) then return 0 end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], ARGV[1] .. ':attempts') ~= ARGV[4] then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':attempts', -1)
 redis.call('HSET', KEYS[1], 'status', ARGV[3])
 return 1
 """
+
+# KEYS: the document's hash, the phase's totals. ARGV: phase, reason, the running and queued
+# statuses. A running attempt whose host was lost goes back to queued, the reason recorded and a
+# retry counted; 1 if so, 0 (writing nothing) when the document is no longer running that phase.
+_HOST_LOST = """
+local at = redis.call('HMGET', KEYS[1], 'phase', 'status')
+if at[1] ~= ARGV[1] or at[2] ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], ARGV[1] .. ':error', ARGV[2], ARGV[1] .. ':lost', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'retried', 1)
+return 1
+"""
+
+
+class Superseded(Exception):
+    """The attempt is not the document's current one: its job was taken over and run again, or
+    the document is past this phase."""
 
 
 class DocStatus(StrEnum):
@@ -49,6 +78,7 @@ class PhaseRecord:
     seconds: float | None
     attempts: int
     error: str | None
+    lost: str | None = None  # the last host lost while it ran this phase
 
 
 @dataclass(frozen=True)
@@ -100,18 +130,54 @@ class Ledger:
         """
         script = self.connection.register_script(_START)
         flat = script(keys=[self._key(doc_id)], args=[phase, repr(time.time()), str(DocStatus.RUNNING)])
+        if flat == 0:
+            raise Superseded(f"document {doc_id} is past {phase}: this job ran already")
         if not flat:
             return None
         return _record(doc_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    def released(self, doc_id: str, phase: str, claimed_at: float = 0.0) -> bool:
+    def commit_if_current(
+        self, doc_id: str, phase: str, attempt: int, write: Callable[[redis.client.Pipeline], None]
+    ) -> None:
+        """Run ``write`` in one transaction only while ``attempt`` of ``phase`` is the document's
+        current attempt; raise Superseded when it is not.
+
+        ``write`` queues its commands on the pipeline after opening the transaction (RQ's enqueue
+        opens it itself). The document is watched from the check to the commit, so an attempt
+        superseded in between (its job taken over) commits nothing.
+        """
+        key = self._key(doc_id)
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    at = pipe.hmget(key, "phase", "status", f"{phase}:attempts")
+                    if [_text(v or b"") for v in at] != [phase, DocStatus.RUNNING, str(attempt)]:
+                        raise Superseded(f"attempt {attempt} of {phase} on {doc_id} was taken over")
+                    write(pipe)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def host_lost(self, doc_id: str, phase: str, reason: str) -> bool:
+        """Put back to queued a document whose running attempt of ``phase`` was lost with its host,
+        recording ``reason``; False (nothing written) when the document is no longer running it."""
+        script = self.connection.register_script(_HOST_LOST)
+        keys_ = [self._key(doc_id), keys.phase_counter(self.pipeline, phase)]
+        return bool(script(keys=keys_, args=[phase, reason, str(DocStatus.RUNNING), str(DocStatus.QUEUED)]))
+
+    def released(self, doc_id: str, phase: str, claimed_at: float = 0.0, attempt: int | None = None) -> bool:
         """Take back a ``start`` whose job went back to its queue before it ran, or was cut short.
 
         ``claimed_at``: when the job was taken (same host's clock as ``start``); a start recorded
-        before it was an earlier attempt's, and is kept. True when an attempt was taken back.
+        before it was an earlier attempt's, and is kept. ``attempt``: the claim's, when known; a
+        later attempt (the job taken over and claimed again elsewhere) is kept. True when an
+        attempt was taken back.
         """
         script = self.connection.register_script(_RELEASE)
-        return bool(script(keys=[self._key(doc_id)], args=[phase, repr(claimed_at), str(DocStatus.QUEUED)]))
+        args = [phase, repr(claimed_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
+        return bool(script(keys=[self._key(doc_id)], args=args))
 
     def finished(
         self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
@@ -131,19 +197,38 @@ class Ledger:
         """Whether an attempt of ``phase`` finished and handed the document on."""
         return bool(self.connection.hexists(self._key(doc_id), f"{phase}:seconds"))
 
-    def attempt_failed(self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0) -> None:
-        """Record a failed attempt; ``final`` when no retry follows, which fails the document."""
+    def attempt_failed(
+        self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0,
+        attempt: int | None = None,
+    ) -> bool:  # fmt: skip
+        """Record a failed attempt; ``final`` when no retry follows, which fails the document.
+
+        With ``attempt``, only while it is the current one: False, recording nothing, when it was
+        superseded (its job taken over and run again elsewhere).
+        """
         fields: dict[Any, str | float] = {f"{phase}:error": error}
         if final:
             fields.update(status=DocStatus.FAILED, error=f"{phase}: {error}", finished=time.time())
         else:
             fields.update(status=DocStatus.QUEUED)
-        with self.connection.pipeline() as pipe:
+        outcome = "failed" if final else "retried"
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            pipe.multi()
             pipe.hset(self._key(doc_id), mapping=fields)
-            outcome = "failed" if final else "retried"
             pipe.hincrby(keys.phase_counter(self.pipeline, phase), outcome, 1)
             metrics.record(pipe, self.pipeline, phase, outcome, seconds)
-            pipe.execute()
+
+        if attempt is None:
+            with self.connection.pipeline() as pipe:
+                write(pipe)
+                pipe.execute()
+            return True
+        try:
+            self.commit_if_current(doc_id, phase, attempt, write)
+        except Superseded:
+            return False
+        return True
 
     def get(self, doc_id: str) -> DocumentRecord | None:
         raw = self.connection.hgetall(self._key(doc_id))
@@ -194,6 +279,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
                 seconds=float(p["seconds"]) if "seconds" in p else None,
                 attempts=int(p.get("attempts", 0)),
                 error=p.get("error"),
+                lost=p.get("lost"),
             )
             for name, p in phases.items()
         },

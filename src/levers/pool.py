@@ -31,6 +31,7 @@ import redis
 from levers import keys
 from levers.connection import Target
 from levers.errors import UsageError
+from levers.leases import LeaseKeeper
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.progress import WorkerProgress
 from levers.project import Project, save_last_good
@@ -224,9 +225,11 @@ def configure_logging(log_dir: Path | None) -> None:
 def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
     """Tick until a stop completes (or ``until()`` holds, then stop gracefully)."""
     reporter = Reporter(connection, supervisor)
+    lease = LeaseKeeper(connection, supervisor)
     try:
         while not supervisor.finished():
             supervisor.tick()
+            lease.tick()
             reporter.publish()
             if not supervisor.stopping and until():
                 supervisor.request_stop()
@@ -237,6 +240,8 @@ def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], boo
                 time.sleep(TICK_S)
     finally:
         reporter.withdraw()
+        if supervisor.finished():  # else the lease lapses, and another supervisor takes the jobs over
+            lease.release()
 
 
 class Reporter:

@@ -42,7 +42,9 @@ from levers.jobs import (
     perform_phase,
     record_failure,
     release_claim,
+    superseded,
 )
+from levers.ledger import Superseded
 from levers.progress import WorkerProgress
 from levers.safe import escape_logs
 
@@ -365,6 +367,12 @@ class LeversWorker(SimpleWorker):
         job = claim.job
         job.started_at = now()
         started = time.perf_counter()
+        if isinstance(claim.error, Superseded):
+            # a copy of a job that ran already: it finishes at once, having recorded nothing
+            job.ended_at = now()
+            self._after(claim, self._finalize_success, job, claim.queue, claim.execution,
+                        superseded(str(job.args[0]), str(job.args[1]), claim.error))  # fmt: skip
+            return
         self.progress.started(job.id)
         try:
             if claim.error is not None:
@@ -417,6 +425,9 @@ class LeversWorker(SimpleWorker):
         if isinstance(result, PerformedPhase):
             try:
                 result = complete_phase(current_runtime(), result)
+            except Superseded as exc:
+                self._drop(claim, exc)
+                return
             except Exception:
                 self._fail(claim, sys.exc_info(), result.seconds)
                 return
@@ -425,8 +436,18 @@ class LeversWorker(SimpleWorker):
     def _fail(self, claim: Claim, exc_info: Any, seconds: float) -> None:
         if claim.phase is not None:
             final = not claim.job.retries_left
-            record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds)
+            if not record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds):
+                self._drop(claim, Superseded(f"attempt {claim.phase.attempt} was taken over"))
+                return
         self._finalize_failure(claim.job, claim.queue, claim.execution, exc_info)
+
+    def _drop(self, claim: Claim, reason: Superseded) -> None:
+        """Let go of a job whose attempt was taken over (its host was thought lost): the job runs
+        again elsewhere, or ran, so only this worker's own execution of it is cleaned up."""
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(claim.job, pipe, claim.execution)
+            pipe.execute()
+        log.warning("job %s: %s; this worker's outcome is dropped", claim.job.id, reason)
 
     def _release(self, claim: Claim, why: str) -> None:
         """Put a claimed job back at the head of its queue, its attempt taken back."""

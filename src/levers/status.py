@@ -16,6 +16,7 @@ from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from levers import keys, metrics
+from levers.leases import SupervisorLease, supervisor_leases
 from levers.ledger import Ledger
 from levers.limits import limits_status
 from levers.pool import live_reports
@@ -90,7 +91,7 @@ class PhaseStatus:
 class PipelineStatus:
     pipeline: str
     phases: list[PhaseStatus]
-    supervisors: int
+    supervisors: list[SupervisorLease]  # live ones, and lapsed ones not yet taken over
     config_error: str | None
     limits: list[dict[str, Any]]
     memory_percent: float | None  # the fullest supervisor host's memory use
@@ -98,7 +99,7 @@ class PipelineStatus:
     def as_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
-            "supervisors": self.supervisors,
+            "supervisors": [asdict(s) for s in self.supervisors],
             "config_error": self.config_error,
             "limits": self.limits,
             "memory_percent": self.memory_percent,
@@ -118,7 +119,8 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
     errors += [str(r["config_error"]) for r in reports if r.get("config_error")]
     limits = [limits_status(connection, spec, name) for name in spec.limits]
     memory = max((float(r["memory_percent"]) for r in reports if "memory_percent" in r), default=None)
-    return PipelineStatus(spec.name, phases, len(reports), errors[0] if errors else None, limits, memory)
+    supervisors = supervisor_leases(connection, spec.name)
+    return PipelineStatus(spec.name, phases, supervisors, errors[0] if errors else None, limits, memory)
 
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:

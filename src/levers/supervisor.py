@@ -58,7 +58,8 @@ class ProcessHandle(Protocol):
 class SlotState(StrEnum):
     RUNNING = "running"
     RETIRING = "retiring"  # asked to stop after its current job
-    CUT_SHORT = "cut short"  # killed by the supervisor: a stop's grace ran out, or a second signal
+    CUT_SHORT = "cut short"  # killed by the supervisor: a stop's grace ran out, a second signal, or
+    # another supervisor took its jobs over
 
 
 class PhaseState(StrEnum):
@@ -162,6 +163,14 @@ class Supervisor:
         for slot in self.slots:
             self._retire_one(slot)
 
+    def replace_workers(self, pids: set[int]) -> None:
+        """Kill these workers at once, without counting crashes; new ones replace them. For workers
+        whose jobs another supervisor has taken over: finishing them would be wasted work."""
+        for slot in self.slots:
+            if slot.pid in pids:
+                slot.state = SlotState.CUT_SHORT
+                slot.process.kill()
+
     def report(self) -> dict[str, Any]:
         """Per phase: desired, alive, retiring, state, restarts, pids; and any pipeline.yaml error."""
         now = self.seams.clock()
@@ -186,7 +195,7 @@ class Supervisor:
             self.slots.remove(slot)
             recovered = self.seams.recover(slot)
             # a worker asked to stop may die of that signal before RQ installs its handlers
-            if slot.state is SlotState.RETIRING or self.stopping:
+            if slot.state is not SlotState.RUNNING or self.stopping:
                 if recovered:
                     log.warning("requeued %d job(s) of stopped worker %s", len(recovered), slot.pid)
                 continue

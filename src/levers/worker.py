@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 from rq import Queue
 from rq.defaults import DEFAULT_RESULT_TTL
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -101,8 +102,9 @@ def _stop_when_orphaned(worker: LeversWorker, supervisor_pid: int) -> None:
 
 
 def recover_jobs(
-    connection: redis.Redis, pipeline: str, name: str, max_recoveries: int, struck: Callable[[str], bool]
-) -> list[str]:
+    connection: redis.Redis, pipeline: str, name: str, max_recoveries: int, struck: Callable[[str], bool],
+    lost: str | None = None,
+) -> list[str]:  # fmt: skip
     """Put back at the head of their queues the jobs a dead worker held; returns their ids.
 
     ``struck(job_id)`` tells the job whose handler was running when the worker died: it carries a
@@ -110,7 +112,9 @@ def recover_jobs(
     failed instead, so a document that kills its worker (out of memory, say) cannot loop forever.
     The others (claimed ahead and not started, or cut short by a stop) go back as if never taken:
     no mark, their attempt taken back. A job whose handler ended and whose document was handed on
-    (the worker died while recording the rest) is recorded as finished, never run again.
+    (the worker died while recording the rest) is recorded as finished, never run again. ``lost``
+    is why the worker's host is thought gone: each document records it, and goes back only if it
+    is still running that phase.
     """
     worker = LeversWorker.find_by_key(
         LeversWorker.redis_worker_namespace_prefix + name, connection=connection, serializer=JSONSerializer
@@ -119,7 +123,10 @@ def recover_jobs(
         return []
     recovered = []
     for execution in worker.get_current_executions(refresh=True):
-        job = Job.fetch(execution.job_id, connection=connection, serializer=JSONSerializer)
+        try:
+            job = Job.fetch(execution.job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            continue  # expired or deleted: nothing left to run
         queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.intermediate_queue.remove(job.id)
@@ -129,6 +136,8 @@ def recover_jobs(
             _record_finished(connection, job, queue)
             log.warning("job %s of dead worker %s had handed its document on: not run again", job.id, name)
             continue
+        if lost is not None and levers_job and not ledger.host_lost(str(job.args[1]), str(job.args[0]), lost):
+            continue  # the document is not running this phase any more: nothing to run again
         if struck(job.id):
             _requeue_struck(connection, pipeline, job, queue, max_recoveries)
         else:

@@ -1,0 +1,100 @@
+"""The job's steps against a real server: an attempt hands a document on only while it is current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+
+from levers.jobs import WorkerRuntime, claim_phase, complete_phase, perform_phase, record_failure
+from levers.ledger import Ledger, Superseded
+from levers.loading import load_pipeline
+from levers.store import ArtifactStore
+from levers.submission import Submitter
+from levers.watch import PipelineWatcher
+from tests.test_e2e import doc_field, make_project
+
+
+def submitted(root: Path, connection: redis.Redis) -> tuple[WorkerRuntime, str]:
+    """A worker's runtime for the toy project, and the id of its one document, queued for ``first``."""
+    make_project(root, docs=1)
+    [outcome] = Submitter(load_pipeline(root / "pipeline.yaml"), connection).submit_paths(
+        [str(root / "docs")]
+    )
+    Queue("toy.first", connection=connection).empty()  # the test plays the workers' part itself
+    runtime = WorkerRuntime(PipelineWatcher.open(root / "pipeline.yaml"), connection, "redis://unused")
+    assert outcome.doc_id is not None
+    return runtime, outcome.doc_id
+
+
+def test_a_worker_that_completes_after_its_job_was_taken_over_hands_nothing_off(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    cut_off = perform_phase(runtime, claim_phase(runtime, "first", doc))
+    # its host was thought lost: the job went back to its queue, and another worker took it
+    assert Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
+    elsewhere = claim_phase(runtime, "first", doc)
+
+    with pytest.raises(Superseded):
+        complete_phase(runtime, cut_off)
+
+    second = Queue("toy.second", connection=connection)
+    assert second.count == 0
+    assert not ArtifactStore(tmp_path / ".levers/artifacts").has_output(doc, "first")
+    complete_phase(runtime, perform_phase(runtime, elsewhere))
+    assert second.count == 1
+    assert Ledger(connection, "toy").totals("first") == {"done": 1, "retried": 1}
+    assert doc_field(connection, doc, "first:lost") == "host h1 lost"
+    # and once the document has moved on, the late one still hands nothing off
+    with pytest.raises(Superseded):
+        complete_phase(runtime, cut_off)
+    assert second.count == 1
+
+
+def test_a_superseded_attempt_that_fails_records_nothing(tmp_path: Path, connection: redis.Redis) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    cut_off = claim_phase(runtime, "first", doc)
+    Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
+    claim_phase(runtime, "first", doc)
+
+    assert not record_failure(runtime, cut_off, ValueError("late"), final=True, seconds=1.0)
+
+    assert doc_field(connection, doc, "status") == "running"  # the attempt now running is untouched
+    assert doc_field(connection, doc, "error") is None
+
+
+def test_a_copy_of_a_job_that_ran_already_does_not_run(tmp_path: Path, connection: redis.Redis) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+
+    with pytest.raises(Superseded):
+        claim_phase(runtime, "first", doc)
+
+    assert doc_field(connection, doc, "first:attempts") == "1"
+    assert doc_field(connection, doc, "phase") == "second"
+
+
+def test_a_lost_host_leaves_a_document_it_already_handed_on_alone(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+
+    assert not Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
+
+    assert doc_field(connection, doc, "status") == "queued"
+    assert doc_field(connection, doc, "first:lost") is None
+
+
+def test_a_failed_documents_job_requeued_by_hand_runs_again(tmp_path: Path, connection: redis.Redis) -> None:
+    runtime, doc = submitted(tmp_path, connection)
+    record_failure(runtime, claim_phase(runtime, "first", doc), ValueError("flaky"), final=True, seconds=0.1)
+    assert doc_field(connection, doc, "status") == "failed"
+
+    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+
+    assert doc_field(connection, doc, "first:attempts") == "2"
+    assert doc_field(connection, doc, "phase") == "second"
