@@ -112,13 +112,18 @@ def redis_address(loaded: LoadedPipeline) -> tuple[str, bool | None]:
     return recorded, False
 
 
-def connect(target: Target) -> redis.Redis:
-    """A client for ``target`` that has answered a PING; one clear error if it does not."""
-    client = redis.Redis.from_url(
+def client(target: Target) -> redis.Redis:
+    """A client for ``target``; it connects on its first command."""
+    return redis.Redis.from_url(
         target.url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30
     )
+
+
+def connect(target: Target) -> redis.Redis:
+    """A client for ``target`` that has answered a PING; one clear error if it does not."""
+    answering = client(target)
     try:
-        client.ping()
+        answering.ping()
     except redis.AuthenticationError:
         raise ConnectionFailed(
             f"Redis at {target.masked} refused the credentials", fix="check the password in the URL"
@@ -129,7 +134,7 @@ def connect(target: Target) -> redis.Redis:
             f"cannot reach Redis at {target.masked}: {reason}",
             fix="start the server or fix REDIS_URL / redis: in pipeline.yaml",
         ) from None
-    return client
+    return answering
 
 
 def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
