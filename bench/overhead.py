@@ -254,10 +254,10 @@ def round_trips(server: Server, workdir: Path, small: int = 20, large: int = 120
 # Functions whose cumulative time per job is reported, as (file suffix, function name).
 BREAKDOWN: list[tuple[str, str, str]] = [
     ("rq/worker/base.py", "work", "worker loop (whole run)"),
-    ("rq/worker/base.py", "dequeue_job_and_maintain_ttl", "  RQ: dequeue (BLMOVE, fetch job)"),
-    ("levers/rq_worker.py", "_claim", "  claim: register the job as this worker's"),
+    ("levers/rq_reconnect.py", "wait_for_job", "  dequeue (BLMOVE, fetch job)"),
+    ("levers/rq_claim.py", "_claim", "  claim: register the job as this worker's"),
     ("rq/worker/base.py", "prepare_execution", "    RQ: prepare execution (started registry, status)"),
-    ("rq/worker/base.py", "prepare_job_execution", "    RQ: prepare job execution (job status, heartbeat)"),
+    ("levers/rq_claim.py", "_register", "    prepare job execution (job status, heartbeat, holding list)"),
     ("levers/jobs.py", "claim_phase", "    levers.jobs.claim_phase (Ledger.start script)"),
     ("levers/rq_worker.py", "_run", "  run: the handler step"),
     ("levers/jobs.py", "perform_phase", "    levers.jobs.perform_phase"),

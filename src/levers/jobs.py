@@ -28,6 +28,7 @@ from levers.context import Document, Levers, PhaseContext
 from levers.ledger import DocumentRecord, Ledger, Superseded
 from levers.limits import JobLimits
 from levers.loading import ensure_importable_from, import_handler, state_dir_of
+from levers.outage import UNREACHABLE
 from levers.routing import enqueue_phase
 from levers.spec import Phase, Pipeline
 from levers.store import ArtifactStore
@@ -207,6 +208,8 @@ def claim_phase(runtime: WorkerRuntime, phase: str, doc_id: str) -> ClaimedPhase
         raise PhaseError(f"document {doc_id} is unknown")
     try:
         return ClaimedPhase(phase, record, _document(runtime, spec, phase, record))
+    except UNREACHABLE:
+        raise  # the claim is given back, not the document failed
     except (PhaseError, OSError, ValueError, redis.RedisError) as exc:
         return ClaimedPhase(phase, record, None, exc)
 
@@ -252,11 +255,15 @@ def record_failure(
     )
 
 
-def release_claim(runtime: WorkerRuntime, claimed: ClaimedPhase) -> None:
-    """Undo ``claim_phase`` for a job that goes back to its queue without having run (unless its
-    attempt was taken over meanwhile and started again elsewhere)."""
+def release_claim(
+    runtime: WorkerRuntime, phase: str, doc_id: str, pipe: redis.client.Pipeline, claimed_at: float,
+    attempt: int | None = None,
+) -> None:  # fmt: skip
+    """Undo ``claim_phase`` on ``pipe``, for a job that goes back to its queue without having run
+    or cut short: the attempt is taken back if a start at or after ``claimed_at`` was recorded
+    (and, with ``attempt``, unless its attempt was taken over and started again elsewhere)."""
     ledger = Ledger(runtime.connection, runtime.watcher.current().spec.name)
-    ledger.released(claimed.record.id, claimed.phase, attempt=claimed.attempt)
+    ledger.release_on(pipe, doc_id, phase, claimed_at, attempt)
 
 
 def one_line(exc: BaseException) -> str:

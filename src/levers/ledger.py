@@ -179,6 +179,19 @@ class Ledger:
         args = [phase, repr(claimed_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
         return bool(script(keys=[self._key(doc_id)], args=args))
 
+    def release_on(
+        self,
+        pipe: redis.client.Pipeline,
+        doc_id: str,
+        phase: str,
+        claimed_at: float,
+        attempt: int | None = None,
+    ) -> None:
+        """``released``, queued on ``pipe``: for a transaction that puts the job back."""
+        script = self.connection.register_script(_RELEASE)
+        args = [phase, repr(claimed_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
+        script(keys=[self._key(doc_id)], args=args, client=pipe)
+
     def finished(
         self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
         pipe: redis.client.Pipeline,
@@ -199,12 +212,13 @@ class Ledger:
 
     def attempt_failed(
         self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0,
-        attempt: int | None = None,
+        attempt: int | None = None, pipe: redis.client.Pipeline | None = None,
     ) -> bool:  # fmt: skip
         """Record a failed attempt; ``final`` when no retry follows, which fails the document.
 
         With ``attempt``, only while it is the current one: False, recording nothing, when it was
-        superseded (its job taken over and run again elsewhere).
+        superseded (its job taken over and run again elsewhere). With ``pipe``, a transaction the
+        caller opened and executes, the writes are queued on it.
         """
         fields: dict[Any, str | float] = {f"{phase}:error": error}
         if final:
@@ -213,17 +227,24 @@ class Ledger:
             fields.update(status=DocStatus.QUEUED)
         outcome = "failed" if final else "retried"
 
-        def write(pipe: redis.client.Pipeline) -> None:
-            pipe.multi()
+        def writes(pipe: redis.client.Pipeline) -> None:
             pipe.hset(self._key(doc_id), mapping=fields)
             pipe.hincrby(keys.phase_counter(self.pipeline, phase), outcome, 1)
             metrics.record(pipe, self.pipeline, phase, outcome, seconds)
 
-        if attempt is None:
-            with self.connection.pipeline() as pipe:
-                write(pipe)
-                pipe.execute()
+        if pipe is not None:
+            writes(pipe)
             return True
+        if attempt is None:
+            with self.connection.pipeline() as own:
+                writes(own)
+                own.execute()
+            return True
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            pipe.multi()
+            writes(pipe)
+
         try:
             self.commit_if_current(doc_id, phase, attempt, write)
         except Superseded:

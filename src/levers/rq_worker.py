@@ -14,15 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from queue import SimpleQueue
 from types import FrameType
 from typing import Any, ClassVar
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.exceptions import StopRequested
-from rq.executions import Execution
 from rq.job import Job, _current_job
 from rq.job_lifecycle import call_exception_handlers
 from rq.serializers import JSONSerializer
@@ -31,21 +29,19 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from levers.guard import GuardedJob, refusal, refuse
+from levers.guard import GuardedJob
 from levers.jobs import (
-    SETTINGS_MAX_AGE_S,
-    ClaimedPhase,
     PerformedPhase,
-    claim_phase,
     complete_phase,
     current_runtime,
     perform_phase,
     record_failure,
-    release_claim,
     superseded,
 )
 from levers.ledger import Superseded
+from levers.outage import UNREACHABLE
 from levers.progress import WorkerProgress
+from levers.rq_claim import Claim, ClaimingWorker
 from levers.safe import escape_logs
 
 log = logging.getLogger("levers.worker")
@@ -140,18 +136,7 @@ class Courier:
                 self._answers.put((result, None))
 
 
-@dataclass
-class Claim:
-    """A job this worker has taken off its queue and registered as its own, not yet run."""
-
-    job: Job
-    queue: Queue
-    execution: Execution
-    phase: ClaimedPhase | None  # the ledger's record and the document, unless ``error``
-    error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
-
-
-class LeversWorker(SimpleWorker):
+class LeversWorker(ClaimingWorker):
     """RQ's in-process worker with JSON payloads, fewer round trips per job, and its bookkeeping
     done while the handlers wait.
 
@@ -219,6 +204,9 @@ class LeversWorker(SimpleWorker):
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
             return
+        self.outage.call(self._beat, timeout)
+
+    def _beat(self, timeout: int | None) -> None:
         with self.connection.pipeline(transaction=False) as pipe:
             super().heartbeat(timeout, pipe)
             pipe.execute()
@@ -256,13 +244,13 @@ class LeversWorker(SimpleWorker):
         if claim is not None:
             return claim.job, claim.queue
         self._hand_over_outcome()  # the courier found no job to claim ahead
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        return self.wait_for_job(timeout)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         claim, self._held = self._held, None
         if claim is None:
             claim = self._claim(job, queue)
-        if claim is None:  # refused
+        if claim is None:  # refused, or it went back to its queue
             self._hand_over_outcome()
             return
         if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
@@ -316,7 +304,7 @@ class LeversWorker(SimpleWorker):
         try:
             self._held = self._courier_started().answer()
         except Exception:
-            # a job half-claimed (moved off its queue) is put back by RQ's intermediate queue check
+            # a job half-claimed (moved off its queue) goes back by the supervisor's look
             log.exception("claiming the next job failed; dequeueing the usual way")
         # not when a cold stop strikes while waiting: teardown() then takes the claim and gives it back
         self._claiming = False
@@ -333,34 +321,22 @@ class LeversWorker(SimpleWorker):
         register it as this worker's; none while `rq suspend` holds."""
         if outcome is not None:
             outcome()
-        if is_suspended(self.connection, self):
+        if self.outage.call(is_suspended, self.connection, self):
             return None
-        found = self.queue_class.dequeue_any(
-            self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
-            serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-        )  # fmt: skip
+        try:
+            found = self.queue_class.dequeue_any(
+                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
+                serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+            )  # fmt: skip
+        except UNREACHABLE as exc:
+            self.outage.wait(exc)  # a job the lost reply moved goes back by the supervisor's look
+            return None
         if found is None:
             return None
         job, queue = found
-        job.redis_server_version = self.get_redis_server_version()
+        job.redis_server_version = self.outage.call(self.get_redis_server_version)
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
         return self._claim(job, queue)
-
-    def _claim(self, job: Job, queue: Queue) -> Claim | None:
-        """Register ``job`` as this worker's and record its start; None when it is not a levers job
-        (it is failed at once, before anything it names is resolved)."""
-        spec = current_runtime(self.connection).watcher.current(SETTINGS_MAX_AGE_S).spec
-        reason = refusal(job, queue.name, spec)
-        if reason is not None:
-            refuse(self.connection, job, queue, reason, self.name)
-            return None
-        execution = self.prepare_execution(job)
-        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-        try:
-            phase = claim_phase(current_runtime(), str(job.args[0]), str(job.args[1]))
-        except Exception as exc:
-            return Claim(job, queue, execution, None, exc)
-        return Claim(job, queue, execution, phase)
 
     def _run(self, claim: Claim) -> None:
         """Run the job's handler here; its completion goes to the courier."""
@@ -370,8 +346,10 @@ class LeversWorker(SimpleWorker):
         if isinstance(claim.error, Superseded):
             # a copy of a job that ran already: it finishes at once, having recorded nothing
             job.ended_at = now()
-            self._after(claim, self._finalize_success, job, claim.queue, claim.execution,
-                        superseded(str(job.args[0]), str(job.args[1]), claim.error))  # fmt: skip
+            result = superseded(str(job.args[0]), str(job.args[1]), claim.error)
+            self._after(
+                claim, lambda again: self._finalize_success(job, claim.queue, claim.execution, result)
+            )
             return
         self.progress.started(job.id)
         try:
@@ -384,7 +362,8 @@ class LeversWorker(SimpleWorker):
         except Exception:
             self.progress.ended()
             job.ended_at = now()
-            self._after(claim, self._fail, claim, sys.exc_info(), time.perf_counter() - started)
+            exc_info, seconds = sys.exc_info(), time.perf_counter() - started
+            self._after(claim, lambda again: self._fail(claim, exc_info, seconds, again))
             return
         except BaseException:
             if self._cold_stop:
@@ -394,7 +373,7 @@ class LeversWorker(SimpleWorker):
             raise
         self.progress.ended()
         job.ended_at = now()
-        self._after(claim, self._complete, claim, result)
+        self._after(claim, lambda again: self._complete(claim, result, again))
 
     @staticmethod
     def _perform(claim: Claim) -> Any:
@@ -406,40 +385,70 @@ class LeversWorker(SimpleWorker):
         finally:
             _current_job.reset(current)
 
-    def _after(self, claim: Claim, step: Callable[..., None], *args: Any) -> None:
+    def _after(self, claim: Claim, outcome: Callable[[bool], None]) -> None:
         # RQ runs callbacks under a SIGALRM timeout, which only the main thread can set
         callbacks = claim.job.success_callback or claim.job.failure_callback
         if not self.overlap or callbacks:
-            step(*args)
+            self._deliver(claim, outcome)
             return
 
         def logged() -> None:
             try:
-                step(*args)
+                self._deliver(claim, outcome)
             except Exception:
                 log.exception("recording the outcome of job %s failed", claim.job.id)
 
         self._outcome = logged  # handed over with the next claim, or at once if there is none
 
-    def _complete(self, claim: Claim, result: Any) -> None:
+    def _deliver(self, claim: Claim, outcome: Callable[[bool], None]) -> None:
+        """Record a job's outcome (``outcome(again)``). When the connection drops, wait for the
+        server and record it again (``again``), unless the last try got through: RQ's part, last,
+        takes the job's execution out of the started registry."""
+        again = False
+        retries_left = claim.job.retries_left  # RQ counts one down on the job as it records a failure
+        while True:
+            try:
+                if not again or self._registered(claim):
+                    outcome(again)
+                return
+            except UNREACHABLE as exc:
+                self.outage.wait(exc)
+                again = True
+                claim.job.retries_left = retries_left
+
+    def _registered(self, claim: Claim) -> bool:
+        registry = claim.queue.started_job_registry.key
+        return self.connection.zscore(registry, claim.execution.composite_key) is not None
+
+    def _complete(self, claim: Claim, result: Any, again: bool) -> None:
         if isinstance(result, PerformedPhase):
             try:
                 result = complete_phase(current_runtime(), result)
             except Superseded as exc:
-                self._drop(claim, exc)
+                # after a dropped connection, the hand-off may be this worker's own, made before it
+                self._drop(
+                    claim, Superseded(f"{exc}, or handed on before the connection dropped") if again else exc
+                )
                 return
+            except UNREACHABLE:
+                raise
             except Exception:
-                self._fail(claim, sys.exc_info(), result.seconds)
+                self._fail(claim, sys.exc_info(), result.seconds, again)
                 return
         self._finalize_success(claim.job, claim.queue, claim.execution, result)
 
-    def _fail(self, claim: Claim, exc_info: Any, seconds: float) -> None:
+    def _fail(self, claim: Claim, exc_info: Any, seconds: float, again: bool) -> None:
         if claim.phase is not None:
             final = not claim.job.retries_left
-            if not record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds):
+            recorded = record_failure(current_runtime(), claim.phase, exc_info[1], final, seconds)
+            # after a dropped connection, a superseded attempt may be this worker's own failure
+            # record, made before it: RQ's part (the retry) still has to be
+            if not recorded and not again:
                 self._drop(claim, Superseded(f"attempt {claim.phase.attempt} was taken over"))
                 return
         self._finalize_failure(claim.job, claim.queue, claim.execution, exc_info)
+        if self._registered(claim):  # RQ logs a failure it could not write, and goes on
+            self.connection.ping()  # with the server away, the failure is recorded again once it is back
 
     def _drop(self, claim: Claim, reason: Superseded) -> None:
         """Let go of a job whose attempt was taken over (its host was thought lost): the job runs
@@ -448,13 +457,3 @@ class LeversWorker(SimpleWorker):
             self.cleanup_execution(claim.job, pipe, claim.execution)
             pipe.execute()
         log.warning("job %s: %s; this worker's outcome is dropped", claim.job.id, reason)
-
-    def _release(self, claim: Claim, why: str) -> None:
-        """Put a claimed job back at the head of its queue, its attempt taken back."""
-        with self.connection.pipeline() as pipe:
-            self.cleanup_execution(claim.job, pipe, claim.execution)
-            pipe.execute()
-        claim.queue.enqueue_job(claim.job, at_front=True)
-        if claim.phase is not None:
-            release_claim(current_runtime(), claim.phase)
-        log.info("job %s goes back to %s: %s", claim.job.id, claim.queue.name, why)

@@ -13,22 +13,26 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.defaults import DEFAULT_RESULT_TTL
 from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from levers import keys
-from levers.connection import Target, connect
+from levers.connection import Target, client
 from levers.jobs import WorkerRuntime, install_runtime
 from levers.ledger import Ledger
+from levers.outage import no_resend
 from levers.progress import WorkerProgress
+from levers.requeue import put_back, take_back
 from levers.routing import JOB_FUNCTION
 from levers.rq_worker import LeversWorker
 from levers.watch import PipelineWatcher
@@ -39,9 +43,14 @@ log = logging.getLogger("levers.worker")
 WORKER_TTL_S = 35
 # How often a worker checks that its supervisor is still there.
 ORPHAN_CHECK_S = 1.0
-# A job off its queue but not registered as started this long after a worker died was that
-# worker's: a live worker registers the job it takes within milliseconds.
+# How long a worker whose supervisor is gone waits for an unreachable Redis before it ends.
+ORPHAN_OUTAGE_S = 30.0
+# A job off its queue but not registered as started this long after it was seen was taken by a
+# worker that died, or whose connection dropped: a live worker registers its job within
+# milliseconds, and one that took longer finds the job put back and leaves it.
 CLAIM_GRACE_S = 1.0
+# How often the supervisor looks at its queues' holding lists for such jobs, besides after a death.
+STRANDED_LOOK_S = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
 
 
@@ -62,7 +71,8 @@ def run_worker(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watcher = PipelineWatcher.open(pipeline_path)
     spec = watcher.current().spec
-    connection = connect(Target(url=target_url, embedded=embedded))
+    # not connected yet: with the server away, the worker waits for it as it registers
+    connection = no_resend(client(Target(url=target_url, embedded=embedded)))
     install_runtime(WorkerRuntime(watcher, connection, target_url))
     queue_name = keys.queue_name(spec.name, phase)
     log_format = LOG_FORMAT.format(phase=phase, queue=queue_name)
@@ -85,7 +95,9 @@ def _stop_when_orphaned(worker: LeversWorker, supervisor_pid: int) -> None:
     Workers lead their own process groups, so nothing else would end them: a restarted supervisor
     would then run its full complement beside the orphans. A stop already under way (the
     supervisor's SIGTERM came before its SIGKILL, as platforms send them) is left to finish: a
-    second signal would be a cold stop, cutting the running job short.
+    second signal would be a cold stop, cutting the running job short. An orphan that cannot
+    reach Redis for ORPHAN_OUTAGE_S ends, with its process group: no supervisor will stop it, and
+    what it holds stays registered to it for whoever recovers it.
     """
 
     def watch() -> None:
@@ -94,9 +106,13 @@ def _stop_when_orphaned(worker: LeversWorker, supervisor_pid: int) -> None:
         gone = f"the supervisor (pid {supervisor_pid}) is gone"
         if worker.stopping:
             log.warning("%s: this worker was already stopping after its current job", gone)
-            return
-        log.warning("%s: stopping after the current job", gone)
-        os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            log.warning("%s: stopping after the current job", gone)
+            os.kill(os.getpid(), signal.SIGTERM)
+        while not worker.outage.lasted(ORPHAN_OUTAGE_S):
+            time.sleep(ORPHAN_CHECK_S)
+        log.error("the supervisor is gone and Redis has not answered for %.0f s: ending", ORPHAN_OUTAGE_S)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="levers-orphan-watch", daemon=True).start()
 
@@ -115,6 +131,8 @@ def recover_jobs(
     (the worker died while recording the rest) is recorded as finished, never run again. ``lost``
     is why the worker's host is thought gone: each document records it, and goes back only if it
     is still running that phase.
+    Each job is taken from the worker and settled in one transaction, so a recovery the
+    connection cut short can run again: what got through is no longer the worker's.
     """
     worker = LeversWorker.find_by_key(
         LeversWorker.redis_worker_namespace_prefix + name, connection=connection, serializer=JSONSerializer
@@ -128,62 +146,91 @@ def recover_jobs(
         except NoSuchJobError:
             continue  # expired or deleted: nothing left to run
         queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
-        StartedJobRegistry(queue=queue).remove_executions(job)
-        queue.intermediate_queue.remove(job.id)
-        ledger = Ledger(connection, pipeline)
         levers_job = job.func_name == JOB_FUNCTION
+        ledger = Ledger(connection, pipeline)
         if levers_job and ledger.phase_finished(str(job.args[1]), str(job.args[0])):
-            _record_finished(connection, job, queue)
-            log.warning("job %s of dead worker %s had handed its document on: not run again", job.id, name)
+            if take_back(connection, queue, job, [execution], _finishing(job, queue)):
+                log.warning(
+                    "job %s of dead worker %s had handed its document on: not run again", job.id, name
+                )
             continue
         if lost is not None and levers_job and not ledger.host_lost(str(job.args[1]), str(job.args[0]), lost):
             continue  # the document is not running this phase any more: nothing to run again
         if struck(job.id):
-            _requeue_struck(connection, pipeline, job, queue, max_recoveries)
-        else:
-            queue.enqueue_job(job, at_front=True)
-            if levers_job:
-                ledger.released(str(job.args[1]), str(job.args[0]), execution.created_at.timestamp())
+            if _requeue_struck(connection, pipeline, job, queue, execution, max_recoveries):
+                recovered.append(job.id)
+        elif _requeue_unmarked(connection, pipeline if levers_job else None, job, queue, execution):
             log.warning("requeued job %s unmarked: worker %s was not running it or was stopped", job.id, name)
-        recovered.append(job.id)
+            recovered.append(job.id)
     worker.register_death()
     return recovered
 
 
-def _record_finished(connection: redis.Redis, job: Job, queue: Queue) -> None:
-    with connection.pipeline() as pipe:
+def _finishing(job: Job, queue: Queue) -> Callable[[Pipeline], None]:
+    """The writes that record as finished a job whose document was handed on, for ``take_back``."""
+
+    def finish(pipe: Pipeline) -> None:
         job.set_status(JobStatus.FINISHED, pipeline=pipe)
         ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_RESULT_TTL
         FinishedJobRegistry(queue=queue).add(job, ttl, pipeline=pipe)
-        pipe.execute()
+
+    return finish
 
 
-def _requeue_struck(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, max_deaths: int) -> None:
+def _requeue_unmarked(
+    connection: redis.Redis, pipeline: str | None, job: Job, queue: Queue, execution: Execution
+) -> bool:
+    """Requeue a job as if never taken, its attempt taken back in ``pipeline``'s ledger (None: not
+    a levers job). False when someone else had put it back."""
+    claimed_at = execution.created_at.timestamp()
+
+    def released(pipe: Pipeline) -> None:
+        if pipeline is not None:
+            Ledger(connection, pipeline).release_on(pipe, str(job.args[1]), str(job.args[0]), claimed_at)
+
+    return put_back(connection, queue, job, [execution], released)
+
+
+def _requeue_struck(
+    connection: redis.Redis, pipeline: str, job: Job, queue: Queue, execution: Execution, max_deaths: int
+) -> bool:
+    """Requeue, with a worker-death mark, the job whose handler was running when its worker died;
+    fail it past ``max_deaths`` marks. False when someone else had put it back."""
     deaths = int(job.meta.get("worker_deaths", 0)) + 1
-    job.meta["worker_deaths"] = deaths
-    job.save_meta()
+    job.meta["worker_deaths"] = deaths  # saved with the job as it is enqueued again
     if deaths > max_deaths:
-        _fail_killed_job(connection, pipeline, job, queue, deaths)
-    else:
-        queue.enqueue_job(job, at_front=True)
-        log.warning("requeued job %s: its worker died while running it", job.id)
+        if not take_back(connection, queue, job, [execution], _failing(connection, pipeline, job, queue)):
+            return False
+        log.error("failed job %s: its worker died %d times while running it", job.id, deaths)
+        return True
+    if not put_back(connection, queue, job, [execution]):
+        return False
+    log.warning("requeued job %s: its worker died while running it", job.id)
+    return True
 
 
 class StrandedJobs:
-    """Jobs dead workers took off a queue but had not registered yet, put back after a second look.
+    """Jobs taken off a queue that no worker registered, put back after a second look.
 
     A worker moves a job to the queue's holding list, then registers it as started, a few
-    milliseconds later. One killed in between leaves the job in neither place, where RQ would
-    fail it after a minute or more. After a worker's death, ``note`` records its queue's
-    unregistered jobs; ``requeue_due``, called on every supervisor tick, puts back at the head of
-    the queue those still unregistered ``CLAIM_GRACE_S`` after they were noted (live workers
-    register theirs within milliseconds). The supervisor never waits for the second look.
+    milliseconds later. One killed in between, or whose connection dropped with the move's reply,
+    leaves the job in neither place, where RQ would fail it after a minute or more. ``note``
+    records a queue's unregistered jobs, after a worker's death and, every ``STRANDED_LOOK_S``,
+    for each queue ``queues()`` names; ``requeue_due``, called on every supervisor tick, puts back
+    at the head of the queue those still unregistered ``CLAIM_GRACE_S`` after they were noted
+    (live workers register theirs within milliseconds). The supervisor never waits for the second
+    look.
     """
 
-    def __init__(self, connection: redis.Redis, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, connection: redis.Redis, queues: Callable[[], Iterable[str]] = tuple,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.connection = connection
+        self._queues = queues
         self._clock = clock
         self._noted: dict[str, dict[str, float]] = {}  # queue -> job id -> when first noted
+        self._next_look = float("-inf")
 
     def note(self, queue_name: str) -> None:
         suspects = _unregistered(self._queue(queue_name))
@@ -196,6 +243,10 @@ class StrandedJobs:
     def requeue_due(self, wait: bool = False) -> list[str]:
         """Put back the noted jobs still unregistered after the grace period; their ids. ``wait``
         sleeps until every noted job is due (the supervisor's last tick)."""
+        if self._clock() >= self._next_look:
+            self._next_look = self._clock() + STRANDED_LOOK_S
+            for name in self._queues():
+                self.note(name)
         if wait and self._noted:
             last = max(at for noted in self._noted.values() for at in noted.values())
             time.sleep(max(0.0, last + CLAIM_GRACE_S - self._clock()))
@@ -216,13 +267,15 @@ class StrandedJobs:
         return Queue(name, connection=self.connection, serializer=JSONSerializer)
 
     def _requeue(self, queue: Queue, job_id: str) -> bool:
-        if not self.connection.lrem(queue.intermediate_queue_key, 1, job_id):
-            return False  # someone else moved it meanwhile
         job = queue.fetch_job(job_id)
-        if job is None:
+        if job is None:  # nothing left to run
+            self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
             return False
-        queue.enqueue_job(job, at_front=True)
-        log.warning("requeued job %s: taken off %s by a worker that died", job_id, queue.name)
+        if not put_back(self.connection, queue, job):
+            return False  # someone else moved it meanwhile
+        log.warning(
+            "requeued job %s: taken off %s by a worker that died or lost the server", job_id, queue.name
+        )
         return True
 
 
@@ -231,12 +284,14 @@ def _unregistered(queue: Queue) -> set[str]:
     return held - set(queue.started_job_registry.get_job_ids(cleanup=False)) if held else set()
 
 
-def _fail_killed_job(connection: redis.Redis, pipeline: str, job: Job, queue: Queue, deaths: int) -> None:
-    reason = f"its worker died {deaths} times while running it (out of memory?)"
-    with connection.pipeline() as pipe:
+def _failing(connection: redis.Redis, pipeline: str, job: Job, queue: Queue) -> Callable[[Pipeline], None]:
+    """The writes that fail a job its workers died under too often, for ``take_back``."""
+    reason = f"its worker died {job.meta['worker_deaths']} times while running it (out of memory?)"
+
+    def fail(pipe: Pipeline) -> None:
         job.set_status(JobStatus.FAILED, pipeline=pipe)
         FailedJobRegistry(queue=queue).add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-        pipe.execute()
-    phase, doc_id = job.args[0], job.args[1]
-    Ledger(connection, pipeline).attempt_failed(doc_id, phase, reason, final=True)
-    log.error("failed job %s: %s", job.id, reason)
+        phase, doc_id = job.args[0], job.args[1]
+        Ledger(connection, pipeline).attempt_failed(doc_id, phase, reason, final=True, pipe=pipe)
+
+    return fail
