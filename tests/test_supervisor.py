@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 
 from levers.loading import LoadedPipeline
 from levers.supervisor import (
@@ -198,6 +199,55 @@ def test_a_dead_worker_is_recovered_and_replaced(harness: Harness) -> None:
     assert len(harness.spawned_for("extract")) == 3
     assert harness.phase_report("extract")["restarts"] == 1
     assert harness.phase_report("extract")["state"] == PhaseState.OK
+
+
+def test_a_recovery_that_cannot_reach_redis_is_tried_again_and_the_worker_not_replaced_meanwhile(
+    harness: Harness,
+) -> None:
+    harness.tick()
+    victim = harness.spawned_for("extract")[0]
+    harness.clock.advance(QUICK_CRASH_S * 10)
+    redis_down = True
+
+    def recover(slot: Slot) -> list[str]:
+        if redis_down:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        harness.recovered.append(slot)
+        return []
+
+    harness.supervisor.seams.recover = recover
+    victim.exitcode = -9
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError):
+            harness.tick()
+    assert len(harness.spawned_for("extract")) == 2, "replaced only once its jobs are back"
+    assert victim.pid not in harness.phase_report("extract")["pids"]  # nor reported alive meanwhile
+
+    redis_down = False
+    harness.tick()
+
+    assert [slot.process for slot in harness.recovered] == [victim]
+    assert len(harness.running("extract")) == 2
+    assert len(harness.spawned_for("extract")) == 3
+
+
+def test_a_stop_ends_at_its_deadline_while_recovery_cannot_reach_redis(harness: Harness) -> None:
+    harness.tick()
+    processes = harness.all_processes()
+
+    def unreachable(slot: Slot) -> list[str]:
+        raise redis.ConnectionError("Connection refused")
+
+    harness.supervisor.seams.recover = unreachable
+    harness.supervisor.request_stop()
+    processes[0].exitcode = 0  # one finished its job and left; its jobs cannot be looked at
+    harness.clock.advance(max(EXTRACT_TIMEOUT_S, CHUNK_TIMEOUT_S) + STOP_GRACE_S)
+    with pytest.raises(redis.ConnectionError):
+        harness.tick()
+
+    assert processes[0].signals == ["terminate"]
+    assert all(p.signals == ["terminate", "kill"] for p in processes[1:])
+    assert harness.supervisor.stop_overdue()  # the loop gives up on recovering, rather than wait forever
 
 
 def crash_current_worker(h: Harness) -> FakeProcess:

@@ -34,6 +34,10 @@ class ConnectionFailed(LeversError):
     """The Redis server named by the configuration does not answer."""
 
 
+class SupervisorFailed(LeversError):
+    """The supervisor cannot go on; it stopped its workers, for the platform to restart it."""
+
+
 class UsageError(LeversError):
     """A command was given arguments it cannot act on."""
 

@@ -30,9 +30,10 @@ import redis
 
 from levers import keys
 from levers.connection import Target
-from levers.errors import UsageError
+from levers.errors import SupervisorFailed, UsageError
 from levers.leases import LeaseKeeper
 from levers.loading import LoadedPipeline, ensure_importable_from, import_handler
+from levers.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
 from levers.progress import WorkerProgress
 from levers.project import Project, save_last_good
 from levers.routing import register_queues
@@ -48,6 +49,8 @@ log = logging.getLogger("levers.supervisor")
 TICK_S = 0.25
 # A supervisor's report older than this is stale: its host is gone.
 REPORT_TTL_S = 10.0
+# A supervisor that cannot go on lets its workers finish their jobs this long, then kills them.
+GIVE_UP_WAIT_S = 10.0
 
 _fork = multiprocessing.get_context("fork")
 
@@ -129,7 +132,11 @@ def _took_up(connection: redis.Redis) -> Callable[[LoadedPipeline], None]:
 def make_supervisor(
     watcher: PipelineWatcher, connection: redis.Redis, options: PoolOptions, only: frozenset[str]
 ) -> Supervisor:
-    stranded = StrandedJobs(connection)
+    def queues() -> list[str]:
+        spec = watcher.current().spec
+        return [keys.queue_name(spec.name, phase) for phase in spec.phases if not only or phase in only]
+
+    stranded = StrandedJobs(connection, queues)
 
     def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
         process = WorkerProcess(loaded.path, phase, options)
@@ -223,25 +230,83 @@ def configure_logging(log_dir: Path | None) -> None:
 
 
 def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
-    """Tick until a stop completes (or ``until()`` holds, then stop gracefully)."""
+    """Tick until a stop completes (or ``until()`` holds, then stop gracefully).
+
+    While Redis cannot be reached, ticks go on with backoff: the workers wait for it too, and a
+    dead worker's jobs are recovered once it answers. What the supervisor cannot get past (Redis
+    refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
+    so that the process exits non-zero and its platform starts it again.
+    """
+    no_resend(connection)
     reporter = Reporter(connection, supervisor)
     lease = LeaseKeeper(connection, supervisor)
+    outage = Outage(connection, log)
     try:
         while not supervisor.finished():
-            supervisor.tick()
-            lease.tick()
-            reporter.publish()
-            if not supervisor.stopping and until():
-                supervisor.request_stop()
-            sentinels = [s.process.sentinel for s in supervisor.slots if hasattr(s.process, "sentinel")]
-            if sentinels:
-                multiprocessing.connection.wait(sentinels, timeout=TICK_S)
-            else:
-                time.sleep(TICK_S)
+            try:
+                supervisor.tick()
+                lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
+                reporter.publish()
+                if outage.on:
+                    connection.ping()  # the tick may have had nothing to ask of Redis
+                if not supervisor.stopping and until():
+                    supervisor.request_stop()
+            except REFUSED:
+                raise
+            except UNREACHABLE as exc:
+                if supervisor.stop_overdue():
+                    raise SupervisorFailed(
+                        f"stopped without reaching Redis at {where(connection)}: the jobs its workers held "
+                        "stay theirs until a supervisor recovers them",
+                        fix="start `levers up` again once Redis answers",
+                    ) from None
+                time.sleep(outage.failed(exc))
+                continue
+            outage.over()
+            _wait_for_news(supervisor)
+    except Exception as exc:
+        _give_up(supervisor)
+        if isinstance(exc, SupervisorFailed):
+            raise
+        if isinstance(exc, REFUSED):
+            raise SupervisorFailed(
+                f"Redis at {where(connection)} refused the credentials: {reason(exc)}",
+                fix="check the password in the URL; the workers were stopped",
+            ) from None
+        log.exception("the supervisor cannot go on")
+        raise SupervisorFailed(
+            f"the supervisor cannot go on: {reason(exc)}", fix="its workers were stopped; start it again"
+        ) from None
     finally:
         reporter.withdraw()
         if supervisor.finished():  # else the lease lapses, and another supervisor takes the jobs over
             lease.release()
+
+
+def _wait_for_news(supervisor: Supervisor) -> None:
+    """Until the next tick: TICK_S, or less if a worker dies."""
+    sentinels = [s.process.sentinel for s in supervisor.slots if hasattr(s.process, "sentinel")]
+    if sentinels:
+        multiprocessing.connection.wait(sentinels, timeout=TICK_S)
+    else:
+        time.sleep(TICK_S)
+
+
+def _give_up(supervisor: Supervisor) -> None:
+    """Stop every worker: each may finish its job within GIVE_UP_WAIT_S, then the rest are cut
+    short, and their jobs go back to their queues if Redis answers."""
+    # the supervisor's own state may be what failed: each step is tried on its own
+    with contextlib.suppress(Exception):
+        supervisor.request_stop()
+    deadline = time.monotonic() + GIVE_UP_WAIT_S
+    while any(s.process.exitcode is None for s in supervisor.slots) and time.monotonic() < deadline:
+        time.sleep(TICK_S)
+    with contextlib.suppress(Exception):
+        supervisor.request_stop(force=True)
+    for slot in supervisor.slots:
+        slot.process.kill()
+        with contextlib.suppress(Exception):  # recovery needs Redis; the worker's process group ends anyway
+            supervisor.seams.recover(slot)
 
 
 class Reporter:
@@ -274,6 +339,8 @@ class Reporter:
         )
         try:
             self.connection.hset(self._key, self.id, json.dumps(report))
+        except UNREACHABLE:
+            raise
         except redis.RedisError as exc:
             log.warning("could not publish status: %s", exc)
 

@@ -127,12 +127,16 @@ class Supervisor:
         }
 
     def tick(self) -> None:
-        """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall."""
+        """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall.
+
+        A seam that raises ends the pass; the next one takes up where it stopped (a dead worker
+        stays in ``slots``, not replaced, until its jobs are recovered)."""
         loaded = self.watcher.current()
+        if self.stopping:
+            self._enforce_stop_deadline()  # first: a stop must end even while recovery cannot
         self._reap()
         self.seams.sweep(self.finished())
         if self.stopping:
-            self._enforce_stop_deadline()
             return
         self._retire_stale(loaded)
         desired = self.desired(loaded)  # one version of the file for the whole tick
@@ -143,6 +147,10 @@ class Supervisor:
 
     def finished(self) -> bool:
         return self.stopping and not self.slots
+
+    def stop_overdue(self) -> bool:
+        """Stopping, and past the time the stop may take (at once, for a forced stop)."""
+        return self.stopping and self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline
 
     def request_stop(self, force: bool = False) -> None:
         """First call: let running jobs finish. ``force`` (or a second call): stop at once."""
@@ -177,7 +185,8 @@ class Supervisor:
         phases = {}
         for phase, wanted in self.desired().items():
             health = self.health.get(phase, PhaseHealth())
-            mine = [s for s in self.slots if s.phase == phase]
+            # a dead worker stays in slots until its jobs are recovered: it is not reported
+            mine = [s for s in self.slots if s.phase == phase and s.process.exitcode is None]
             phases[phase] = {
                 "desired": wanted,
                 "alive": sum(s.state is SlotState.RUNNING for s in mine),
@@ -192,8 +201,8 @@ class Supervisor:
     def _reap(self) -> None:
         now = self.seams.clock()
         for slot in [s for s in self.slots if s.process.exitcode is not None]:
-            self.slots.remove(slot)
             recovered = self.seams.recover(slot)
+            self.slots.remove(slot)
             # a worker asked to stop may die of that signal before RQ installs its handlers
             if slot.state is not SlotState.RUNNING or self.stopping:
                 if recovered:
@@ -256,13 +265,14 @@ class Supervisor:
 
     def _enforce_stop_deadline(self) -> None:
         if self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline:
-            if any(s.state is not SlotState.CUT_SHORT for s in self.slots):
+            if any(s.state is not SlotState.CUT_SHORT and s.process.exitcode is None for s in self.slots):
                 log.warning("the stop's grace is over: running jobs go back to the head of their queues")
             self._cut_short()
 
     def _cut_short(self) -> None:
         """Kill the workers still alive; their jobs go back to their queues (``recover``)."""
         for slot in self.slots:
-            if slot.state is not SlotState.CUT_SHORT:
+            # one that exited stays in its slot until its jobs are recovered: nothing to kill
+            if slot.state is not SlotState.CUT_SHORT and slot.process.exitcode is None:
                 slot.state = SlotState.CUT_SHORT
                 slot.process.kill()
