@@ -48,6 +48,7 @@ def test_metrics_endpoint_reports_phases(tmp_path: Path, connection: redis.Redis
     assert supervisor.returncode == 0, output
     assert metrics["levers_jobs_total"][(("outcome", "done"), ("phase", "first"))] == 2
     assert metrics["levers_queue_depth"][(("phase", "second"),)] == 0
+    assert metrics["levers_jobs_stranded"][(("phase", "first"),)] == 0
     assert metrics["levers_workers_desired"][(("phase", "first"),)] == 2
     assert metrics["levers_job_duration_seconds_gcount"][(("phase", "second"),)] == 2
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import redis
+from rq import Queue, Worker
 
-from tests.conftest import levers
-from tests.test_e2e import make_project
+from tests.conftest import levers, start_levers, wait_until
+from tests.test_e2e import doc_field, make_project, submit
 
 
 def phase(status: dict[str, object], name: str) -> dict[str, object]:
@@ -60,3 +63,26 @@ def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: 
     assert 0.05 <= first["job_seconds"] < 1
     assert first["docs_per_second"] == pytest.approx(1 / first["job_seconds"])
     assert {p["source"] for p in declared["plan"]["phases"]} == {"unknown"}
+
+
+def test_a_dead_workers_job_is_stranded_not_running(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, workers=1, seconds=60, docs=1)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    try:
+        [doc_id] = submit(root, "docs/doc0.txt")
+        wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
+        [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+    finally:
+        # the host goes: the supervisor and its worker die at once, and nobody puts the job back
+        supervisor.kill()
+        os.killpg(worker.pid, signal.SIGKILL)
+        supervisor.communicate(timeout=10)
+
+    def first() -> dict[str, object]:
+        return phase(json.loads(levers("status", "--json", cwd=root).stdout), "first")
+
+    wait_until(lambda: first()["stranded"] == 1)
+    figures = first()
+    assert (figures["running"], figures["workers_alive"], figures["workers_busy"]) == (0, 0, 0)
+    assert "1 stranded: held by workers that are gone, until requeued" in figures["alerts"]  # type: ignore[operator]
+    assert "stranded" in levers("status", cwd=root).stdout

@@ -138,8 +138,8 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     """The status table, limits, the server's (masked) URL, and notes for a missing supervisor and
     a broken pipeline.yaml."""
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
-    columns = ("phase", "queued", "oldest", "running", "retry", "done", "failed", "workers", "busy",
-               "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state", "alerts")  # fmt: skip
+    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed", "workers",
+               "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state", "alerts")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("phase", "state", "alerts") else "right")
     for p in status.phases:
@@ -150,7 +150,8 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         name = Text(f"{p.phase} ◀", style="bold red") if p.bottleneck else p.phase
         table.add_row(
             name, Text(str(p.queued), style=queued_colour), _duration(p.oldest_wait_s), str(p.running),
-            str(p.waiting_retry), str(p.done), Text(str(p.failed), style=failed_colour),
+            Text(str(p.stranded), style="red" if p.stranded else "default"), str(p.waiting_retry),
+            str(p.done), Text(str(p.failed), style=failed_colour),
             f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",
             f"{p.throughput:.3f}", _number(p.p50_s), _number(p.p95_s), str(p.semaphore), str(p.threads),
             p.state, "; ".join(p.alerts),

@@ -34,10 +34,11 @@ from levers.watch import PipelineWatcher
 
 PHASE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("queue_depth", "queued", "Jobs waiting in the phase's queue."),
-    ("jobs_running", "running", "Jobs running now."),
+    ("jobs_running", "running", "Jobs live workers hold now."),
+    ("jobs_stranded", "stranded", "Jobs held by workers that are gone, until a supervisor requeues them."),
     ("oldest_wait_seconds", "oldest_wait_s", "Age of the job at the head of the queue."),
     ("workers_desired", "workers_desired", "Workers the pipeline declares, over live supervisors."),
-    ("workers_alive", "workers_alive", "Workers registered with RQ."),
+    ("workers_alive", "workers_alive", "Workers alive: listed by a live supervisor or heard from lately."),
     ("workers_busy", "workers_busy", "Workers running a job now."),
     ("utilization_ratio", "utilization", f"Busy share of the workers' time over {METRICS_MINUTES} min."),
     ("throughput_per_second", "throughput", f"Documents finished per second over {METRICS_MINUTES} min."),

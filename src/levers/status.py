@@ -1,19 +1,23 @@
 """Where the pipeline stands, per phase, read from Redis without scanning jobs.
 
-Every figure comes from a counter, a list length or a registry size, so the answer costs the
-same with ten jobs queued or a hundred thousand.
+Every figure comes from a counter, a list length or a registry, so the answer costs the same with
+ten jobs queued or a hundred thousand. Workers count only while alive: levers' own while a live
+supervisor vouches for them, others while heard from lately. A job registered to a worker that is
+not alive is stranded, not running, until a supervisor puts it back on its queue.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
 from rq import Queue, Worker
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.executions import Execution
+from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
 
 from levers import keys, metrics
 from levers.leases import SupervisorLease, supervisor_leases
@@ -21,6 +25,7 @@ from levers.ledger import Ledger
 from levers.limits import limits_status
 from levers.pool import live_reports
 from levers.spec import Pipeline
+from levers.worker import WORKER_TTL_S
 
 # Queue depths past these call for more workers, then for them at once (the seed's thresholds).
 QUEUE_WARNING = 100
@@ -31,13 +36,17 @@ FAILED_SHARE_WARNING = 0.10
 BUSY_ENOUGH = 0.05
 # Throughput, utilization and job times are over this many recent minutes.
 METRICS_MINUTES = 5
+# A worker levers did not start is alive while its last heartbeat is this recent (an idle RQ
+# worker beats at least every worker_ttl - 15 s, a busy forking one every 30 s).
+HEARTBEAT_FRESH_S = WORKER_TTL_S
 
 
 @dataclass(frozen=True)
 class PhaseStatus:
     phase: str
     queued: int
-    running: int
+    running: int  # jobs alive workers hold
+    stranded: int  # jobs held by workers that are gone, until a supervisor requeues them
     waiting_retry: int
     done: int
     failed: int
@@ -84,6 +93,8 @@ class PhaseStatus:
             found.append(f"{self.failed_share:.0%} failed: look at the errors")
         if self.workers_desired and not self.workers_alive:
             found.append("no worker alive")
+        if self.stranded:
+            found.append(f"{self.stranded} stranded: held by workers that are gone, until requeued")
         return found
 
 
@@ -150,7 +161,9 @@ def _phase_status(
     connection: redis.Redis, spec: Pipeline, name: str, ledger: Ledger, reports: list[dict[str, Any]]
 ) -> PhaseStatus:
     queue = Queue(keys.queue_name(spec.name, name), connection=connection, serializer=JSONSerializer)
-    workers = Worker.all(queue=queue)
+    workers = _alive(Worker.all(queue=queue), reports, name)
+    held = _holders(connection, queue)
+    stranded = sum(holder not in {w.name for w in workers} for holder in held)
     reported = [r["phases"][name] for r in reports if name in r.get("phases", {})]
     totals = ledger.totals(name)
     levers = spec.phases[name].levers
@@ -159,7 +172,8 @@ def _phase_status(
     return PhaseStatus(
         phase=name,
         queued=queue.count,
-        running=StartedJobRegistry(queue=queue).count,
+        running=len(held) - stranded,
+        stranded=stranded,
         waiting_retry=ScheduledJobRegistry(queue=queue).count,
         done=totals.get("done", 0),
         failed=totals.get("failed", 0),
@@ -180,6 +194,39 @@ def _phase_status(
         cpu_percent=_mean([r["cpu_percent"] for r in reported if "cpu_percent" in r]),
         rss_mb=_mean([r["rss_mb"] for r in reported if "rss_mb" in r]),
     )
+
+
+def _alive(workers: list[BaseWorker], reports: list[dict[str, Any]], phase: str) -> list[BaseWorker]:
+    """The workers alive now. levers' own (named phase.host.pid) are alive while a live report of
+    their host lists them, or none has been published since they started; any other worker while
+    its heartbeat is fresh."""
+    listed = {
+        (str(report.get("host")), int(pid))
+        for report in reports
+        for pid in report.get("phases", {}).get(phase, {}).get("pids", [])
+    }
+    fresh = datetime.now(UTC) - timedelta(seconds=HEARTBEAT_FRESH_S)
+
+    def alive(worker: BaseWorker) -> bool:
+        if worker.name != f"{phase}.{worker.hostname}.{worker.pid}":
+            return worker.last_heartbeat is not None and worker.last_heartbeat >= fresh
+        if (worker.hostname, worker.pid) in listed:
+            return True
+        born = worker.birth_date.timestamp() if worker.birth_date else 0.0
+        return any(r.get("host") == worker.hostname and float(r.get("updated", 0)) < born for r in reports)
+
+    return [w for w in workers if alive(w)]
+
+
+def _holders(connection: redis.Redis, queue: Queue) -> list[str | None]:
+    """The worker holding each job of the started registry (None: its execution has expired):
+    one read per job running, and the jobs running are about as many as the workers."""
+    entries = queue.started_job_registry.get_job_and_execution_ids(cleanup=False)
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id, execution_id in entries:
+            pipe.hget(Execution(execution_id, job_id, connection).key, "worker_name")
+        names = pipe.execute() if entries else []
+    return [name.decode() if name else None for name in names]
 
 
 def _mean(values: list[float]) -> float | None:
