@@ -123,11 +123,15 @@ class Chaos:
         wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers))
         self.supervisor = self._up()
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
         self.supervisor.send_signal(signal.SIGTERM)
-        code = self.supervisor.wait(timeout=60)
-        self.log.close()
-        return code
+        try:
+            return self.supervisor.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.supervisor.kill()  # its workers, orphaned, stop on their own
+            return None
+        finally:
+            self.log.close()
 
 
 def statuses(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
