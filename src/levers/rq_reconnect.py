@@ -109,7 +109,10 @@ class ReconnectingWorker(SimpleWorker):
             if found is not None:
                 job, queue = found
                 job.redis_server_version = self.outage.call(self.get_redis_server_version)
-                self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+                if self.log_job_description:
+                    self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+                else:
+                    self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
             return found
 
     def _start_scheduler(
