@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--only NAME,...] [--output FILE]``: run the benchmarks, write RESULTS.md.
 
 ``python -m bench killstorm [--docs N] [--output FILE]``: the kill storm, in a section of its own.
+``python -m bench outage [--quick] [--output FILE]``: Redis killed mid-run, in a section of its own.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench import efficiency, killstorm, memory, observability, overhead, takeover, transcription
-from bench.common import ROOT, embedded_server, machine
+from bench import efficiency, killstorm, memory, observability, outage, overhead, takeover, transcription
+from bench.common import ROOT, embedded_server, kept_section, machine
 from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
 
@@ -51,14 +53,18 @@ QUICK = Plan(
 )  # fmt: skip
 
 
+# Benchmarks run on their own (`bin/bench NAME`), each writing its own section of RESULTS.md.
+RUN_ALONE: dict[str, Callable[[list[str]], int]] = {"killstorm": killstorm.main, "outage": outage.main}
+
+
 def progress(message: str) -> None:
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["killstorm"]:
-        return killstorm.main(argv[1:])
+    if argv[:1] and argv[0] in RUN_ALONE:
+        return RUN_ALONE[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer jobs, documents and repetitions")
     parser.add_argument(
@@ -129,7 +135,8 @@ def main(argv: list[str]) -> int:
     if result_takeover is not None:
         text = _with_takeover(text, result_takeover, args.output, alone=only == ["takeover"])
     if only not in (["transcription"], ["takeover"]):  # those run alone already kept the rest of the file
-        text += killstorm.kept_section(args.output)  # run on its own; a full run keeps its last figures
+        # run on their own; a full run keeps their last figures
+        text += kept_section(args.output, killstorm.SECTION) + kept_section(args.output, outage.SECTION)
     args.output.write_text(text)
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     progress(f"bench: wrote {shown} in {info.seconds / 60:.1f} min")

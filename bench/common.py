@@ -141,3 +141,28 @@ def machine() -> dict[str, str]:
         "server": _valkey_version() + " (levers' embedded server, appendonly everysec)",
         "load average at start": f"{load1:.2f} (1 min), {load5:.2f} (5 min)",
     }
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` (RESULTS.md) with the section starting with ``heading`` replaced by ``section``,
+    or ``section`` appended if it had none (for a benchmark run on its own)."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + section
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+
+
+def kept_section(path: Path, heading: str) -> str:
+    """The section of ``path`` starting with ``heading``, for a full `bin/bench` run to keep ("" if
+    none): benchmarks run on their own keep their last figures there."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    start = text.find("\n" + heading)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return "\n" + text[start + 1 : end + 1 if end >= 0 else len(text)]

@@ -30,7 +30,17 @@ import redis
 from rq import Worker
 from rq.worker import BaseWorker
 
-from bench.common import PYTHON, ROOT, Server, bench_env, embedded_server, machine, md_table, stop_process
+from bench.common import (
+    PYTHON,
+    ROOT,
+    Server,
+    bench_env,
+    embedded_server,
+    machine,
+    md_table,
+    replace_section,
+    stop_process,
+)
 from bench.report import git_state
 from levers import keys
 from levers.ledger import DocStatus, Ledger
@@ -249,29 +259,6 @@ def _row(result: RunResult) -> list[object]:
     ]  # fmt: skip
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` (RESULTS.md) with this benchmark's section replaced, or appended if it had none."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + section
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-
-
-def kept_section(path: Path) -> str:
-    """This benchmark's section of ``path``, for a full `bin/bench` run to keep ("" if none)."""
-    if not path.exists():
-        return ""
-    text = path.read_text()
-    start = text.find("\n" + SECTION)
-    if start < 0:
-        return ""
-    end = text.find("\n## ", start + 1)
-    return "\n" + text[start + 1 : end + 1 if end >= 0 else len(text)]
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench killstorm", description=__doc__)
     parser.add_argument("--docs", type=int, default=1000, help="documents per run (default 1000)")
@@ -299,6 +286,6 @@ def main(argv: list[str]) -> int:
     )
     section = render(clean, storm, info)
     existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
-    args.output.write_text(replace_section(existing, section))
+    args.output.write_text(replace_section(existing, SECTION, section))
     sys.stderr.write(f"killstorm: slowdown {storm.seconds / clean.seconds:.2f}x; wrote {args.output}\n")
     return 0
