@@ -241,7 +241,7 @@ def test_a_stop_ends_at_its_deadline_while_recovery_cannot_reach_redis(harness: 
     harness.supervisor.seams.recover = unreachable
     harness.supervisor.request_stop()
     processes[0].exitcode = 0  # one finished its job and left; its jobs cannot be looked at
-    harness.clock.advance(max(EXTRACT_TIMEOUT_S, CHUNK_TIMEOUT_S) + STOP_GRACE_S)
+    harness.clock.advance(max(EXTRACT_TIMEOUT_S, CHUNK_TIMEOUT_S))  # the default grace
     with pytest.raises(redis.ConnectionError):
         harness.tick()
 
