@@ -39,7 +39,7 @@ def write_documents(directory: Path) -> None:
     pick = random.Random(7)
     for i in range(DOCS):
         sentences = []
-        for day in ("Monday", "Tuesday", "Wednesday", "Thursday"):
+        for day in ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"):
             one, other = pick.sample(PEOPLE, 2)
             sentences.append(f"On {day} {one} reviewed the {pick.choice(SYSTEMS)} with {other}.")
         (directory / f"note{i:03}.txt").write_text(f"Note {i}\n\n{' '.join(sentences)}\n")
@@ -69,7 +69,7 @@ def graph_server(root: Path) -> Any:
 def graph(root: Path) -> dict[str, set[tuple[Any, ...]]]:
     """The knowledge graph by content: episodes, entities, and edges with their endpoints."""
     server = graph_server(root).ensure_running()
-    client = FalkorDB(host="127.0.0.1", port=server.port)
+    client = FalkorDB.from_url(server.url)
     try:
         store = client.select_graph("levers")
         queries = {
@@ -165,7 +165,7 @@ def test_workers_and_a_supervisor_killed_mid_run_change_nothing(
 
     assert code == 0
     assert statuses(connection, doc_ids) == ["done"] * DOCS
-    assert supervisor_killed and chaos.kills >= 5, f"{chaos.kills} kills: the storm did not happen"
+    assert supervisor_killed and chaos.kills >= 3, f"{chaos.kills} kills: the storm did not happen"
     totals = {p: connection.hgetall(f"levers:levers:phase:{p}:totals") for p in ("extraction", "kg_ingest")}
     assert all(t.get(b"failed") is None for t in totals.values()), totals
     assert graph(stormy) == expected
