@@ -21,7 +21,7 @@ from rq.utils import now
 
 from levers.guard import refusal, refuse
 from levers.jobs import SETTINGS_MAX_AGE_S, ClaimedPhase, claim_phase, current_runtime, release_claim
-from levers.outage import UNREACHABLE
+from levers.outage import UNREACHABLE, reason
 from levers.requeue import put_back
 from levers.rq_reconnect import ReconnectingWorker
 
@@ -117,7 +117,8 @@ class ClaimingWorker(ReconnectingWorker):
 
     def _release(self, claim: Claim, why: str) -> None:
         """Put a claimed job back at the head of its queue, its attempt taken back: one that never
-        ran, or that a stop cut short."""
+        ran, or that a stop cut short. Tried once: a stopping worker does not wait for Redis, and
+        what stays registered to it, the supervisor puts back once it has ended."""
         phase, job, queue = claim.phase, claim.job, claim.queue
         claimed_at = claim.execution.created_at.timestamp()
 
@@ -127,6 +128,9 @@ class ClaimingWorker(ReconnectingWorker):
                     current_runtime(), phase.phase, phase.record.id, pipe, claimed_at, phase.attempt
                 )
 
-        if self.outage.call(put_back, self.connection, queue, job, [claim.execution], released):
-            log.info("job %s goes back to %s: %s", job.id, queue.name, why)
+        try:
+            if put_back(self.connection, queue, job, [claim.execution], released):
+                log.info("job %s goes back to %s: %s", job.id, queue.name, why)
+        except UNREACHABLE as exc:
+            log.warning("job %s stays this worker's, for the supervisor to put back: %s", job.id, reason(exc))
         self.executions.pop(claim.execution.id, None)
