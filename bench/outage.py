@@ -201,13 +201,15 @@ def render(results: list[Recovery], info: dict[str, str]) -> str:
     header = ["outage, s", "moving again, s", "held jobs done, s", "held", "done (each once)"]
     return f"""{SECTION}
 
-`{info["command"]}` at {info["source"]}, {info["started"]}, {info["minutes"]} min, on {info["cpu"]};
-load average {info["load"]}. A two-phase toy pipeline ({DOCS} documents, 0.2 s and 0.05 s jobs, 2
-and 1 workers) under the real `levers up`, on a valkey server of its own (append-only). Once
-{DONE_BEFORE_KILL} documents are done, the server is SIGKILLed, left down for the outage, and
-started again on its port with its data. Times are from the moment it answers: until the next
-document is done ("moving again"), and until the documents that were running at the kill are done
-("held jobs done").
+`{info["command"]}` at {info["source"]}, {info["started"]}, {info["minutes"]} min,
+on {info["cpu"]};
+load average {info["load"]}.
+
+A two-phase toy pipeline ({DOCS} documents, 0.2 s and 0.05 s jobs, 2 and 1 workers) under the real
+`levers up`, on a valkey server of its own (append-only). Once {DONE_BEFORE_KILL} documents are
+done, the server is SIGKILLed, left down for the outage, and started again on its port with its
+data. Times are from the moment it answers: until the next document is done ("moving again"), and
+until the documents that were running at the kill are done ("held jobs done").
 
 {md_table(header, rows)}
 
