@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import efficiency, killstorm, memory, observability, outage, overhead, takeover, transcription
-from bench.common import ROOT, embedded_server, kept_section, machine
+from bench.common import ROOT, embedded_server, kept_section, machine, replace_section
 from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
 
@@ -131,9 +131,12 @@ def main(argv: list[str]) -> int:
     if result_observability is not None:
         text += "\n" + observability.render(result_observability)
     if result_transcription is not None:
-        text = _with_transcription(text, result_transcription, args.output, alone=only == ["transcription"])
+        alone = only == ["transcription"]
+        section = transcription.render(result_transcription)
+        text = _with_section(text, transcription.SECTION, section, args.output, alone)
     if result_takeover is not None:
-        text = _with_takeover(text, result_takeover, args.output, alone=only == ["takeover"])
+        section = takeover.render(result_takeover)
+        text = _with_section(text, takeover.SECTION, section, args.output, only == ["takeover"])
     if only not in (["transcription"], ["takeover"]):  # those run alone already kept the rest of the file
         # run on their own; a full run keeps their last figures
         text += kept_section(args.output, killstorm.SECTION) + kept_section(args.output, outage.SECTION)
@@ -143,23 +146,12 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _with_transcription(
-    text: str, result: transcription.TranscriptionResult, output: Path, alone: bool
-) -> str:
-    """The report with the transcription section. That benchmark measures a phase, not levers'
-    worker: run alone, it replaces its own section of the existing file and keeps the rest."""
-    section = transcription.render(result)
+def _with_section(text: str, heading: str, section: str, output: Path, alone: bool) -> str:
+    """The report with a benchmark's section. Transcription and takeover measure a phase and a
+    deployment, not levers' worker: run alone, each replaces its own section of the existing file
+    and keeps the rest."""
     if alone and output.exists():
-        return transcription.merge_section(output.read_text(), section)
-    return text + "\n" + section
-
-
-def _with_takeover(text: str, results: list[takeover.Takeover], output: Path, alone: bool) -> str:
-    """The report with the takeover section; run alone, it replaces its own section of the
-    existing file and keeps the rest."""
-    section = takeover.render(results)
-    if alone and output.exists():
-        return takeover.merge_section(output.read_text(), section)
+        return replace_section(output.read_text(), heading, section)
     return text + "\n" + section
 
 

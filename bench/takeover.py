@@ -207,13 +207,3 @@ worker's heartbeat TTL.
 
 def _verdict(met: bool) -> str:
     return "met" if met else "not met"
-
-
-def merge_section(existing: str, section: str) -> str:
-    """``existing`` RESULTS.md with this benchmark's section replaced (or appended), the rest kept."""
-    start = existing.find(SECTION)
-    if start < 0:
-        return existing.rstrip("\n") + "\n\n" + section
-    following = existing.find("\n## ", start + len(SECTION))
-    tail = existing[following + 1 :] if following >= 0 else ""
-    return existing[:start] + section + ("\n" + tail if tail else "")

@@ -244,13 +244,3 @@ A freed slot goes to a worker already waiting with its recording: waiters look a
 (plus up to 20 ms of jitter), so a hand-over idles a slot for some 35 ms of a request lasting
 {plan.latency_s + 10 * plan.per_audio_s:g}-{plan.latency_s + 40 * plan.per_audio_s:g} s.
 """
-
-
-def merge_section(existing: str, section: str) -> str:
-    """``existing`` RESULTS.md with this benchmark's section replaced (or appended), the rest kept."""
-    start = existing.find(SECTION)
-    if start < 0:
-        return existing.rstrip("\n") + "\n\n" + section
-    following = existing.find("\n## ", start + len(SECTION))
-    tail = existing[following + 1 :] if following >= 0 else ""
-    return existing[:start] + section + ("\n" + tail if tail else "")
