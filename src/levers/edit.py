@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.util import load_yaml_guess_indent
 
 from levers.errors import UsageError
+from levers.files import write_atomically
 from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree
 from levers.safe_yaml import round_trip_yaml
 from levers.spec import LeverSettings, Phase, Pipeline, did_you_mean
@@ -95,7 +94,8 @@ def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, 
         new_text, changes = edit_text(path, text, list(current.spec.phases), assignments)
         updated = parse_pipeline(new_text.encode(), path, check_imports=True)
         if new_text != text:
-            _replace(path, new_text)
+            # the file keeps its mode: it is the user's, not levers' own state
+            write_atomically(path, new_text.encode(), mode=path.stat().st_mode & 0o777)
     return updated, [c for c in changes if c.old != c.new]
 
 
@@ -158,16 +158,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _replace(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
