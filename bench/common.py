@@ -19,7 +19,7 @@ import psutil
 import redis
 from redis.utils import HIREDIS_AVAILABLE
 
-from levers.embedded import EmbeddedServer, valkey_binary
+from levers.server.embedded import EmbeddedServer, valkey_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -33,9 +33,9 @@ from rq.serializers import JSONSerializer
 from bench.common import PYTHON, ROOT, Server, bench_env, median, stop_process, wait_until
 from bench.projects import calls_pipeline, calls_project
 from levers import keys
-from levers.ledger import Ledger
-from levers.loading import load_pipeline
-from levers.submission import Submitter
+from levers.documents.ledger import Ledger
+from levers.documents.submission import Submitter
+from levers.pipeline.loading import load_pipeline
 
 CALLS = 20
 CALL_S = 0.02
@@ -366,7 +366,7 @@ def handler_alone(semaphores: Sequence[int], runs: int = 9) -> dict[int, float]:
     The ceiling for any worker: asyncio.sleep overshoots by a little each round (the loop waits
     in whole milliseconds), so even this stays under the ideal.
     """
-    from levers.context import Levers, PhaseContext
+    from levers.worker.phase_context import Levers, PhaseContext
 
     async def calls(ctx: PhaseContext) -> None:
         await ctx.gather(*(asyncio.sleep(CALL_S) for _ in range(CALLS)))
@@ -398,11 +398,11 @@ def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, floa
     """
     from rq.timeouts import JobTimeoutException
 
-    from levers.context import Document
-    from levers.jobs import ClaimedPhase, WorkerRuntime, perform_phase
-    from levers.ledger import DocStatus, DocumentRecord
-    from levers.rq_worker import JobTimeout
-    from levers.watch import PipelineWatcher
+    from levers.documents.ledger import DocStatus, DocumentRecord
+    from levers.pipeline.watching import PipelineWatcher
+    from levers.worker.jobs import ClaimedPhase, WorkerRuntime, perform_phase
+    from levers.worker.phase_context import Document
+    from levers.worker.rq_worker import JobTimeout
 
     with tempfile.TemporaryDirectory(prefix="levers-bench-steps-") as tmp:
         pipeline = calls_project(Path(tmp), 1, 1, 0, CALL_S)  # no calls: the handler returns at once

@@ -23,23 +23,25 @@ def _patches() -> str:
     return f"""\
 ### The patches (bench/patches/*.diff against src as it was; effects measured above)
 
-1. `worker-round-trips.diff` (src/levers/worker.py, now src/levers/rq_worker.py), {status(worker_in)}:
+1. `worker-round-trips.diff` (src/levers/worker/process.py, now src/levers/worker/rq_worker.py),
+{status(worker_in)}:
    `LeversWorker.heartbeat` sends RQ's three heartbeat commands as one pipeline and skips a
    default-TTL heartbeat within 1 s of the last one (a heartbeat that set a job's longer TTL always
    lets the next one through, so the worker key's TTL still drops back to `worker_ttl + 60` after
    each job); `LeversWorker.set_state` does not write an unchanged state again (RQ writes "idle"
    after each job and again before each dequeue; `pool.is_busy` still sees every busy/idle change).
-2. `ledger-start.diff` (src/levers/ledger.py, src/levers/jobs.py), {status(present["ledger-merge"])}:
+2. `ledger-start.diff` (src/levers/documents/ledger.py, src/levers/worker/jobs.py),
+{status(present["ledger-merge"])}:
    `Ledger.start(doc_id, phase)`, one Lua script that marks the attempt started and returns the
    record (nil for an unknown document, which is then not created), replacing `Ledger.get` +
    `Ledger.started` in `run_phase`.
-3. `preload-freeze.diff` (src/levers/pool.py, src/phases/kg_ingest.py),
+3. `preload-freeze.diff` (src/levers/supervisor/processes.py, src/phases/kg_ingest.py),
    {status(preload_in, " in another form: `preload:` in pipeline.yaml instead of `LEVERS_PRELOAD`")}:
    `preload_handlers` also imports the heavy modules handlers import lazily (kg_ingest's
    `phases.graph_store`: graphiti is imported once, in the supervisor, and stays lazy for every
    other command), then runs `gc.collect()` and `gc.freeze()` before the workers are forked, so
    their collections never write to (and unshare) the preloaded objects.
-4. The overlap (src/levers/rq_worker.py), {status(present["overlap"])}: a design, not a diff: each
+4. The overlap (src/levers/worker/rq_worker.py), {status(present["overlap"])}: a design, not a diff: each
    job's completion and the next job's claim run on a helper thread while the following handler
    runs, one event loop per worker, and no suspension check or heartbeat round trip between two
    handlers when a claim is ahead (bench/patched.py switches it off for *before the patches*).

@@ -43,9 +43,9 @@ from bench.common import (
 )
 from bench.report import git_state
 from levers import keys
-from levers.ledger import DocStatus, Ledger
-from levers.loading import load_pipeline
-from levers.pool import live_reports
+from levers.documents.ledger import DocStatus, Ledger
+from levers.observing.reports import live_reports
+from levers.pipeline.loading import load_pipeline
 
 SECTION = "## 6. Kill storm"
 TARGET_SLOWDOWN = 2.0
@@ -116,8 +116,8 @@ class Storm:
         workers = [w for w in Worker.all(connection=self.connection) if w.queue_names()]
         self._note_replacements(workers)
         for report in live_reports(self.connection, PIPELINE):
-            self.result.states |= {str(p["state"]) for p in report["phases"].values()}
-            self.result.restarts = sum(int(p["restarts"]) for p in report["phases"].values())
+            self.result.states |= {p.state for p in report.phases.values()}
+            self.result.restarts = sum(p.restarts for p in report.phases.values())
         if self.kills and time.monotonic() >= self.next_kill:
             busy = [w for w in workers if w.state == "busy" and w.pid]
             if busy:

@@ -40,8 +40,9 @@ from rq.serializers import JSONSerializer
 
 from bench.common import PYTHON, Server, bench_env, stop_process, wait_until
 from bench.projects import write_file
-from levers import keys, pool
-from levers.spec import Pipeline
+from levers import keys
+from levers.pipeline.model import Pipeline
+from levers.supervisor import processes as pool
 
 PIPELINE = "memory"
 PHASES = ("extraction", "chunking", "kg_ingest")

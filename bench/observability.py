@@ -3,7 +3,7 @@
 1. ``pipeline_status`` (what `levers status` computes) with 100,000 jobs queued, against the same
    pipeline with 100 queued: it must not scan jobs, so the ratio should stay near 1. The whole
    `levers status --json` command is timed too; most of that is the interpreter's start-up.
-2. The cost of recording a job's metrics: the job's hand-off transaction as `levers.jobs` sends
+2. The cost of recording a job's metrics: the job's hand-off transaction as `levers.worker.jobs` sends
    it, with and without the commands of ``metrics.record``, taking turns on one server.
 """
 
@@ -24,8 +24,8 @@ from rq.serializers import JSONSerializer
 
 from bench.common import Server
 from levers import keys, metrics
-from levers.loading import load_pipeline
-from levers.status import pipeline_status
+from levers.observing.status import pipeline_status
+from levers.pipeline.loading import load_pipeline
 
 PIPELINE = """
 name: watched
@@ -83,7 +83,7 @@ def _status_cost(server: Server, path: Path, jobs: int, repetitions: int) -> Sta
     )
     for start in range(0, jobs, ENQUEUE_BATCH):
         batch = [
-            Queue.prepare_data("levers.jobs.run_phase", args=("first", f"doc{i}"))
+            Queue.prepare_data("levers.worker.jobs.run_phase", args=("first", f"doc{i}"))
             for i in range(start, min(start + ENQUEUE_BATCH, jobs))
         ]
         queue.enqueue_many(batch)

@@ -36,7 +36,7 @@ from bench.common import (
 )
 from bench.projects import write_file
 from bench.report import git_state
-from levers.embedded import valkey_binary
+from levers.server.embedded import valkey_binary
 
 SECTION = "## 8. Redis goes away and comes back"
 

@@ -27,9 +27,9 @@ from bench import patched
 from bench.common import PYTHON, ROOT, Server, bench_env, median
 from bench.projects import noop_project
 from levers import keys
-from levers.ledger import DocStatus, Ledger
-from levers.loading import load_pipeline
-from levers.submission import Submitter
+from levers.documents.ledger import DocStatus, Ledger
+from levers.documents.submission import Submitter
+from levers.pipeline.loading import load_pipeline
 
 PLAIN_QUEUE = "bench-overhead"
 PIPELINE = "overhead"  # the name in bench/projects.py's noop_project
@@ -254,20 +254,24 @@ def round_trips(server: Server, workdir: Path, small: int = 20, large: int = 120
 # Functions whose cumulative time per job is reported, as (file suffix, function name).
 BREAKDOWN: list[tuple[str, str, str]] = [
     ("rq/worker/base.py", "work", "worker loop (whole run)"),
-    ("levers/rq_reconnect.py", "wait_for_job", "  dequeue (BLMOVE, fetch job)"),
-    ("levers/rq_claim.py", "_claim", "  claim: register the job as this worker's"),
+    ("levers/worker/rq_reconnect.py", "wait_for_job", "  dequeue (BLMOVE, fetch job)"),
+    ("levers/worker/rq_claim.py", "_claim", "  claim: register the job as this worker's"),
     ("rq/worker/base.py", "prepare_execution", "    RQ: prepare execution (started registry, status)"),
-    ("levers/rq_claim.py", "_register", "    prepare job execution (job status, heartbeat, holding list)"),
-    ("levers/jobs.py", "claim_phase", "    levers.jobs.claim_phase (Ledger.start script)"),
-    ("levers/rq_worker.py", "_run", "  run: the handler step"),
-    ("levers/jobs.py", "perform_phase", "    levers.jobs.perform_phase"),
-    ("levers/watch.py", "current", "      PipelineWatcher.current (stat pipeline.yaml)"),
-    ("levers/jobs.py", "_call_handler", "      _call_handler (context, doc, handler, json check)"),
-    ("levers/jobs.py", "_document", "        _document (prior-output lookup)"),
-    ("levers/rq_worker.py", "_complete", "  complete: output, hand-off, RQ's result"),
-    ("levers/jobs.py", "complete_phase", "    levers.jobs.complete_phase"),
-    ("levers/store.py", "put_output", "      ArtifactStore.put_output (mkstemp, write, rename)"),
-    ("levers/jobs.py", "_hand_off", "      _hand_off (ledger finished, transaction)"),
+    (
+        "levers/worker/rq_claim.py",
+        "_register",
+        "    prepare job execution (job status, heartbeat, holding list)",
+    ),
+    ("levers/worker/jobs.py", "claim_phase", "    levers.worker.jobs.claim_phase (Ledger.start script)"),
+    ("levers/worker/rq_worker.py", "_run", "  run: the handler step"),
+    ("levers/worker/jobs.py", "perform_phase", "    levers.worker.jobs.perform_phase"),
+    ("levers/pipeline/watching.py", "current", "      PipelineWatcher.current (stat pipeline.yaml)"),
+    ("levers/worker/jobs.py", "_call_handler", "      _call_handler (context, doc, handler, json check)"),
+    ("levers/worker/jobs.py", "_document", "        _document (prior-output lookup)"),
+    ("levers/worker/rq_worker.py", "_complete", "  complete: output, hand-off, RQ's result"),
+    ("levers/worker/jobs.py", "complete_phase", "    levers.worker.jobs.complete_phase"),
+    ("levers/documents/store.py", "put_output", "      ArtifactStore.put_output (mkstemp, write, rename)"),
+    ("levers/worker/jobs.py", "_hand_off", "      _hand_off (ledger finished, transaction)"),
     ("rq/worker/base.py", "handle_job_success", "    RQ: handle_job_success (result, registries)"),
     ("rq/worker/base.py", "heartbeat", "  RQ: heartbeat"),
     ("logging/__init__.py", "callHandlers", "  logging: formatting and writing log lines"),

@@ -20,7 +20,7 @@ Nothing in src/ is changed. The patches:
   marks the phase started and returns the record; nil for an unknown document).
 - ``overlap``: the worker completes each job and claims the next one on a helper thread while the
   following handler runs, and async handlers share one event loop per worker. This one is a
-  design (levers/rq_worker.py), not a monkeypatch: it can only be switched off
+  design (levers/worker/rq_worker.py), not a monkeypatch: it can only be switched off
   (``LeversWorker.overlap = False`` and ``asyncio.run`` per job), never applied.
 
 ``BENCH_PATCHES`` (comma-separated names) picks a subset to apply; by default all.
@@ -38,9 +38,9 @@ from typing import Any
 import rq
 from rq import SimpleWorker
 
-from levers.jobs import WorkerRuntime
-from levers.ledger import DocStatus, DocumentRecord, Ledger, PhaseRecord, _record
-from levers.rq_worker import LeversWorker
+from levers.documents.ledger import DocStatus, DocumentRecord, Ledger, PhaseRecord, _record
+from levers.worker.jobs import WorkerRuntime
+from levers.worker.rq_worker import LeversWorker
 
 ALL = ("heartbeat-pipeline", "heartbeat-throttle", "idle-state", "ledger-merge", "overlap")
 # A default-TTL heartbeat this soon after the last one is skipped (RQ sends several per job).
@@ -64,7 +64,7 @@ def mode() -> str:
     return "revert" if all(in_src().values()) else "apply"
 
 
-# --- the patches, as proposed for src/levers/worker.py and src/levers/ledger.py --------------------
+# --- the patches, as proposed for src/levers/worker/process.py and src/levers/documents/ledger.py
 
 
 def _make_heartbeat(pipelined: bool, throttle: bool) -> Any:

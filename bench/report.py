@@ -155,11 +155,12 @@ not immune on a 2-vCPU VM.
 
 {table}
 
-The levers job path is a one-phase pipeline's `levers.jobs.run_phase` jobs in a temporary directory
+The levers job path is a one-phase pipeline's `levers.worker.jobs.run_phase` jobs in a temporary directory
 (`def noop(doc, ctx): return {{}}`, defaults otherwise), its documents submitted through
-`levers.submission.Submitter`, run by `levers.worker.run_worker` itself with only `LeversWorker.work`
+`levers.documents.submission.Submitter`, run by `levers.worker.process.run_worker` itself with only
+`LeversWorker.work`
 wrapped (burst mode, no scheduler, timed). LeversWorker runs such a job in its own steps (claim,
-handler, completion: levers/rq_worker.py), completing each job and claiming the next on a helper
+handler, completion: levers/worker/rq_worker.py), completing each job and claiming the next on a helper
 thread while the following handler runs. The last row is the other side of the per-job patches
 (bench/patched.py, switched in the worker process only): *proposed patches* when src lacks them,
 *before the patches* (RQ's own heartbeats and state writes, a ledger read and a separate start
@@ -226,7 +227,7 @@ SimpleWorker 87 %, RQ forking Worker 69 % (3 workers, semaphore 10).
 """
 
 PATCHED_CELLS_TEXT = """
-The same cells *{label}*: bench/supervise.py (levers.cli.up step by step) switches the per-job
+The same cells *{label}*: bench/supervise.py (levers.cli.app.up step by step) switches the per-job
 patches (bench/patched.py) in the supervisor before it forks, so every worker runs that way.
 
 {table}

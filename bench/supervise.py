@@ -1,4 +1,4 @@
-"""`levers up`, step by step as levers.cli.up does it, with bench/patched.py's switches first.
+"""`levers up`, step by step as levers.cli.app.up does it, with bench/patched.py's switches first.
 
 ``python -m bench.supervise PIPELINE``: $BENCH_MODE ("apply" or "revert") applies the per-job
 patches src lacks or reverts those it has, and $BENCH_NO_FREEZE=1 turns ``gc.freeze`` into a
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from bench import patched
-from levers import pool
-from levers.project import open_project
+from levers.server.project import open_project
+from levers.supervisor import processes as pool
 
 
 def main(argv: list[str]) -> None:

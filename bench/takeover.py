@@ -35,7 +35,8 @@ from rq import Queue, Worker
 from bench.common import PYTHON, Server, bench_env, median, stop_process, wait_until
 from bench.report import git_state
 from levers import keys
-from levers.leases import LEASE_TTL_S, SCAN_S, SETTLE_S, supervisor_leases
+from levers.observing.reports import supervisor_leases
+from levers.supervisor.leases import LEASE_TTL_S, SCAN_S, SETTLE_S
 
 TARGET_S = 30.0
 RQ_ALONE_S = 11.5 * 60

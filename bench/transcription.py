@@ -33,9 +33,9 @@ import psutil
 from bench.common import PYTHON, Server, bench_env, md_table, stop_process, wait_until
 from bench.projects import write_file
 from bench.report import git_state
-from levers.ledger import DocStatus, Ledger
-from levers.loading import load_pipeline
-from levers.submission import Submitter
+from levers.documents.ledger import DocStatus, Ledger
+from levers.documents.submission import Submitter
+from levers.pipeline.loading import load_pipeline
 from tests.audio_files import write_wav
 from tests.fake_deepgram import FakeDeepgram
 

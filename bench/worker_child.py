@@ -4,7 +4,7 @@
 [--count-round-trips]`` (RQ logs to stdout, so the figures go to ``--out``.)
 
 Variants: ``fork`` (rq.Worker), ``simple`` (rq.SimpleWorker), ``levers-bare`` (LeversWorker on plain
-RQ jobs), ``levers`` (levers' own run_worker on a pipeline's queue, running levers.jobs.run_phase)
+RQ jobs), ``levers`` (levers' own run_worker on a pipeline's queue, running levers.worker.jobs.run_phase)
 ``levers-patched`` (the same with bench/patched.py's patches applied, when src lacks them) and
 ``levers-before`` (the same with the patches src has reverted).
 All use RQ's JSON serializer, INFO logging (RQ's default and levers') and no scheduler.
@@ -30,8 +30,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 import bench.jobs  # noqa: F401  (imported before any fork: a work horse must not import or compile it)
-from levers import worker as levers_worker
-from levers.rq_worker import Claim, LeversWorker
+from levers.worker import process as levers_worker
+from levers.worker.rq_worker import Claim, LeversWorker
 
 
 class BareLeversWorker(LeversWorker):
@@ -110,7 +110,7 @@ def run_plain(variant: str, url: str, queue: str, profile: Path | None) -> Timin
 
 
 def run_levers(url: str, pipeline: Path, phase: str, profile: Path | None) -> Timing:
-    """levers.worker.run_worker exactly as a supervisor's worker runs it, but in burst mode.
+    """levers.worker.process.run_worker exactly as a supervisor's worker runs it, but in burst mode.
 
     Only ``LeversWorker.work`` is wrapped: burst instead of forever, no scheduler process, timed.
     The setup before it (pipeline, connection, runtime, logging) is levers' own and not timed.

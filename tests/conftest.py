@@ -19,7 +19,7 @@ import psutil
 import pytest
 import redis
 
-from levers.embedded import EmbeddedServer, valkey_binary
+from levers.server.embedded import EmbeddedServer, valkey_binary
 
 LEVERS = [sys.executable, "-m", "levers"]
 SERVER_NAMES = ("valkey-server", "redis-server")

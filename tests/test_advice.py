@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from levers.advice import advise
-from levers.status import PhaseStatus, PipelineStatus
+from levers.observing.advice import advise
+from levers.observing.status import PhaseStatus, PipelineStatus
 
 HEALTHY = PhaseStatus(
     phase="chunking", queued=0, running=1, stranded=0, waiting_retry=0, done=100, failed=0, retried=0,

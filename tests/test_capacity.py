@@ -8,7 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from levers.capacity import (
+from levers.errors import UsageError
+from levers.pipeline.loading import load_pipeline
+from levers.pipeline.model import Phase, Pipeline
+from levers.planning.capacity import (
     Plan,
     build_plan,
     diff_plans,
@@ -17,9 +20,6 @@ from levers.capacity import (
     keeps_up,
     parse_rate,
 )
-from levers.errors import UsageError
-from levers.loading import load_pipeline
-from levers.spec import Phase, Pipeline
 
 SEED = Path(__file__).resolve().parents[1] / "examples" / "seed-pipeline.yaml"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from levers.context import Document, Levers, PhaseContext
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.audio import Recording
 from phases.chunking import ChunkingError, Tokens, chunk
 from phases.extraction import extract_bytes

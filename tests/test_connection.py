@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from levers.connection import Target, configured_url, connect, expand_env, masked, resolve
 from levers.errors import ConnectionFailed, UsageError
-from levers.loading import LoadedPipeline, parse_pipeline
+from levers.pipeline.loading import LoadedPipeline, parse_pipeline
+from levers.server.connection import Target, configured_url, connect, expand_env, masked, resolve
 from tests.conftest import levers
 from tests.test_e2e import make_project
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from levers.console import _describe, document_timeline
-from levers.ledger import DocStatus, DocumentRecord
+from levers.cli.console import _describe, document_timeline
+from levers.documents.ledger import DocStatus, DocumentRecord
 from tests.conftest import levers
 from tests.test_e2e import make_project
 

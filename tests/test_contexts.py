@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from levers.context import Document, Levers, PhaseContext
-from levers.jobs import one_line
-from levers.limits import JobLimits, limits_status
-from levers.spec import LimitSettings, Phase, Pipeline
+from levers.limits.shared import JobLimits, limits_status
+from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.worker.jobs import one_line
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.chunking import chunk
 from phases.contexts import CACHE_DIR, DEFAULT_MODEL, DOCUMENT_PROMPT, ContextError
 from tests.fake_anthropic import ANSWER_WORDS, FakeAnthropic

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from levers.edit import edit_text, get_value, resolve_path, set_values
 from levers.errors import SpecError, UsageError
-from levers.loading import load_pipeline
+from levers.pipeline.editing import edit_text, get_value, resolve_path, set_values
+from levers.pipeline.loading import load_pipeline
 from tests.conftest import levers
 
 ROOT = Path(__file__).resolve().parent.parent

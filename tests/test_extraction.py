@@ -13,7 +13,7 @@ import docx
 import pytest
 from fpdf import FPDF
 
-from levers.context import Document, Levers, PhaseContext
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.extraction import NO_TEXT_LAYER, ExtractionError, extract
 from phases.ingest_extract import DEFAULT_MAX_BYTES, ingest
 

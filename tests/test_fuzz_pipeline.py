@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from levers.errors import SpecError
-from levers.loading import parse_pipeline
+from levers.pipeline.loading import parse_pipeline
 from tests.conftest import LEVERS
 
 ROOT = Path(__file__).resolve().parents[1]

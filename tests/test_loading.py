@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from levers.errors import EXIT_BAD_INPUT, SpecError, SpecProblem, UsageError
-from levers.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
 
 REAL_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 # Errors name the file relative to the working directory, which the fixture makes tmp_path.

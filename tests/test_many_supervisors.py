@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from levers.connection import embedded_server
-from levers.loading import load_pipeline
-from levers.pool import live_reports
-from levers.project import read_last_good, save_last_good
+from levers.observing.reports import live_reports
+from levers.pipeline.loading import load_pipeline
+from levers.server.connection import embedded_server
+from levers.server.project import read_last_good, save_last_good
 from tests.conftest import LEVERS, levers, start_levers, wait_until
 from tests.test_e2e import TOY_PHASES, stop
 
@@ -63,7 +63,7 @@ def test_four_supervisors_survive_thirty_concurrent_sets_and_apply_the_last(proj
 
         def all_applied() -> bool:
             reports = live_reports(connection, "four")
-            return len(reports) == len(PHASES) and all(r["digest"] == last.digest for r in reports)
+            return len(reports) == len(PHASES) and all(r.digest == last.digest for r in reports)
 
         wait_until(all_applied, timeout_s=30)
         assert [s.poll() for s in supervisors] == [None] * len(PHASES), "every supervisor is alive"

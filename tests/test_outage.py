@@ -19,7 +19,7 @@ import pytest
 import redis
 from rq import Worker
 
-from levers.embedded import EmbeddedServer, valkey_binary
+from levers.server.embedded import EmbeddedServer, valkey_binary
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import doc_field, stop, submit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from levers.embedded import EmbeddedServer, valkey_binary
+from levers.server.embedded import EmbeddedServer, valkey_binary
 from tests.conftest import levers
 from tests.test_e2e import make_project
 

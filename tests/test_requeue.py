@@ -7,12 +7,12 @@ from rq import Queue
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
 
-from levers.requeue import put_back
+from levers.worker.requeue import put_back
 
 
 def test_a_job_taken_but_never_registered_goes_back_once(connection: redis.Redis) -> None:
     queue = Queue("requeue.held", connection=connection, serializer=JSONSerializer)
-    job = queue.enqueue("levers.jobs.run_phase", "p", "a")
+    job = queue.enqueue("levers.worker.jobs.run_phase", "p", "a")
     # a worker moved it to the holding list, then lost its connection before registering it
     connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
 
@@ -25,7 +25,7 @@ def test_a_job_taken_but_never_registered_goes_back_once(connection: redis.Redis
 
 def test_a_registered_job_goes_back_once_at_the_head(connection: redis.Redis) -> None:
     queue = Queue("requeue.registered", connection=connection, serializer=JSONSerializer)
-    job, waiting = (queue.enqueue("levers.jobs.run_phase", "p", d) for d in ("a", "b"))
+    job, waiting = (queue.enqueue("levers.worker.jobs.run_phase", "p", d) for d in ("a", "b"))
     connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
     with connection.pipeline() as pipe:  # registered as a worker's, as a claim does
         execution = Execution.create(job, 60, pipe, worker_name="first.host.1")

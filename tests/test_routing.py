@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from levers.documents.routing import entry_phase
 from levers.errors import EXIT_BAD_INPUT, DocumentError
-from levers.loading import load_pipeline, parse_pipeline
-from levers.routing import entry_phase
-from levers.spec import Pipeline
+from levers.pipeline.loading import load_pipeline, parse_pipeline
+from levers.pipeline.model import Pipeline
 
 REAL_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from levers.errors import EXIT_BAD_INPUT, SpecError, SpecProblem
-from levers.loading import load_pipeline, parse_pipeline
-from levers.safe_yaml import MAX_ALIASES, MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
+from levers.pipeline.loading import load_pipeline, parse_pipeline
+from levers.pipeline.safe_yaml import MAX_ALIASES, MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 
 SHOWN = "pipeline.yaml"
 HEAD = "phases:\n  a:\n    handler: json:loads\n    accepts: [pdf]\n"

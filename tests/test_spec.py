@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from levers import spec as model
 from levers.errors import SpecError, SpecProblem
-from levers.loading import parse_pipeline
-from levers.schema import pipeline_schema
-from levers.spec import Phase, Pipeline, cross_checks
+from levers.pipeline import model
+from levers.pipeline.loading import parse_pipeline
+from levers.pipeline.model import Phase, Pipeline, cross_checks
+from levers.pipeline.schema import pipeline_schema
 
 SHOWN = "pipeline.yaml"
 

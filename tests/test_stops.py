@@ -19,10 +19,10 @@ from rq import Queue, Worker
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from levers.ledger import Ledger
-from levers.pool import live_reports
-from levers.rq_worker import LeversWorker
-from levers.worker import recover_jobs
+from levers.documents.ledger import Ledger
+from levers.observing.reports import live_reports
+from levers.worker.process import recover_jobs
+from levers.worker.rq_worker import LeversWorker
 from tests.conftest import levers, start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 from tests.test_exporter import free_port, try_scrape
@@ -190,12 +190,12 @@ def _a_new_worker_has_done_a_job(connection: redis.Redis, killed: set[int]) -> b
 
 
 def _phase_states(connection: redis.Redis) -> set[str]:
-    return {str(r["phases"]["first"]["state"]) for r in live_reports(connection, "toy")}
+    return {r.phases["first"].state for r in live_reports(connection, "toy")}
 
 
 def _phase_restarts(connection: redis.Redis) -> int:
     [report] = live_reports(connection, "toy")
-    return int(report["phases"]["first"]["restarts"])
+    return report.phases["first"].restarts
 
 
 def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, connection: redis.Redis) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from levers.store import ArtifactStore
+from levers.documents.store import ArtifactStore
 
 
 def test_a_cached_value_is_found_by_another_store_on_the_same_root(tmp_path: Path) -> None:

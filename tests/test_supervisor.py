@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from levers.loading import LoadedPipeline
-from levers.supervisor import (
+from levers.observing.reports import PhaseReport
+from levers.pipeline.loading import LoadedPipeline
+from levers.pipeline.watching import PipelineWatcher
+from levers.supervisor.reconcile import (
     FAILING_AFTER_CRASHES,
     FIRST_BACKOFF_S,
     MAX_BACKOFF_S,
@@ -25,7 +27,6 @@ from levers.supervisor import (
     SlotState,
     Supervisor,
 )
-from levers.watch import PipelineWatcher
 
 EXTRACT_TIMEOUT_S = 60
 CHUNK_TIMEOUT_S = 120
@@ -131,9 +132,8 @@ class Harness:
     def spawned_for(self, phase: str) -> list[FakeProcess]:
         return [process for p, _, process in self.spawned if p == phase]
 
-    def phase_report(self, phase: str) -> dict[str, object]:
-        report: dict[str, object] = self.supervisor.report()["phases"][phase]
-        return report
+    def phase_report(self, phase: str) -> PhaseReport:
+        return self.supervisor.report().phases[phase]
 
     def all_processes(self) -> list[FakeProcess]:
         return [process for _, _, process in self.spawned]
@@ -161,12 +161,12 @@ def test_spawns_exactly_the_declared_workers_per_phase(harness: Harness) -> None
 
     assert len(harness.spawned_for("extract")) == 2
     assert len(harness.spawned_for("chunk")) == 1
-    assert {phase: r["alive"] for phase, r in harness.supervisor.report()["phases"].items()} == {
+    assert {phase: r.alive for phase, r in harness.supervisor.report().phases.items()} == {
         "extract": 2,
         "chunk": 1,
     }
-    assert harness.phase_report("extract")["state"] == PhaseState.OK
-    assert harness.phase_report("extract")["pids"] == [p.pid for p in harness.spawned_for("extract")]
+    assert harness.phase_report("extract").state == PhaseState.OK
+    assert harness.phase_report("extract").pids == [p.pid for p in harness.spawned_for("extract")]
 
 
 def test_only_restricts_the_phases_run(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_only_restricts_the_phases_run(tmp_path: Path) -> None:
     only_chunk.tick()
 
     assert [phase for phase, _, _ in only_chunk.spawned] == ["chunk"]
-    assert list(only_chunk.supervisor.report()["phases"]) == ["chunk"]
+    assert list(only_chunk.supervisor.report().phases) == ["chunk"]
 
 
 # --- deaths and crashes --------------------------------------------------------------------------
@@ -197,8 +197,8 @@ def test_a_dead_worker_is_recovered_and_replaced(harness: Harness) -> None:
     assert victim not in harness.running("extract")
     assert len(harness.running("extract")) == 2
     assert len(harness.spawned_for("extract")) == 3
-    assert harness.phase_report("extract")["restarts"] == 1
-    assert harness.phase_report("extract")["state"] == PhaseState.OK
+    assert harness.phase_report("extract").restarts == 1
+    assert harness.phase_report("extract").state == PhaseState.OK
 
 
 def test_a_recovery_that_cannot_reach_redis_is_tried_again_and_the_worker_not_replaced_meanwhile(
@@ -221,7 +221,7 @@ def test_a_recovery_that_cannot_reach_redis_is_tried_again_and_the_worker_not_re
         with pytest.raises(redis.ConnectionError):
             harness.tick()
     assert len(harness.spawned_for("extract")) == 2, "replaced only once its jobs are back"
-    assert victim.pid not in harness.phase_report("extract")["pids"]  # nor reported alive meanwhile
+    assert victim.pid not in harness.phase_report("extract").pids  # nor reported alive meanwhile
 
     redis_down = False
     harness.tick()
@@ -269,7 +269,7 @@ def test_quick_repeated_crashes_back_off_exponentially_then_fail(tmp_path: Path)
         spawned = len(h.spawned)
         assert h.running("extract") == []
         expected_state = PhaseState.FAILING if crash >= FAILING_AFTER_CRASHES else PhaseState.BACKOFF
-        assert h.phase_report("extract")["state"] == expected_state
+        assert h.phase_report("extract").state == expected_state
 
         h.clock.now = crashed_at + backoff - 0.01
         h.tick()
@@ -280,9 +280,9 @@ def test_quick_repeated_crashes_back_off_exponentially_then_fail(tmp_path: Path)
         assert len(h.spawned) == spawned + 1, f"not respawned once the backoff after crash {crash} ended"
 
     report = h.phase_report("extract")
-    assert report["state"] == PhaseState.FAILING
-    assert report["restarts"] == FAILING_AFTER_CRASHES
-    assert report["alive"] == 1  # a failing phase keeps being retried
+    assert report.state == PhaseState.FAILING
+    assert report.restarts == FAILING_AFTER_CRASHES
+    assert report.alive == 1  # a failing phase keeps being retried
 
 
 def test_workers_killed_after_finishing_jobs_are_replaced_at_once_and_never_make_the_phase_fail(
@@ -299,9 +299,9 @@ def test_workers_killed_after_finishing_jobs_are_replaced_at_once_and_never_make
         h.tick()
 
         assert len(h.spawned) == kill + 1, f"kill {kill}: not replaced in the same tick"
-        assert h.phase_report("extract")["state"] == PhaseState.OK
+        assert h.phase_report("extract").state == PhaseState.OK
 
-    assert h.phase_report("extract")["restarts"] == FAILING_AFTER_CRASHES * 3
+    assert h.phase_report("extract").restarts == FAILING_AFTER_CRASHES * 3
 
 
 def test_a_kill_between_crashes_resets_the_crash_count(tmp_path: Path) -> None:
@@ -318,7 +318,7 @@ def test_a_kill_between_crashes_resets_the_crash_count(tmp_path: Path) -> None:
 
     assert len(h.running("extract")) == 1
     crash_current_worker(h)  # a crash after it starts the count again: no failing phase
-    assert h.phase_report("extract")["state"] == PhaseState.BACKOFF
+    assert h.phase_report("extract").state == PhaseState.BACKOFF
 
 
 def test_a_long_lived_worker_dying_resets_the_crash_count(tmp_path: Path) -> None:
@@ -333,7 +333,7 @@ def test_a_long_lived_worker_dying_resets_the_crash_count(tmp_path: Path) -> Non
     crash_current_worker(h)
 
     assert len(h.running("extract")) == 1, "a worker that lived long is replaced without backoff"
-    assert h.phase_report("extract")["state"] == PhaseState.OK
+    assert h.phase_report("extract").state == PhaseState.OK
 
     spawned = len(h.spawned)
     crash_current_worker(h)
@@ -357,7 +357,7 @@ def test_lowering_workers_retires_idle_workers_first_without_killing(tmp_path: P
     assert second.signals == ["terminate"]
     assert first.signals == third.signals == []
     report = h.phase_report("extract")
-    assert (report["desired"], report["alive"], report["retiring"]) == (2, 2, 1)
+    assert (report.desired, report.alive, report.retiring) == (2, 2, 1)
 
     h.edit(pipeline_text(extract_workers=0, with_chunk=False))
     h.tick()
@@ -394,8 +394,8 @@ def test_a_retired_worker_that_exits_is_not_a_crash_and_not_replaced(tmp_path: P
     assert [s.process for s in h.recovered] == [retired]
     assert len(h.spawned) == 2
     report = h.phase_report("extract")
-    assert (report["alive"], report["retiring"], report["restarts"]) == (1, 0, 0)
-    assert report["state"] == PhaseState.OK
+    assert (report.alive, report.retiring, report.restarts) == (1, 0, 0)
+    assert report.state == PhaseState.OK
 
 
 def test_raising_workers_spawns_more(harness: Harness) -> None:
@@ -435,7 +435,7 @@ def test_a_phase_removed_from_the_file_has_its_workers_retired(harness: Harness)
     harness.tick()
 
     assert chunk_worker.signals == ["terminate"]
-    assert "chunk" not in harness.supervisor.report()["phases"]
+    assert "chunk" not in harness.supervisor.report().phases
 
 
 def test_an_invalid_edit_keeps_the_workers_and_reports_the_error(harness: Harness) -> None:
@@ -446,7 +446,7 @@ def test_an_invalid_edit_keeps_the_workers_and_reports_the_error(harness: Harnes
 
     assert len(harness.running("extract")) == 2
     assert all(p.signals == [] for p in harness.all_processes())
-    error = harness.supervisor.report()["config_error"]
+    error = harness.supervisor.report().config_error
     assert isinstance(error, str)
     assert "phases.extract.levers.workers" in error
 
@@ -463,7 +463,7 @@ def test_request_stop_terminates_all_and_finishes_once_they_exit(harness: Harnes
 
     assert all(p.signals == ["terminate"] for p in processes)
     assert not harness.supervisor.finished()
-    assert harness.phase_report("extract")["state"] == PhaseState.STOPPED
+    assert harness.phase_report("extract").state == PhaseState.STOPPED
 
     for p in processes[:-1]:
         p.exitcode = 0

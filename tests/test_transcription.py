@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from levers.context import Document, Levers, PhaseContext
-from levers.limits import JobLimits, limits_status
-from levers.spec import LimitSettings, Phase, Pipeline
-from levers.store import ArtifactStore
+from levers.documents.store import ArtifactStore
+from levers.limits.shared import JobLimits, limits_status
+from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.audio import NotAudio
 from phases.deepgram_api import TranscriptionError
 from phases.transcription import Settings, transcribe

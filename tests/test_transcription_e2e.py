@@ -16,8 +16,8 @@ import pytest
 import redis
 from rq import Queue, Worker
 
-from levers.embedded import EmbeddedServer
-from levers.submission import document_id
+from levers.documents.submission import document_id
+from levers.server.embedded import EmbeddedServer
 from phases.kg_ingest import embedded_server as graph_server
 from tests.audio_files import BROKEN_MP3, write_wav
 from tests.conftest import levers, start_levers, wait_until

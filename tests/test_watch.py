@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from levers.watch import PipelineWatcher
+from levers.pipeline.watching import PipelineWatcher
 
 GOOD = """\
 phases:

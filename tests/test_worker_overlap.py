@@ -19,9 +19,9 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from levers.rq_worker import COURIER_NICENESS, Courier, JobTimeout
-from levers.store import ArtifactStore
-from levers.worker import CLAIM_GRACE_S, StrandedJobs
+from levers.documents.store import ArtifactStore
+from levers.worker.process import CLAIM_GRACE_S, StrandedJobs
+from levers.worker.rq_worker import COURIER_NICENESS, Courier, JobTimeout
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 
@@ -299,7 +299,7 @@ def test_stranded_jobs_go_back_after_the_grace_period_only_if_still_unregistered
     connection: redis.Redis,
 ) -> None:
     queue = Queue("stranded.test", connection=connection, serializer=JSONSerializer)
-    stranded, registered = (queue.enqueue("levers.jobs.run_phase", "p", d) for d in ("a", "b"))
+    stranded, registered = (queue.enqueue("levers.worker.jobs.run_phase", "p", d) for d in ("a", "b"))
     for _ in range(2):  # what workers killed between taking and registering a job leave behind
         connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
     now = [100.0]
@@ -320,7 +320,7 @@ def test_stranded_jobs_go_back_after_the_grace_period_only_if_still_unregistered
 
 def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> None:
     queue = Queue("stranded.last", connection=connection, serializer=JSONSerializer)
-    job = queue.enqueue("levers.jobs.run_phase", "p", "a")
+    job = queue.enqueue("levers.worker.jobs.run_phase", "p", "a")
     connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
     jobs = StrandedJobs(connection)
     jobs.note(queue.name)

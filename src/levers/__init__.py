@@ -1,16 +1,35 @@
 """levers: a phased document pipeline on RQ workers, its parallelism declared in pipeline.yaml.
 
-The public API for phase code and applications is what this module exports.
+The public API for phase code and applications is what this module exports. Its names load on
+first use, so a command that imports one levers module (``levers status``) does not pay for the
+worker's.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from levers.context import Document, Handler, Levers, PhaseContext
-from levers.embedded import EmbeddedServer
+if TYPE_CHECKING:
+    from levers.server.embedded import EmbeddedServer
+    from levers.worker.phase_context import Document, Handler, Levers, PhaseContext
 
 __all__ = ["Document", "EmbeddedServer", "Handler", "Levers", "PhaseContext", "submit_bytes"]
+
+_EXPORTS = {
+    "Document": "levers.worker.phase_context",
+    "Handler": "levers.worker.phase_context",
+    "Levers": "levers.worker.phase_context",
+    "PhaseContext": "levers.worker.phase_context",
+    "EmbeddedServer": "levers.server.embedded",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'levers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
 def submit_bytes(data: bytes, name: str, pipeline: str | Path | None = None, force: bool = False) -> str:
@@ -19,8 +38,8 @@ def submit_bytes(data: bytes, name: str, pipeline: str | Path | None = None, for
     The bytes go to the entry phase declared ``input: bytes`` for the name's type and are kept in
     Redis, never written to disk. Raises ``levers.errors.LeversError`` on bad input.
     """
-    from levers.project import open_project
-    from levers.submission import Submitter
+    from levers.documents.submission import Submitter
+    from levers.server.project import open_project
 
     project = open_project(Path(pipeline) if pipeline else None, start=True, last_good=True)
     outcome = Submitter(project.loaded, project.connection).submit_bytes(data, name, force)

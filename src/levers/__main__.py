@@ -1,3 +1,3 @@
-from levers.cli import app
+from levers.cli.app import app
 
 app(prog_name="levers")

@@ -5,6 +5,9 @@ All names carry the pipeline's name, so several pipelines can share one Redis.
 
 from __future__ import annotations
 
+# How often a worker tells RQ it is alive; RQ expires a silent worker's key after about twice this.
+WORKER_TTL_S = 35
+
 
 def queue_name(pipeline: str, phase: str) -> str:
     """The RQ queue of a phase, as `rq info` shows it."""

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from levers.context import Document, PhaseContext
+from levers.worker.phase_context import Document, PhaseContext
 from phases.contexts import API_KEY_ENV, AnthropicContext, Contexts, require_api_key
 
 DEFAULT_CHUNK_TOKENS = 400

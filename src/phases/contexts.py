@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from levers.context import PhaseContext
-from levers.limits import SharedLimit, UnknownLimit
+from levers.limits.shared import SharedLimit, UnknownLimit
+from levers.worker.phase_context import PhaseContext
 
 if TYPE_CHECKING:
     import anthropic

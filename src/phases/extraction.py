@@ -34,7 +34,7 @@ from docx.table import Table
 from docx.text.paragraph import Paragraph
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from levers.context import Document, PhaseContext
+from levers.worker.phase_context import Document, PhaseContext
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
 NO_TEXT_LAYER = "no text layer (scanned PDF? OCR is not supported)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from levers.context import Document, PhaseContext
+from levers.worker.phase_context import Document, PhaseContext
 from phases.extraction import check_size, extract_bytes
 
 DEFAULT_MAX_BYTES = 50_000_000

@@ -43,9 +43,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from levers.context import Document, PhaseContext
-from levers.embedded import EmbeddedServer
 from levers.errors import ConnectionFailed
+from levers.server.embedded import EmbeddedServer
+from levers.worker.phase_context import Document, PhaseContext
 
 DEFAULT_GROUP_ID = "levers"
 DEFAULT_MODEL = "claude-haiku-4-5"

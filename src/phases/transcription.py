@@ -41,8 +41,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from levers.context import Document, PhaseContext
-from levers.limits import SharedLimit, UnknownLimit
+from levers.limits.shared import SharedLimit, UnknownLimit
+from levers.worker.phase_context import Document, PhaseContext
 from phases.audio import Recording, probe
 from phases.deepgram_api import Call, TranscriptionError, base_url, request_transcript, require_api_key
 

@@ -1,0 +1,5 @@
+"""Documents.
+
+Submitting them, routing them to phases, their records in Redis and their bytes in the artifact
+store.
+"""

@@ -1,0 +1,4 @@
+"""Where the pipeline stands.
+
+Status, supervisor reports, advice, Prometheus metrics, and lever changes taking effect.
+"""

@@ -1,0 +1,181 @@
+"""`levers advise`: the symptom table of running an RQ pipeline, checked against live figures.
+
+Each rule reads one symptom from a ``PipelineStatus`` and, when it holds, says which lever to
+move, with the figures that show it and the exact `levers set` command. Pure: no I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from levers.observing.status import (
+    FAILED_SHARE_WARNING,
+    QUEUE_EMERGENCY,
+    QUEUE_WARNING,
+    PhaseStatus,
+    PipelineStatus,
+)
+
+# A job waiting longer than this means the queue is backing up (the seed's five minutes).
+WAIT_WARNING_S = 300
+# A backlog should drain within this; more workers are advised until it would.
+DRAIN_TARGET_S = 300
+# Idle more than half the time: fewer workers would do (the seed's threshold) ...
+IDLE_UTILIZATION = 0.5
+# ... and the advised count aims at this utilization, leaving headroom for bursts.
+TARGET_UTILIZATION = 0.7
+# Never advise more than this many times the current workers in one step.
+MAX_GROWTH = 4
+# Per-worker CPU above this (% of one core) is high, and host memory above this is pressure.
+HIGH_CPU_PERCENT = 80
+MEMORY_PRESSURE_PERCENT = 90
+# A job that makes this many calls one at a time is worth a semaphore.
+SEQUENTIAL_CALLS = 2
+# Without a measured provider limit, a semaphore in the seed's safe range for Claude Haiku.
+DEFAULT_SEMAPHORE = 10
+
+
+@dataclass(frozen=True)
+class Finding:
+    subject: str  # a phase or a limit
+    symptom: str
+    evidence: str
+    action: str
+    command: str | None  # the `levers set` that applies it, when one does
+
+
+def advise(status: PipelineStatus) -> list[Finding]:
+    findings: list[Finding] = []
+    for phase in status.phases:
+        for rule in (_backing_up, _idle, _sequential_calls, _high_cpu, _failing):
+            finding = rule(phase)
+            if finding is not None:
+                findings.append(finding)
+    findings.extend(_rate_limited(status))
+    memory = _memory_pressure(status)
+    if memory is not None:
+        findings.append(memory)
+    return findings
+
+
+def _set(phase: str, lever: str, value: int) -> str:
+    return f"levers set {phase}.{lever}={value}"
+
+
+def _backing_up(p: PhaseStatus) -> Finding | None:
+    waiting_long = p.oldest_wait_s is not None and p.oldest_wait_s > WAIT_WARNING_S
+    if p.queued <= QUEUE_WARNING and not waiting_long:
+        return None
+    current = max(p.workers, 1)
+    if p.p50_s:
+        needed = math.ceil(p.queued * p.p50_s / DRAIN_TARGET_S)
+        target = max(current + 1, min(needed, current * MAX_GROWTH))
+    else:
+        target = current * 2
+    wait = f", oldest waiting {p.oldest_wait_s / 60:.0f} min" if p.oldest_wait_s else ""
+    pace = f", p50 {p.p50_s:.2f} s" if p.p50_s else ""
+    urgency = "now: " if p.queued > QUEUE_EMERGENCY else ""
+    return Finding(
+        p.phase,
+        "queue backing up",
+        f"{p.queued} queued{wait}{pace}, workers {p.workers_alive}/{p.workers_desired}",
+        f"{urgency}more workers (lever 1), to drain the backlog in about {DRAIN_TARGET_S // 60} min",
+        _set(p.phase, "workers", target),
+    )
+
+
+def _idle(p: PhaseStatus) -> Finding | None:
+    if p.queued or p.workers_alive <= 1 or p.utilization >= IDLE_UTILIZATION:
+        return None
+    target = max(1, math.ceil(p.workers_alive * p.utilization / TARGET_UTILIZATION))
+    if target >= p.workers:
+        return None
+    return Finding(
+        p.phase,
+        "workers idle",
+        f"utilization {p.utilization:.0%} over the last minutes, queue empty, {p.workers_alive} workers",
+        f"fewer workers (lever 1) free their memory; {target} would run at about {TARGET_UTILIZATION:.0%}",
+        _set(p.phase, "workers", target),
+    )
+
+
+def _sequential_calls(p: PhaseStatus) -> Finding | None:
+    if p.semaphore > 1 or p.calls_per_job < SEQUENTIAL_CALLS or not p.p50_s:
+        return None
+    target = min(math.ceil(p.calls_per_job), DEFAULT_SEMAPHORE)
+    return Finding(
+        p.phase,
+        "slow jobs making calls one at a time",
+        f"{p.calls_per_job:.1f} calls per job through ctx.gather/map with semaphore 1, p50 {p.p50_s:.2f} s",
+        "let a job make its calls concurrently (lever 2); watch for 429s afterwards",
+        _set(p.phase, "semaphore", target),
+    )
+
+
+def _high_cpu(p: PhaseStatus) -> Finding | None:
+    if p.cpu_percent is None or p.cpu_percent < HIGH_CPU_PERCENT or p.threads > 0:
+        return None
+    return Finding(
+        p.phase,
+        "high CPU in blocking work",
+        f"workers at {p.cpu_percent:.0f}% of a core with threads 0",
+        "run blocking work on a thread pool (lever 3) through ctx.run_in_thread",
+        _set(p.phase, "threads", 2),
+    )
+
+
+def _failing(p: PhaseStatus) -> Finding | None:
+    if p.failed_share <= FAILED_SHARE_WARNING:
+        return None
+    return Finding(
+        p.phase,
+        "many jobs failing",
+        f"{p.failed} of {p.done + p.failed} failed ({p.failed_share:.0%})",
+        "look at the errors (`levers show ID`): this is not a scaling problem",
+        None,
+    )
+
+
+def _rate_limited(status: PipelineStatus) -> list[Finding]:
+    findings = []
+    callers = [p for p in status.phases if p.calls_per_job > 0 and p.semaphore > 1]
+    for limit in status.limits:
+        if not limit["rate_limited"]:
+            continue
+        evidence = f"{limit['rate_limited']} of {limit['calls']} calls answered 429/529"
+        rpm = limit["requests_per_minute"]
+        if rpm:
+            lowered = max(1, math.floor(rpm * 0.8))
+            command = f"levers set limits.{limit['name']}.requests_per_minute={lowered}"
+            action = "the provider allows less than the declared rate: lower it"
+        elif callers:
+            busiest = max(callers, key=lambda p: p.workers * p.semaphore)
+            command = _set(busiest.phase, "semaphore", max(1, busiest.semaphore // 2))
+            action = (
+                f"fewer concurrent calls (lever 2), or declare the provider's rate under "
+                f"limits.{limit['name']}.requests_per_minute"
+            )
+        else:
+            command, action = None, f"declare the provider's rate under limits.{limit['name']}"
+        findings.append(
+            Finding(str(limit["name"]), "rate limited by the provider", evidence, action, command)
+        )
+    return findings
+
+
+def _memory_pressure(status: PipelineStatus) -> Finding | None:
+    if status.memory_percent is None or status.memory_percent < MEMORY_PRESSURE_PERCENT:
+        return None
+    measured = [p for p in status.phases if p.rss_mb and p.workers > 1]
+    if not measured:
+        return None
+    heaviest = max(measured, key=lambda p: (p.rss_mb or 0) * p.workers)
+    return Finding(
+        heaviest.phase,
+        "memory pressure",
+        f"host memory {status.memory_percent:.0f}% used; {heaviest.phase} workers use "
+        f"{heaviest.rss_mb:.0f} MB each x {heaviest.workers}",
+        "fewer workers of the heaviest phase (lever 1), or more memory",
+        _set(heaviest.phase, "workers", heaviest.workers - 1),
+    )

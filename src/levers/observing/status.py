@@ -1,0 +1,244 @@
+"""Where the pipeline stands, per phase, read from Redis without scanning jobs.
+
+Every figure comes from a counter, a list length or a registry, so the answer costs the same with
+ten jobs queued or a hundred thousand. Workers count only while alive: levers' own while a live
+supervisor vouches for them, others while heard from lately. A job registered to a worker that is
+not alive is stranded, not running, until a supervisor puts it back on its queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.executions import Execution
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
+
+from levers import keys, metrics
+from levers.documents.ledger import Ledger
+from levers.limits.shared import limits_status
+from levers.observing.reports import (
+    PhaseReport,
+    SupervisorLease,
+    SupervisorReport,
+    live_reports,
+    supervisor_leases,
+)
+from levers.pipeline.model import Pipeline
+
+# Queue depths past these call for more workers, then for them at once (the seed's thresholds).
+QUEUE_WARNING = 100
+QUEUE_EMERGENCY = 1000
+# Past this share of failed jobs, look at the errors: it is not a scaling problem.
+FAILED_SHARE_WARNING = 0.10
+# Below this utilization no phase is holding documents up.
+BUSY_ENOUGH = 0.05
+# Throughput, utilization and job times are over this many recent minutes.
+METRICS_MINUTES = 5
+# A worker levers did not start is alive while its last heartbeat is this recent (an idle RQ
+# worker beats at least every worker_ttl - 15 s, a busy forking one every 30 s).
+HEARTBEAT_FRESH_S = keys.WORKER_TTL_S
+
+
+@dataclass(frozen=True)
+class PhaseStatus:
+    phase: str
+    queued: int
+    running: int  # jobs alive workers hold
+    stranded: int  # jobs held by workers that are gone, until a supervisor requeues them
+    waiting_retry: int
+    done: int
+    failed: int
+    retried: int
+    workers_desired: int
+    workers_alive: int
+    workers_busy: int
+    state: str
+    workers: int
+    semaphore: int
+    threads: int
+    oldest_wait_s: float | None
+    throughput: float  # documents finished per second over the last METRICS_MINUTES
+    utilization: float  # busy share of the alive workers' time over the same span
+    p50_s: float | None
+    p95_s: float | None
+    calls_per_job: float
+    cpu_percent: float | None  # mean over the phase's workers, % of one core
+    rss_mb: float | None  # mean resident memory of the phase's workers
+    bottleneck: bool = False
+
+    @property
+    def drain_s(self) -> float | None:
+        """Seconds to clear the queue at the current pace (None without a measured pace)."""
+        if not self.queued:
+            return 0.0
+        if not self.p50_s or not self.workers_alive:
+            return None
+        return self.queued * self.p50_s / self.workers_alive
+
+    @property
+    def failed_share(self) -> float:
+        finished = self.done + self.failed
+        return self.failed / finished if finished else 0.0
+
+    @property
+    def alerts(self) -> list[str]:
+        found = []
+        if self.queued > QUEUE_EMERGENCY:
+            found.append(f"queue over {QUEUE_EMERGENCY}: add workers now")
+        elif self.queued > QUEUE_WARNING:
+            found.append(f"queue over {QUEUE_WARNING}: consider more workers")
+        if self.failed_share > FAILED_SHARE_WARNING:
+            found.append(f"{self.failed_share:.0%} failed: look at the errors")
+        if self.workers_desired and not self.workers_alive:
+            found.append("no worker alive")
+        if self.stranded:
+            found.append(f"{self.stranded} stranded: held by workers that are gone, until requeued")
+        return found
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    pipeline: str
+    phases: list[PhaseStatus]
+    supervisors: list[SupervisorLease]  # live ones, and lapsed ones not yet taken over
+    config_error: str | None
+    limits: list[dict[str, Any]]
+    memory_percent: float | None  # the fullest supervisor host's memory use
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "supervisors": [asdict(s) for s in self.supervisors],
+            "config_error": self.config_error,
+            "limits": self.limits,
+            "memory_percent": self.memory_percent,
+            "phases": [{**asdict(p), "failed_share": round(p.failed_share, 4), "alerts": p.alerts}
+                       for p in self.phases],
+        }  # fmt: skip
+
+
+def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | None = None) -> PipelineStatus:
+    """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version."""
+    reports = live_reports(connection, spec.name)
+    ledger = Ledger(connection, spec.name)
+    phases = _mark_bottleneck(
+        [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
+    )
+    errors = [file_error] if file_error else []
+    errors += [r.config_error for r in reports if r.config_error]
+    limits = [limits_status(connection, spec, name) for name in spec.limits]
+    memory = max((r.memory_percent for r in reports if r.memory_percent is not None), default=None)
+    supervisors = supervisor_leases(connection, spec.name)
+    return PipelineStatus(spec.name, phases, supervisors, errors[0] if errors else None, limits, memory)
+
+
+def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
+    """The phase that holds documents up longest: the longest backlog to drain, else the busiest."""
+    draining = [p for p in phases if p.drain_s]
+    if draining:
+        chosen = max(draining, key=lambda p: p.drain_s or 0.0)
+    else:
+        busy = [p for p in phases if p.utilization >= BUSY_ENOUGH]
+        if not busy:
+            return phases
+        chosen = max(busy, key=lambda p: p.utilization)
+    return [replace(p, bottleneck=p is chosen) for p in phases]
+
+
+def _oldest_wait_s(queue: Queue) -> float | None:
+    """Age of the job at the head of the queue: one list read and one job read."""
+    head = queue.get_job_ids(0, 1)
+    job = queue.fetch_job(head[0]) if head else None
+    if job is None or job.enqueued_at is None:
+        return None
+    enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - enqueued).total_seconds())
+
+
+def _phase_status(
+    connection: redis.Redis, spec: Pipeline, name: str, ledger: Ledger, reports: list[SupervisorReport]
+) -> PhaseStatus:
+    queue = Queue(keys.queue_name(spec.name, name), connection=connection, serializer=JSONSerializer)
+    workers = _alive(Worker.all(queue=queue), reports, name)
+    held = _holders(connection, queue)
+    stranded = sum(holder not in {w.name for w in workers} for holder in held)
+    reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
+    totals = ledger.totals(name)
+    levers = spec.phases[name].levers
+    recent = metrics.read(connection, spec.name, name, METRICS_MINUTES)
+    capacity_s = len(workers) * recent.span_s
+    return PhaseStatus(
+        phase=name,
+        queued=queue.count,
+        running=len(held) - stranded,
+        stranded=stranded,
+        waiting_retry=ScheduledJobRegistry(queue=queue).count,
+        done=totals.get("done", 0),
+        failed=totals.get("failed", 0),
+        retried=totals.get("retried", 0),
+        workers_desired=sum(r.desired for r in reported) if reported else levers.workers,
+        workers_alive=len(workers),
+        workers_busy=sum(w.state == "busy" for w in workers),
+        state=_worst([r.state for r in reported]) if reported else "no supervisor",
+        workers=levers.workers,
+        semaphore=levers.semaphore,
+        threads=levers.threads,
+        oldest_wait_s=_oldest_wait_s(queue),
+        throughput=recent.throughput,
+        utilization=min(1.0, recent.busy_s / capacity_s) if capacity_s else 0.0,
+        p50_s=recent.quantile(0.5),
+        p95_s=recent.quantile(0.95),
+        calls_per_job=round(recent.calls_per_job, 2),
+        cpu_percent=_mean([r.cpu_percent for r in reported if r.cpu_percent is not None]),
+        rss_mb=_mean([r.rss_mb for r in reported if r.rss_mb is not None]),
+    )
+
+
+def _alive(workers: list[BaseWorker], reports: list[SupervisorReport], phase: str) -> list[BaseWorker]:
+    """The workers alive now. levers' own (named phase.host.pid) are alive while a live report of
+    their host lists them, or none has been published since they started; any other worker while
+    its heartbeat is fresh."""
+    listed = {
+        (report.host, pid)
+        for report in reports
+        for pid in (report.phases[phase].pids if phase in report.phases else [])
+    }
+    fresh = datetime.now(UTC) - timedelta(seconds=HEARTBEAT_FRESH_S)
+
+    def alive(worker: BaseWorker) -> bool:
+        if worker.name != f"{phase}.{worker.hostname}.{worker.pid}":
+            return worker.last_heartbeat is not None and worker.last_heartbeat >= fresh
+        if (worker.hostname, worker.pid) in listed:
+            return True
+        born = worker.birth_date.timestamp() if worker.birth_date else 0.0
+        return any(r.host == worker.hostname and r.updated < born for r in reports)
+
+    return [w for w in workers if alive(w)]
+
+
+def _holders(connection: redis.Redis, queue: Queue) -> list[str | None]:
+    """The worker holding each job of the started registry (None: its execution has expired):
+    one read per job running, and the jobs running are about as many as the workers."""
+    entries = queue.started_job_registry.get_job_and_execution_ids(cleanup=False)
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id, execution_id in entries:
+            pipe.hget(Execution(execution_id, job_id, connection).key, "worker_name")
+        names = pipe.execute() if entries else []
+    return [name.decode() if name else None for name in names]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 1) if values else None
+
+
+def _worst(states: list[str]) -> str:
+    for state in ("failing", "backoff", "stopped", "ok"):
+        if state in states:
+            return state
+    return "ok"

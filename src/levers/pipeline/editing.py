@@ -1,0 +1,160 @@
+"""Editing pipeline.yaml in place: `levers set` and `levers get`.
+
+An edit keeps the file's comments, key order, quoting, blank lines and indentation (ruamel.yaml
+round trip), so its diff is exactly the values that changed. It is validated with the same model
+as every load before anything is written, written atomically (temporary file, then rename) and
+made under an exclusive lock, so two concurrent edits lose no update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.util import load_yaml_guess_indent
+
+from levers.errors import UsageError
+from levers.files import write_atomically
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree
+from levers.pipeline.model import LeverSettings, Phase, Pipeline, did_you_mean
+from levers.pipeline.safe_yaml import round_trip_yaml
+
+LEVER_NAMES = tuple(LeverSettings.model_fields)
+PHASE_KEYS = tuple(Phase.model_fields)
+TOP_KEYS = tuple(Pipeline.model_fields)
+
+
+@dataclass(frozen=True)
+class Change:
+    path: tuple[str, ...]
+    old: Any
+    new: Any
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+def resolve_path(dotted: str, phases: Sequence[str]) -> tuple[str, ...]:
+    """The full key path for a dotted name.
+
+    ``chunking.semaphore`` is short for ``phases.chunking.levers.semaphore``; ``chunking.timeout``
+    for ``phases.chunking.timeout``; a name starting with a top-level key is taken as it is.
+    """
+    parts = tuple(p for p in dotted.strip().split(".") if p)
+    if not parts:
+        raise UsageError(f"empty key {dotted!r}", fix="write it as PHASE.LEVER, e.g. chunking.semaphore")
+    if parts[0] in TOP_KEYS:
+        return parts
+    if parts[0] in phases and len(parts) == 2 and parts[1] in LEVER_NAMES:
+        return ("phases", parts[0], "levers", parts[1])
+    if parts[0] in phases and len(parts) >= 2 and parts[1] in PHASE_KEYS:
+        return ("phases", *parts)
+    if parts[0] not in phases:
+        hint = did_you_mean(parts[0], [*phases, *TOP_KEYS])
+        raise UsageError(f"no phase or key named {parts[0]!r}{hint}", fix="see `levers validate`")
+    hint = did_you_mean(parts[-1], [*LEVER_NAMES, *PHASE_KEYS])
+    raise UsageError(f"{parts[0]} has no setting {'.'.join(parts[1:])!r}{hint}")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML (15 is a number, true a boolean, [a, b] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"{text!r} is not KEY=VALUE", fix="e.g. levers set chunking.semaphore=15")
+    try:
+        value = YAML(typ="safe").load(raw) if raw.strip() else ""
+    except Exception:  # ruamel raises several error types for a malformed scalar
+        raise UsageError(f"{key}: cannot read {raw!r} as a value", fix="quote it if it is text") from None
+    return key.strip(), value
+
+
+def get_value(loaded: LoadedPipeline, dotted: str) -> Any:
+    """The effective value at a dotted name, defaults included."""
+    node: Any = loaded.spec.model_dump(mode="json")
+    for part in resolve_path(dotted, list(loaded.spec.phases)):
+        if not isinstance(node, dict) or part not in node:
+            raise UsageError(f"{dotted}: not set in {loaded.path.name}")
+        node = node[part]
+    return node
+
+
+def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, list[Change]]:
+    """Apply ``KEY=VALUE`` assignments to the file; nothing is written unless all of them are valid."""
+    with _locked(path):
+        current = load_pipeline(path)
+        text = path.read_text()
+        new_text, changes = edit_text(path, text, list(current.spec.phases), assignments)
+        updated = parse_pipeline(new_text.encode(), path, check_imports=True)
+        if new_text != text:
+            # the file keeps its mode: it is the user's, not levers' own state
+            write_atomically(path, new_text.encode(), mode=path.stat().st_mode & 0o777)
+    return updated, [c for c in changes if c.old != c.new]
+
+
+def edit_text(
+    path: Path, text: str, phases: Sequence[str], assignments: Sequence[str]
+) -> tuple[str, list[Change]]:
+    """``text`` of the pipeline file ``path`` with ``KEY=VALUE`` assignments applied, layout kept.
+    Loaded within the budgets of every load (SpecError past them), but not validated."""
+    parsed = [parse_assignment(a) for a in assignments]
+    yaml = round_trip_yaml()
+    yaml.preserve_quotes = True  # before the load: the loaded strings remember their quotes
+    tree = read_tree(text, path, yaml)
+    _keep_layout(yaml, text)
+    changes = [_assign(tree, resolve_path(key, phases), value) for key, value in parsed]
+    buffer = io.StringIO()
+    yaml.dump(tree, buffer)
+    return buffer.getvalue(), changes
+
+
+def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:
+    node: Any = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = CommentedMap()
+        if not isinstance(child, dict):
+            raise UsageError(f"{'.'.join(path)}: {part} is not a mapping in the file")
+        node = child
+    old = node.get(path[-1])
+    node[path[-1]] = value
+    return Change(path, old, value)
+
+
+def _keep_layout(yaml: YAML, text: str) -> None:
+    """Set ``yaml`` up to write ``text`` back with its own indentation. ``text`` must have loaded
+    within the budgets: ruamel's guess of the indentation loads it once more."""
+    yaml.width = 4096  # never re-wrap a long line the user wrote
+    mapping = _mapping_indent(text)
+    _, sequence, offset = load_yaml_guess_indent(text)
+    if offset is None:  # no block sequence in the file: any consistent choice keeps it unchanged
+        sequence, offset = mapping, 0
+    yaml.indent(mapping=mapping, sequence=sequence, offset=offset)
+
+
+def _mapping_indent(text: str) -> int:
+    """The indentation of the first nested mapping key (ruamel guesses sequences only)."""
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if stripped and stripped != line and not stripped.startswith(("#", "-")):
+            return len(line) - len(stripped)
+    return 2
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(f".{path.name}.lock")
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

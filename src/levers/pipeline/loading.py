@@ -1,0 +1,301 @@
+"""Reading pipeline.yaml into a validated ``Pipeline``, with every problem located at FILE:LINE:COL.
+
+Loading is all-or-nothing: a caller gets a whole valid pipeline or a ``SpecError`` listing every
+problem, so a broken file is never half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scalarbool import ScalarBoolean
+
+from levers.errors import SpecError, SpecProblem, UsageError
+from levers.pipeline.model import Pipeline, cross_checks, did_you_mean
+from levers.pipeline.safe_yaml import BudgetExceeded, read_capped, round_trip_yaml, too_big
+
+Loc = Sequence[str | int]
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A valid pipeline and where it came from. ``digest`` changes whenever the file's bytes do."""
+
+    path: Path
+    spec: Pipeline
+    digest: str
+
+    @property
+    def project_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        return state_dir_of(self.path)
+
+    @property
+    def store_dir(self) -> Path:
+        """The artifact store's directory (``store:``, relative to the file)."""
+        return self.project_dir / self.spec.store
+
+
+def state_dir_of(pipeline_path: Path) -> Path:
+    """Where levers keeps local state for a pipeline file: ``.levers/`` beside it."""
+    return pipeline_path.resolve().parent / ".levers"
+
+
+def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
+    """Read, parse and validate ``path``; with ``check_imports``, import every handler too."""
+    try:
+        raw = read_capped(path)
+    except FileNotFoundError:
+        raise UsageError(f"no pipeline file at {path}", fix="create one or pass -f FILE") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_pipeline(raw, path, check_imports)
+
+
+def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> LoadedPipeline:
+    """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths."""
+    shown = _shown_name(path)
+    refused = too_big(raw)
+    if refused:
+        raise SpecError([SpecProblem(shown, 1, 1, refused)])
+    tree = _parse_yaml(raw, shown)
+    try:
+        spec = Pipeline.model_validate(_plain(tree))
+    except ValidationError as exc:
+        raise SpecError(_in_file_order([_locate(tree, shown, err) for err in exc.errors()])) from None
+    problems = [_problem(tree, shown, loc, message) for loc, message in cross_checks(spec)]
+    if check_imports and not problems:
+        ensure_importable_from(path.parent)
+        problems = [_problem(tree, shown, path, message) for path, message in handler_problems(spec)]
+    if problems:
+        raise SpecError(_in_file_order(problems))
+    return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
+
+
+def read_tree(text: str, path: Path, yaml: YAML) -> CommentedMap:
+    """The round-trip tree of a pipeline file's text (comments and positions kept), loaded by
+    ``yaml`` (from ``round_trip_yaml``, set up as the caller will write it back)."""
+    return _parse_yaml(text, _shown_name(path), yaml)
+
+
+def ensure_importable_from(project_dir: Path) -> None:
+    """Let handlers in modules beside pipeline.yaml import, as they would from that directory."""
+    entry = str(project_dir.resolve())
+    if entry not in sys.path:
+        sys.path.insert(0, entry)
+
+
+def import_handler(dotted: str) -> Callable[..., Any]:
+    """The function named by 'module:function'. Raises ImportError or AttributeError."""
+    module_name, _, attr = dotted.partition(":")
+    function = getattr(importlib.import_module(module_name), attr)
+    if not callable(function):
+        raise TypeError(f"{dotted} is not callable")
+    return function  # type: ignore[no-any-return]
+
+
+def handler_problems(spec: Pipeline) -> list[tuple[Loc, str]]:
+    """(key path, message) for every handler, the summary function and preloaded module that
+    cannot be imported."""
+    named: list[tuple[Loc, str, str]] = [
+        (("phases", name, "handler"), "handler", phase.handler) for name, phase in spec.phases.items()
+    ]
+    if spec.summary:
+        named.append((("summary",), "summary", spec.summary))
+    named += [(("preload", i), "preload", module) for i, module in enumerate(spec.preload)]
+    problems: list[tuple[Loc, str]] = []
+    for path, what, dotted in named:
+        try:
+            import_handler(dotted) if ":" in dotted else importlib.import_module(dotted)
+        except Exception as exc:  # any error while importing user code is a problem to report
+            problems.append((path, f"{what} {dotted!r} cannot be imported: {type(exc).__name__}: {exc}"))
+    return problems
+
+
+def _in_file_order(problems: list[SpecProblem]) -> list[SpecProblem]:
+    return sorted(problems, key=lambda p: (p.line, p.column))
+
+
+def _shown_name(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _parse_yaml(raw: bytes | str, shown: str, yaml: YAML | None = None) -> CommentedMap:
+    try:
+        tree = (yaml or round_trip_yaml()).load(raw)
+    except BudgetExceeded as exc:
+        mark = exc.problem_mark
+        raise SpecError([SpecProblem(shown, mark.line + 1, mark.column + 1, exc.problem)]) from None
+    except ReaderError as exc:
+        line, col = _reader_position(raw, exc)
+        raise SpecError([SpecProblem(shown, line, col, _reader_message(exc))]) from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({exc.context})" if exc.context else "")
+        raise SpecError([SpecProblem(shown, line, col, f"YAML syntax: {problem}")]) from None
+    except Exception as exc:  # ruamel raises a few unmarked errors (bad encodings, for one)
+        raise SpecError([SpecProblem(shown, 1, 1, f"YAML syntax: {exc}")]) from None
+    if tree is None:
+        raise SpecError([SpecProblem(shown, 1, 1, "the file is empty; a pipeline needs at least phases:")])
+    if not isinstance(tree, CommentedMap):
+        raise SpecError([SpecProblem(shown, 1, 1, "the top level must be a mapping with phases:")])
+    return tree
+
+
+def _reader_message(exc: ReaderError) -> str:
+    if exc.encoding == "unicode":  # a character YAML does not allow (NUL, most control characters)
+        return f"character #x{exc.character:04x} is not allowed in a YAML file; remove it"
+    return f"byte #x{exc.character:02x} is not {exc.encoding} ({exc.reason}); save the file as UTF-8"
+
+
+def _reader_position(raw: bytes | str, exc: ReaderError) -> tuple[int, int]:
+    """Line and column of a ReaderError, whose position counts characters of the decoded text when
+    a character is not allowed, and bytes when the bytes do not decode."""
+    if isinstance(raw, str):
+        before = raw[: exc.position]
+    elif exc.encoding == "unicode":
+        codec = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}.get(raw[:2], "utf-8")
+        before = raw.decode(codec, errors="replace")[: exc.position]
+    else:
+        before = raw[: exc.position].decode("utf-8", errors="replace")
+    return before.count("\n") + 1, len(before) - before.rfind("\n")
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, ScalarBoolean):  # an anchored true: an int to Python, a boolean to YAML
+        return bool(node)
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _locate(tree: CommentedMap, shown: str, err: Any) -> SpecProblem:
+    loc = [part for part in err["loc"] if part != "[key]"]
+    at_value = err["type"] not in _AT_KEY and "[key]" not in err["loc"]
+    line, col = _position(tree, loc, at_value)
+    return SpecProblem(shown, line, col, _message(err, loc))
+
+
+# errors about a key, or about a whole mapping, rather than about one value
+_AT_KEY = ("extra_forbidden", "missing", "too_long", "workers_total")
+
+
+def _message(err: Any, loc: list[str | int]) -> str:
+    where = ".".join(str(p) for p in loc) or "pipeline"
+    if err["type"] == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _allowed_keys(loc[:-1]))
+        return f"unknown key {where!r}{hint}"
+    if err["type"] == "missing":
+        return f"{where} is required"
+    if err["type"] == "less_than_equal":
+        bound = _shown_value(_whole_if_exact(err["ctx"]["le"]))
+        return f"{where}: {_shown_value(err['input'])} is above the bound of {bound}; set at most {bound}"
+    if err["type"] == "too_long":
+        bound = err["ctx"]["max_length"]
+        return f"{where}: {len(err['input'])} entries is above the bound of {bound}; keep at most {bound}"
+    if err["type"] in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[err['type']]}, not {_shown_value(err['input'])}"
+    return f"{where}: {err['msg']}"
+
+
+# pydantic's type errors for numbers, said with what was written instead (true is not a number)
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+}
+
+
+def _whole_if_exact(bound: float) -> float:
+    """A float field's bound, 86400.0, as the 86400 the file would say."""
+    return int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+
+
+def _shown_value(value: Any) -> str:
+    """``value`` as the file spells it, cut short: it may be anything the file holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _problem(tree: CommentedMap, shown: str, loc: Loc, message: str) -> SpecProblem:
+    line, col = _position(tree, loc)
+    return SpecProblem(shown, line, col, message)
+
+
+def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int, int]:
+    """1-based line and column of the deepest node of ``loc`` that exists in the file.
+
+    ``at_value`` points at the value of the last key rather than at the key itself.
+    """
+    node: Any = tree
+    line, col = 1, 1
+    for index, part in enumerate(loc):
+        if isinstance(node, CommentedMap) and part in node:
+            last = index == len(loc) - 1
+            # an empty value has no position of its own: ruamel gives the next token's
+            on_value = last and at_value and node[part] is not None
+            key_line, key_col = node.lc.value(part) if on_value else node.lc.key(part)
+            line, col = key_line + 1, key_col + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            item_line, item_col = node.lc.item(part)
+            line, col = item_line + 1, item_col + 1
+            node = node[part]
+        else:
+            break
+    return line, col
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    """The keys the model allows in the mapping at ``loc`` (for did-you-mean)."""
+    current: Any = Pipeline
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional[...] so the model inside shows."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation

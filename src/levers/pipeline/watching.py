@@ -1,0 +1,83 @@
+"""Following pipeline.yaml while it is edited: the last good pipeline, and the error of a bad edit.
+
+``current()`` is cheap when nothing changed (one stat); it re-reads and re-validates only when
+the file's bytes changed, and never hands out a pipeline that failed validation. A watcher may be
+shared by threads: at worst two of them read the same edit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from levers.errors import LeversError
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.pipeline.safe_yaml import read_capped
+
+
+class PipelineWatcher:
+    """``on_change`` is called with each new valid version (not with the first)."""
+
+    def __init__(
+        self, loaded: LoadedPipeline, on_change: Callable[[LoadedPipeline], None] | None = None
+    ) -> None:
+        self.path = loaded.path
+        self._good = loaded
+        self._on_change = on_change
+        self._stamp = _stamp(self.path)
+        self._looked = time.monotonic()
+        self.error: str | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> PipelineWatcher:
+        return cls(load_pipeline(path))
+
+    def current(self, max_age_s: float = 0.0) -> LoadedPipeline:
+        """The newest valid version of the file (the last good one while the file is invalid);
+        with ``max_age_s``, the version found by a look at the file at most that long ago."""
+        now = time.monotonic()
+        if now - self._looked < max_age_s:
+            return self._good
+        self._looked = now
+        stamp = _stamp(self.path)
+        if stamp == self._stamp and not _racy(stamp):
+            return self._good
+        self._stamp = stamp
+        try:
+            raw = read_capped(self.path)  # a file grown past the limit is refused, not read whole
+        except OSError as exc:
+            self.error = f"{self.path}: {exc.strerror}"
+            return self._good
+        if hashlib.sha256(raw).hexdigest() == self._good.digest:
+            self.error = None
+            return self._good
+        try:
+            self._good = parse_pipeline(raw, self.path)
+            self.error = None
+        except LeversError as exc:
+            self.error = str(exc)
+            return self._good
+        if self._on_change is not None:
+            self._on_change(self._good)
+        return self._good
+
+
+# Filesystem timestamps can be as coarse as 1-2 s (ext3, HFS+, FAT, some NFS): an edit in the same
+# tick as the last read that keeps the size leaves the stamp unchanged. While the mtime is this
+# recent the stamp is not trusted, and the file is re-read and hashed instead.
+RACY_STAMP_NS = 2_000_000_000
+
+
+def _racy(stamp: tuple[int, int, int] | None) -> bool:
+    return stamp is not None and time.time_ns() - stamp[0] < RACY_STAMP_NS
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

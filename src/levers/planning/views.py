@@ -1,0 +1,352 @@
+"""How `levers plan` looks: rich tables and bars for a terminal, GitHub markdown for a PR comment.
+
+Both formats are built from the same rows of text (``*_rows``), so they cannot disagree. This
+module builds renderables and strings only; console.py's ``out`` prints them.
+
+Ties: every phase within capacity.TIE_TOLERANCE of its path's lowest capacity is a bottleneck,
+so a tie marks all of them (the seed's extraction and kg_ingest, both 0.033 docs/s) and the path
+names them joined by " = ".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from levers.planning.capacity import PathPlan, PhaseChange, Plan, PlanDiff, Rate, drain_seconds, keeps_up
+from levers.planning.whatif import PlanReport
+
+MARK = "◀ bottleneck"
+LEGEND = (
+    "docs/s = workers / job s. bottleneck share: how busy a phase is while its path runs at its "
+    "bottleneck's pace. Tied phases are all marked."
+)
+BAR_WIDTH = 40
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+Rows = list[list[str]]
+
+
+class PlanFormat(StrEnum):
+    table = "table"
+    markdown = "markdown"
+
+
+def render(report: PlanReport, fmt: PlanFormat = PlanFormat.table) -> RenderableType:
+    if fmt is PlanFormat.markdown:
+        # print it with soft_wrap=True: a markdown table row must stay on one line
+        return Text(markdown(report))
+    return rich_view(report)
+
+
+# ---- rows shared by both formats ------------------------------------------------------------
+
+
+def phase_rows(plan: Plan) -> tuple[list[str], Rows]:
+    headers = ["phase", "workers", "semaphore", "job s", "from", "docs/s", "docs/hour", "cpu", "ram MB",
+               "bottleneck share", ""]  # fmt: skip
+    rows = []
+    for p in plan.phases.values():
+        share = plan.share(p.name)
+        rows.append([
+            p.name, str(p.workers), str(p.semaphore), _opt(p.job_seconds, _num), p.source,
+            _opt(p.docs_per_second, _sig), _opt(p.docs_per_hour, _sig), _opt(p.cpu, _num),
+            _opt(p.ram_mb, _num), _opt(share, _percent), MARK if p.name in plan.path_bottlenecks else "",
+        ])  # fmt: skip
+    return headers, rows
+
+
+def path_rows(plan: Plan, burst: int | None, rate: Rate | None) -> tuple[list[str], Rows]:
+    headers = ["path", "bottleneck", "docs/s", "latency of 1 doc"]
+    headers += [f"{burst} docs drain in"] if burst is not None else []
+    headers += [f"{rate.text} = {_sig(rate.per_second)}/s"] if rate is not None else []
+    rows = []
+    for path in plan.paths:
+        row = [" → ".join(path.phases), _bottleneck(path), _throughput(path), _latency(path)]
+        if burst is not None:
+            row.append(_drain(path, burst))
+        if rate is not None:
+            row.append(_verdict(path, rate))
+        rows.append(row)
+    return headers, rows
+
+
+def totals_line(plan: Plan) -> str:
+    """Workers, vCPU and RAM; phases without ``resources:`` are named, not counted as zero."""
+    totals = plan.totals()
+    missing = [name for name in plan.phases if name in {*totals.missing_cpu, *totals.missing_ram}]
+    if missing and len(missing) == len([p for p in plan.phases.values() if p.workers > 0]):
+        return f"{totals.workers} workers; CPU and RAM unknown: no phase with workers declares resources:"
+    line = (f"{totals.workers} workers need {_num(totals.cpu)} vCPU and {_num(totals.ram_mb)} MB RAM "
+            f"({totals.ram_mb / 1024:.1f} GB)")  # fmt: skip
+    return line + (f", not counting {', '.join(missing)} (no resources: given)" if missing else "")
+
+
+def bar_rows(plan: Plan) -> Rows:
+    """[phase, bar, docs/hour, mark]: bars scale linearly to the fastest phase."""
+    known = [p.docs_per_second for p in plan.phases.values() if p.docs_per_second is not None]
+    top = max(known, default=0.0)
+    rows = []
+    for p in plan.phases.values():
+        rate = p.docs_per_second
+        label = "unknown" if rate is None else f"{_sig(p.docs_per_hour or 0.0)}/h"
+        bar = _bar(rate / top if rate is not None and top > 0 else 0.0)
+        rows.append([p.name, bar, label, MARK if p.name in plan.path_bottlenecks else ""])
+    return rows
+
+
+def diff_rows(diff: PlanDiff) -> tuple[list[str], Rows]:
+    headers = ["phase", "workers", "semaphore", "job s", "docs/s", "change"]
+    rows = []
+    for c in diff.phases:
+        before = getattr(c.before, "docs_per_second", None)
+        after = getattr(c.after, "docs_per_second", None)
+        change = c.status if c.status in ("added", "removed") else _change(before, after)
+        cells = [_pair(c, "workers", str), _pair(c, "semaphore", str), _pair(c, "job_seconds", _num)]
+        rows.append([c.name, *cells, _pair(c, "docs_per_second", _sig), change])
+    return headers, rows
+
+
+def diff_lines(diff: PlanDiff) -> list[str]:
+    """Whether the bottleneck moved (first line), then where, latency, CPU and RAM before -> after."""
+    lines = [
+        "the bottleneck moved" if diff.moved else "the bottleneck did not move",
+        f"slowest phase of the pipeline: {_moved(diff.before.bottleneck, diff.after.bottleneck)}",
+    ]
+    for c in diff.paths:
+        old = c.before.bottleneck if c.before else ()
+        new = c.after.bottleneck if c.after else ()
+        latency = _moved([_path_latency(c.before)], [_path_latency(c.after)])
+        lines.append(f"path from {c.entry}: bottleneck {_moved(old, new)}; latency {latency}")
+    old_t, new_t = diff.before.totals(), diff.after.totals()
+    lines.append(f"CPU {_moved([_num(old_t.cpu)], [_num(new_t.cpu)])} vCPU; "
+                 f"RAM {_moved([_num(old_t.ram_mb)], [_num(new_t.ram_mb)])} MB; "
+                 f"workers {_moved([str(old_t.workers)], [str(new_t.workers)])}")  # fmt: skip
+    lines += [f"{c.name}: the semaphore changed but not the job time; expect.calls would model it"
+              for c in diff.phases if _semaphore_ignored(c)]  # fmt: skip
+    return lines
+
+
+def _moved(before: Sequence[str], after: Sequence[str]) -> str:
+    if list(before) == list(after):
+        return f"{_names(after)} (unchanged)"
+    return f"{_names(before)} → {_names(after)}"
+
+
+def _semaphore_ignored(change: PhaseChange) -> bool:
+    """A what-if on the semaphore of a phase whose job time is fixed (expect.seconds or measured)."""
+    b, a = change.before, change.after
+    return b is not None and a is not None and b.semaphore != a.semaphore and b.job_seconds == a.job_seconds
+
+
+# ---- terminal ----------------------------------------------------------------------------------
+
+
+def rich_view(report: PlanReport) -> Group:
+    plan = report.plan
+    parts: list[RenderableType] = [Text(_title(report), style="bold")]
+    parts += [Text(f"{c.key}: {c.before} -> {c.after}") for c in report.changes]
+    parts.append(_rich_table(*phase_rows(plan), marked=plan.path_bottlenecks))
+    parts.append(Text(LEGEND, style="dim"))
+    parts.append(Text("capacity, docs/hour", style="bold"))
+    parts.append(_rich_bars(bar_rows(plan)))
+    parts.append(_rich_table(*path_rows(plan, report.burst, report.rate)))
+    parts.append(Text(totals_line(plan)))
+    parts += [Text(f"warning: {w}", style="yellow") for w in plan.warnings()]
+    diff = report.diff
+    if diff is not None:
+        parts.append(Text(f"\ncompared with {report.base_label}", style="bold"))
+        parts.append(_rich_table(*diff_rows(diff)))
+        first, *rest = diff_lines(diff)
+        parts += [Text(first, style="bold yellow" if diff.moved else "bold"), *(Text(line) for line in rest)]
+    return Group(*parts)
+
+
+def _rich_table(headers: Sequence[str], rows: Rows, marked: frozenset[str] = frozenset()) -> Table:
+    table = Table(title_justify="left")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 or not rows or not _numeric(rows, i) else "right")
+    for row in rows:
+        table.add_row(*row, style="bold red" if row[0] in marked else None)
+    return table
+
+
+def _rich_bars(rows: Rows) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column()
+    grid.add_column()
+    grid.add_column(justify="right")
+    grid.add_column(style="bold red")
+    for name, bar, label, mark in rows:
+        grid.add_row(name, Text(bar.ljust(BAR_WIDTH), style="red" if mark else "green"), label, mark)
+    return grid
+
+
+# ---- markdown ----------------------------------------------------------------------------------
+
+
+def markdown(report: PlanReport) -> str:
+    plan = report.plan
+    out = [f"### {_title(report)}", ""]
+    out += [f"- `{c.key}`: {c.before} → {c.after}" for c in report.changes] + ([""] if report.changes else [])
+    out += _md_table(*phase_rows(plan), marked=plan.path_bottlenecks)
+    out += ["", f"_{LEGEND}_", "", "Capacity, docs/hour:", ""]
+    out += ["```text", *(_bar_line(row) for row in bar_rows(plan)), "```", ""]
+    out += _md_table(*path_rows(plan, report.burst, report.rate))
+    out += ["", totals_line(plan)]
+    out += [f"> **warning:** {w}" for w in plan.warnings()]
+    diff = report.diff
+    if diff is not None:
+        out += ["", f"#### Compared with {report.base_label}", ""]
+        out += _md_table(*diff_rows(diff))
+        first, *rest = diff_lines(diff)
+        out += ["", f"**{first[0].upper()}{first[1:]}.**", "", *(f"- {line}" for line in rest)]
+    return "\n".join(out) + "\n"
+
+
+def _md_table(headers: Sequence[str], rows: Rows, marked: frozenset[str] = frozenset()) -> list[str]:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    aligns = ["---" if i == 0 or not _numeric(rows, i) else "---:" for i in range(len(headers))]
+    body = [line([f"**{r[0]}**" if r[0] in marked else r[0], *r[1:]]) for r in rows]
+    return [line(headers), line(aligns), *body]
+
+
+def _bar_line(row: list[str]) -> str:
+    name, bar, label, mark = row
+    return f"{name:<16} {bar.ljust(BAR_WIDTH)} {label:>9} {mark}".rstrip()
+
+
+# ---- cells ----------------------------------------------------------------------------------
+
+
+def _title(report: PlanReport) -> str:
+    what_if = " with " + ", ".join(f"{c.key}={c.after}" for c in report.changes) if report.changes else ""
+    return f"levers plan: {report.file.name}{what_if}"
+
+
+def _bottleneck(path: PathPlan) -> str:
+    if not path.bottleneck:
+        return "unknown"
+    tie = " (tie)" if len(path.bottleneck) > 1 else ""
+    bound = "" if path.complete else f"; {', '.join(path.unknown)} unknown"
+    return " = ".join(path.bottleneck) + tie + bound
+
+
+def _throughput(path: PathPlan) -> str:
+    if path.docs_per_second is None:
+        return "unknown"
+    return ("" if path.complete else "≤ ") + _sig(path.docs_per_second)
+
+
+def _latency(path: PathPlan) -> str:
+    if path.stalled:
+        return f"never ({', '.join(path.stalled)}: 0 workers)"
+    if path.latency_seconds is None:
+        return f"unknown (no job time for {', '.join(path.unknown)})"
+    return _duration(path.latency_seconds)
+
+
+def _path_latency(path: PathPlan | None) -> str:
+    return "-" if path is None else _latency(path).split(" (no job time")[0]
+
+
+def _drain(path: PathPlan, burst: int) -> str:
+    if path.stalled:
+        return "never"
+    seconds = drain_seconds(path, burst)
+    return "unknown" if seconds is None else _duration(seconds)
+
+
+def _verdict(path: PathPlan, rate: Rate) -> str:
+    verdict = keeps_up(path, rate)
+    if verdict is None:
+        return "unknown"
+    word = "keeps up" if verdict else "falls behind"
+    capacity = path.docs_per_second or 0.0
+    return f"{word} ({_percent(rate.per_second / capacity)} of capacity)" if capacity else word
+
+
+def _names(names: Sequence[str]) -> str:
+    return " = ".join(names) if names else "none"
+
+
+def _pair(change: PhaseChange, key: str, show: Callable[[Any], str]) -> str:
+    """``key`` of a phase before and after: one value when equal, "before → after" otherwise."""
+    before, after = getattr(change.before, key, None), getattr(change.after, key, None)
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else show(value)
+
+    return cell(after) if before == after else f"{cell(before)} → {cell(after)}"
+
+
+def _change(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "unknown" if before != after else ""
+    if before == after:
+        return "="
+    if before == 0:
+        return "from 0"
+    return f"{(after - before) / before:+.0%}"
+
+
+def _numeric(rows: Rows, column: int) -> bool:
+    """Whether a column holds numbers (right-aligned): every cell that has a value is one."""
+    cells = [r[column] for r in rows if r[column] not in ("", "-", "unknown")]
+    return bool(cells) and all(_is_number(c) for c in cells)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.rstrip("%"))
+    except ValueError:
+        return False
+    return True
+
+
+def _opt(value: float | None, show: Callable[[float], str]) -> str:
+    return "unknown" if value is None else show(value)
+
+
+def _sig(value: float, digits: int = 2) -> str:
+    """At least ``digits`` significant digits, never an exponent: 0.033, 0.33, 120, 1200."""
+    if value == 0 or not math.isfinite(value):
+        return "0" if value == 0 else str(value)
+    magnitude = math.floor(math.log10(abs(value)))
+    return f"{value:.{max(0, digits - 1 - magnitude)}f}"
+
+
+def _num(value: float) -> str:
+    """A count or a time as written: 90, 9, 4.1, 2050, 0.25."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _percent(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{_num(seconds)} s"
+    if seconds < 2 * 3600:
+        return f"{seconds:.0f} s ({_sig(seconds / 60)} min)"
+    if seconds < 2 * 86400:
+        return f"{seconds:.0f} s ({_sig(seconds / 3600)} h)"
+    return f"{seconds:.0f} s ({_sig(seconds / 86400)} days)"
+
+
+def _bar(fraction: float) -> str:
+    """A bar of unicode eighth blocks; any capacity above zero shows at least a sliver."""
+    eighths = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH * 8)
+    if fraction > 0 and eighths == 0:
+        eighths = 1
+    full, rest = divmod(eighths, 8)
+    return "█" * full + (_EIGHTHS[rest] if rest else "")

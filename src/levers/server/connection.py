@@ -1,0 +1,206 @@
+"""Which Redis a command talks to, and the connection to it.
+
+Precedence, declared once here: REDIS_URL in the environment, then ``redis:`` in pipeline.yaml
+(with ${VAR} and ${VAR:-default} expanded), then the embedded server under ``.levers/redis``.
+A password never leaves this module unmasked: use ``masked`` for anything shown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from levers.errors import ConnectionFailed, UsageError
+from levers.pipeline.loading import LoadedPipeline
+from levers.server.embedded import EmbeddedServer, valkey_binary
+
+_ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
+CONNECT_TIMEOUT_S = 5.0
+SUPPORTED_SCHEMES = ("redis", "rediss", "unix")
+NOT_RUNNING = "the embedded server is not running"
+START_HINT = "start it with `levers up` or `levers run`"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server a command uses. ``url`` may hold a password: show ``masked`` instead."""
+
+    url: str
+    embedded: bool
+
+    @property
+    def masked(self) -> str:
+        return masked(self.url)
+
+
+def embedded_server(loaded: LoadedPipeline) -> EmbeddedServer:
+    return EmbeddedServer(valkey_binary(), loaded.state_dir / "redis")
+
+
+def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The URL the configuration names, or None for the embedded server. A malformed one is a
+    UsageError that names where it came from."""
+    if environ.get("REDIS_URL"):
+        url, source = environ["REDIS_URL"], "REDIS_URL"
+    else:
+        url, source = expand_env(loaded.spec.redis or "", environ), f"redis: in {loaded.path.name}"
+    if not url:
+        return None
+    problem = url_problem(url)
+    if problem is not None:
+        raise UsageError(f"{source}: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)
+    return url
+
+
+URL_FORMS = "write redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or unix:///PATH"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis URL (checked as the client reads it, without
+    connecting), or None. The answer never holds the password."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in SUPPORTED_SCHEMES:
+            return f"the scheme must be one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+        if parts.scheme == "unix" and not parts.path:
+            return "unix:// needs the socket's path"
+        if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+            return f"the database must be a number, not {parts.path.strip('/')!r}"
+        pool = redis.ConnectionPool.from_url(url)
+        pool.make_connection()  # the client's connection as the URL's options make it, unconnected
+    except TypeError as exc:  # an option the client does not take
+        unknown = re.search(r"keyword argument '(\w+)'", str(exc))
+        return f"unknown option {unknown.group(1)!r}" if unknown else str(exc)
+    except (ValueError, redis.RedisError) as exc:
+        password = _password(url)
+        return str(exc).replace(password, "***") if password else str(exc)
+    return None
+
+
+def resolve(loaded: LoadedPipeline, start: bool = True, environ: Mapping[str, str] = os.environ) -> Target:
+    """The server to use; starts the embedded one when it is the choice and ``start`` is set."""
+    url = configured_url(loaded, environ)
+    if url is not None:
+        return Target(url=url, embedded=False)
+    server = embedded_server(loaded)
+    running = server.ensure_running() if start else server.running()
+    if running is None:
+        raise ConnectionFailed(NOT_RUNNING, fix=START_HINT)
+    return Target(url=running.url, embedded=True)
+
+
+def redis_address(loaded: LoadedPipeline) -> tuple[str, bool | None]:
+    """The URL of the pipeline's Redis (password included) and whether it runs: None when it is
+    not the embedded server (nothing is asked of a server here). The embedded server's URL is
+    the one recorded when it last ran; never starts it."""
+    url = configured_url(loaded)
+    if url is not None:
+        return url, None
+    server = embedded_server(loaded)
+    running = server.running()
+    if running is not None:
+        return running.url, True
+    recorded = server.recorded_url()
+    if recorded is None:
+        raise ConnectionFailed("no embedded server has run in this project yet", fix=START_HINT)
+    return recorded, False
+
+
+def client(target: Target) -> redis.Redis:
+    """A client for ``target``; it connects on its first command."""
+    return redis.Redis.from_url(
+        target.url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30
+    )
+
+
+def connect(target: Target) -> redis.Redis:
+    """A client for ``target`` that has answered a PING; one clear error if it does not."""
+    answering = client(target)
+    try:
+        answering.ping()
+    except redis.AuthenticationError:
+        raise ConnectionFailed(
+            f"Redis at {target.masked} refused the credentials", fix="check the password in the URL"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        reason = str(exc).replace(target.url, target.masked)
+        raise ConnectionFailed(
+            f"cannot reach Redis at {target.masked}: {reason}",
+            fix="start the server or fix REDIS_URL / redis: in pipeline.yaml",
+        ) from None
+    return answering
+
+
+def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
+    """A connection to the pipeline's Redis if it answers now; never starts the embedded server."""
+    try:
+        url = configured_url(loaded)
+    except UsageError:  # a malformed URL answers nothing: the command that connects says why
+        return None
+    if url is None:
+        running = embedded_server(loaded).running()
+        if running is None:
+            return None
+        url = running.url
+    try:
+        return connect(Target(url=url, embedded=False))
+    except ConnectionFailed:
+        return None
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        match = _USERINFO.match(url)
+        return url[match.end(1) : match.end() - 1] if match else None
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ${VAR} and ${VAR:-default}; an unset VAR without a default is an error."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        if name in environ and environ[name] != "":
+            return environ[name]
+        if default is not None:
+            return default
+        raise UsageError(
+            f"redis: ${{{name}}} is not set", fix=f"export {name}=... or write ${{{name}:-default}}"
+        )
+
+    return _ENV_REFERENCE.sub(substitute, text)
+
+
+# user:password@ in a URL too malformed to parse; greedy, so a password holding '@' is covered
+_USERINFO = re.compile(r"^([\w+.-]+://[^:@/]*:).*@")
+
+
+def masked(url: str) -> str:
+    """The URL with any password replaced by '***' (a URL too malformed to parse too)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub(r"\1***@", url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def masked_values(value: Any) -> Any:
+    """``value`` with every string in it that is a URL with a password masked, at any depth."""
+    if isinstance(value, str):
+        return masked(value)
+    if isinstance(value, dict):
+        return {key: masked_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [masked_values(item) for item in value]
+    return value

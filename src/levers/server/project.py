@@ -1,0 +1,83 @@
+"""Opening the pipeline a command works on: its file, its Redis, and its connection.
+
+The file is ``-f FILE``, else LEVERS_FILE, else ./pipeline.yaml (command line over environment
+over default, as for every setting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from levers.errors import SpecError
+from levers.files import write_atomically
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
+from levers.pipeline.model import Pipeline
+from levers.server.connection import Target, connect, embedded_server, resolve
+
+DEFAULT_FILE = "pipeline.yaml"
+
+
+def pipeline_path(given: Path | None) -> Path:
+    return given or Path(os.environ.get("LEVERS_FILE") or DEFAULT_FILE)
+
+
+@dataclass(frozen=True)
+class Project:
+    loaded: LoadedPipeline
+    target: Target
+    connection: redis.Redis
+    started_server: bool  # this command started the embedded server
+    file_error: str | None = None  # pipeline.yaml is invalid; ``loaded`` is the last good version
+
+    @property
+    def state_dir(self) -> Path:
+        return self.loaded.state_dir
+
+
+def open_project(
+    given: Path | None, check_imports: bool = False, start: bool = False, last_good: bool = False
+) -> Project:
+    """Load the pipeline and connect to its Redis. With ``start``, the embedded server is started
+    if it is the one and does not run; without, its absence is a ConnectionFailed (commands that
+    only read never start a server).
+
+    With ``last_good``, an invalid file falls back to the version the supervisor last applied,
+    so commands that only look (status, show) keep working while the file is being fixed.
+    """
+    path = pipeline_path(given)
+    try:
+        loaded = load_pipeline(path, check_imports=check_imports)
+        file_error = None
+    except SpecError as exc:
+        fallback = read_last_good(path) if last_good else None
+        if fallback is None:
+            raise
+        loaded, file_error = fallback, str(exc)
+    was_running = embedded_server(loaded).running() is not None
+    target = resolve(loaded, start=start)
+    started = target.embedded and not was_running
+    return Project(loaded, target, connect(target), started_server=started, file_error=file_error)
+
+
+def last_good_path(pipeline: Path) -> Path:
+    return state_dir_of(pipeline) / "last-good-pipeline.json"
+
+
+def save_last_good(loaded: LoadedPipeline) -> None:
+    """Keep the version a supervisor applies, for commands run while the file is invalid."""
+    saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}
+    write_atomically(last_good_path(loaded.path), json.dumps(saved).encode())
+
+
+def read_last_good(pipeline: Path) -> LoadedPipeline | None:
+    try:
+        saved = json.loads(last_good_path(pipeline).read_text())
+        spec = Pipeline.model_validate(saved["spec"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return LoadedPipeline(path=pipeline.resolve(), spec=spec, digest=str(saved["digest"]))

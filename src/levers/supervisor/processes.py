@@ -1,0 +1,362 @@
+"""The supervisor's real side: forked worker processes, signals, and reports to Redis.
+
+Handler modules are imported here once, before any worker is forked, so every worker shares
+their pages instead of importing them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.context import ForkProcess
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+import psutil
+import redis
+
+from levers import keys
+from levers.documents.routing import register_queues
+from levers.errors import SupervisorFailed, UsageError
+from levers.observing.reports import PhaseReport
+from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
+from levers.pipeline.watching import PipelineWatcher
+from levers.safe import escape_logs
+from levers.server.connection import Target
+from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
+from levers.server.project import Project, save_last_good
+from levers.supervisor.leases import LeaseKeeper
+from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
+from levers.worker.process import StrandedJobs, recover_jobs, run_worker, worker_name
+from levers.worker.progress import WorkerProgress
+from levers.worker.rq_worker import LeversWorker
+
+log = logging.getLogger("levers.supervisor.reconcile")
+
+# The longest the supervisor sleeps between ticks; a worker's death wakes it at once.
+TICK_S = 0.25
+# A supervisor that cannot go on lets its workers finish their jobs this long, then kills them.
+GIVE_UP_WAIT_S = 10.0
+
+_fork = multiprocessing.get_context("fork")
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    target: Target
+    log_dir: Path | None = None  # None: workers log to the supervisor's stderr
+
+
+class WorkerProcess(ForkProcess):
+    """A forked worker process, and what it tells the supervisor through shared memory."""
+
+    def __init__(self, path: Path, phase: str, options: PoolOptions) -> None:
+        self.progress = WorkerProgress()
+        # the supervisor's pid, known before the fork: one killed as a worker starts is seen gone
+        args = (path, phase, options, self.progress, os.getpid())
+        super().__init__(target=_worker_main, args=args, name=f"levers-{phase}", daemon=False)
+
+    @property
+    def jobs_started(self) -> int:
+        return self.progress.jobs_started
+
+
+def preload_handlers(loaded: LoadedPipeline) -> None:
+    """Import every handler, and the modules under ``preload:``, before any worker is forked.
+
+    Forked workers then share those modules' pages instead of importing them again. The imported
+    objects are frozen out of the garbage collector's reach: a collection in a worker would
+    otherwise write to every object it tracks and make the shared pages the worker's own.
+    """
+    ensure_importable_from(loaded.project_dir)
+    for phase in loaded.spec.phases.values():
+        import_handler(phase.handler)
+    for module in loaded.spec.preload:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UsageError(
+                f"preload: cannot import {module}: {exc}", fix="fix preload: in pipeline.yaml"
+            ) from None
+    gc.collect()
+    gc.freeze()
+
+
+def build_supervisor(
+    project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None,
+    grace_s: float | None = None,
+) -> Supervisor:  # fmt: skip
+    """What `levers up` and `levers run` do before the first tick: import the handlers once, keep
+    the pipeline as the last good version, route the logs, and make the supervisor."""
+    preload_handlers(project.loaded)
+    save_last_good(project.loaded)
+    register_queues(project.connection, project.loaded.spec)
+    configure_logging(log_dir)
+    watcher = PipelineWatcher(project.loaded, on_change=_took_up(project.connection))
+    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
+    supervisor.grace_s = grace_s
+    return supervisor
+
+
+def _took_up(connection: redis.Redis) -> Callable[[LoadedPipeline], None]:
+    """What follows a new valid pipeline.yaml: keep it as the last good version and register its
+    queues. Neither is worth a supervisor: a failure is a warning, and the next edit tries again."""
+
+    def took_up(loaded: LoadedPipeline) -> None:
+        try:
+            save_last_good(loaded)
+        except OSError as exc:
+            log.warning("could not keep the last good pipeline: %s", exc)
+        try:
+            register_queues(connection, loaded.spec)
+        except redis.RedisError as exc:
+            log.warning("could not register the queues of the new pipeline: %s", exc)
+
+    return took_up
+
+
+def make_supervisor(
+    watcher: PipelineWatcher, connection: redis.Redis, options: PoolOptions, only: frozenset[str]
+) -> Supervisor:
+    def queues() -> list[str]:
+        spec = watcher.current().spec
+        return [keys.queue_name(spec.name, phase) for phase in spec.phases if not only or phase in only]
+
+    stranded = StrandedJobs(connection, queues)
+
+    def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
+        process = WorkerProcess(loaded.path, phase, options)
+        process.start()
+        return process
+
+    def recover(slot: Slot) -> list[str]:
+        _end_process_group(slot.pid)
+        spec = watcher.current().spec
+        retries = spec.phases[slot.phase].retries if slot.phase in spec.phases else 0
+        assert isinstance(slot.process, WorkerProcess)
+        # a job the supervisor cut short did not kill its worker
+        cut_short = slot.state is SlotState.CUT_SHORT
+        struck = (lambda job_id: False) if cut_short else slot.process.progress.running
+        recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries, struck)
+        if slot.process.exitcode != 0:  # a worker that exits on its own leaves nothing half taken
+            stranded.note(keys.queue_name(spec.name, slot.phase))
+        return recovered
+
+    def is_busy(slot: Slot) -> bool:
+        key = LeversWorker.redis_worker_namespace_prefix + worker_name(slot.phase, slot.pid)
+        return connection.hget(key, "state") == b"busy"
+
+    seams = Seams(spawn=spawn, recover=recover, sweep=stranded.requeue_due, is_busy=is_busy)
+    return Supervisor(watcher, seams, only=only)
+
+
+def _end_process_group(pid: int) -> None:
+    """Stop what a dead worker left behind (RQ's scheduler process, say): it led its own group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _worker_main(
+    path: Path, phase: str, options: PoolOptions, progress: WorkerProgress, supervisor_pid: int
+) -> None:
+    if options.log_dir is not None:
+        options.log_dir.mkdir(parents=True, exist_ok=True)
+        with (options.log_dir / f"{phase}.log").open("ab") as log_file:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+    run_worker(path, phase, options.target.url, options.target.embedded, progress, supervisor_pid)
+
+
+def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> BaseProcess:
+    """Serve /metrics from a process of its own; the port is checked here, so a clash is one line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            message = f"cannot serve metrics on port {port}: {exc.strerror}"
+            raise UsageError(message, fix="pick another port") from None
+    from levers.observing.exporter import serve
+
+    args = (watcher, target, port, os.getpid())
+    process = _fork.Process(target=serve, args=args, name="levers-metrics", daemon=True)
+    process.start()
+    return process
+
+
+class SignalLatch:
+    """Turns SIGTERM and SIGINT into stop requests: the first graceful, the second forceful."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.count = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.supervisor.request_stop(force=self.count > 1)
+
+
+SUPERVISOR_LOG_FORMAT = "%(asctime)s %(levelname)s [supervisor pid=%(process)d] %(message)s"
+
+
+def configure_logging(log_dir: Path | None) -> None:
+    """Supervisor logs go to stderr, or to ``log_dir/supervisor.log`` when a progress bar owns it;
+    one line per message, whatever names it carries."""
+    if log_dir is None:
+        logging.basicConfig(level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, force=True)
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(
+            level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, filename=log_dir / "supervisor.log", force=True
+        )
+    escape_logs(logging.getLogger())
+
+
+def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
+    """Tick until a stop completes (or ``until()`` holds, then stop gracefully).
+
+    While Redis cannot be reached, ticks go on with backoff: the workers wait for it too, and a
+    dead worker's jobs are recovered once it answers. What the supervisor cannot get past (Redis
+    refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
+    so that the process exits non-zero and its platform starts it again.
+    """
+    no_resend(connection)
+    reporter = Reporter(connection, supervisor)
+    lease = LeaseKeeper(connection, supervisor)
+    outage = Outage(connection, log)
+    try:
+        while not supervisor.finished():
+            try:
+                supervisor.tick()
+                lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
+                reporter.publish()
+                if outage.on:
+                    connection.ping()  # the tick may have had nothing to ask of Redis
+                if not supervisor.stopping and until():
+                    supervisor.request_stop()
+            except REFUSED:
+                raise
+            except UNREACHABLE as exc:
+                if supervisor.stop_overdue():
+                    raise SupervisorFailed(
+                        f"stopped without reaching Redis at {where(connection)}: the jobs its workers held "
+                        "stay theirs until a supervisor recovers them",
+                        fix="start `levers up` again once Redis answers",
+                    ) from None
+                time.sleep(outage.failed(exc))
+                continue
+            outage.over()
+            _wait_for_news(supervisor)
+    except Exception as exc:
+        _give_up(supervisor)
+        if isinstance(exc, SupervisorFailed):
+            raise
+        if isinstance(exc, REFUSED):
+            raise SupervisorFailed(
+                f"Redis at {where(connection)} refused the credentials: {reason(exc)}",
+                fix="check the password in the URL; the workers were stopped",
+            ) from None
+        log.exception("the supervisor cannot go on")
+        raise SupervisorFailed(
+            f"the supervisor cannot go on: {reason(exc)}", fix="its workers were stopped; start it again"
+        ) from None
+    finally:
+        reporter.withdraw()
+        if supervisor.finished():  # else the lease lapses, and another supervisor takes the jobs over
+            lease.release()
+
+
+def _wait_for_news(supervisor: Supervisor) -> None:
+    """Until the next tick: TICK_S, or less if a worker dies."""
+    sentinels = [s.process.sentinel for s in supervisor.slots if hasattr(s.process, "sentinel")]
+    if sentinels:
+        multiprocessing.connection.wait(sentinels, timeout=TICK_S)
+    else:
+        time.sleep(TICK_S)
+
+
+def _give_up(supervisor: Supervisor) -> None:
+    """Stop every worker: each may finish its job within GIVE_UP_WAIT_S, then the rest are cut
+    short, and their jobs go back to their queues if Redis answers."""
+    # the supervisor's own state may be what failed: each step is tried on its own
+    with contextlib.suppress(Exception):
+        supervisor.request_stop()
+    deadline = time.monotonic() + GIVE_UP_WAIT_S
+    while any(s.process.exitcode is None for s in supervisor.slots) and time.monotonic() < deadline:
+        time.sleep(TICK_S)
+    with contextlib.suppress(Exception):
+        supervisor.request_stop(force=True)
+    for slot in supervisor.slots:
+        slot.process.kill()
+        with contextlib.suppress(Exception):  # recovery needs Redis; the worker's process group ends anyway
+            supervisor.seams.recover(slot)
+
+
+class Reporter:
+    """Publishes the supervisor's report where `levers status` on any host can read it."""
+
+    def __init__(self, connection: redis.Redis, supervisor: Supervisor) -> None:
+        self.connection = connection
+        self.supervisor = supervisor
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self._last = 0.0
+        self._processes: dict[int, psutil.Process] = {}
+
+    @property
+    def _key(self) -> str:
+        return keys.supervisors(self.supervisor.watcher.current().spec.name)
+
+    def publish(self) -> None:
+        now = time.time()
+        if now - self._last < 1.0:
+            return
+        self._last = now
+        report = self.supervisor.report()
+        phases = {
+            phase: self._with_usage(figures, [s.pid for s in self.supervisor.slots if s.phase == phase])
+            for phase, figures in report.phases.items()
+        }
+        report = replace(report, updated=now, memory_percent=psutil.virtual_memory().percent, phases=phases)
+        try:
+            self.connection.hset(self._key, self.id, report.to_json())
+        except UNREACHABLE:
+            raise
+        except redis.RedisError as exc:
+            log.warning("could not publish status: %s", exc)
+
+    def _with_usage(self, figures: PhaseReport, pids: list[int]) -> PhaseReport:
+        """Mean CPU (% of one core, since the last report) and RSS (MB) of a phase's workers."""
+        cpu, rss = [], []
+        for pid in pids:
+            try:
+                process = self._processes.setdefault(pid, psutil.Process(pid))
+                with process.oneshot():
+                    cpu.append(process.cpu_percent(None))
+                    rss.append(process.memory_info().rss / 2**20)
+            except psutil.Error:
+                self._processes.pop(pid, None)
+        for gone in set(self._processes) - set(pids):
+            del self._processes[gone]
+        if not cpu:
+            return figures
+        return replace(
+            figures, cpu_percent=round(sum(cpu) / len(cpu), 1), rss_mb=round(sum(rss) / len(rss), 1)
+        )
+
+    def withdraw(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.connection.hdel(self._key, self.id)

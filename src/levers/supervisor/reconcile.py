@@ -1,0 +1,288 @@
+"""The supervisor: keeps each phase at its declared number of workers by reconciling, tick by tick.
+
+Each tick: follow pipeline.yaml, reap the dead (recovering the jobs they were running), then
+grow or shrink every phase toward its ``workers`` lever. A worker that dies soon after its start
+without having started a job is crashing: it comes back with exponential backoff, and a phase
+whose workers keep crashing is marked failing. One that started jobs was killed (out of memory,
+kill -9, or by its job, which then fails after ``retries`` such deaths): it is replaced at once.
+Shrinking retires idle workers first and never kills a running job: a retiring worker finishes
+its job, then exits. A stop waits ``grace_s`` for running jobs, then cuts short the workers
+still running one: their jobs go back to their queues.
+
+Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``clock``), so tests
+can replay a history of deaths and edits without processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from levers.observing.reports import PhaseReport, SupervisorReport
+from levers.pipeline.loading import LoadedPipeline
+from levers.pipeline.watching import PipelineWatcher
+
+log = logging.getLogger("levers.supervisor.reconcile")
+
+# A worker that dies sooner than this after its start, having started no job, counts as a crash.
+QUICK_CRASH_S = 10.0
+# Waits before restarting a crashing phase: first, then doubling, up to the cap.
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+# Consecutive crashes after which a phase is reported as failing (it keeps being retried).
+FAILING_AFTER_CRASHES = 5
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor needs of a worker process (multiprocessing.Process fits)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    @property
+    def jobs_started(self) -> int:
+        """Jobs whose handler the worker started (read after its death: did it ever work?)."""
+        ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class SlotState(StrEnum):
+    RUNNING = "running"
+    RETIRING = "retiring"  # asked to stop after its current job
+    CUT_SHORT = "cut short"  # killed by the supervisor: a stop's grace ran out, a second signal, or
+    # another supervisor took its jobs over
+
+
+class PhaseState(StrEnum):
+    OK = "ok"
+    BACKOFF = "backoff"  # waiting to restart a crashed worker
+    FAILING = "failing"  # workers keep crashing
+    STOPPED = "stopped"
+
+
+@dataclass
+class Slot:
+    phase: str
+    handler: str
+    process: ProcessHandle
+    started_at: float
+    state: SlotState = SlotState.RUNNING
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+@dataclass
+class PhaseHealth:
+    crashes: int = 0
+    restarts: int = 0
+    next_spawn_at: float = 0.0
+
+    def state(self, now: float) -> PhaseState:
+        if self.crashes >= FAILING_AFTER_CRASHES:
+            return PhaseState.FAILING
+        return PhaseState.BACKOFF if now < self.next_spawn_at else PhaseState.OK
+
+
+@dataclass
+class Seams:
+    """The supervisor's side effects. ``recover`` puts back the jobs of a dead worker; ``sweep``,
+    called every tick, finishes what needs a second look later (``wait``: on the last tick)."""
+
+    spawn: Callable[[str, LoadedPipeline], ProcessHandle]
+    recover: Callable[[Slot], list[str]]
+    sweep: Callable[[bool], object] = lambda wait: None
+    is_busy: Callable[[Slot], bool] = lambda slot: False
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass
+class Supervisor:
+    watcher: PipelineWatcher
+    seams: Seams
+    only: frozenset[str] = frozenset()  # phases to run; empty means all
+    slots: list[Slot] = field(default_factory=list)
+    health: dict[str, PhaseHealth] = field(default_factory=dict)
+    grace_s: float | None = None  # how long a stop waits for running jobs; None: the longest timeout
+    stopping: bool = False
+    stop_deadline: float | None = None
+
+    def desired(self, loaded: LoadedPipeline | None = None) -> dict[str, int]:
+        """Workers wanted per phase this host runs, from ``loaded`` (default: the current pipeline)."""
+        spec = (loaded or self.watcher.current()).spec
+        return {
+            name: (0 if self.stopping else phase.levers.workers)
+            for name, phase in spec.phases.items()
+            if not self.only or name in self.only
+        }
+
+    def tick(self) -> None:
+        """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall.
+
+        A seam that raises ends the pass; the next one takes up where it stopped (a dead worker
+        stays in ``slots``, not replaced, until its jobs are recovered)."""
+        loaded = self.watcher.current()
+        if self.stopping:
+            self._enforce_stop_deadline()  # first: a stop must end even while recovery cannot
+        self._reap()
+        self.seams.sweep(self.finished())
+        if self.stopping:
+            return
+        self._retire_stale(loaded)
+        desired = self.desired(loaded)  # one version of the file for the whole tick
+        for phase, wanted in desired.items():
+            self._reconcile_phase(loaded, phase, wanted)
+        for phase in {s.phase for s in self.slots} - set(desired):
+            self._retire(self._running(phase))
+
+    def finished(self) -> bool:
+        return self.stopping and not self.slots
+
+    def stop_overdue(self) -> bool:
+        """Stopping, and past the time the stop may take (at once, for a forced stop)."""
+        return self.stopping and self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline
+
+    def request_stop(self, force: bool = False) -> None:
+        """First call: let running jobs finish. ``force`` (or a second call): stop at once."""
+        # stopping is set first: a second signal can arrive while this call is still running
+        force = force or self.stopping
+        self.stopping = True
+        now = self.seams.clock()
+        if force:
+            log.warning("stopping now: running jobs go back to the head of their queues")
+            self.stop_deadline = now
+            self._cut_short()
+            return
+        grace = self.grace_s
+        if grace is None:
+            grace = max((p.timeout for p in self.watcher.current().spec.phases.values()), default=0)
+        log.info("stopping: workers finish their current job first (up to %g s)", grace)
+        self.stop_deadline = now + grace
+        for slot in self.slots:
+            self._retire_one(slot)
+
+    def replace_workers(self, pids: set[int]) -> None:
+        """Kill these workers at once, without counting crashes; new ones replace them. For workers
+        whose jobs another supervisor has taken over: finishing them would be wasted work."""
+        for slot in self.slots:
+            if slot.pid in pids:
+                slot.state = SlotState.CUT_SHORT
+                slot.process.kill()
+
+    def report(self) -> SupervisorReport:
+        """Per phase: desired, alive, retiring, state, restarts, pids; and any pipeline.yaml error."""
+        now = self.seams.clock()
+        phases = {}
+        for phase, wanted in self.desired().items():
+            health = self.health.get(phase, PhaseHealth())
+            # a dead worker stays in slots until its jobs are recovered: it is not reported
+            mine = [s for s in self.slots if s.phase == phase and s.process.exitcode is None]
+            phases[phase] = PhaseReport(
+                desired=wanted,
+                alive=sum(s.state is SlotState.RUNNING for s in mine),
+                retiring=sum(s.state is SlotState.RETIRING for s in mine),
+                state=PhaseState.STOPPED if self.stopping else health.state(now),
+                restarts=health.restarts,
+                pids=[s.pid for s in mine],
+            )
+        return SupervisorReport(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            updated=time.time(),
+            digest=self.watcher.current().digest,
+            config_error=self.watcher.error,
+            memory_percent=None,
+            phases=phases,
+        )
+
+    def _reap(self) -> None:
+        now = self.seams.clock()
+        for slot in [s for s in self.slots if s.process.exitcode is not None]:
+            recovered = self.seams.recover(slot)
+            self.slots.remove(slot)
+            # a worker asked to stop may die of that signal before RQ installs its handlers
+            if slot.state is not SlotState.RUNNING or self.stopping:
+                if recovered:
+                    log.warning("requeued %d job(s) of stopped worker %s", len(recovered), slot.pid)
+                continue
+            log.warning(
+                "worker %s of %s exited with %s; requeued %d job(s)",
+                slot.pid, slot.phase, slot.process.exitcode, len(recovered),
+            )  # fmt: skip
+            self._count_death(slot, now)
+
+    def _count_death(self, slot: Slot, now: float) -> None:
+        health = self.health.setdefault(slot.phase, PhaseHealth())
+        health.restarts += 1
+        if slot.process.jobs_started == 0 and now - slot.started_at < QUICK_CRASH_S:
+            health.crashes += 1
+            delay = min(FIRST_BACKOFF_S * 2 ** (health.crashes - 1), MAX_BACKOFF_S)
+            health.next_spawn_at = now + delay
+            if health.crashes == FAILING_AFTER_CRASHES:
+                log.error(
+                    "phase %s is failing: its workers crashed %d times in a row", slot.phase, health.crashes
+                )
+        else:
+            health.crashes = 0
+            health.next_spawn_at = now
+
+    def _retire_stale(self, loaded: LoadedPipeline) -> None:
+        """Workers started for a handler the file no longer names are replaced, gracefully."""
+        phases = loaded.spec.phases
+        for slot in self._running():
+            if slot.phase in phases and phases[slot.phase].handler != slot.handler:
+                self._retire_one(slot)
+
+    def _reconcile_phase(self, loaded: LoadedPipeline, phase: str, wanted: int) -> None:
+        running = self._running(phase)
+        if len(running) > wanted:
+            # idle workers go first, then the youngest
+            surplus = sorted(running, key=lambda s: (self.seams.is_busy(s), -s.started_at))
+            self._retire(surplus[: len(running) - wanted])
+            return
+        health = self.health.setdefault(phase, PhaseHealth())
+        now = self.seams.clock()
+        if len(running) < wanted and now >= health.next_spawn_at:
+            for _ in range(wanted - len(running)):
+                process = self.seams.spawn(phase, loaded)
+                handler = loaded.spec.phases[phase].handler
+                self.slots.append(Slot(phase, handler, process, started_at=now))
+
+    def _running(self, phase: str | None = None) -> list[Slot]:
+        return [s for s in self.slots if s.state is SlotState.RUNNING and (phase is None or s.phase == phase)]
+
+    def _retire(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            self._retire_one(slot)
+
+    def _retire_one(self, slot: Slot) -> None:
+        if slot.state is SlotState.RUNNING:
+            slot.state = SlotState.RETIRING
+            slot.process.terminate()
+
+    def _enforce_stop_deadline(self) -> None:
+        if self.stop_deadline is not None and self.seams.clock() >= self.stop_deadline:
+            if any(s.state is not SlotState.CUT_SHORT and s.process.exitcode is None for s in self.slots):
+                log.warning("the stop's grace is over: running jobs go back to the head of their queues")
+            self._cut_short()
+
+    def _cut_short(self) -> None:
+        """Kill the workers still alive; their jobs go back to their queues (``recover``)."""
+        for slot in self.slots:
+            # one that exited stays in its slot until its jobs are recovered: nothing to kill
+            if slot.state is not SlotState.CUT_SHORT and slot.process.exitcode is None:
+                slot.state = SlotState.CUT_SHORT
+                slot.process.kill()

@@ -1,0 +1,147 @@
+"""What a phase handler receives: the document it works on and the context of its phase.
+
+A handler is ``def handler(doc, ctx)`` or ``async def handler(doc, ctx)``. It returns the phase's
+output (anything JSON can hold) and raises to fail the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from levers.documents.store import ArtifactStore
+    from levers.limits.shared import SharedLimit
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Levers:
+    """The three levers of one phase, as pipeline.yaml held them when the job started."""
+
+    workers: int
+    semaphore: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document as a phase sees it.
+
+    ``content`` is a path for documents kept in the artifact store and bytes for documents that
+    arrived in memory; ``read_bytes`` gives bytes either way. ``input`` is the previous phase's
+    output (None for an entry phase).
+    """
+
+    id: str
+    name: str
+    content: bytes | Path
+    input: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def suffix(self) -> str:
+        """The lower-cased file extension of the document's name, with its dot (".pdf")."""
+        return Path(self.name).suffix.lower()
+
+    @property
+    def size(self) -> int:
+        return len(self.content) if isinstance(self.content, bytes) else self.content.stat().st_size
+
+    def read_bytes(self) -> bytes:
+        return self.content if isinstance(self.content, bytes) else self.content.read_bytes()
+
+
+class PhaseContext:
+    """The running phase's levers, options and concurrency helpers.
+
+    ``gather`` and ``map`` run coroutines concurrently, never more at once than the semaphore
+    lever. ``run_in_thread`` runs blocking work on the process's thread pool, sized by the threads
+    lever; with threads 0 it runs inline. One context serves one job and one event loop.
+    ``store`` is the pipeline's artifact store (None outside a levers job): its ``cached`` and
+    ``put_cached`` keep values that every worker sharing the store can reuse.
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        levers: Levers,
+        options: dict[str, Any],
+        state_dir: Path,
+        executor: ThreadPoolExecutor | None,
+        limits: Callable[[str], SharedLimit] | None = None,
+        store: ArtifactStore | None = None,
+    ) -> None:
+        self.phase = phase
+        self.levers = levers
+        self.options = options
+        self.state_dir = state_dir
+        self.store = store
+        self.log = logging.getLogger(f"levers.phase.{phase}")
+        self._executor = executor
+        self._limits = limits
+        self._semaphore: asyncio.Semaphore | None = None
+        # counted for the metrics: how many calls the job made through gather and map
+        self.calls = 0
+
+    def _bound(self) -> asyncio.Semaphore:
+        # Created lazily so that it belongs to the event loop of the job that uses it.
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.levers.semaphore)
+        return self._semaphore
+
+    async def gather(self, *aws: Awaitable[T]) -> list[T]:
+        """Await all, at most ``semaphore`` at a time, and return their results in order."""
+        semaphore = self._bound()
+        self.calls += len(aws)
+
+        async def bounded(aw: Awaitable[T]) -> T:
+            async with semaphore:
+                return await aw
+
+        return list(await asyncio.gather(*(bounded(aw) for aw in aws)))
+
+    async def map(self, fn: Callable[[T], Awaitable[R]], items: Iterable[T]) -> list[R]:
+        """``fn(item)`` for every item, at most ``semaphore`` at a time, results in order.
+
+        Unlike ``gather``, the coroutines are created only when a slot is free.
+        """
+        semaphore = self._bound()
+        items = list(items)
+        self.calls += len(items)
+
+        async def bounded(item: T) -> R:
+            async with semaphore:
+                return await fn(item)
+
+        return list(await asyncio.gather(*(bounded(item) for item in items)))
+
+    def limit(self, name: str) -> SharedLimit:
+        """The limit ``name`` declared under ``limits:`` in pipeline.yaml, held across all workers and hosts.
+
+        ``async with ctx.limit("anthropic"): ...`` holds a slot for the block; ``await
+        ctx.limit("anthropic").call(fn, *args)`` also retries 429/529 answers. Async handlers only;
+        an undeclared name raises UnknownLimit, which lists the declared ones.
+        """
+        if self._limits is None:
+            raise RuntimeError("this context has no shared limits: it was not made by a levers job")
+        return self._limits(name)
+
+    async def run_in_thread(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run blocking ``fn(*args)`` on the phase's thread pool (inline when threads is 0)."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class Handler(Protocol):
+    """A phase handler: sync or async, ``(doc, ctx) -> output``."""
+
+    def __call__(self, doc: Document, ctx: PhaseContext) -> Any: ...
