@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from levers.cli import console
+from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import LeversError, UsageError
 from levers.pipeline.loading import ensure_importable_from, load_pipeline
 from levers.server.project import pipeline_path
@@ -50,3 +54,44 @@ def call_graph_phase(
         raise
     except Exception as exc:
         raise LeversError(f"{module_name}.{function} failed: {type(exc).__name__}: {exc}") from None
+
+
+# `levers graph`: read the knowledge graph a phase writes. The phase's code does the reading: its
+# handler's module provides search() and counts(), imported only when a graph command runs.
+graph_app = typer.Typer(help="Search and count the knowledge graph a phase writes.", no_args_is_help=True)
+GraphPhaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--phase", "-p", help=f"The phase that writes the graph (default: the one running {GRAPH_HANDLER})."
+    ),
+]
+GroupOption = Annotated[
+    str | None, typer.Option("--group", help="The graph, by group id (default: the phase's group_id option).")
+]
+
+
+@graph_app.command("search")
+@reports_errors
+def graph_search(
+    query: Annotated[str, typer.Argument(help="Words to look for (BM25 over facts and episodes).")],
+    file: FileOption = None,
+    group: GroupOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many results.")] = 10,
+    phase: GraphPhaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The facts and episodes of the knowledge graph that match QUERY, best first."""
+    results = call_graph_phase(file, phase, "search", group, query=query, limit=limit)
+    console.graph_results(query, results, as_json)
+
+
+@graph_app.command("counts")
+@reports_errors
+def graph_counts(
+    file: FileOption = None,
+    group: GroupOption = None,
+    phase: GraphPhaseOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """How many episodes, entities and edges the knowledge graph holds."""
+    console.graph_counts(call_graph_phase(file, phase, "counts", group), as_json)

@@ -1,0 +1,35 @@
+"""What every command shares: the pipeline-file and JSON options, and errors shown as one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from levers.cli import console
+from levers.errors import LeversError
+
+FileOption = Annotated[
+    Path | None,
+    typer.Option("--file", "-f", help="The pipeline file (default: $LEVERS_FILE, else ./pipeline.yaml)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Turn levers' errors into red lines and an exit code, never a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LeversError as exc:
+            console.error(exc)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]

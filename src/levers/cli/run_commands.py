@@ -1,0 +1,153 @@
+"""`levers up`, `down`, `url`, `submit` and `run`: the pipeline's processes and the documents fed to them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from levers.cli import console
+from levers.cli.options import FileOption, JsonOption, reports_errors
+from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
+
+URL_HINT = "(for rq info and rq-dashboard: levers url --show-password)"
+
+
+@reports_errors
+def up(
+    file: FileOption = None,
+    phase: Annotated[
+        list[str] | None, typer.Option("--phase", "-p", help="Run only this phase's workers (repeatable).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+    ] = None,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0,
+            help="How long a stop waits for running jobs before putting them back on their queues "
+            "(default: the longest phase timeout). Set the platform's grace a few seconds longer.",
+        ),
+    ] = None,
+) -> None:
+    """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
+    from levers.server.embedded import start_recorded
+    from levers.server.project import open_project
+    from levers.supervisor import processes as pool
+
+    project = open_project(file, check_imports=True, start=True)
+    only = frozenset(phase or [])
+    unknown = only - set(project.loaded.spec.phases)
+    if unknown:
+        raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
+    # what `levers down` stopped (a phase's graph database, say) comes back on its own address
+    start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
+    supervisor = pool.build_supervisor(project, only, grace_s=grace)
+    exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
+    pool.SignalLatch(supervisor).install()
+    phases = sorted(only) or list(project.loaded.spec.phases)
+    console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked} {URL_HINT}")
+    try:
+        pool.run(supervisor, project.connection)
+    finally:
+        if exporter is not None:
+            exporter.terminate()
+    console.note("levers: stopped")
+
+
+@reports_errors
+def url(
+    file: FileOption = None,
+    show_password: Annotated[
+        bool, typer.Option("--show-password", help="Print the password too, for the tool it is given to.")
+    ] = False,
+) -> None:
+    """Print the URL of the pipeline's Redis, to give `rq info --url` or rq-dashboard (password masked)."""
+    from levers.pipeline.loading import load_pipeline
+    from levers.server.connection import masked, redis_address
+    from levers.server.project import pipeline_path
+
+    address, running = redis_address(load_pipeline(pipeline_path(file)))
+    console.out.print(address if show_password else masked(address), soft_wrap=True)
+    if running is False:
+        console.note("the embedded server is not running now (start it with `levers up` or `levers run`)")
+
+
+@reports_errors
+def down(file: FileOption = None) -> None:
+    """Stop the embedded servers under .levers/: Redis, and those phases started. Data stays."""
+    from levers.pipeline.loading import load_pipeline
+    from levers.server.embedded import servers_under
+    from levers.server.project import pipeline_path
+
+    servers = servers_under(load_pipeline(pipeline_path(file)).state_dir)
+    for server in servers:
+        server.stop()
+    console.note(
+        f"stopped {len(servers)} embedded server(s)" if servers else "no embedded server was running"
+    )
+
+
+@reports_errors
+def submit(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive), globs; '-' for stdin.")],
+    file: FileOption = None,
+    name: Annotated[str | None, typer.Option(help="The document's name when reading stdin.")] = None,
+    force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
+    wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Feed documents into the pipeline; prints one id per document."""
+    from levers.documents.submission import Submitter
+    from levers.server.project import open_project
+
+    project = open_project(file, start=True, last_good=True)
+    if project.file_error:
+        for line in [*project.file_error.splitlines(), "(submitting with the last good version of the file)"]:
+            console.error(line)
+    submitter = Submitter(project.loaded, project.connection)
+    if "-" in paths:
+        if not name:
+            raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
+        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force)]
+        paths = [p for p in paths if p != "-"]
+    else:
+        results = []
+    results += submitter.submit_paths(paths, force)
+    console.outcomes(results, as_json)
+    if wait:
+        _wait_for(project, [r.doc_id for r in results if r.doc_id])
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _wait_for(project: Any, doc_ids: list[str]) -> bool:
+    """Show progress until every document is done or failed; True when none failed."""
+    from levers.documents.ledger import DocStatus, Ledger
+
+    ledger = Ledger(project.connection, project.loaded.spec.name)
+    with console.DocumentProgress(len(doc_ids)) as progress:
+        while True:
+            records = ledger.get_many(doc_ids)
+            progress.update(records)
+            if all(r and r.status in (DocStatus.DONE, DocStatus.FAILED) for r in records):
+                return all(r and r.status is DocStatus.DONE for r in records)
+            time.sleep(0.2)
+
+
+@reports_errors
+def run(
+    paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive) or globs.")],
+    file: FileOption = None,
+    force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
+) -> None:
+    """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
+    from levers.cli.run import run_documents
+
+    ok = run_documents(file, paths, force)
+    if not ok:
+        raise typer.Exit(EXIT_FAILURE)
