@@ -23,7 +23,7 @@ from levers.documents.ledger import Ledger
 from levers.observing.reports import live_reports
 from levers.worker.process import recover_jobs
 from levers.worker.rq_worker import LeversWorker
-from tests.conftest import levers, start_levers, wait_until
+from tests.conftest import LEVERS, levers, start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 from tests.test_exporter import free_port, try_scrape
 
@@ -268,3 +268,26 @@ def test_grace_must_be_a_number_of_seconds(tmp_path: Path, redis_url: str) -> No
         assert result.returncode == 2
         assert "--grace" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_stop_signal_to_the_process_group_while_workers_start_stops_them_all(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """What a terminal's Ctrl-C or systemd's stop does: the signal reaches the supervisor and every
+    worker at once, here while the supervisor is still starting them. The stop must not wait for
+    its grace (300 s) on a worker that missed it."""
+    for attempt in range(3):
+        (tmp_path / f"project{attempt}").mkdir()
+        root = make_project(tmp_path / f"project{attempt}", workers=6, docs=0)
+        up = subprocess.Popen(
+            [*LEVERS, "up", "--grace", "300"], cwd=root, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: psutil.Process(up.pid).children(), timeout_s=60, poll_s=0.005)  # noqa: B023
+            os.killpg(up.pid, signal.SIGTERM)
+            assert up.wait(timeout=90) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(up.pid, signal.SIGKILL)
+            up.wait()

@@ -7,7 +7,7 @@ setting exit codes, moving the clock and rewriting the file; no process is ever 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from levers.supervisor.reconcile import (
     MAX_BACKOFF_S,
     QUICK_CRASH_S,
     PhaseState,
+    ProcessHandle,
     Seams,
     Slot,
     SlotState,
@@ -478,6 +479,30 @@ def test_request_stop_terminates_all_and_finishes_once_they_exit(harness: Harnes
     assert len(harness.spawned) == len(processes), "nothing is respawned while stopping"
     assert [s.process for s in harness.recovered] == processes
     assert all("kill" not in p.signals for p in processes)
+
+
+@pytest.mark.parametrize("during", [1, 2])
+def test_a_stop_signal_during_a_tick_that_starts_workers_stops_every_worker(
+    harness: Harness, during: int
+) -> None:
+    """The signal handler runs between two statements of a tick: after the n-th worker's start."""
+    spawn = harness.supervisor.seams.spawn
+
+    def spawn_then_signal(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
+        process = spawn(phase, loaded)
+        if len(harness.spawned) == during:
+            harness.supervisor.request_stop()
+        return process
+
+    harness.supervisor.seams = replace(harness.supervisor.seams, spawn=spawn_then_signal)
+    harness.tick()
+
+    assert len(harness.spawned) == during, "no worker starts once a stop was asked for"
+    assert all(p.signals == ["terminate"] for p in harness.all_processes()), "every worker started is stopped"
+    for p in harness.all_processes():
+        p.exitcode = 0
+    harness.tick()
+    assert harness.supervisor.finished()
 
 
 def test_a_second_stop_request_kills_and_its_jobs_go_back_unmarked(harness: Harness) -> None:

@@ -137,7 +137,14 @@ def make_supervisor(
 
     def spawn(phase: str, loaded: LoadedPipeline) -> ProcessHandle:
         process = WorkerProcess(loaded.path, phase, options)
-        process.start()
+        # A stop signal that reached the new process before its own handlers would run the
+        # supervisor's handler there, and be lost: the worker would run on until the stop's
+        # deadline. Blocked here, it waits for the worker to unblock it (_worker_main).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return process
 
     def recover(slot: Slot) -> list[str]:
@@ -170,6 +177,10 @@ def _end_process_group(pid: int) -> None:
 def _worker_main(
     path: Path, phase: str, options: PoolOptions, progress: WorkerProgress, supervisor_pid: int
 ) -> None:
+    # until RQ installs its own handlers, a stop signal ends the worker: it holds no job yet
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if options.log_dir is not None:
         options.log_dir.mkdir(parents=True, exist_ok=True)
         with (options.log_dir / f"{phase}.log").open("ab") as log_file:
@@ -194,6 +205,9 @@ def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> BaseP
     return process
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 class SignalLatch:
     """Turns SIGTERM and SIGINT into stop requests: the first graceful, the second forceful."""
 
@@ -202,8 +216,8 @@ class SignalLatch:
         self.count = 0
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1

@@ -257,9 +257,12 @@ class Supervisor:
         now = self.seams.clock()
         if len(running) < wanted and now >= health.next_spawn_at:
             for _ in range(wanted - len(running)):
-                process = self.seams.spawn(phase, loaded)
-                handler = loaded.spec.phases[phase].handler
-                self.slots.append(Slot(phase, handler, process, started_at=now))
+                if self.stopping:  # a stop signal arrived during this tick
+                    return
+                slot = Slot(phase, loaded.spec.phases[phase].handler, self.seams.spawn(phase, loaded), now)
+                self.slots.append(slot)
+                if self.stopping:  # ...while this worker was being started: it was not asked to stop
+                    self._retire_one(slot)
 
     def _running(self, phase: str | None = None) -> list[Slot]:
         return [s for s in self.slots if s.state is SlotState.RUNNING and (phase is None or s.phase == phase)]
