@@ -27,8 +27,9 @@ def test_pipeline_yaml_points_editors_at_the_schema() -> None:
 
 
 def test_committed_procfile_equals_levers_procfile() -> None:
+    """Made for Heroku's fixed 30 s stop: each supervisor requeues what still runs after 25 s."""
     spec = load_pipeline(ROOT / "pipeline.yaml").spec
-    assert (ROOT / "Procfile").read_text() == render_procfile(spec)
+    assert (ROOT / "Procfile").read_text() == render_procfile(spec, grace_s=25)
 
 
 def test_procfile_runs_each_phase_as_its_own_process_type() -> None:
@@ -37,6 +38,15 @@ def test_procfile_runs_each_phase_as_its_own_process_type() -> None:
     assert result.exit_code == 0
     assert "extraction: levers up -f " in lines[0] and lines[0].endswith("--phase extraction")
     assert len(lines) == 5
+
+
+def test_procfile_grace_reaches_every_levers_up() -> None:
+    result = CliRunner().invoke(app, ["procfile", "-f", str(ROOT / "pipeline.yaml"), "--grace", "25"])
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert result.exit_code == 0
+    assert all(" --grace 25 --phase " in line for line in lines)
+    refused = CliRunner().invoke(app, ["procfile", "-f", str(ROOT / "pipeline.yaml"), "--grace", "-5"])
+    assert refused.exit_code == 2
 
 
 def test_the_seed_levers_are_declared() -> None:

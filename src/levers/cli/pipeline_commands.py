@@ -11,6 +11,7 @@ import typer
 from levers.cli import console
 from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, SpecError
+from levers.pipeline.model import MAX_TIMEOUT_S
 
 
 @reports_errors
@@ -41,13 +42,24 @@ def schema() -> None:
 
 
 @reports_errors
-def procfile(file: FileOption = None) -> None:
+def procfile(
+    file: FileOption = None,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            min=0,
+            max=MAX_TIMEOUT_S,
+            help="Give each `levers up` this --grace: a few seconds under the platform's (Heroku: 25).",
+        ),
+    ] = None,
+) -> None:
     """Print a Procfile with one process type per phase, so a platform can scale each on its own."""
     from levers.pipeline.loading import load_pipeline
     from levers.pipeline.procfile import render_procfile
     from levers.server.project import pipeline_path
 
-    sys.stdout.write(render_procfile(load_pipeline(pipeline_path(file)).spec, file))
+    sys.stdout.write(render_procfile(load_pipeline(pipeline_path(file)).spec, file, grace))
 
 
 @reports_errors

@@ -11,6 +11,7 @@ import typer
 from levers.cli import console
 from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
+from levers.pipeline.model import MAX_TIMEOUT_S
 
 URL_HINT = "(for rq info and rq-dashboard: levers url --show-password)"
 
@@ -29,6 +30,7 @@ def up(
         typer.Option(
             metavar="SECONDS",
             min=0,
+            max=MAX_TIMEOUT_S,
             help="How long a stop waits for running jobs before putting them back on their queues "
             "(default: the longest phase timeout). Set the platform's grace a few seconds longer.",
         ),
