@@ -79,5 +79,5 @@ def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[Docu
             progress.update(records)
             return all(r is not None and r.status in (DocStatus.DONE, DocStatus.FAILED) for r in records)
 
-        pool.run(supervisor, project.connection, until=all_finished)
+        pool.run(supervisor, project.connection, until=all_finished, revive=pool.revive_embedded(project))
     return [r for r in ledger.get_many(doc_ids) if r is not None]

@@ -54,7 +54,7 @@ def up(
     phases = sorted(only) or list(project.loaded.spec.phases)
     console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked} {URL_HINT}")
     try:
-        pool.run(supervisor, project.connection)
+        pool.run(supervisor, project.connection, revive=pool.revive_embedded(project))
     finally:
         if exporter is not None:
             exporter.terminate()

@@ -132,6 +132,12 @@ class EmbeddedServer:
                 server = self._start()
             return server
 
+    def restart_if_gone(self) -> RunningServer | None:
+        """Start the server again if its process is gone (killed, say): on its recorded port when
+        that is free, so the clients of the old one find it at the same address. None if it runs."""
+        with self._lock():
+            return self._start() if self._process() is None else None
+
     def stop(self) -> bool:
         """Stop the server, letting it flush its append-only file. False if it was not running.
 

@@ -28,12 +28,12 @@ import redis
 
 from levers import keys
 from levers.documents.routing import register_queues
-from levers.errors import SupervisorFailed, UsageError
+from levers.errors import ServerError, SupervisorFailed, UsageError
 from levers.observing.reports import PhaseReport
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.pipeline.watching import PipelineWatcher
 from levers.safe import escape_logs
-from levers.server.connection import Target
+from levers.server.connection import Target, embedded_server
 from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
 from levers.server.project import Project, save_last_good
 from levers.supervisor.leases import LeaseKeeper
@@ -107,6 +107,22 @@ def build_supervisor(
     supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
     supervisor.grace_s = grace_s
     return supervisor
+
+
+def revive_embedded(project: Project) -> Callable[[], object]:
+    """For a project on the embedded server: start it again if its process is gone (killed, or
+    the host's OOM killer), so the pipeline does not wait for a person. Its append-only file keeps
+    every queued document; on another kind of Redis, waiting for it is all a supervisor can do."""
+    if not project.target.embedded:
+        return lambda: None
+    server = embedded_server(project.loaded)
+
+    def revive() -> None:
+        started = server.restart_if_gone()
+        if started is not None:
+            log.warning("the embedded server was gone: started it again on port %d", started.port)
+
+    return revive
 
 
 def _took_up(connection: redis.Redis) -> Callable[[LoadedPipeline], None]:
@@ -240,11 +256,15 @@ def configure_logging(log_dir: Path | None) -> None:
     escape_logs(logging.getLogger())
 
 
-def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False) -> None:
+def run(
+    supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False,
+    revive: Callable[[], object] = lambda: None,
+) -> None:  # fmt: skip
     """Tick until a stop completes (or ``until()`` holds, then stop gracefully).
 
     While Redis cannot be reached, ticks go on with backoff: the workers wait for it too, and a
-    dead worker's jobs are recovered once it answers. What the supervisor cannot get past (Redis
+    dead worker's jobs are recovered once it answers. ``revive`` is called meanwhile: it starts the
+    embedded server again if its process is gone. What the supervisor cannot get past (Redis
     refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
     so that the process exits non-zero and its platform starts it again.
     """
@@ -272,6 +292,7 @@ def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], boo
                         fix="start `levers up` again once Redis answers",
                     ) from None
                 time.sleep(outage.failed(exc))
+                _revive(revive)
                 continue
             outage.over()
             _wait_for_news(supervisor)
@@ -292,6 +313,13 @@ def run(supervisor: Supervisor, connection: redis.Redis, until: Callable[[], boo
         reporter.withdraw()
         if supervisor.finished():  # else the lease lapses, and another supervisor takes the jobs over
             lease.release()
+
+
+def _revive(revive: Callable[[], object]) -> None:
+    try:
+        revive()
+    except ServerError as exc:  # the next failed tick tries again
+        log.warning("could not start the embedded server again: %s", exc)
 
 
 def _wait_for_news(supervisor: Supervisor) -> None:
