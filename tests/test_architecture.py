@@ -1,5 +1,6 @@
 """The tree is the architecture: groups depend on each other without a cycle, leaves on nothing,
-and a read-only command loads neither the worker nor the supervisor."""
+a read-only command loads neither the worker nor the supervisor, and phase code uses levers
+through its public API alone."""
 
 from __future__ import annotations
 
@@ -11,19 +12,25 @@ from collections import defaultdict
 from pathlib import Path
 
 LEVERS = Path(__file__).resolve().parent.parent / "src" / "levers"
+PHASES = LEVERS.parent / "phases"
 # Modules at the top of the tree that every group may use; they use only each other.
 LEAVES = {"errors", "keys", "metrics", "files", "safe"}
 
 
-def imported_levers_modules(path: Path) -> set[str]:
-    """Every levers module a file imports, at its top or inside a function."""
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module of ``package`` a file imports, at its top, inside a function or for type
+    checking only; ``from package import name`` counts as ``package.name``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "levers":
-            found |= {f"levers.{a.name}" for a in node.names} if node.module == "levers" else {node.module}
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            found |= {f"{package}.{a.name}" for a in node.names} if node.module == package else {node.module}
         elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "levers"}
+            found |= {a.name for a in node.names if a.name.split(".")[0] == package}
     return found
+
+
+def imported_levers_modules(path: Path) -> set[str]:
+    return imported_modules(path, "levers")
 
 
 def group_of(module: str) -> str | None:
@@ -72,3 +79,40 @@ def test_the_read_side_loads_neither_worker_nor_supervisor() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.split() == []
+
+
+def test_phases_use_only_the_public_api() -> None:
+    """Phase code imports ``from levers import ...``: a name it needs is exported there, never
+    reached for in levers' groups."""
+    reached = {path.name: sorted(levers_modules_beyond_the_package(path)) for path in PHASES.glob("*.py")}
+    assert {name: modules for name, modules in reached.items() if modules} == {}
+
+
+def levers_modules_beyond_the_package(path: Path) -> set[str]:
+    """The modules of levers a file imports other than the package ``levers`` itself."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("levers."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("levers.")}
+    return found
+
+
+def test_public_names_resolve() -> None:
+    """Every name ``levers`` exports loads, so a phase's ``from levers import X`` cannot break."""
+    probe = "import levers\nfor name in levers.__all__: getattr(levers, name)"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_phase_modules_import_each_other_without_a_cycle() -> None:
+    edges = {
+        f"phases.{path.stem}": {m for m in imported_modules(path, "phases") if m != "phases.__init__"}
+        for path in PHASES.glob("*.py")
+    }
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as cycle:
+        raise AssertionError(
+            f"phase modules import each other in a cycle: {' -> '.join(cycle.args[1])}"
+        ) from None

@@ -13,6 +13,7 @@ import docx
 import pytest
 from fpdf import FPDF
 
+from levers.pipeline.options import options_model
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.extraction import NO_TEXT_LAYER, ExtractionError, extract
 from phases.ingest_extract import DEFAULT_MAX_BYTES, ingest
@@ -27,7 +28,11 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 
 
 def run(handler: Any, doc: Document, state_dir: Path, executor: ThreadPoolExecutor, **options: Any) -> Any:
-    ctx = PhaseContext("extraction", Levers(1, 5, 2), options, state_dir=state_dir, executor=executor)
+    model = options_model(f"{handler.__module__}:{handler.__name__}")
+    assert model is not None
+    ctx = PhaseContext(
+        "extraction", Levers(1, 5, 2), model(**options), state_dir=state_dir, executor=executor
+    )
     return asyncio.run(handler(doc, ctx))
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from levers.cli.app import app
 from levers.worker.phase_context import Document, Levers, PhaseContext
-from phases.kg_ingest import counts, embedded_server, ingest_graph
+from phases.kg_ingest import Options, counts, embedded_server, ingest_graph
 
 PIPELINE = """\
 name: graphcli
@@ -45,7 +45,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     server = embedded_server(state, Path(get_redis_server()), get_falkordb_module())
     server.ensure_running()
     chunks = {"chunks": [{"index": i, "context": "From 'Ops'.", "text": t} for i, t in enumerate(TEXTS)]}
-    ctx = PhaseContext("kg", Levers(1, 2, 0), {"group_id": "cli_graph", "llm": "none"}, state, None)
+    ctx = PhaseContext("kg", Levers(1, 2, 0), Options(group_id="cli_graph", llm="none"), state, None)
     asyncio.run(ingest_graph(Document("ops", "ops.md", b"", input=chunks), ctx))
     yield root
     server.stop()

@@ -23,7 +23,7 @@ from levers.pipeline.model import LimitSettings, Phase, Pipeline
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.audio import NotAudio
 from phases.deepgram_api import TranscriptionError
-from phases.transcription import Settings, transcribe
+from phases.transcription import Options, transcribe
 from tests.audio_files import BROKEN_MP3, write_wav
 from tests.fake_deepgram import FakeDeepgram
 
@@ -54,7 +54,9 @@ async def job(
 ) -> dict[str, Any]:
     job_limits = JobLimits(*limits) if limits else None
     with ThreadPoolExecutor(1) as pool:
-        ctx = PhaseContext("transcription", Levers(1, 1, 1), options, path.parent, pool, job_limits, store)
+        ctx = PhaseContext(
+            "transcription", Levers(1, 1, 1), Options(**options), path.parent, pool, job_limits, store
+        )
         try:
             return await transcribe(Document("doc", path.name, path), ctx)
         finally:
@@ -256,7 +258,7 @@ def test_the_timeout_grows_with_the_recording_s_duration(fake: FakeDeepgram, tmp
 
     assert str(caught.value).startswith("Deepgram did not answer within 0.5 s (the timeout grows with")
     assert out["text"] == "Slow to transcribe."
-    assert Settings(request_timeout=60, timeout_per_audio_minute=15).timeout_s(3600) == 60 + 900
+    assert Options(request_timeout=60, timeout_per_audio_minute=15).timeout_s(3600) == 60 + 900
 
 
 def test_an_unreachable_endpoint_and_bad_options_are_one_line(
@@ -267,14 +269,11 @@ def test_an_unreachable_endpoint_and_bad_options_are_one_line(
 
     with pytest.raises(TranscriptionError) as unreachable:
         run(path, None)
-    with pytest.raises(TranscriptionError) as misspelt:
-        run(path, None, smart_formating=True)
     with pytest.raises(TranscriptionError) as not_a_url:
         run(path, None, base_url="api.deepgram.com")
 
     assert str(unreachable.value).startswith("could not reach Deepgram at http://127.0.0.1:9: ConnectError")
     assert "secret" not in str(unreachable.value)
-    assert str(misspelt.value) == "bad transcription option 'smart_formating': Extra inputs are not permitted"
     assert "is not an http(s) URL" in str(not_a_url.value)
 
 

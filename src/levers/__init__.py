@@ -12,17 +12,51 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from levers.errors import ConnectionFailed, LeversError
+    from levers.limits.shared import RateLimited, SharedLimit, UnknownLimit, is_rate_limited, retry_delay
+    from levers.pipeline.options import PhaseOptions
     from levers.server.embedded import EmbeddedServer
-    from levers.worker.phase_context import Document, Handler, Levers, PhaseContext
+    from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext
 
-__all__ = ["Document", "EmbeddedServer", "Handler", "Levers", "PhaseContext", "submit_bytes"]
+__all__ = [
+    "ConnectionFailed",
+    "Document",
+    "EmbeddedServer",
+    "Handler",
+    "Levers",
+    "LeversError",
+    "Permanent",
+    "PhaseContext",
+    "PhaseOptions",
+    "RateLimited",
+    "SharedLimit",
+    "UnknownLimit",
+    "is_rate_limited",
+    "retry_delay",
+    "submit_bytes",
+]
 
+# What phase code and applications use, and the module each comes from. Phase code imports these
+# from ``levers`` and nothing else of levers.
 _EXPORTS = {
+    # a handler's inputs, its options model, and the error no retry can fix
     "Document": "levers.worker.phase_context",
     "Handler": "levers.worker.phase_context",
     "Levers": "levers.worker.phase_context",
     "PhaseContext": "levers.worker.phase_context",
+    "PhaseOptions": "levers.pipeline.options",
+    "Permanent": "levers.worker.phase_context",
+    # shared limits (ctx.limit) and retrying a provider that says "too many requests"
+    "SharedLimit": "levers.limits.shared",
+    "UnknownLimit": "levers.limits.shared",
+    "RateLimited": "levers.limits.shared",
+    "is_rate_limited": "levers.limits.shared",
+    "retry_delay": "levers.limits.shared",
+    # a phase's own server, started and kept like levers' embedded Redis
     "EmbeddedServer": "levers.server.embedded",
+    # errors the CLI reports as one line (ConnectionFailed: a server that does not answer, exit 1)
+    "LeversError": "levers.errors",
+    "ConnectionFailed": "levers.errors",
 }
 
 

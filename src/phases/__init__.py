@@ -1,5 +1,5 @@
 """The document pipeline's phase handlers: extraction, chunking and knowledge-graph ingest.
 
-Each module exposes one handler ``(doc, ctx) -> output`` named in pipeline.yaml. Phases import
-only levers' public API (``levers.worker.phase_context`` and ``levers.server.embedded``).
+Each handler module exposes one handler ``(doc, ctx) -> output`` named in pipeline.yaml, and its
+options as ``class Options``. Phases import only levers' public API: ``from levers import ...``.
 """

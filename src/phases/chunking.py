@@ -11,7 +11,9 @@ finds: every run of word characters and every punctuation mark counts one. This 
 subword tokenizers on common words and punctuation, and under-counts long or rare words and
 numbers, which they split further; leave headroom under a model's hard limit.
 
-Each chunk gets a short context from a provider, option ``context_provider``:
+Options (``Options``): ``chunk_tokens``, ``overlap_tokens``, ``context_provider``, and those of
+model-written contexts (``phases.contexts.AnthropicOptions``). Each chunk gets a short context
+from a provider, option ``context_provider``:
 
 - ``anthropic``: a Claude model situates the chunk in the whole document (Anthropic's contextual
   retrieval; see phases.contexts for its options, shared limit, prompt caching and disk cache).
@@ -20,7 +22,8 @@ Each chunk gets a short context from a provider, option ``context_provider``:
 - ``auto`` (the default): ``anthropic`` when ANTHROPIC_API_KEY is set, else ``local``.
 
 A provider is any object with ``name`` and ``async contexts(...) -> Contexts`` registered in
-``PROVIDERS``; one that asks a model uses ``ctx.map`` to stay under the semaphore lever.
+``PROVIDERS`` (and named in ``Options.context_provider``); one that asks a model uses ``ctx.map``
+to stay under the semaphore lever.
 
 Output: ``{"provider", "model", "title", "usage", "cached", "chunks": [{"index", "text", "context",
 "start", "end", "page", "tokens", "headings", "start_s", "end_s"}]}`` where ``start``/``end`` are
@@ -41,14 +44,20 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal
 
-from levers.worker.phase_context import Document, PhaseContext
-from phases.contexts import API_KEY_ENV, AnthropicContext, Contexts, require_api_key
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from levers import Document, PhaseContext
+from phases.chunk_types import Chunk, ContextProvider, Contexts
+from phases.contexts import API_KEY_ENV, AnthropicContext, AnthropicOptions, require_api_key
 
 DEFAULT_CHUNK_TOKENS = 400
 DEFAULT_OVERLAP_TOKENS = 50
 MIN_CHUNK_TOKENS = 16
+# Far above any embedding model's input; a chunk this long is a whole chapter.
+MAX_CHUNK_TOKENS = 100_000
 
 TOKEN = re.compile(r"\w+|[^\w\s]")
 _PARAGRAPH_GAP = re.compile(r"\n[ \t]*\n\s*")
@@ -59,6 +68,40 @@ _LINE_GAP = re.compile(r"\s*\n\s*")
 
 class ChunkingError(ValueError):
     """The input cannot be chunked; the message is the one-line reason."""
+
+
+class Options(AnthropicOptions):
+    """chunking's options in pipeline.yaml; those of model-written contexts come with them."""
+
+    chunk_tokens: Annotated[
+        int,
+        Field(
+            ge=MIN_CHUNK_TOKENS, le=MAX_CHUNK_TOKENS, description="Most tokens of one chunk (approximated)."
+        ),
+    ] = DEFAULT_CHUNK_TOKENS
+    overlap_tokens: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=MAX_CHUNK_TOKENS,
+            description="Tokens of whole units a chunk repeats from the one before.",
+        ),
+    ] = DEFAULT_OVERLAP_TOKENS
+    context_provider: Annotated[
+        Literal["auto", "anthropic", "local"],
+        Field(description="Who writes chunk contexts: anthropic (Claude), local (offline), or auto: "
+              "anthropic when ANTHROPIC_API_KEY is set."),
+    ] = "auto"  # fmt: skip
+
+    @model_validator(mode="after")
+    def _overlap_under_budget(self) -> Options:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise PydanticCustomError(
+                "overlap_tokens",
+                "overlap_tokens ({overlap}) must be under chunk_tokens ({budget})",
+                {"overlap": self.overlap_tokens, "budget": self.chunk_tokens},
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -78,20 +121,6 @@ class Unit:
     paragraph_end: bool
 
 
-@dataclass
-class Chunk:
-    index: int
-    text: str
-    start: int
-    end: int
-    page: int
-    tokens: int
-    headings: list[str]
-    context: str = ""
-    start_s: float | None = None
-    end_s: float | None = None
-
-
 class Tokens:
     """Token pieces of one text, for counting and windowing any span of it by bisection."""
 
@@ -107,14 +136,6 @@ class Tokens:
         first, stop = bisect.bisect_left(self.starts, start), bisect.bisect_left(self.starts, end)
         for index in range(first, stop, size):
             yield self.starts[index], self.ends[min(index + size, stop) - 1]
-
-
-class ContextProvider(Protocol):
-    name: str
-
-    async def contexts(
-        self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext
-    ) -> Contexts: ...
 
 
 class LocalContext:
@@ -143,7 +164,7 @@ class LocalContext:
 PROVIDERS: dict[str, Callable[[], ContextProvider]] = {"anthropic": AnthropicContext, "local": LocalContext}
 
 
-async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
+async def chunk(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any]:
     """Handler: chunk the extraction output in ``doc.input``."""
     extracted = doc.input
     if not isinstance(extracted, dict) or not isinstance(extracted.get("text"), str):
@@ -151,16 +172,15 @@ async def chunk(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
     text: str = extracted["text"]
     if not text.strip():
         raise ChunkingError("extraction produced no text to chunk")
-    budget, overlap = _token_options(ctx.options)
-    provider = _provider(ctx.options)
+    provider = _provider(ctx.options.context_provider)
     title = str(extracted.get("title") or doc.name)
     chunks = await ctx.run_in_thread(
         split_chunks,
         text,
         extracted.get("headings") or [],
         extracted.get("page_offsets") or [0],
-        budget,
-        overlap,
+        ctx.options.chunk_tokens,
+        ctx.options.overlap_tokens,
     )
     time_spans(chunks, extracted.get("words") or [])
     contexts = await provider.contexts(title, text, chunks, ctx)
@@ -201,23 +221,10 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{second}" if hours else f"{minutes}:{second}"
 
 
-def _token_options(options: dict[str, Any]) -> tuple[int, int]:
-    budget = int(options.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
-    overlap = int(options.get("overlap_tokens", DEFAULT_OVERLAP_TOKENS))
-    if budget < MIN_CHUNK_TOKENS:
-        raise ChunkingError(f"chunk_tokens must be at least {MIN_CHUNK_TOKENS}, not {budget}")
-    if not 0 <= overlap < budget:
-        raise ChunkingError(f"overlap_tokens must be 0 or more and under chunk_tokens, not {overlap}")
-    return budget, overlap
-
-
-def _provider(options: dict[str, Any]) -> ContextProvider:
-    """The chosen provider; checked before any splitting, so that a bad choice fails at once."""
-    name = str(options.get("context_provider") or "auto")
+def _provider(name: str) -> ContextProvider:
+    """The chosen provider; checked before any splitting, so that a missing key fails at once."""
     if name == "auto":
         name = "anthropic" if os.environ.get(API_KEY_ENV, "").strip() else "local"
-    if name not in PROVIDERS:
-        raise ChunkingError(f"unknown context_provider {name!r}; known: {', '.join(['auto', *PROVIDERS])}")
     if name == "anthropic":
         require_api_key()  # chosen explicitly without a key: a one-line ContextError
     return PROVIDERS[name]()

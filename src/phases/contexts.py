@@ -7,7 +7,7 @@ block marked ``cache_control: ephemeral``, then the chunk in the user message. E
 document repeats the same document block, so after the first call the rest read it from the
 prompt cache (about a tenth of the input price) instead of paying for it again.
 
-``AnthropicContext`` reads its options from ``ctx.options``:
+``AnthropicContext`` reads its options (``AnthropicOptions``, part of chunking's) from ``ctx.options``:
 
 - ``model`` (default ``claude-haiku-4-5``), ``max_tokens`` per context (default 150),
   ``anthropic_base_url`` (else the SDK reads ANTHROPIC_BASE_URL), ``request_timeout`` (s, 60).
@@ -34,17 +34,16 @@ import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated
 
-from levers.limits.shared import SharedLimit, UnknownLimit
-from levers.worker.phase_context import PhaseContext
+from pydantic import Field
+
+from levers import PhaseContext, PhaseOptions, SharedLimit, UnknownLimit
+from phases.chunk_types import Chunk, Contexts
 
 if TYPE_CHECKING:
     import anthropic
-
-    from phases.chunking import Chunk
 
 log = logging.getLogger("levers.phase.chunking")
 
@@ -54,8 +53,9 @@ DEFAULT_MAX_TOKENS = 150
 DEFAULT_LIMIT = "anthropic"
 DEFAULT_MAX_RETRIES = 4
 DEFAULT_TIMEOUT_S = 60.0
+MAX_MAX_TOKENS = 8192  # a context is a sentence or two; this is far above any useful one
+MAX_TIMEOUT_S = 3600.0
 CACHE_DIR = "context-cache"
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 # Anthropic's contextual retrieval prompts. Change PROMPT_VERSION with them: it is part of the
 # cache key, so contexts written for an older prompt are not served for the new one.
@@ -75,37 +75,6 @@ Save = Callable[[int, str], Awaitable[object]]
 
 class ContextError(RuntimeError):
     """Contexts could not be written; the message is the one-line reason, never a traceback."""
-
-
-@dataclass
-class Usage:
-    """Tokens of the calls made for one document, summed; ``calls`` counts answered requests
-    (rate-limited attempts that were retried carry no usage and are not counted)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    calls: int = 0
-
-    def add(self, usage: Any) -> None:
-        """Add one response's ``usage``; the SDK gives None for cache fields it did not report."""
-        for name in TOKEN_FIELDS:
-            setattr(self, name, getattr(self, name) + (getattr(usage, name, None) or 0))
-        self.calls += 1
-
-    def as_dict(self) -> dict[str, int]:
-        return {item.name: getattr(self, item.name) for item in fields(self)}
-
-
-@dataclass
-class Contexts:
-    """What a provider gives for one document: one line per chunk, in order, and what it cost."""
-
-    lines: list[str]
-    model: str | None = None
-    usage: Usage = field(default_factory=Usage)
-    cached: int = 0
 
 
 def digest(text: str) -> str:
@@ -160,35 +129,29 @@ class ContextCache:
             log.warning("could not write context cache entry %s: %s", path, exc)
 
 
-@dataclass(frozen=True)
-class AnthropicSettings:
-    """The provider's options from ``ctx.options``, checked; defaults as in the module docstring."""
+class AnthropicOptions(PhaseOptions):
+    """The options of model-written contexts; defaults as in the module docstring."""
 
-    model: str = DEFAULT_MODEL
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    limit: str | None = DEFAULT_LIMIT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    base_url: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> AnthropicSettings:
-        limit = options.get("limit", DEFAULT_LIMIT)
-        try:
-            settings = cls(
-                model=str(options.get("model") or DEFAULT_MODEL),
-                max_tokens=int(options.get("max_tokens", DEFAULT_MAX_TOKENS)),
-                # `limit: null` (or "") opts out of the shared limit
-                limit=str(limit) if limit else None,
-                max_retries=int(options.get("max_retries", DEFAULT_MAX_RETRIES)),
-                base_url=str(options["anthropic_base_url"]) if options.get("anthropic_base_url") else None,
-                timeout_s=float(options.get("request_timeout", DEFAULT_TIMEOUT_S)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ContextError(f"bad anthropic context option: {exc}") from None
-        if settings.max_tokens < 1 or settings.max_retries < 0 or settings.timeout_s <= 0:
-            raise ContextError("max_tokens and request_timeout must be positive, max_retries 0 or more")
-        return settings
+    model: Annotated[str, Field(min_length=1, description="The Claude model that writes the contexts.")] = (
+        DEFAULT_MODEL
+    )
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_MAX_TOKENS, description="Most tokens of one context.")] = (
+        DEFAULT_MAX_TOKENS
+    )
+    limit: Annotated[
+        str | None,
+        Field(description="The shared limit every call goes through when pipeline.yaml declares it; "
+              "null for none (the SDK retries then)."),
+    ] = DEFAULT_LIMIT  # fmt: skip
+    max_retries: Annotated[
+        int, Field(ge=0, le=100, description="The SDK's retries of a call, without a shared limit.")
+    ] = DEFAULT_MAX_RETRIES
+    anthropic_base_url: Annotated[
+        str | None, Field(description="The Anthropic API's endpoint (else env ANTHROPIC_BASE_URL).")
+    ] = None
+    request_timeout: Annotated[
+        float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds one call may take.")
+    ] = DEFAULT_TIMEOUT_S
 
 
 def require_api_key() -> str:
@@ -207,13 +170,15 @@ class AnthropicContext:
 
     name = "anthropic"
 
-    async def contexts(self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext) -> Contexts:
+    async def contexts(
+        self, title: str, text: str, chunks: Sequence[Chunk], ctx: PhaseContext[AnthropicOptions]
+    ) -> Contexts:
         """One context per chunk: cached ones from disk, the rest from the API.
 
-        Raises ContextError (one line) for a missing key, bad options, or an API error other
-        than rate limiting; contexts answered before the error stay cached for the next attempt.
+        Raises ContextError (one line) for a missing key or an API error other than rate
+        limiting; contexts answered before the error stay cached for the next attempt.
         """
-        settings = AnthropicSettings.from_options(ctx.options)
+        settings = ctx.options
         cache = ContextCache(ctx.state_dir / CACHE_DIR)
         document = digest(text)
         keys = [cache.key(document, digest(item.text), self.name, settings.model) for item in chunks]
@@ -231,7 +196,7 @@ class _Calls:
 
     def __init__(
         self,
-        settings: AnthropicSettings,
+        settings: AnthropicOptions,
         text: str,
         chunks: Sequence[Chunk],
         ctx: PhaseContext,
@@ -262,10 +227,10 @@ class _Calls:
         api_key = require_api_key()
         async with anthropic.AsyncAnthropic(
             api_key=api_key,
-            base_url=self.settings.base_url,
+            base_url=self.settings.anthropic_base_url,
             # through a shared limit, the limit retries; an SDK retry would escape its count
             max_retries=0 if self.limit is not None else self.settings.max_retries,
-            timeout=self.settings.timeout_s,
+            timeout=self.settings.request_timeout,
         ) as client:
 
             async def one(index: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from levers.limits.shared import SharedLimit
+from levers import SharedLimit
 
 API_KEY_ENV = "DEEPGRAM_API_KEY"
 BASE_URL_ENV = "DEEPGRAM_BASE_URL"

@@ -9,8 +9,8 @@ Output: ``{"format", "title", "text", "pages", "page_offsets", "headings", "char
 pages); a heading is ``{"level", "text", "offset"}``. Text has "\\n" line ends, and blocks (pages,
 paragraphs, tables) are separated by blank lines so chunking can find them.
 
-Options: ``max_bytes`` (fail documents larger than this) and ``max_pages`` (fail PDFs with more
-pages), both unlimited when unset.
+Options (``Options``): ``max_bytes`` (fail documents larger than this) and ``max_pages`` (fail PDFs
+with more pages), both unlimited when unset.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import charset_normalizer
 import docx
@@ -32,15 +32,19 @@ import pypdfium2 as pdfium
 from docx.opc.exceptions import OpcError
 from docx.table import Table
 from docx.text.paragraph import Paragraph
+from pydantic import Field
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from levers.worker.phase_context import Document, PhaseContext
+from levers import Document, PhaseContext, PhaseOptions
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
 NO_TEXT_LAYER = "no text layer (scanned PDF? OCR is not supported)"
 # Share of control characters above which a "text" file is taken for binary data.
 MAX_CONTROL_SHARE = 0.01
 TITLE_MAX_CHARS = 200
+# Bounds of the options: a terabyte, a million pages; far above any document.
+MAX_BYTES = 1 << 40
+MAX_PAGES = 1_000_000
 # How close charset-normalizer's scores must be for cp1252 to win over its first choice.
 CODEPAGE_TIE_CHAOS = 0.02
 CODEPAGE_TIE_COHERENCE = 0.05
@@ -77,6 +81,17 @@ class ExtractionError(ValueError):
     """A document that cannot be extracted; the message is the one-line reason."""
 
 
+class Options(PhaseOptions):
+    """extraction's options in pipeline.yaml."""
+
+    max_bytes: Annotated[
+        int | None, Field(ge=1, le=MAX_BYTES, description="Documents larger than this fail unread.")
+    ] = None
+    max_pages: Annotated[
+        int | None, Field(ge=1, le=MAX_PAGES, description="PDFs with more pages than this fail.")
+    ] = None
+
+
 @dataclass
 class Extraction:
     """A parsed document before the common checks; ``title`` may still be empty."""
@@ -110,11 +125,11 @@ def _first_h1(headings: list[dict[str, Any]]) -> str:
     return next((h["text"] for h in headings if h["level"] == 1), "")
 
 
-async def extract(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
+async def extract(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any]:
     """Handler: extract one stored or in-memory document; parsing runs on the thread pool."""
-    check_size(doc.size, ctx.options.get("max_bytes"))
+    check_size(doc.size, ctx.options.max_bytes)
     data = await ctx.run_in_thread(doc.read_bytes)
-    return await ctx.run_in_thread(extract_bytes, data, doc.name, ctx.options.get("max_pages"))
+    return await ctx.run_in_thread(extract_bytes, data, doc.name, ctx.options.max_pages)
 
 
 def check_size(size: int, max_bytes: int | None) -> None:

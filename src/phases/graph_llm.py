@@ -39,31 +39,24 @@ from graphiti_core.llm_client.errors import RateLimitError
 from graphiti_core.nodes import EpisodeType
 from graphiti_core.utils.maintenance.graph_data_operations import EPISODE_WINDOW_LEN
 
-from levers.limits.shared import (
-    DEFAULT_BACKOFF_S,
-    DEFAULT_MAX_RATE_RETRIES,
-    SharedLimit,
-    UnknownLimit,
-    is_rate_limited,
-    retry_delay,
-)
-from levers.worker.phase_context import PhaseContext
+from levers import PhaseContext, SharedLimit, is_rate_limited, retry_delay
 from phases import graph_store
-from phases.kg_ingest import DEFAULT_LIMIT, GraphPlan, LLMSettings, PlannedEpisode
+from phases.graph_plan import GraphPlan, LLMSettings, PlannedEpisode
 
 log = logging.getLogger("levers.phase.kg_ingest")
 
 # Stored on an episode once add_episode has processed it: the digest of the content it processed.
 DIGEST_PROPERTY = "levers_digest"
 _WORD = re.compile(r"\w+")
+# Without a shared limit: retries of a rate-limited request, and the first backoff (doubling).
+MAX_RATE_RETRIES = 8
+BACKOFF_S = 1.0
 
 
 class _LocalRetry:
     """``SharedLimit.call`` without Redis: retries 429/529, honouring retry-after, for this job only."""
 
-    def __init__(
-        self, max_retries: int = DEFAULT_MAX_RATE_RETRIES, backoff_s: float = DEFAULT_BACKOFF_S
-    ) -> None:
+    def __init__(self, max_retries: int = MAX_RATE_RETRIES, backoff_s: float = BACKOFF_S) -> None:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
 
@@ -199,27 +192,15 @@ class LexicalReranker(CrossEncoderClient):
         return sorted(scored, key=lambda pair: pair[1], reverse=True)
 
 
-def shared_limit(ctx: PhaseContext) -> SharedLimit | None:
-    """The limit option ``limit`` names; the default one only when pipeline.yaml declares it."""
-    name = ctx.options.get("limit", DEFAULT_LIMIT)
-    if not name:
-        return None
-    try:
-        return ctx.limit(str(name))
-    except (UnknownLimit, RuntimeError):
-        if "limit" in ctx.options:
-            raise  # named on purpose: its absence is a configuration error, not a default
-        return None
-
-
 async def write(
-    driver: FalkorDriver, plan: GraphPlan, settings: LLMSettings, ctx: PhaseContext
+    driver: FalkorDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
 ) -> dict[str, int]:
-    """Extract the plan's new and changed episodes with graphiti; delete its removed ones.
+    """Extract the plan's new and changed episodes with graphiti, every request through ``limit``
+    (when not None); delete the plan's removed episodes.
 
     Returns how many episodes were extracted and the distinct entities and edges they yielded.
     """
-    gate = RequestGate(ctx.levers.semaphore, shared_limit(ctx))
+    gate = RequestGate(ctx.levers.semaphore, limit)
     llm = LeversAnthropicClient(settings, gate)
     graphiti = Graphiti(
         graph_driver=driver, llm_client=llm, embedder=HashingEmbedder(), cross_encoder=LexicalReranker(),

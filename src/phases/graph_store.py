@@ -32,7 +32,7 @@ from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
 
 if TYPE_CHECKING:
-    from phases.kg_ingest import GraphPlan, PlannedEpisode
+    from phases.graph_plan import GraphPlan, PlannedEpisode
 
 RELATION_NAME = "MENTIONED_WITH"
 

@@ -3,8 +3,8 @@
 An entry phase for .mp3 .wav .m4a .ogg .opus .flac .webm .mp4 (and whatever else Deepgram
 reads: it recognises the format from the bytes). Per recording:
 
-1. the options are checked, then the file is probed on the thread pool (phases.audio): bytes that
-   are not audio fail at once with one line and no call, and the duration sizes the timeout;
+1. the file is probed on the thread pool (phases.audio): bytes that are not audio fail at once
+   with one line and no call, and the duration sizes the timeout;
 2. the transcript is looked up in the artifact store's cache, keyed by the audio's SHA-256, the
    endpoint and every option that shapes the answer: the same recording submitted again
    (``levers submit --force``, or under another name) makes no call, on any worker of any host
@@ -25,9 +25,9 @@ Output, for chunking: extraction's fields (``format`` "audio", ``title``, ``text
 and begin with "Speaker N: " when diarized, so chunking finds them; chunking turns word offsets
 into each chunk's time span.
 
-Options: ``model`` (default nova-3), ``language`` (en), ``smart_format`` (true), ``diarize``
-(false), ``base_url``, ``limit`` (deepgram; null for none), ``request_timeout`` (s, default 60)
-plus ``timeout_per_audio_minute`` (s, default 15) for each minute of audio, ``max_bytes``
+Options (``Options``): ``model`` (default nova-3), ``language`` (en), ``smart_format`` (true),
+``diarize`` (false), ``base_url``, ``limit`` (deepgram; null for none), ``request_timeout`` (s,
+default 60) plus ``timeout_per_audio_minute`` (s, default 15) for each minute of audio, ``max_bytes``
 (default 2 GB, Deepgram's own limit).
 """
 
@@ -37,12 +37,11 @@ import bisect
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from levers.limits.shared import SharedLimit, UnknownLimit
-from levers.worker.phase_context import Document, PhaseContext
+from levers import Document, PhaseContext, PhaseOptions, SharedLimit, UnknownLimit
 from phases.audio import Recording, probe
 from phases.deepgram_api import Call, TranscriptionError, base_url, request_transcript, require_api_key
 
@@ -50,22 +49,37 @@ SUFFIXES = (".mp3", ".wav", ".m4a", ".ogg", ".opus", ".flac", ".webm", ".mp4")
 CACHE_NAMESPACE = "transcripts"
 # Part of every cache key: change it when what is cached changes meaning.
 CACHE_VERSION = 1
+# Deepgram's own limit on a pre-recorded file.
+MAX_BYTES = 2_000_000_000
 
 
-class Settings(BaseModel):
-    """The phase's options; unknown keys are errors, so a misspelt option is not silently ignored."""
+# A day-long call, or a minute of audio taking an hour: far beyond any real transcription.
+MAX_TIMEOUT_S = 24 * 3600.0
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "nova-3"
-    language: str | None = "en"
-    smart_format: bool = True
-    diarize: bool = False
-    base_url: str | None = None
-    limit: str | None = "deepgram"
-    request_timeout: float = Field(default=60.0, gt=0)
-    timeout_per_audio_minute: float = Field(default=15.0, ge=0)
-    max_bytes: int = Field(default=2_000_000_000, ge=1)
+class Options(PhaseOptions):
+    """transcription's options in pipeline.yaml."""
+
+    model: Annotated[str, Field(min_length=1, description="Deepgram's model.")] = "nova-3"
+    language: Annotated[str | None, Field(description="The spoken language; null to detect it.")] = "en"
+    smart_format: Annotated[bool, Field(description="Deepgram's formatting of numbers, dates, ...")] = True
+    diarize: Annotated[bool, Field(description='Speakers told apart ("Speaker N:" paragraphs).')] = False
+    base_url: Annotated[
+        str | None, Field(description="Deepgram's endpoint (else env DEEPGRAM_BASE_URL, else Deepgram's).")
+    ] = None
+    limit: Annotated[
+        str | None,
+        Field(description="The shared limit every call goes through when pipeline.yaml declares it."),
+    ] = "deepgram"
+    request_timeout: Annotated[
+        float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds a call may take, plus the per-minute part.")
+    ] = 60.0
+    timeout_per_audio_minute: Annotated[
+        float, Field(ge=0, le=MAX_TIMEOUT_S, description="Seconds added to the timeout per minute of audio.")
+    ] = 15.0
+    max_bytes: Annotated[
+        int, Field(ge=1, le=MAX_BYTES, description="Recordings larger than this fail without a call.")
+    ] = MAX_BYTES
 
     def params(self) -> dict[str, Any]:
         """The query options of the request. Paragraphs are always asked for: they are the
@@ -85,15 +99,6 @@ class Settings(BaseModel):
         return self.request_timeout + duration_s / 60 * self.timeout_per_audio_minute
 
 
-def settings_of(options: dict[str, Any]) -> Settings:
-    try:
-        return Settings(**options)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "options"
-        raise TranscriptionError(f"bad transcription option {where!r}: {error['msg']}") from None
-
-
 def cache_key(audio_sha256: str, endpoint: str | None, params: dict[str, Any]) -> str:
     """The key of one transcript. The endpoint is part of it: a self-hosted or stand-in service
     may answer differently from Deepgram's own for the same audio and options."""
@@ -101,9 +106,9 @@ def cache_key(audio_sha256: str, endpoint: str | None, params: dict[str, Any]) -
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
-async def transcribe(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
+async def transcribe(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any]:
     """Handler: transcribe one recording, from the cache when it was transcribed before."""
-    settings = settings_of(ctx.options)
+    settings = ctx.options
     if doc.size > settings.max_bytes:
         raise TranscriptionError(f"recording is {doc.size} bytes, over max_bytes {settings.max_bytes}")
     endpoint = base_url(settings.base_url)
@@ -135,7 +140,7 @@ def _declared_limit(ctx: PhaseContext, name: str | None) -> SharedLimit | None:
         return None
 
 
-def transcript_output(response: Any, title: str, settings: Settings, recording: Recording) -> dict[str, Any]:
+def transcript_output(response: Any, title: str, settings: Options, recording: Recording) -> dict[str, Any]:
     """The phase's output from Deepgram's response (first channel, first alternative); pure."""
     results = response.get("results") if isinstance(response, dict) else None
     channels = (results or {}).get("channels") or [{}]

@@ -24,6 +24,7 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 
 from levers.errors import SpecError, SpecProblem, UsageError
 from levers.pipeline.model import Pipeline, cross_checks, did_you_mean
+from levers.pipeline.options import RefusedOptions, refused_options
 from levers.pipeline.safe_yaml import BudgetExceeded, read_capped, round_trip_yaml, too_big
 
 Loc = Sequence[str | int]
@@ -56,19 +57,24 @@ def state_dir_of(pipeline_path: Path) -> Path:
     return pipeline_path.resolve().parent / ".levers"
 
 
-def load_pipeline(path: Path, check_imports: bool = False) -> LoadedPipeline:
-    """Read, parse and validate ``path``; with ``check_imports``, import every handler too."""
+def load_pipeline(path: Path, check_imports: bool = False, check_options: bool = False) -> LoadedPipeline:
+    """Read, parse and validate ``path``; with ``check_imports``, import every handler too; with
+    ``check_options`` (implied by ``check_imports``), check each phase's options against the
+    model its handler's module declares, importing the handlers' modules."""
     try:
         raw = read_capped(path)
     except FileNotFoundError:
         raise UsageError(f"no pipeline file at {path}", fix="create one or pass -f FILE") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_pipeline(raw, path, check_imports)
+    return parse_pipeline(raw, path, check_imports, check_options)
 
 
-def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> LoadedPipeline:
-    """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths."""
+def parse_pipeline(
+    raw: bytes, path: Path, check_imports: bool = False, check_options: bool = False
+) -> LoadedPipeline:
+    """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths.
+    ``check_imports`` and ``check_options`` as for ``load_pipeline``."""
     shown = _shown_name(path)
     refused = too_big(raw)
     if refused:
@@ -79,9 +85,12 @@ def parse_pipeline(raw: bytes, path: Path, check_imports: bool = False) -> Loade
     except ValidationError as exc:
         raise SpecError(_in_file_order([_locate(tree, shown, err) for err in exc.errors()])) from None
     problems = [_problem(tree, shown, loc, message) for loc, message in cross_checks(spec)]
-    if check_imports and not problems:
+    if (check_imports or check_options) and not problems:
         ensure_importable_from(path.parent)
-        problems = [_problem(tree, shown, path, message) for path, message in handler_problems(spec)]
+        if check_imports:
+            problems = [_problem(tree, shown, path, message) for path, message in handler_problems(spec)]
+        for phase_options in refused_options(spec):
+            problems += _options_problems(tree, shown, phase_options)
     if problems:
         raise SpecError(_in_file_order(problems))
     return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
@@ -190,22 +199,35 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _locate(tree: CommentedMap, shown: str, err: Any) -> SpecProblem:
-    loc = [part for part in err["loc"] if part != "[key]"]
+def _options_problems(tree: CommentedMap, shown: str, refused: RefusedOptions) -> list[SpecProblem]:
+    """The problems of one phase's options, located in the file like every other."""
+    where = ("phases", refused.phase, "options")
+    if refused.model is None:
+        return [_problem(tree, shown, ("phases", refused.phase, "handler"), refused.message)]
+    return [_locate(tree, shown, err, refused.model, where) for err in refused.errors]
+
+
+def _locate(
+    tree: CommentedMap, shown: str, err: Any, root: type[BaseModel] = Pipeline, prefix: Loc = ()
+) -> SpecProblem:
+    """``err`` of validating ``root`` against the part of the file at ``prefix``, as a problem."""
+    inner = [part for part in err["loc"] if part != "[key]"]
+    loc = [*prefix, *inner]
     at_value = err["type"] not in _AT_KEY and "[key]" not in err["loc"]
     line, col = _position(tree, loc, at_value)
-    return SpecProblem(shown, line, col, _message(err, loc))
+    allowed = _allowed_keys(inner[:-1], root) if err["type"] == "extra_forbidden" else []
+    return SpecProblem(shown, line, col, _message(err, loc, allowed))
 
 
 # errors about a key, or about a whole mapping, rather than about one value
 _AT_KEY = ("extra_forbidden", "missing", "too_long", "workers_total")
 
 
-def _message(err: Any, loc: list[str | int]) -> str:
+def _message(err: Any, loc: list[str | int], allowed: list[str]) -> str:
+    """One line for one of pydantic's errors; ``allowed`` are the keys an unknown key may mean."""
     where = ".".join(str(p) for p in loc) or "pipeline"
     if err["type"] == "extra_forbidden":
-        hint = did_you_mean(str(loc[-1]), _allowed_keys(loc[:-1]))
-        return f"unknown key {where!r}{hint}"
+        return f"unknown key {where!r}{did_you_mean(str(loc[-1]), allowed)}"
     if err["type"] == "missing":
         return f"{where} is required"
     if err["type"] == "less_than_equal":
@@ -214,6 +236,8 @@ def _message(err: Any, loc: list[str | int]) -> str:
     if err["type"] == "too_long":
         bound = err["ctx"]["max_length"]
         return f"{where}: {len(err['input'])} entries is above the bound of {bound}; keep at most {bound}"
+    if err["type"] == "literal_error":
+        return f"{where}: {_shown_value(err['input'])} is not one of {err['ctx']['expected']}"
     if err["type"] in _EXPECTED:
         return f"{where}: expected {_EXPECTED[err['type']]}, not {_shown_value(err['input'])}"
     return f"{where}: {err['msg']}"
@@ -273,9 +297,9 @@ def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int
     return line, col
 
 
-def _allowed_keys(loc: Loc) -> list[str]:
-    """The keys the model allows in the mapping at ``loc`` (for did-you-mean)."""
-    current: Any = Pipeline
+def _allowed_keys(loc: Loc, root: type[BaseModel] = Pipeline) -> list[str]:
+    """The keys ``root`` allows in the mapping at ``loc`` (for did-you-mean)."""
+    current: Any = root
     for part in loc:
         current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):

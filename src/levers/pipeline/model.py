@@ -176,7 +176,13 @@ class Phase(Strict):
         Literal["files", "bytes"],
         Field(description="How an entry phase receives documents: stored files, or bytes held in memory."),
     ] = "files"
-    options: Annotated[dict[str, Any], Field(description="Free-form settings for the phase's code.")] = {}
+    options: Annotated[
+        dict[str, Any],
+        Field(
+            description="Settings for the phase's code, checked against the Options model its "
+            "handler's module declares."
+        ),
+    ] = {}
     expect: Annotated[
         Expectation | None,
         Field(description="Expected job time, for `levers plan` (measured durations take precedence)."),

@@ -1,7 +1,8 @@
 """Following pipeline.yaml while it is edited: the last good pipeline, and the error of a bad edit.
 
 ``current()`` is cheap when nothing changed (one stat); it re-reads and re-validates only when
-the file's bytes changed, and never hands out a pipeline that failed validation. A watcher may be
+the file's bytes changed, and never hands out a pipeline that failed validation, phase options
+included (checked against the models of the handlers' modules, which a watcher imports). A watcher may be
 shared by threads: at worst two of them read the same edit.
 """
 
@@ -33,7 +34,7 @@ class PipelineWatcher:
 
     @classmethod
     def open(cls, path: Path) -> PipelineWatcher:
-        return cls(load_pipeline(path))
+        return cls(load_pipeline(path, check_options=True))
 
     def current(self, max_age_s: float = 0.0) -> LoadedPipeline:
         """The newest valid version of the file (the last good one while the file is invalid);
@@ -55,7 +56,7 @@ class PipelineWatcher:
             self.error = None
             return self._good
         try:
-            self._good = parse_pipeline(raw, self.path)
+            self._good = parse_pipeline(raw, self.path, check_options=True)
             self.error = None
         except LeversError as exc:
             self.error = str(exc)

@@ -29,6 +29,7 @@ from levers.documents.store import ArtifactStore
 from levers.limits.shared import JobLimits
 from levers.pipeline.loading import ensure_importable_from, import_handler, state_dir_of
 from levers.pipeline.model import Phase, Pipeline
+from levers.pipeline.options import phase_options
 from levers.pipeline.watching import PipelineWatcher
 from levers.server.connection import resolve
 from levers.server.outage import UNREACHABLE
@@ -58,6 +59,8 @@ class WorkerRuntime:
         self.url = url
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._handlers: dict[str, Callable[..., Any]] = {}
+        # per phase: the options as the file holds them, and what its handler gets for them
+        self._options: dict[str, tuple[dict[str, Any], Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         # resolved once: resolving the path costs a stat per directory level, on every job
         self.state_dir = state_dir_of(watcher.path)
@@ -100,6 +103,14 @@ class WorkerRuntime:
         if dotted not in self._handlers:
             self._handlers[dotted] = import_handler(dotted)
         return self._handlers[dotted]
+
+    def options(self, phase: str, settings: Phase) -> Any:
+        """``ctx.options`` of a job of ``phase``: validated once per version of the file (the
+        watcher checked them already, so this does not fail for a file it handed out)."""
+        held = self._options.get(phase)
+        if held is None or held[0] is not settings.options:
+            held = self._options[phase] = (settings.options, phase_options(settings))
+        return held[1]
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
@@ -283,9 +294,8 @@ def _call_handler(
     lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
     limits = JobLimits(spec, runtime.url)
     executor = runtime.executor(lever_values.threads)
-    ctx = PhaseContext(
-        phase, lever_values, dict(settings.options), runtime.state_dir, executor, limits, runtime.store(spec)
-    )
+    options = runtime.options(phase, settings)
+    ctx = PhaseContext(phase, lever_values, options, runtime.state_dir, executor, limits, runtime.store(spec))
     if inspect.iscoroutinefunction(handler):
         output = runtime.run_async(_run_async(handler, doc, ctx, limits))
     else:

@@ -1,7 +1,10 @@
-"""What a phase handler receives: the document it works on and the context of its phase.
+"""What a phase handler receives and raises: the document it works on, the context of its phase,
+and the error no retry can fix.
 
 A handler is ``def handler(doc, ctx)`` or ``async def handler(doc, ctx)``. It returns the phase's
-output (anything JSON can hold) and raises to fail the job.
+output (anything JSON can hold) and raises to fail the job. Its module may declare the phase's
+options as ``class Options(PhaseOptions)`` (levers.pipeline.options): ``ctx.options`` is then
+the validated model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from levers.documents.store import ArtifactStore
@@ -20,6 +23,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
+OptionsT = TypeVar("OptionsT")
+
+
+class Permanent(Exception):
+    """Raise from a handler for input no retry can fix (a corrupt file, a document too large): the
+    document fails at once with this message, without spending the phase's retries."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,11 @@ class Document:
         return self.content if isinstance(self.content, bytes) else self.content.read_bytes()
 
 
-class PhaseContext:
+class PhaseContext(Generic[OptionsT]):
     """The running phase's levers, options and concurrency helpers.
+
+    ``options`` is the handler module's ``Options`` model, validated, when it declares one
+    (annotate ``ctx: PhaseContext[Options]`` to have it typed), else the mapping as written.
 
     ``gather`` and ``map`` run coroutines concurrently, never more at once than the semaphore
     lever. ``run_in_thread`` runs blocking work on the process's thread pool, sized by the threads
@@ -73,7 +85,7 @@ class PhaseContext:
         self,
         phase: str,
         levers: Levers,
-        options: dict[str, Any],
+        options: OptionsT,
         state_dir: Path,
         executor: ThreadPoolExecutor | None,
         limits: Callable[[str], SharedLimit] | None = None,
@@ -144,4 +156,4 @@ class PhaseContext:
 class Handler(Protocol):
     """A phase handler: sync or async, ``(doc, ctx) -> output``."""
 
-    def __call__(self, doc: Document, ctx: PhaseContext) -> Any: ...
+    def __call__(self, doc: Document, ctx: PhaseContext[Any]) -> Any: ...
