@@ -1,7 +1,8 @@
 """A phase of your own: the most frequent words of each document, after levers' extraction.
 
 Any importable module works as a handler; this one sits beside its pipeline.yaml, which levers
-puts on the import path.
+puts on the import path. ``Options`` declares the phase's ``options:``, which `levers validate`
+checks with the rest of the file.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import re
 from collections import Counter
 from typing import Any
 
-from levers import Document, PhaseContext
+from pydantic import Field
+
+from levers import Document, PhaseContext, PhaseOptions
 
 # Words too common to say what a document is about.
 COMMON_WORDS = """
@@ -19,8 +22,11 @@ a an and are as at be by for from has have in is it its of on or that the this t
 STOPWORDS = frozenset(COMMON_WORDS.split())
 
 
-def keywords(doc: Document, ctx: PhaseContext) -> dict[str, Any]:
+class Options(PhaseOptions):
+    top: int = Field(default=10, ge=1, le=1000, description="Keywords kept per document.")
+
+
+def keywords(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any]:
     words = re.findall(r"[a-z][a-z'-]{2,}", doc.input["text"].lower())
     counts = Counter(w for w in words if w not in STOPWORDS)
-    top = int(ctx.options.get("top", 10))
-    return {"title": doc.input["title"], "keywords": [w for w, _ in counts.most_common(top)]}
+    return {"title": doc.input["title"], "keywords": [w for w, _ in counts.most_common(ctx.options.top)]}
