@@ -18,7 +18,6 @@ from pathlib import Path
 
 from bench import efficiency, killstorm, memory, observability, outage, overhead, takeover, transcription
 from bench.common import ROOT, embedded_server, kept_section, machine, replace_section
-from bench.findings import findings
 from bench.report import RunInfo, render, src_fingerprint
 
 BENCHMARKS = ("overhead", "efficiency", "memory", "observability", "transcription", "takeover")
@@ -37,19 +36,18 @@ class Plan:
     window_s: float
     min_docs: int
     max_docs: int
-    patched_workers: tuple[int, ...]
     rq_workers: tuple[int, ...]
 
 
 FULL = Plan(
     jobs=1500, overhead_reps=4, profile_jobs=500,
     workers=(1, 2, 3, 4), semaphores=(1, 5, 10, 20), efficiency_reps=2, window_s=2.0,
-    min_docs=40, max_docs=400, patched_workers=(3,), rq_workers=(3,),
+    min_docs=40, max_docs=400, rq_workers=(3,),
 )  # fmt: skip
 QUICK = Plan(
     jobs=300, overhead_reps=2, profile_jobs=300,
     workers=(1, 2, 3, 4), semaphores=(1, 5, 10, 20), efficiency_reps=1, window_s=0.8,
-    min_docs=12, max_docs=120, patched_workers=(3,), rq_workers=(3,),
+    min_docs=12, max_docs=120, rq_workers=(3,),
 )  # fmt: skip
 
 
@@ -91,7 +89,7 @@ def main(argv: list[str]) -> int:
                 server,
                 plan.jobs,
                 plan.overhead_reps,
-                ("fork", "simple", "levers-bare", "levers", overhead.other_variant()),
+                ("fork", "simple", "levers-bare", "levers"),
                 plan.profile_jobs,
                 progress,
             )
@@ -99,7 +97,7 @@ def main(argv: list[str]) -> int:
             progress("2. lever efficiency")
             result_efficiency = efficiency.run(
                 server, plan.workers, plan.semaphores, plan.efficiency_reps, plan.window_s,
-                plan.min_docs, plan.max_docs, plan.patched_workers, plan.rq_workers, progress,
+                plan.min_docs, plan.max_docs, plan.rq_workers, progress,
             )  # fmt: skip
         if "memory" in only:
             progress("3. memory")
@@ -124,10 +122,7 @@ def main(argv: list[str]) -> int:
         quick=args.quick,
         src_changed=src_fingerprint() != fingerprint,
     )
-    text = render(
-        info, result_overhead, result_efficiency, result_memory,
-        findings(result_overhead, result_efficiency, result_memory),
-    )  # fmt: skip
+    text = render(info, result_overhead, result_efficiency, result_memory)
     if result_observability is not None:
         text += "\n" + observability.render(result_observability)
     if result_transcription is not None:

@@ -53,7 +53,6 @@ class Cell:
     workers: int
     semaphore: int
     docs: int
-    patched: bool = False  # run by bench.supervise on the other side of the per-job patches
     rates: list[float] = field(default_factory=list)  # steady: the sum of each worker's own rate
     batch_rates: list[float] = field(default_factory=list)  # documents / (last finish - first start)
     submit_s: list[float] = field(default_factory=list)  # time the submitter took, for context
@@ -185,16 +184,13 @@ def steady_rate(jobs: Sequence[Job]) -> float:
     return sum(len(times) / (max(e for _, e in times) - min(s for s, _ in times)) for times in spans.values())
 
 
-def _supervise(server: Server, root: Path, workers: int, patched: bool) -> subprocess.Popen[bytes]:
-    """Start the real `levers up` (or bench.supervise on the other side of the per-job patches: see
-    bench/patched.py) and wait until its workers listen."""
+def _supervise(server: Server, root: Path, workers: int) -> subprocess.Popen[bytes]:
+    """Start the real `levers up` and wait until its workers listen."""
     log = (root / "levers-up.log").open("ab")
-    pipeline = str(root / "pipeline.yaml")
-    command = ["-m", "bench.supervise", pipeline] if patched else ["-m", "levers", "up", "-f", pipeline]
     process = subprocess.Popen(
-        [PYTHON, *command],
+        [PYTHON, "-m", "levers", "up", "-f", str(root / "pipeline.yaml")],
         cwd=root,
-        env=bench_env(REDIS_URL=server.url, BENCH_MODE=patched_mode() if patched else "none"),
+        env=bench_env(REDIS_URL=server.url),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -212,17 +208,6 @@ def _supervise(server: Server, root: Path, workers: int, patched: bool) -> subpr
 
 
 RQ_QUEUE = "bench-calls"
-
-
-def patched_mode() -> str:
-    from bench import patched
-
-    return patched.mode()
-
-
-def other_label() -> str:
-    """How the cells run on the other side of the per-job patches are called."""
-    return "before the patches" if patched_mode() == "revert" else "with the proposed patches"
 
 
 def _rq_workers(server: Server, root: Path, workers: int) -> list[subprocess.Popen[bytes]]:
@@ -298,19 +283,19 @@ def _describe(cell: Cell, label: str) -> str:
 
 
 def _levers_run(
-    server: Server, root: Path, cells: dict[tuple[int, int, bool], Cell], w: int, patched: bool,
-    semaphores: Sequence[int], rep: int, progress: Callable[[str], object],
+    server: Server, root: Path, cells: dict[tuple[int, int], Cell], w: int, semaphores: Sequence[int],
+    rep: int, progress: Callable[[str], object],
 ) -> None:  # fmt: skip
     """One supervisor with ``w`` workers, through every semaphore value."""
     server.connection.flushdb()
     calls_project(root, w, semaphores[0], CALLS, CALL_S)
-    process = _supervise(server, root, w, patched)
+    process = _supervise(server, root, w)
     try:
         for s in semaphores:
             calls_pipeline(root, w, s)  # the running workers take it at their next job
-            cell = cells[(w, s, patched)]
-            _run_cell(server, root, cell, f"r{rep}w{w}s{s}{'p' if patched else ''}", process.pid)
-            progress(f"  efficiency {rep + 1}: {_describe(cell, ' ' + other_label() if patched else '')}")
+            cell = cells[(w, s)]
+            _run_cell(server, root, cell, f"r{rep}w{w}s{s}", process.pid)
+            progress(f"  efficiency {rep + 1}: {_describe(cell, '')}")
     finally:
         stop_process(process)
 
@@ -334,23 +319,20 @@ def _rq_run(
 
 def run(
     server: Server, workers: Sequence[int], semaphores: Sequence[int], repetitions: int, window_s: float,
-    min_docs: int, max_docs: int, patched_workers: Sequence[int] = (), rq_workers: Sequence[int] = (),
-    progress: Callable[[str], object] = print,
+    min_docs: int, max_docs: int, rq_workers: Sequence[int] = (), progress: Callable[[str], object] = print,
 ) -> EfficiencyResult:  # fmt: skip
-    """The grid workers x semaphores with levers as it is, ``patched_workers`` x semaphores patched,
-    and ``rq_workers`` x semaphores with plain RQ SimpleWorkers running the same workload."""
-    runs = [(w, False) for w in workers] + [(w, True) for w in patched_workers]
+    """The grid workers x semaphores under `levers up`, and ``rq_workers`` x semaphores with plain RQ
+    SimpleWorkers running the same workload."""
 
-    def cell(w: int, s: int, patched: bool = False) -> Cell:
-        return Cell(w, s, docs_for(w, s, window_s, min_docs, max_docs), patched=patched)
+    def cell(w: int, s: int) -> Cell:
+        return Cell(w, s, docs_for(w, s, window_s, min_docs, max_docs))
 
-    cells = {(w, s, p): cell(w, s, p) for w, p in runs for s in semaphores}
+    cells = {(w, s): cell(w, s) for w in workers for s in semaphores}
     rq_cells = {(w, s): cell(w, s) for w in rq_workers for s in semaphores}
     with tempfile.TemporaryDirectory(prefix="levers-bench-efficiency-") as tmp:
         for rep in range(repetitions):
-            for w, patched in runs:
-                root = Path(tmp) / f"rep{rep}-w{w}{'-patched' if patched else ''}"
-                _levers_run(server, root, cells, w, patched, semaphores, rep, progress)
+            for w in workers:
+                _levers_run(server, Path(tmp) / f"rep{rep}-w{w}", cells, w, semaphores, rep, progress)
             for w in rq_workers:
                 _rq_run(server, Path(tmp) / f"rep{rep}-rq{w}", rq_cells, w, semaphores, rep, progress)
     return EfficiencyResult(

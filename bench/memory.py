@@ -16,7 +16,7 @@ Setups (``phases.graph_store`` imports graphiti; ``kg_ingest`` imports it only w
 adapted to what src/ supports (``preload:`` in pipeline.yaml, ``gc.freeze()`` in preload_handlers):
 - levers, graph_store lazy: handlers preloaded, graph_store imported in each worker on first use
 - levers, graph_store preloaded: ``preload: [phases.graph_store]`` when the pipeline model has it,
-  else a handler module in the project that imports it (what the proposed patch does)
+  else a handler module in the project that imports it
 - the same with ``gc.freeze()`` turned off (bench.supervise) when src freezes, or added (by that
   handler module, as the last import of the preload) when it does not
 - three plain ``rq worker -w <SimpleWorker subclass>`` processes (one per phase's queue) whose
@@ -209,12 +209,12 @@ def _plain_project(root: Path, setup: Setup) -> str:
 def _start(server: Server, root: Path, setup: Setup) -> tuple[list[subprocess.Popen[bytes]], list[Queue]]:
     """Start the setup's processes and wait until one idle worker listens on each phase's queue."""
     unfrozen = setup.kind == "levers" and not setup.freeze and src_freezes()
-    env = bench_env(REDIS_URL=server.url, BENCH_NO_FREEZE="1" if unfrozen else "0")
+    env = bench_env(REDIS_URL=server.url)
     log = (root / "process.log").open("ab")
     if setup.kind == "levers":
         pipeline = _levers_project(root, setup)
         names = [keys.queue_name(PIPELINE, p) for p in PHASES]
-        # the real `levers up`; bench.supervise (its steps, gc.freeze off) only to undo src's freeze
+        # the real `levers up`; through bench.supervise (gc.freeze off) only to undo src's freeze
         up = (
             ["-m", "bench.supervise", str(pipeline)]
             if unfrozen

@@ -23,7 +23,6 @@ from rq import Queue
 from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from bench import patched
 from bench.common import PYTHON, ROOT, Server, bench_env, median
 from bench.projects import noop_project
 from levers import keys
@@ -41,14 +40,7 @@ LABELS = {
     "simple": "rq.SimpleWorker",
     "levers-bare": "LeversWorker, plain no-op jobs",
     "levers": "levers job path (run_phase)",
-    "levers-patched": "levers job path, proposed patches",
-    "levers-before": "levers job path, before the patches",
 }
-
-
-def other_variant() -> str:
-    """The other side of the per-job patches from src's: "levers-before" or "levers-patched"."""
-    return "levers-before" if patched.mode() == "revert" else "levers-patched"
 
 
 SERVER_BOOKKEEPING = frozenset({"config|resetstat", "info"})
@@ -127,7 +119,7 @@ class RunResult:
 
 def run_one(
     server: Server, variant: str, jobs: int, workdir: Path, tag: str, profile: Path | None = None,
-    count: bool = False, patches: Sequence[str] | None = None,
+    count: bool = False,
 ) -> RunResult:  # fmt: skip
     """Prepare ``jobs`` jobs for ``variant`` and drain them with one worker in burst mode."""
     server.connection.flushdb()
@@ -147,7 +139,7 @@ def run_one(
         args += ["--profile", str(profile)]
     if count:
         args.append("--count-round-trips")
-    env = bench_env() if patches is None else bench_env(BENCH_PATCHES=",".join(patches))
+    env = bench_env()
     server_cpu = _cpu_s(server.pid)
     with (workdir / f"{tag}.log").open("wb") as log:
         done = subprocess.run(
@@ -178,7 +170,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def _is_levers_path(variant: str) -> bool:
-    return variant in ("levers", "levers-patched", "levers-before")
+    return variant == "levers"
 
 
 def run(
@@ -210,37 +202,24 @@ def run(
 # --- round trips and commands per job, deterministic ----------------------------------------------
 
 
-def trip_rows() -> list[tuple[str, str, tuple[str, ...] | None]]:
-    """(label, variant, patches) of the round-trip table; patches that src lacks are added one by one."""
-    rows: list[tuple[str, str, tuple[str, ...] | None]] = [
-        ("rq.SimpleWorker", "simple", None),
-        ("LeversWorker, plain no-op jobs", "levers-bare", None),
-        ("levers job path (run_phase)", "levers", None),
-    ]
-    if patched.mode() == "revert":
-        return [*rows, (LABELS["levers-before"], "levers-before", None)]
-    missing = tuple(n for n, present in patched.in_src().items() if not present)
-    for i in range(len(missing)):
-        rows.append((f"levers job path + {' + '.join(missing[: i + 1])}", "levers-patched", missing[: i + 1]))
-    return rows
+# The variants of the round-trip table.
+TRIP_VARIANTS = ("simple", "levers-bare", "levers")
 
 
 def round_trips(server: Server, workdir: Path, small: int = 20, large: int = 120) -> list[dict[str, Any]]:
     """Round trips and commands per job: the difference between a small and a large run, so the
     worker's start and end do not count. Exact, whatever the machine's noise."""
     rows = []
-    for label, variant, patches in trip_rows():
+    for variant in TRIP_VARIANTS:
         runs = [
-            run_one(server, variant, n, workdir, f"trips-{variant}-{len(patches or ())}-{n}", count=True,
-                    patches=patches)
-            for n in (small, large)
-        ]  # fmt: skip
+            run_one(server, variant, n, workdir, f"trips-{variant}-{n}", count=True) for n in (small, large)
+        ]
         trips = [r.round_trips or 0 for r in runs]
         commands = [sum(r.commands.values()) for r in runs]
         mix = runs[1].commands - runs[0].commands
         rows.append(
             {
-                "label": label,
+                "label": LABELS[variant],
                 "round_trips": (trips[1] - trips[0]) / (large - small),
                 "commands": (commands[1] - commands[0]) / (large - small),
                 "mix": {c: n / (large - small) for c, n in mix.most_common()},

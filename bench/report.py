@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.common import ROOT, md_table, median, spread
-from bench.efficiency import CALL_S, CALLS, Cell, EfficiencyResult, other_label
+from bench.efficiency import CALL_S, CALLS, Cell, EfficiencyResult
 from bench.memory import SetupResult, src_freezes, src_preload
 from bench.overhead import LABELS, OverheadResult
 
@@ -63,10 +63,9 @@ def _met(ok: bool) -> str:
 def overhead_ratios(result: OverheadResult) -> dict[str, float]:
     v = result.variants
     out = {}
-    for name in ("levers", "levers-patched", "levers-before"):
-        if name in v and "fork" in v:
-            out[f"{name}/fork"] = _ratio(v[name].rates, v["fork"].rates)
-    for name in ("levers", "levers-bare", "levers-patched", "levers-before"):
+    if "levers" in v and "fork" in v:
+        out["levers/fork"] = _ratio(v["levers"].rates, v["fork"].rates)
+    for name in ("levers", "levers-bare"):
         if name in v and "simple" in v:
             out[f"{name}/simple"] = _ratio(v[name].rates, v["simple"].rates)
     return out
@@ -81,8 +80,6 @@ def _overhead_targets(result: OverheadResult) -> list[list[str]]:
     checks = [
         ("levers/simple", "levers job path within 10 % of rq.SimpleWorker"),
         ("levers-bare/simple", "bare LeversWorker (plain jobs) within 10 % of rq.SimpleWorker"),
-        ("levers-patched/simple", "levers job path *with the proposed patches* within 10 % of SimpleWorker"),
-        ("levers-before/simple", "(reference) levers job path *before the patches* vs SimpleWorker"),
     ]
     for key, label in checks:
         if key in r:
@@ -91,35 +88,26 @@ def _overhead_targets(result: OverheadResult) -> list[list[str]]:
 
 
 def _efficiency_targets(result: EfficiencyResult) -> list[list[str]]:
-    rows = []
-    for patched in (False, True):
-        cells = [c for c in result.cells if c.patched is patched]
-        if not cells:
-            continue
-        meeting = sum(c.efficiency >= TARGET_EFFICIENCY for c in cells)
-        worst = min(cells, key=lambda c: c.efficiency)
-        best = max(cells, key=lambda c: c.efficiency)
-        label = "lever efficiency ≥ 95 % of ideal" + (f" (*{other_label()}*)" if patched else "")
-        low = f"{worst.efficiency:.1%} (w={worst.workers}, s={worst.semaphore})"
-        high = f"{best.efficiency:.1%} (w={best.workers}, s={best.semaphore})"
-        measured = f"{meeting} of {len(cells)} cells; {low} to {high}"
-        rows.append([label, measured, _met(meeting == len(cells))])
-        if not patched:
-            batch = sum(c.batch_efficiency >= TARGET_EFFICIENCY for c in cells)
-            lowest = min(c.batch_efficiency for c in cells)
-            rows.append(
-                [
-                    "(reference) … the same over the whole batch",
-                    f"{batch} of {len(cells)} cells; lowest {lowest:.1%}",
-                    _met(batch == len(cells)),
-                ]
-            )
-        peer = next((c for c in cells if c.workers == 3 and c.semaphore == 10), None)
-        if peer is not None:
-            ok = peer.efficiency >= TARGET_EFFICIENCY
-            rows.append(
-                ["… 3 workers × semaphore 10 (Celery, Dramatiq: 94-95 %)", f"{peer.efficiency:.1%}", _met(ok)]
-            )
+    cells = result.cells
+    if not cells:
+        return []
+    meeting = sum(c.efficiency >= TARGET_EFFICIENCY for c in cells)
+    worst = min(cells, key=lambda c: c.efficiency)
+    best = max(cells, key=lambda c: c.efficiency)
+    low = f"{worst.efficiency:.1%} (w={worst.workers}, s={worst.semaphore})"
+    high = f"{best.efficiency:.1%} (w={best.workers}, s={best.semaphore})"
+    measured = f"{meeting} of {len(cells)} cells; {low} to {high}"
+    rows = [["lever efficiency ≥ 95 % of ideal", measured, _met(meeting == len(cells))]]
+    batch = sum(c.batch_efficiency >= TARGET_EFFICIENCY for c in cells)
+    lowest = min(c.batch_efficiency for c in cells)
+    rows.append(
+        ["(reference) … the same over the whole batch", f"{batch} of {len(cells)} cells; lowest {lowest:.1%}",
+         _met(batch == len(cells))]
+    )  # fmt: skip
+    peer = next((c for c in cells if c.workers == 3 and c.semaphore == 10), None)
+    if peer is not None:
+        label = "… 3 workers × semaphore 10 (Celery, Dramatiq: 94-95 %)"
+        rows.append([label, f"{peer.efficiency:.1%}", _met(peer.efficiency >= TARGET_EFFICIENCY)])
     return rows
 
 
@@ -161,10 +149,7 @@ The levers job path is a one-phase pipeline's `levers.worker.jobs.run_phase` job
 `LeversWorker.work`
 wrapped (burst mode, no scheduler, timed). LeversWorker runs such a job in its own steps (claim,
 handler, completion: levers/worker/rq_worker.py), completing each job and claiming the next on a helper
-thread while the following handler runs. The last row is the other side of the per-job patches
-(bench/patched.py, switched in the worker process only): *proposed patches* when src lacks them,
-*before the patches* (RQ's own heartbeats and state writes, a ledger read and a separate start
-record, every step of every job one after another on one thread) when src has them. See Findings.
+thread while the following handler runs.
 
 ### Round trips and commands per job (exact, not timed)
 
@@ -221,16 +206,9 @@ server, the submitter, other people's jobs). The handler-alone time is a median 
 small negative *handler slower* is within its noise.
 
 {table}
-{patched}
+{rq_cells}
 Peers on a similar workload (from the issue, for context): Celery and Dramatiq 94-95 %, RQ
 SimpleWorker 87 %, RQ forking Worker 69 % (3 workers, semaphore 10).
-"""
-
-PATCHED_CELLS_TEXT = """
-The same cells *{label}*: bench/supervise.py (levers.cli.app.up step by step) switches the per-job
-patches (bench/patched.py) in the supervisor before it forks, so every worker runs that way.
-
-{table}
 """
 
 RQ_CELLS_TEXT = """
@@ -258,8 +236,8 @@ kg_ingest's first real job does, since it imports graph_store lazily.
 Every setup imports phases.extraction, phases.chunking and phases.kg_ingest (levers through
 preload_handlers, plain RQ in the module of its `-w` worker class); *graph_store preloaded* adds
 phases.graph_store. This src {preload}; its preload_handlers {freeze}. The setups follow:
-`levers up` itself, except the one that turns gc.freeze() off, run by bench/supervise.py (the
-same steps, with `gc.freeze` a no-op).
+`levers up` itself, except the one that turns gc.freeze() off, run by bench/supervise.py (`levers
+up` in a process where `gc.freeze` is a no-op).
 
 {table}
 
@@ -377,23 +355,18 @@ CELL_HEADER = [
 
 
 def _efficiency_section(result: EfficiencyResult) -> str:
-    plain = [c for c in result.cells if not c.patched]
-    patched = [c for c in result.cells if c.patched]
-    patched_text = ""
-    if patched:
-        table = md_table(CELL_HEADER, [_cell_row(c, result.handler_s) for c in patched])
-        patched_text = PATCHED_CELLS_TEXT.format(table=table, label=other_label())
+    rq_text = ""
     if result.rq_cells:
         table = md_table(CELL_HEADER, [_cell_row(c, result.handler_s) for c in result.rq_cells])
-        patched_text += RQ_CELLS_TEXT.format(table=table)
+        rq_text = RQ_CELLS_TEXT.format(table=table)
     return EFFICIENCY_TEXT.format(
         calls=CALLS,
         call_ms=CALL_S * 1000,
         reps=result.repetitions,
         window=result.window_s,
         min_docs=min(c.docs for c in result.cells),
-        table=md_table(CELL_HEADER, [_cell_row(c, result.handler_s) for c in plain]),
-        patched=patched_text,
+        table=md_table(CELL_HEADER, [_cell_row(c, result.handler_s) for c in result.cells]),
+        rq_cells=rq_text,
     )
 
 
@@ -451,7 +424,6 @@ def render(
     overhead: OverheadResult | None,
     efficiency: EfficiencyResult | None,
     memory: list[SetupResult] | None,
-    findings: str = "",
 ) -> str:
     machine_rows = [[k, v] for k, v in info.machine.items()]
     source = git_state()
@@ -481,6 +453,4 @@ def render(
         sections.append(_efficiency_section(efficiency))
     if memory is not None:
         sections.append(_memory_section(memory))
-    if findings:
-        sections.append(findings.strip() + "\n")
     return "\n".join(sections)

@@ -4,9 +4,8 @@
 [--count-round-trips]`` (RQ logs to stdout, so the figures go to ``--out``.)
 
 Variants: ``fork`` (rq.Worker), ``simple`` (rq.SimpleWorker), ``levers-bare`` (LeversWorker on plain
-RQ jobs), ``levers`` (levers' own run_worker on a pipeline's queue, running levers.worker.jobs.run_phase)
-``levers-patched`` (the same with bench/patched.py's patches applied, when src lacks them) and
-``levers-before`` (the same with the patches src has reverted).
+RQ jobs) and ``levers`` (levers' own run_worker on a pipeline's queue, running
+levers.worker.jobs.run_phase).
 All use RQ's JSON serializer, INFO logging (RQ's default and levers') and no scheduler.
 """
 
@@ -131,7 +130,7 @@ def run_levers(url: str, pipeline: Path, phase: str, profile: Path | None) -> Ti
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.worker_child")
-    parser.add_argument("variant", choices=[*WORKER_CLASSES, "levers", "levers-patched", "levers-before"])
+    parser.add_argument("variant", choices=[*WORKER_CLASSES, "levers"])
     parser.add_argument("url")
     parser.add_argument("queue", help="the queue (plain variants) or the phase (levers variants)")
     parser.add_argument("pipeline", nargs="?", type=Path)
@@ -143,13 +142,7 @@ def main(argv: list[str]) -> None:
     if args.profile is not None:
         # cProfile sees only the thread it runs on: a LeversWorker does each job's steps there
         levers_worker.LeversWorker.overlap = False
-    if args.variant.startswith("levers") and args.variant != "levers-bare":
-        from bench import patched
-
-        if args.variant == "levers-patched":
-            patched.apply()
-        elif args.variant == "levers-before":
-            patched.revert()
+    if args.variant == "levers":
         timing = run_levers(args.url, args.pipeline, args.queue, args.profile)
     else:
         timing = run_plain(args.variant, args.url, args.queue, args.profile)

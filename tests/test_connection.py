@@ -10,8 +10,7 @@ import pytest
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline, parse_pipeline
 from levers.server.connection import Target, configured_url, connect, expand_env, masked, resolve
-from tests.conftest import levers
-from tests.test_e2e import make_project
+from tests.conftest import levers, make_project
 
 PASSWORD = "s3cr3t-pw"
 

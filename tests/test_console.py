@@ -9,8 +9,7 @@ import redis
 
 from levers.cli.console import _describe, document_timeline
 from levers.documents.ledger import DocStatus, DocumentRecord
-from tests.conftest import levers
-from tests.test_e2e import make_project
+from tests.conftest import levers, make_project
 
 
 def test_outputs_are_described_by_size_and_figures() -> None:
@@ -46,6 +45,7 @@ def test_show_writes_a_name_as_written_with_its_control_characters_escaped(
     assert "\x1b" not in shown.stdout + shown.stderr and "\u202e" not in shown.stdout
 
 
+@pytest.mark.e2e
 def test_run_shows_names_and_errors_safely_in_its_table_and_error_lines(
     tmp_path: Path, redis_url: str
 ) -> None:

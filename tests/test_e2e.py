@@ -13,68 +13,10 @@ import pytest
 import redis
 from rq import Queue, Worker
 
-from tests.conftest import levers, start_levers, wait_until
-
-TOY_PHASES = """
-import os
-import time
-
-def first(doc, ctx):
-    started = time.time()
-    data = doc.read_bytes()
-    if b"FAIL" in data:
-        raise ValueError("document says FAIL")
-    time.sleep(float(ctx.options.get("seconds", 0)))
-    return {"text": data.decode(errors="replace"), "semaphore": ctx.levers.semaphore, "pid": os.getpid(),
-            "started": started, "ended": time.time()}
-
-async def second(doc, ctx):
-    return {"words": len(doc.input["text"].split())}
-"""
-
-TOY_PIPELINE = """
-name: toy
-phases:
-  first:
-    handler: toyphases:first
-    accepts: [.txt]
-    next: second
-    retries: 1
-    retry_delay: 0
-    levers: {{workers: {workers}}}
-    options: {{seconds: {seconds}}}
-  second:
-    handler: toyphases:second
-    levers: {{workers: 1}}
-"""
+from tests.conftest import StartLevers, doc_field, levers, make_project, stop, submit, wait_until
 
 
-def make_project(root: Path, workers: int = 2, seconds: float = 0, docs: int = 3) -> Path:
-    (root / "toyphases.py").write_text(TOY_PHASES)
-    (root / "pipeline.yaml").write_text(TOY_PIPELINE.format(workers=workers, seconds=seconds))
-    (root / "docs").mkdir()
-    for i in range(docs):
-        (root / "docs" / f"doc{i}.txt").write_text(f"document number {i} has six words")
-    return root
-
-
-def doc_field(connection: redis.Redis, doc_id: str, field: str) -> str | None:
-    value = connection.hget(f"levers:toy:doc:{doc_id}", field)
-    return value.decode() if value else None
-
-
-def submit(root: Path, *paths: str) -> list[str]:
-    result = levers("submit", *paths, cwd=root)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.split()
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    return output
-
-
+@pytest.mark.e2e
 def test_run_processes_every_document_and_reports_the_failed_one(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path)
     (root / "docs" / "bad.txt").write_text("FAIL on purpose")
@@ -89,6 +31,7 @@ def test_run_processes_every_document_and_reports_the_failed_one(tmp_path: Path,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_run_exits_zero_when_all_documents_finish(tmp_path: Path, connection: redis.Redis) -> None:
     root = make_project(tmp_path)
 
@@ -117,7 +60,9 @@ def test_submit_deduplicates_and_reports_bad_paths_per_file(tmp_path: Path, conn
     assert forced.returncode == 0
 
 
-def test_killed_worker_job_runs_again_and_completes(tmp_path: Path, connection: redis.Redis) -> None:
+def test_killed_worker_job_runs_again_and_completes(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, seconds=2, docs=1)
     supervisor = start_levers("up", cwd=root)
     try:
@@ -134,7 +79,9 @@ def test_killed_worker_job_runs_again_and_completes(tmp_path: Path, connection: 
     assert "requeued 1 job(s)" in output
 
 
-def test_sigterm_lets_the_running_job_finish(tmp_path: Path, connection: redis.Redis) -> None:
+def test_sigterm_lets_the_running_job_finish(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, seconds=2, docs=1)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     [doc_id] = submit(root, "docs/doc0.txt")
@@ -148,7 +95,9 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path, connection: redis.R
     assert Worker.all(connection=connection) == []
 
 
-def test_second_signal_stops_at_once_and_requeues(tmp_path: Path, connection: redis.Redis) -> None:
+def test_second_signal_stops_at_once_and_requeues(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, seconds=30, docs=1)
     supervisor = start_levers("up", cwd=root)
     [doc_id] = submit(root, "docs/doc0.txt")
@@ -169,6 +118,7 @@ def test_second_signal_stops_at_once_and_requeues(tmp_path: Path, connection: re
     assert doc_field(connection, doc_id, "first:attempts") == "0"
 
 
+@pytest.mark.e2e
 def test_failed_document_is_retried_then_visible_in_status_and_show(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
@@ -187,6 +137,7 @@ def test_failed_document_is_retried_then_visible_in_status_and_show(
     assert doc_field(connection, doc_id, "first:attempts") == "2"
 
 
+@pytest.mark.e2e
 def test_embedded_server_restart_loses_no_queued_document(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,7 +187,9 @@ def test_validate_reports_located_errors_and_exit_codes(tmp_path: Path) -> None:
     assert as_json["valid"] is False and as_json["problems"][0]["line"] == line
 
 
-def test_rq_info_sees_levers_queues_and_workers(tmp_path: Path, redis_url: str) -> None:
+def test_rq_info_sees_levers_queues_and_workers(
+    tmp_path: Path, redis_url: str, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=2)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     try:
@@ -290,7 +243,7 @@ def test_submit_bytes_api_for_applications(tmp_path: Path, connection: redis.Red
 
 
 def test_a_document_whose_bytes_are_gone_fails_alone_with_the_reason(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     import levers as api
 
@@ -314,7 +267,9 @@ def test_a_document_whose_bytes_are_gone_fails_alone_with_the_reason(
     assert doc_field(connection, kept, "second:seconds") is not None
 
 
-def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, connection: redis.Redis) -> None:
+def test_workers_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=2, docs=0)
     supervisor = start_levers("up", cwd=root)
     wait_until(lambda: len(Worker.all(connection=connection)) == 3)

@@ -19,8 +19,7 @@ from levers.pipeline.loading import load_pipeline
 from levers.server.connection import embedded_server
 from levers.server.embedded import servers_under
 from phases.kg_ingest import embedded_server as graph_server
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import make_project, stop, submit
+from tests.conftest import StartLevers, levers, make_project, stop, submit, wait_until
 
 NOT_RUNNING = "error: the embedded server is not running (start it with `levers up` or `levers run`)"
 GRAPH_PHASE = """
@@ -75,7 +74,7 @@ def test_commands_that_only_read_never_start_a_server(project: Path) -> None:
     reads()  # ...and after `levers down`, reading does not start it again
 
 
-def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
+def test_graph_commands_never_start_the_graph_server(project: Path, start_levers: StartLevers) -> None:
     pipeline = project / "pipeline.yaml"
     pipeline.write_text(pipeline.read_text() + GRAPH_PHASE)
     state = project / ".levers"
@@ -105,7 +104,7 @@ def test_graph_commands_never_start_the_graph_server(project: Path) -> None:
         stop(supervisor)
 
 
-def test_down_and_up_keep_the_address_rq_info_uses(project: Path) -> None:
+def test_down_and_up_keep_the_address_rq_info_uses(project: Path, start_levers: StartLevers) -> None:
     supervisor = start_levers("up", "--phase", "first", cwd=project)
     try:
         wait_until(lambda: supervising(project, workers=1))

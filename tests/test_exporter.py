@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import socket
-import urllib.request
 from pathlib import Path
 
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import make_project, stop
+from tests.conftest import StartLevers, free_port, levers, make_project, scrape, stop, try_scrape, wait_until
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
-def try_scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]] | None:
-    try:
-        return scrape(port)
-    except OSError:
-        return None
-
-
-def test_metrics_endpoint_reports_phases(tmp_path: Path, connection: redis.Redis) -> None:
+def test_metrics_endpoint_reports_phases(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=2, docs=2)
     assert levers("run", "docs", cwd=root).returncode == 0
     port = free_port()

@@ -1,5 +1,5 @@
 """Hostile variants of the bundled pipeline.yaml: each is refused with FILE:LINE:COL lines (or loads,
-when the variant happens to be valid), never with a traceback, and within a time and memory budget.
+when the variant happens to be valid), never with a traceback, and within a memory budget.
 
 The variants are generated from a fixed seed, so a failure names a variant that can be replayed:
 alias bombs, absurd numbers, booleans and other types where numbers belong, tabs, NUL bytes,
@@ -14,7 +14,6 @@ import random
 import re
 import resource
 import subprocess
-import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,15 +31,15 @@ SEED = 20_251_201
 VARIANTS = 160
 SHOWN = "pipeline.yaml"
 
-# Generous on purpose: a legitimate file of the size limit loads in about a second and 30 MB on a
-# busy 2-core machine, while the alias bomb these tests guard against took minutes and gigabytes.
-# The budgets catch a blow-up, not a slow machine.
-TIME_BUDGET_S = 10.0
+# Generous on purpose: a legitimate file of the size limit loads in about 30 MB, while the alias
+# bomb these tests guard against took gigabytes (and minutes). Memory is counted exactly, so the
+# budget catches a blow-up whatever the machine's speed.
 MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
 # A `levers validate` process refusing a file needs under 150 MB of address space, most of it the
 # interpreter and levers' imports; on a busy machine, beside the others, it starts in seconds.
 PROCESS_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024
-PROCESS_TIME_BUDGET_S = 60.0
+# A deadline for a hung process, not a speed target.
+PROCESS_DEADLINE_S = 60.0
 
 LOCATED = re.compile(rf"^{re.escape(SHOWN)}:[1-9]\d*:[1-9]\d*: \S")
 # keys the model bounds: a number there can be made absurd, a boolean or the wrong type
@@ -235,7 +234,6 @@ def test_every_variant_loads_or_is_refused_with_located_lines_within_budget(
 
 def _check_in_process(variant: Variant, path: Path) -> str | None:
     tracemalloc.start()
-    started = time.monotonic()
     try:
         parse_pipeline(variant.raw, path)
         lines: list[str] = []
@@ -244,11 +242,10 @@ def _check_in_process(variant: Variant, path: Path) -> str | None:
     except Exception as exc:  # the one thing this test is for: anything else is a finding
         return f"raised {type(exc).__name__}: {exc}"
     finally:
-        elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    if elapsed > TIME_BUDGET_S or peak > MEMORY_BUDGET_BYTES:
-        return f"took {elapsed:.1f} s and {peak / 1e6:.0f} MB"
+    if peak > MEMORY_BUDGET_BYTES:
+        return f"took {peak / 1e6:.0f} MB"
     if variant.must_fail and not lines:
         return "loaded, but must be refused"
     unlocated = [line for line in lines if not LOCATED.match(line)]
@@ -290,11 +287,11 @@ def _memory_budget() -> None:
 def _check_run(process: subprocess.Popen[bytes], cwd: Path) -> str | None:
     """What is wrong with a `levers validate` run, or None."""
     try:
-        code = process.wait(timeout=PROCESS_TIME_BUDGET_S)
+        code = process.wait(timeout=PROCESS_DEADLINE_S)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        return f"still running after {PROCESS_TIME_BUDGET_S:.0f} s"
+        return f"still running after {PROCESS_DEADLINE_S:.0f} s"
     stderr = (cwd / "stderr").read_text()
     lines = stderr.splitlines()
     if code != 2 or "Traceback" in stderr or not lines:

@@ -21,8 +21,7 @@ from rq.webhook import Webhook
 from levers.pipeline.loading import load_pipeline
 from levers.worker.guard import GuardedJob, refusal
 from levers.worker.rq_worker import LeversWorker
-from tests.conftest import start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, stop, submit
+from tests.conftest import StartLevers, doc_field, make_project, stop, submit, wait_until
 
 RUN_PHASE = "levers.worker.jobs.run_phase"
 A_DOC_ID = "0123456789abcdef0123"
@@ -104,7 +103,7 @@ def assert_refused(found: dict[str, str], expected: dict[str, str], log: str) ->
 
 
 def test_levers_up_refuses_foreign_jobs_and_keeps_running_documents(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, docs=2)
     supervisor = start_levers("up", cwd=root)

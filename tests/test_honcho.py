@@ -12,14 +12,15 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 from rq import Queue
 
 from levers.observing.reports import supervisor_leases
-from tests.conftest import levers, wait_until
-from tests.test_e2e import doc_field, make_project, submit
+from tests.conftest import doc_field, levers, make_project, submit, wait_until
 
 
+@pytest.mark.e2e
 def test_ctrl_c_under_honcho_lets_the_running_job_finish_once(
     tmp_path: Path, redis_url: str, connection: redis.Redis
 ) -> None:

@@ -14,7 +14,7 @@ from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
 from levers.pipeline.watching import PipelineWatcher
 from levers.worker.jobs import WorkerRuntime, claim_phase, complete_phase, perform_phase, record_failure
-from tests.test_e2e import doc_field, make_project
+from tests.conftest import doc_field, make_project
 
 
 def submitted(root: Path, connection: redis.Redis) -> tuple[WorkerRuntime, str]:

@@ -26,8 +26,7 @@ from levers import keys
 from levers.observing.reports import LeaseRecord, supervisor_leases
 from levers.supervisor.leases import SETTLE_S, LeaseKeeper
 from levers.supervisor.reconcile import SlotState
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, submit
+from tests.conftest import StartLevers, doc_field, levers, make_project, submit, wait_until
 from tests.test_supervisor import Harness, pipeline_text
 
 PIPELINE = "shared"
@@ -240,7 +239,9 @@ def ran_once(connection: redis.Redis, doc: str) -> None:
     assert FailedJobRegistry("toy.first", connection=connection).count == 0
 
 
-def test_a_dead_hosts_job_completes_once_on_the_other_host(tmp_path: Path, connection: redis.Redis) -> None:
+def test_a_dead_hosts_job_completes_once_on_the_other_host(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     a = host_project(tmp_path, "a", gate=tmp_path / "never")  # its copy of the job never ends
     b = host_project(tmp_path, "b", gate=None)
     host_a = start_levers("up", cwd=a)
@@ -270,7 +271,7 @@ def test_a_dead_hosts_job_completes_once_on_the_other_host(tmp_path: Path, conne
 
 
 def test_a_cut_off_host_that_comes_back_hands_nothing_off_twice(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     gate = tmp_path / "gate"
     a = host_project(tmp_path, "a", gate=gate)

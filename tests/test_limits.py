@@ -342,20 +342,22 @@ def test_scripts_do_not_over_admit_under_contention(redis_url: str) -> None:
 def test_a_waiter_stops_when_cancelled_even_if_the_redis_client_loses_the_cancel(redis_url: str) -> None:
     async def scenario(limit: SharedLimit) -> tuple[bool, bool]:
         await limit.call(asyncio.sleep, 0)  # the window (one call a minute) is full from here on
-        lost = asyncio.Event()
+        in_command, lost = asyncio.Event(), asyncio.Event()
         real_rate = limit._scripts.rate
 
         async def rate_losing_the_cancel(**kwargs: Any) -> Any:
             # what redis-py's asyncio client does now and then: a cancel that strikes mid-command is lost
-            try:
-                await asyncio.sleep(0.2)
-            except asyncio.CancelledError:
-                lost.set()
+            if not lost.is_set():
+                in_command.set()
+                try:
+                    await asyncio.sleep(10)  # a command that answers only after the cancel
+                except asyncio.CancelledError:
+                    lost.set()
             return await real_rate(**kwargs)
 
         limit._scripts = dataclasses.replace(limit._scripts, rate=rate_losing_the_cancel)
         waiter = asyncio.ensure_future(limit.call(asyncio.sleep, 0))
-        await asyncio.sleep(0.1)
+        await in_command.wait()
         waiter.cancel()
         await asyncio.wait([waiter], timeout=2.0)
         return lost.is_set(), waiter.cancelled()

@@ -63,6 +63,7 @@ def busiest_window(stamps: list[float], window_s: float) -> int:
     return max(sum(1 for t in stamps[i:] if t - start < window_s) for i, start in enumerate(stamps))
 
 
+@pytest.mark.e2e
 def test_three_workers_never_exceed_the_shared_rate_limit(
     tmp_path: Path, connection: redis.Redis, fake: FakeAnthropic
 ) -> None:
@@ -104,6 +105,7 @@ async def ask(doc, ctx):
 """
 
 
+@pytest.mark.e2e
 def test_semaphore_lever_bounds_calls_in_flight_exactly(
     tmp_path: Path, redis_url: str, fake: FakeAnthropic
 ) -> None:

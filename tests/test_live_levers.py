@@ -9,15 +9,16 @@ from pathlib import Path
 import redis
 from rq import Queue, Worker
 
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, stop, submit
+from tests.conftest import StartLevers, doc_field, levers, make_project, stop, submit, wait_until
 
 
 def first_workers(connection: redis.Redis) -> list[Worker]:
     return Worker.all(queue=Queue("toy.first", connection=connection))
 
 
-def test_set_workers_rescales_a_running_supervisor(tmp_path: Path, connection: redis.Redis) -> None:
+def test_set_workers_rescales_a_running_supervisor(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1)
     supervisor = start_levers("up", cwd=root)
     try:
@@ -37,7 +38,9 @@ def test_set_workers_rescales_a_running_supervisor(tmp_path: Path, connection: r
     assert supervisor.returncode == 0
 
 
-def test_scaling_down_never_kills_a_running_job(tmp_path: Path, connection: redis.Redis) -> None:
+def test_scaling_down_never_kills_a_running_job(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=2, seconds=2, docs=2)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     try:
@@ -54,7 +57,7 @@ def test_scaling_down_never_kills_a_running_job(tmp_path: Path, connection: redi
 
 
 def test_semaphore_change_reaches_the_next_job_without_a_restart(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, docs=2)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
@@ -73,7 +76,9 @@ def test_semaphore_change_reaches_the_next_job_without_a_restart(
     assert outputs[0]["pid"] == outputs[1]["pid"]  # the same worker process served both
 
 
-def test_an_invalid_edit_never_reaches_a_job(tmp_path: Path, connection: redis.Redis) -> None:
+def test_an_invalid_edit_never_reaches_a_job(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, docs=1)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     try:

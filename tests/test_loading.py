@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -108,27 +109,139 @@ def test_accepts_is_normalised_to_lowercase_dotted_extensions(write: Write) -> N
     assert load_pipeline(path).spec.phases["a"].accepts == [".pdf", ".docx", ".md", "*"]
 
 
-# --- problems from the model -------------------------------------------------------------------
+# --- one problem, located ---------------------------------------------------------------------
 
 
-def test_an_unknown_key_is_located_at_the_key_with_a_did_you_mean(write: Write) -> None:
-    path = write(
+@dataclass(frozen=True)
+class OneProblem:
+    """A pipeline.yaml with one problem: where it is reported and what it says."""
+
+    yaml: str
+    line: str | None  # the one line holding the problem (None: the file's start, 1:1) ...
+    target: str | None  # ... and the text on it the column points at (None: the whole line)
+    message: str
+    prefix: bool = False  # the message starts with ``message`` (pydantic's own wording follows)
+
+
+def one(yaml: str, line: str | None, target: str | None, message: str, prefix: bool = False) -> OneProblem:
+    return OneProblem(textwrap.dedent(yaml), line, target, message, prefix)
+
+
+A_PHASE = "phases:\n  a:\n    handler: m:f\n    accepts: [pdf]\n"
+
+ONE_PROBLEM = {
+    "unknown key, did you mean": one(
+        A_PHASE + "    levers:\n      semaphor: 3\n", "semaphor: 3", "semaphor",
+        "unknown key 'phases.a.levers.semaphor'; did you mean 'semaphore'?",
+    ),
+    "negative workers, at the value": one(
+        A_PHASE + "    levers:\n      workers: -1\n", "workers: -1", "-1",
+        "phases.a.levers.workers: Input should be greater than or equal to 0",
+    ),
+    "semaphore of zero, at the value": one(
+        A_PHASE + "    levers:\n      semaphore: 0\n", "semaphore: 0", "0",
+        "phases.a.levers.semaphore: Input should be greater than or equal to 1",
+    ),
+    "missing handler, at its phase": one(
+        "phases:\n  extract:\n    accepts: [pdf]\n", "extract:", "extract",
+        "phases.extract.handler is required",
+    ),
+    **{
+        f"handler {handler!r} not module:function": one(
+            A_PHASE.replace("m:f", f"'{handler}'"), "handler:", f"'{handler}'",
+            "phases.a.handler: String should match pattern", prefix=True,
+        )
+        for handler in ("not a handler", "module.only", ":function", "mod:1st")
+    },
+    "phase name off the pattern": one(
+        A_PHASE.replace("  a:", "  Bad-Name:"), "Bad-Name:", "Bad-Name",
+        "phases.Bad-Name: String should match pattern '^[a-z][a-z0-9_]*$'", prefix=True,
+    ),
+    "key left empty": one(
+        A_PHASE.replace("    accepts:", "    levers:\n    accepts:"), "levers:", "levers",
+        "phases.a.levers: Input should be a valid dictionary", prefix=True,
+    ),
+    "next naming no phase, did you mean": one(
+        """\
+        phases:
+          extract:
+            handler: m:f
+            accepts: [pdf]
+            next: chunkng
+          chunking:
+            handler: m:g
+        """,
+        "next: chunkng", "next", "next names no phase: 'chunkng'; did you mean 'chunking'?",
+    ),
+    "cycle, once, at the next that closes it": one(
+        "phases:\n  a:\n    handler: m:f\n    next: b\n  b:\n    handler: m:g\n    next: a\n",
+        "next: b", "next", "phases form a cycle: a -> b -> a",
+    ),
+    "phase feeding itself": one(
+        A_PHASE + "    next: a\n", "next: a", "next", "phases form a cycle: a -> a",
+    ),
+    # every phase being some phase's next forces a loop, so the loop is what gets reported
+    "no entry phase": one(
         """\
         phases:
           a:
             handler: m:f
             accepts: [pdf]
-            levers:
-              semaphor: 3
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(
-            at(path, "semaphor: 3", "semaphor"),
-            "unknown key 'phases.a.levers.semaphor'; did you mean 'semaphore'?",
+            next: b
+          b:
+            handler: m:g
+            next: c
+          c:
+            handler: m:h
+            next: b
+        """,
+        "next: c", "next", "phases form a cycle: b -> c -> b",
+    ),
+    "entry phase without accepts, at the phase": one(
+        "phases:\n  extract:\n    handler: m:f\n    next: chunk\n  chunk:\n    handler: m:g\n",
+        "extract:", "extract", "entry phase 'extract' accepts no file types; add accepts: ['.pdf', ...]",
+    ),
+    "accepts on a phase that is not an entry": one(
+        A_PHASE.replace("  a:", "  extract:") + "    next: chunk\n  chunk:\n    handler: m:g\n"
+        "    accepts: [txt]\n",
+        "accepts: [txt]", "accepts", "'chunk' is not an entry phase, so accepts has no effect",
+    ),
+    "YAML syntax error": one(
+        A_PHASE.replace("m:f", "m:f: oops"), "m:f: oops", ": oops",
+        "YAML syntax: mapping values are not allowed here",
+    ),
+    "duplicate key, at the duplicate": one(
+        A_PHASE.replace("    accepts:", "    handler: m:g\n    accepts:"), "handler: m:g", "handler",
+        'YAML syntax: found duplicate key "handler"', prefix=True,
+    ),
+    **{
+        f"empty file {text!r}": one(text, None, None, "the file is empty; a pipeline needs at least phases:")
+        for text in ("", "\n", "# only a comment\n")
+    },
+    **{
+        f"top level {text!r} not a mapping": one(
+            text, None, None, "the top level must be a mapping with phases:"
         )
-    ]
+        for text in ("- extraction\n- chunking\n", "just a string\n")
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ONE_PROBLEM.values(), ids=ONE_PROBLEM.keys())
+def test_a_problem_is_reported_alone_at_its_place(write: Write, case: OneProblem) -> None:
+    path = write(case.yaml)
+
+    [found] = problems_of(path)
+
+    position = (1, 1) if case.line is None else at(path, case.line, case.target)
+    assert (found.file, found.line, found.column) == (SHOWN, *position)
+    if case.prefix:
+        assert found.message.startswith(case.message), found.message
+    else:
+        assert found.message == case.message
+
+
+# --- problems from the model -------------------------------------------------------------------
 
 
 def test_an_unknown_top_level_key_suggests_phases(write: Write) -> None:
@@ -145,93 +258,6 @@ def test_an_unknown_top_level_key_suggests_phases(write: Write) -> None:
 
     assert problem(at(path, "phasse:", "phasse"), "unknown key 'phasse'; did you mean 'phases'?") in found
     assert any(p.message == "phases is required" for p in found)
-
-
-def test_a_negative_workers_value_is_located_at_the_value(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            accepts: [pdf]
-            levers:
-              workers: -1
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(
-            at(path, "workers: -1", "-1"),
-            "phases.a.levers.workers: Input should be greater than or equal to 0",
-        )
-    ]
-
-
-def test_a_semaphore_of_zero_is_rejected_at_the_value(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            accepts: [pdf]
-            levers:
-              semaphore: 0
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(
-            at(path, "semaphore: 0", "0"),
-            "phases.a.levers.semaphore: Input should be greater than or equal to 1",
-        )
-    ]
-
-
-def test_a_missing_handler_is_located_at_its_phase(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          extract:
-            accepts: [pdf]
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(at(path, "extract:", "extract"), "phases.extract.handler is required"),
-    ]
-
-
-@pytest.mark.parametrize("handler", ["not a handler", "module.only", ":function", "mod:1st"])
-def test_a_handler_not_of_the_form_module_function_is_rejected(write: Write, handler: str) -> None:
-    path = write(
-        f"""\
-        phases:
-          a:
-            handler: '{handler}'
-            accepts: [pdf]
-        """
-    )
-
-    [found] = problems_of(path)
-
-    assert (found.line, found.column) == at(path, "handler:", f"'{handler}'")
-    assert found.message.startswith("phases.a.handler: String should match pattern")
-
-
-def test_a_phase_name_must_match_the_name_pattern(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          Bad-Name:
-            handler: m:f
-            accepts: [pdf]
-        """
-    )
-
-    [found] = problems_of(path)
-
-    assert (found.line, found.column) == at(path, "Bad-Name:", "Bad-Name")
-    assert found.message.startswith("phases.Bad-Name: String should match pattern '^[a-z][a-z0-9_]*$'")
 
 
 def test_every_problem_is_reported_at_once(write: Write) -> None:
@@ -263,171 +289,6 @@ def test_every_problem_is_reported_at_once(write: Write) -> None:
             "phases.b.levers.workers: Input should be greater than or equal to 0",
         ),
     ]
-
-
-# --- problems across phases --------------------------------------------------------------------
-
-
-def test_next_naming_a_missing_phase_suggests_the_closest(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          extract:
-            handler: m:f
-            accepts: [pdf]
-            next: chunkng
-          chunking:
-            handler: m:g
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(at(path, "next: chunkng", "next"), "next names no phase: 'chunkng'; did you mean 'chunking'?")
-    ]
-
-
-def test_a_cycle_is_reported_once_at_the_next_that_closes_it(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            next: b
-          b:
-            handler: m:g
-            next: a
-        """
-    )
-
-    assert problems_of(path) == [problem(at(path, "next: b", "next"), "phases form a cycle: a -> b -> a")]
-
-
-def test_a_phase_that_feeds_itself_is_a_cycle(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            accepts: [pdf]
-            next: a
-        """
-    )
-
-    assert problems_of(path) == [problem(at(path, "next: a", "next"), "phases form a cycle: a -> a")]
-
-
-def test_a_pipeline_without_an_entry_phase_is_rejected(write: Write) -> None:
-    # Every phase being some phase's next forces a loop, so the loop is what gets reported.
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            accepts: [pdf]
-            next: b
-          b:
-            handler: m:g
-            next: c
-          c:
-            handler: m:h
-            next: b
-        """
-    )
-
-    assert problems_of(path) == [problem(at(path, "next: c", "next"), "phases form a cycle: b -> c -> b")]
-
-
-def test_an_entry_phase_without_accepts_is_located_at_the_phase(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          extract:
-            handler: m:f
-            next: chunk
-          chunk:
-            handler: m:g
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(
-            at(path, "extract:", "extract"),
-            "entry phase 'extract' accepts no file types; add accepts: ['.pdf', ...]",
-        )
-    ]
-
-
-def test_accepts_on_a_phase_that_is_not_an_entry_is_rejected(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          extract:
-            handler: m:f
-            accepts: [pdf]
-            next: chunk
-          chunk:
-            handler: m:g
-            accepts: [txt]
-        """
-    )
-
-    assert problems_of(path) == [
-        problem(
-            at(path, "accepts: [txt]", "accepts"),
-            "'chunk' is not an entry phase, so accepts has no effect",
-        )
-    ]
-
-
-# --- problems in the YAML itself ---------------------------------------------------------------
-
-
-def test_a_yaml_syntax_error_reports_its_line(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f: oops
-            accepts: [pdf]
-        """
-    )
-
-    line, _ = at(path, "m:f: oops")
-    [found] = problems_of(path)
-
-    assert (found.file, found.line) == (SHOWN, line)
-    assert found.message == "YAML syntax: mapping values are not allowed here"
-
-
-def test_a_duplicate_key_is_a_yaml_error_at_the_duplicate(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            handler: m:g
-            accepts: [pdf]
-        """
-    )
-
-    [found] = problems_of(path)
-
-    assert (found.line, found.column) == at(path, "handler: m:g", "handler")
-    assert found.message.startswith('YAML syntax: found duplicate key "handler"')
-
-
-@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
-def test_an_empty_file_is_one_problem_at_its_start(write: Write, text: str) -> None:
-    path = write(text)
-
-    assert problems_of(path) == [problem((1, 1), "the file is empty; a pipeline needs at least phases:")]
-
-
-@pytest.mark.parametrize("text", ["- extraction\n- chunking\n", "just a string\n"])
-def test_a_top_level_that_is_not_a_mapping_is_rejected(write: Write, text: str) -> None:
-    path = write(text)
-
-    assert problems_of(path) == [problem((1, 1), "the top level must be a mapping with phases:")]
 
 
 def test_a_file_outside_the_working_directory_is_named_by_its_path(tmp_path: Path) -> None:
@@ -530,23 +391,6 @@ def test_a_handler_naming_a_missing_function_is_a_problem(
     assert found.message.startswith(
         "handler 'levers_test_user_phases:extrakt' cannot be imported: AttributeError:"
     )
-
-
-def test_a_key_left_empty_is_located_at_that_key(write: Write) -> None:
-    path = write(
-        """\
-        phases:
-          a:
-            handler: m:f
-            levers:
-            accepts: [pdf]
-        """
-    )
-
-    [found] = problems_of(path)
-
-    assert found.message.startswith("phases.a.levers: Input should be a valid dictionary")
-    assert (found.line, found.column) == at(path, "levers:", "levers")
 
 
 def test_a_preloaded_module_that_does_not_import_is_located(write: Write) -> None:

@@ -15,8 +15,7 @@ from levers.observing.reports import live_reports
 from levers.pipeline.loading import load_pipeline
 from levers.server.connection import embedded_server
 from levers.server.project import read_last_good, save_last_good
-from tests.conftest import LEVERS, levers, start_levers, wait_until
-from tests.test_e2e import TOY_PHASES, stop
+from tests.conftest import LEVERS, TOY_PHASES, StartLevers, levers, stop, wait_until
 
 PHASES = ("a", "b", "c", "d")
 PIPELINE = """\
@@ -42,7 +41,9 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 # thirty commands starting at once on a small machine take a while; each waits for the supervisors
 @pytest.mark.timeout(600)
-def test_four_supervisors_survive_thirty_concurrent_sets_and_apply_the_last(project: Path) -> None:
+def test_four_supervisors_survive_thirty_concurrent_sets_and_apply_the_last(
+    project: Path, start_levers: StartLevers
+) -> None:
     supervisors = [start_levers("up", "--phase", phase, cwd=project) for phase in PHASES]
     try:
         server = embedded_server(load_pipeline(project / "pipeline.yaml"))

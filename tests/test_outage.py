@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -20,8 +19,7 @@ import redis
 from rq import Worker
 
 from levers.server.embedded import EmbeddedServer, valkey_binary
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import doc_field, stop, submit
+from tests.conftest import StartLevers, doc_field, free_port, levers, stop, submit, wait_until
 
 # How long the server stays down: the fault's length, not a wait for something to happen.
 OUTAGE_S = 5.0
@@ -59,7 +57,7 @@ class OwnServer:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -103,12 +101,6 @@ def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnS
         yield server
     finally:
         server.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_project(root: Path, long_s: float) -> Path:
@@ -164,7 +156,7 @@ def outage_lines(output: str) -> dict[str, tuple[int, int]]:
 
 
 def test_a_server_killed_mid_run_comes_back_and_every_document_is_done_once(
-    tmp_path: Path, own_server: OwnServer
+    tmp_path: Path, own_server: OwnServer, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, long_s=4)
     connection = redis.Redis.from_url(own_server.url)
@@ -200,7 +192,7 @@ def test_a_server_killed_mid_run_comes_back_and_every_document_is_done_once(
 
 
 def test_the_embedded_server_killed_comes_back_by_itself_and_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_levers: StartLevers
 ) -> None:
     """Nobody restarts it here: `levers up` starts its embedded server again, on the same port."""
     monkeypatch.delenv("REDIS_URL", raising=False)
@@ -234,7 +226,7 @@ def test_the_embedded_server_killed_comes_back_by_itself_and_loses_nothing(
 
 
 def test_a_supervisor_that_cannot_go_on_exits_non_zero_and_stops_its_workers(
-    tmp_path: Path, own_server: OwnServer
+    tmp_path: Path, own_server: OwnServer, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, long_s=0)
     connection = redis.Redis.from_url(own_server.url)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from levers.server.embedded import EmbeddedServer, valkey_binary
-from tests.conftest import levers
-from tests.test_e2e import make_project
+from tests.conftest import levers, make_project
 
 PASSWORD = "s3cret-Pa55"
 
@@ -21,6 +20,7 @@ def protected_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     server.stop()
 
 
+@pytest.mark.e2e
 def test_run_with_a_password_never_prints_it(tmp_path: Path, protected_port: int) -> None:
     root = make_project(tmp_path, docs=2)
     url = f"redis://:{PASSWORD}@127.0.0.1:{protected_port}/0"

@@ -10,8 +10,7 @@ import pytest
 import redis
 
 from levers.safe import OneLineFormatter, escape_logs, shown
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, stop
+from tests.conftest import StartLevers, doc_field, levers, make_project, stop, wait_until
 
 FORGED = "2026-01-01 00:00:00,000 ERROR [supervisor pid=1] FORGED"
 HOSTILE_NAME = f"x\n{FORGED}\x1b]0;pwned\x07\x1b[31mred\u202egnp.txt"
@@ -81,7 +80,9 @@ def test_escape_logs_keeps_the_handlers_format() -> None:
     assert handler.formatter.format(record("a\nb")) == "ERROR job id: a\\nb"
 
 
-def test_a_document_name_forges_no_log_line(tmp_path: Path, connection: redis.Redis) -> None:
+def test_a_document_name_forges_no_log_line(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, docs=0)
     supervisor = start_levers("up", cwd=root)
     try:

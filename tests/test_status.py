@@ -5,34 +5,38 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import redis
 from rq import Queue, Worker
 
-from tests.conftest import levers, start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, submit
+from tests.conftest import StartLevers, doc_field, levers, make_project, submit, wait_until
 
 
 def phase(status: dict[str, object], name: str) -> dict[str, object]:
     return next(p for p in status["phases"] if p["phase"] == name)  # type: ignore[attr-defined]
 
 
+@pytest.mark.e2e
 def test_status_after_a_run_and_with_a_backlog(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.05, docs=3)
     assert levers("run", "docs", cwd=root).returncode == 0
     (root / "docs" / "late.txt").write_text("submitted while no worker runs")
+    submitted = time.time()
     assert levers("submit", "docs/late.txt", cwd=root).returncode == 0
 
     status = json.loads(levers("status", "--json", cwd=root).stdout)
+    since_submitted = time.time() - submitted
     table = levers("status", cwd=root)
 
     first = phase(status, "first")
     assert (first["done"], first["queued"], first["workers_alive"]) == (3, 1, 0)
     assert first["throughput"] > 0
-    assert 0.025 < first["p50_s"] <= 0.1  # the handler sleeps 0.05 s
-    assert first["oldest_wait_s"] is not None and first["oldest_wait_s"] >= 0
+    assert first["p50_s"] > 0.05  # the handler sleeps 0.05 s
+    # the late document's age: waiting since its submission, and `levers status` started after it
+    assert 0 < first["oldest_wait_s"] <= since_submitted
     assert "no worker alive" in first["alerts"]
     assert status["supervisors"] == []  # `levers run` gave its lease up when it stopped
     assert table.returncode == 0
@@ -51,6 +55,7 @@ def test_status_answers_with_a_deep_queue_without_scanning(tmp_path: Path, conne
     assert "queue over 1000: add workers now" in first["alerts"]
 
 
+@pytest.mark.e2e
 def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.05, docs=2)
     assert levers("run", "docs", cwd=root).returncode == 0
@@ -65,7 +70,9 @@ def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: 
     assert {p["source"] for p in declared["plan"]["phases"]} == {"unknown"}
 
 
-def test_a_dead_workers_job_is_stranded_not_running(tmp_path: Path, connection: redis.Redis) -> None:
+def test_a_dead_workers_job_is_stranded_not_running(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
     root = make_project(tmp_path, workers=1, seconds=60, docs=1)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
     try:

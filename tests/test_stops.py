@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -23,53 +22,25 @@ from levers.documents.ledger import Ledger
 from levers.observing.reports import live_reports
 from levers.worker.process import recover_jobs
 from levers.worker.rq_worker import LeversWorker
-from tests.conftest import LEVERS, levers, start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, stop, submit
-from tests.test_exporter import free_port, try_scrape
+from tests.conftest import (
+    LEVERS,
+    StartLevers,
+    doc_field,
+    free_port,
+    kill,
+    levers,
+    make_project,
+    stop,
+    submit,
+    try_scrape,
+    wait_until,
+)
 
 # RQ ignores a second stop signal this soon after the first (a duplicate, to RQ)
 RQ_DUPLICATE_SIGNAL_S = 1.0
-
-
-class Supervisors:
-    """`levers up` processes a test starts and kills as a platform would; on close, what they left
-    running (orphaned workers, by design) is killed too, with the process groups workers lead."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[str]] = []
-        self.left: list[psutil.Process] = []
-
-    def start(self, *args: str, cwd: Path) -> subprocess.Popen[str]:
-        process = start_levers("up", *args, cwd=cwd)
-        self.started.append(process)
-        return process
-
-    def kill(self, process: subprocess.Popen[str]) -> None:
-        """SIGKILL, as a platform does at the end of its grace; its workers live on, orphaned."""
-        with contextlib.suppress(psutil.Error):
-            self.left += psutil.Process(process.pid).children()
-        process.kill()
-        process.wait(timeout=10)
-
-    def close(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                self.kill(process)
-        for left in self.left:
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getpgid(left.pid) == left.pid:
-                    os.killpg(left.pid, signal.SIGKILL)
-                else:
-                    left.kill()
-        for process in self.started:
-            process.communicate(timeout=30)  # its output pipe closes once nothing holds it
-
-
-@pytest.fixture
-def supervisors() -> Iterator[Supervisors]:
-    started = Supervisors()
-    yield started
-    started.close()
+# A platform's grace between its SIGTERM and its SIGKILL (honcho's is 5 s): the fault's timing,
+# not a wait for something to happen
+PLATFORM_GRACE_S = 2.0
 
 
 def first_queue(connection: redis.Redis) -> Queue:
@@ -95,10 +66,10 @@ def warm_stopping(connection: redis.Redis, worker: Worker, for_s: float = 0.0) -
 
 
 def test_sigterm_then_sigkill_of_the_supervisor_lets_the_running_job_finish(
-    tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=10, docs=1)
-    supervisor = supervisors.start("--phase", "first", cwd=root)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
     [doc_id] = submit(root, "docs/doc0.txt")
     wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
     worker = only_worker(connection)
@@ -106,8 +77,8 @@ def test_sigterm_then_sigkill_of_the_supervisor_lets_the_running_job_finish(
     # what honcho does on Ctrl-C: SIGTERM, then SIGKILL a fixed time later (honcho's is 5 s)
     supervisor.send_signal(signal.SIGTERM)
     wait_until(lambda: warm_stopping(connection, worker))
-    time.sleep(2)
-    supervisors.kill(supervisor)
+    time.sleep(PLATFORM_GRACE_S)
+    kill(supervisor)
 
     # the orphaned worker finishes the job and hands it off, far sooner than RQ's 10-minute pass
     wait_until(lambda: doc_field(connection, doc_id, "first:seconds") is not None, timeout_s=30)
@@ -118,14 +89,14 @@ def test_sigterm_then_sigkill_of_the_supervisor_lets_the_running_job_finish(
 
 
 def test_a_cold_stop_of_an_orphaned_worker_puts_its_job_back_itself(
-    tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=30, docs=1)
-    supervisor = supervisors.start("--phase", "first", cwd=root)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
     [doc_id] = submit(root, "docs/doc0.txt")
     wait_until(lambda: doc_field(connection, doc_id, "status") == "running")
     worker = only_worker(connection)
-    supervisors.kill(supervisor)  # no supervisor is left to requeue anything
+    kill(supervisor)  # no supervisor is left to requeue anything
     wait_until(lambda: warm_stopping(connection, worker, RQ_DUPLICATE_SIGNAL_S))
 
     os.kill(worker.pid, signal.SIGTERM)  # an operator's second signal: a cold stop
@@ -140,10 +111,10 @@ def test_a_cold_stop_of_an_orphaned_worker_puts_its_job_back_itself(
 
 
 def test_a_job_still_running_when_the_grace_ends_goes_back_to_the_head_of_its_queue(
-    tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=30, docs=2)
-    supervisor = supervisors.start("--phase", "first", "--grace", "1", cwd=root)
+    supervisor = start_levers("up", "--phase", "first", "--grace", "1", cwd=root)
     running, waiting = submit(root, "docs/doc0.txt", "docs/doc1.txt")
     wait_until(lambda: doc_field(connection, running, "status") == "running")
 
@@ -160,10 +131,10 @@ def test_a_job_still_running_when_the_grace_ends_goes_back_to_the_head_of_its_qu
 
 
 def test_workers_killed_after_doing_jobs_are_replaced_at_once_and_the_phase_never_backs_off(
-    tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.2, docs=80)
-    supervisor = supervisors.start("--phase", "first", cwd=root)
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
     kills = 6  # one more than the quick crashes that make a phase failing
     try:
         submit(root, "docs")
@@ -237,18 +208,18 @@ def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, conn
 
 
 def test_the_metrics_exporter_dies_with_a_killed_supervisor(
-    tmp_path: Path, connection: redis.Redis, supervisors: Supervisors
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, docs=0)
     port = free_port()
-    supervisor = supervisors.start("--metrics-port", str(port), cwd=root)
+    supervisor = start_levers("up", "--metrics-port", str(port), cwd=root)
     wait_until(lambda: try_scrape(port) is not None)
     wait_until(lambda: len(Worker.all(connection=connection)) == 2)
     # the exporter shares the supervisor's process group; workers (registered: started) lead their own
     group = os.getpgid(supervisor.pid)
     [exporter] = [p for p in psutil.Process(supervisor.pid).children() if os.getpgid(p.pid) == group]
 
-    supervisors.kill(supervisor)
+    kill(supervisor)
 
     wait_until(lambda: _gone(exporter.pid))
     assert try_scrape(port) is None  # nothing serves stale figures there, or holds the port
@@ -270,6 +241,7 @@ def test_grace_must_be_a_number_of_seconds(tmp_path: Path, redis_url: str) -> No
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_stop_signal_to_the_process_group_while_workers_start_stops_them_all(
     tmp_path: Path, redis_url: str
 ) -> None:

@@ -14,7 +14,7 @@ from rq import Queue
 import levers
 from levers.errors import DocumentError
 from tests.conftest import levers as run_levers
-from tests.test_e2e import make_project
+from tests.conftest import make_project
 
 SECRET = b"root:$6$hash-of-a-password:19000:0:99999:7:::\n"
 

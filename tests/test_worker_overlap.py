@@ -22,8 +22,7 @@ from rq.timeouts import JobTimeoutException
 from levers.documents.store import ArtifactStore
 from levers.worker.process import CLAIM_GRACE_S, StrandedJobs
 from levers.worker.rq_worker import COURIER_NICENESS, Courier, JobTimeout
-from tests.conftest import start_levers, wait_until
-from tests.test_e2e import doc_field, make_project, stop, submit
+from tests.conftest import StartLevers, doc_field, make_project, stop, submit, wait_until
 
 
 def held(connection: redis.Redis) -> int:
@@ -35,7 +34,9 @@ def first_done(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
     return [d for d in doc_ids if doc_field(connection, d, "first:seconds") is not None]
 
 
-def run_first_phase(root: Path, connection: redis.Redis, seconds: float, docs: int) -> list[str]:
+def run_first_phase(
+    start_levers: StartLevers, root: Path, connection: redis.Redis, seconds: float, docs: int
+) -> list[str]:
     """One worker of phase ``first`` takes ``docs`` documents of ``seconds`` each; their ids."""
     make_project(root, workers=1, seconds=seconds, docs=docs)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
@@ -47,8 +48,10 @@ def run_first_phase(root: Path, connection: redis.Redis, seconds: float, docs: i
     return doc_ids
 
 
-def test_short_jobs_are_claimed_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
-    doc_ids = run_first_phase(tmp_path, connection, seconds=0.3, docs=5)
+def test_short_jobs_are_claimed_ahead_and_each_runs_once(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    doc_ids = run_first_phase(start_levers, tmp_path, connection, seconds=0.3, docs=5)
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 5
     assert Queue("toy.second", connection=connection).count == 5
     # after the first job, each next one was claimed while the one before it ran
@@ -67,16 +70,16 @@ def claimed_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_id
 
 
 def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
-    doc_ids = run_first_phase(tmp_path, connection, seconds=1.2, docs=3)
+    doc_ids = run_first_phase(start_levers, tmp_path, connection, seconds=1.2, docs=3)
     # each was claimed only after the one before had run its 1.2 s: meanwhile another worker
     # could have taken it
     assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
 
 
 def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.5, docs=6)
     supervisor = start_levers("up", "--phase", "first", cwd=root)
@@ -103,31 +106,72 @@ def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 6
 
 
-def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
-    tmp_path: Path, connection: redis.Redis
-) -> None:
-    root = make_project(tmp_path, workers=1, seconds=0.5, docs=5)
-    supervisor = start_levers("up", "--phase", "first", cwd=root)
-    try:
-        doc_ids = submit(root, "docs")
-        wait_until(lambda: held(connection) == 2, poll_s=0.01)
-        # mid-job (0.2 of 0.5 s): one job running, the next claimed, the helper thread idle
-        time.sleep(0.2)
-        [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
-        jobs = StartedJobRegistry("toy.first", connection=connection).get_job_ids()
-        os.kill(worker.pid, signal.SIGKILL)
+GATED_PHASES = """
+import time
+from pathlib import Path
 
-        wait_until(lambda: len(first_done(connection, doc_ids)) == 5)
-        assert {doc_field(connection, d, "status") for d in doc_ids} == {"queued"}  # waiting for second
-    finally:
-        output = stop(supervisor)
+def first(doc, ctx):
+    # a document saying "wait N" holds its worker until the test opens the gate; the others return
+    words = doc.read_bytes().split()
+    if words[0] == b"wait":
+        gate = Path(ctx.options["gate"])
+        (gate.parent / f"running-{words[1].decode()}").touch()
+        while not gate.exists():
+            time.sleep(0.01)
+    return {}
+
+def second(doc, ctx):
+    return {}
+"""
+
+GATED_PIPELINE = """
+name: toy
+phases:
+  first:
+    handler: gatedphases:first
+    accepts: [.txt]
+    next: second
+    levers: {{workers: 1}}
+    options: {{gate: {gate}}}
+  second:
+    handler: gatedphases:second
+"""
+
+
+def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    gate = tmp_path / "gate"
+    (tmp_path / "gatedphases.py").write_text(GATED_PHASES)
+    (tmp_path / "pipeline.yaml").write_text(GATED_PIPELINE.format(gate=gate))
+    (tmp_path / "docs").mkdir()
+    texts = ["quick", *(f"wait {i}" for i in range(1, 5))]
+    for i, text in enumerate(texts):
+        (tmp_path / "docs" / f"doc{i}.txt").write_text(text)
+    supervisor = start_levers("up", "--phase", "first", cwd=tmp_path)
+    doc_ids = submit(tmp_path, *(f"docs/doc{i}.txt" for i in range(len(texts))))
+    running, claimed = doc_ids[1:3]
+
+    def running_one_and_holding_the_next() -> bool:
+        # doc0 (short) is done; doc1's handler waits at the gate; doc2 is claimed, its start recorded
+        started = {d for d in doc_ids if doc_field(connection, d, "status") == "running"}
+        return (tmp_path / "running-1").exists() and held(connection) == 2 and started == {running, claimed}
+
+    wait_until(running_one_and_holding_the_next, poll_s=0.01)
+    [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
+    jobs = StartedJobRegistry("toy.first", connection=connection).get_job_ids()
+    os.kill(worker.pid, signal.SIGKILL)
+    gate.touch()
+
+    wait_until(lambda: len(first_done(connection, doc_ids)) == len(texts))
+    assert {doc_field(connection, d, "status") for d in doc_ids} == {"queued"}  # waiting for second
+    output = stop(supervisor)
     assert "requeued 2 job(s)" in output
     # only the job whose handler ran carries the death and an extra attempt; the claimed one neither
-    held_jobs = Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer)
-    assert sorted(job.meta.get("worker_deaths", 0) for job in held_jobs if job is not None) == [0, 1]
-    held_docs = [job.args[1] for job in held_jobs if job is not None]
-    assert sorted(doc_field(connection, d, "first:attempts") or "" for d in held_docs) == ["1", "2"]
-    assert sum(int(doc_field(connection, d, "first:attempts") or 0) for d in doc_ids) == 6
+    held_jobs = [j for j in Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer) if j]
+    assert {job.args[1]: job.meta.get("worker_deaths", 0) for job in held_jobs} == {running: 1, claimed: 0}
+    attempts = [doc_field(connection, d, "first:attempts") for d in doc_ids]
+    assert attempts == ["1", "2", "1", "1", "1"]
 
 
 ASYNC_PHASES = """
@@ -150,7 +194,7 @@ phases:
 
 
 def test_an_async_job_that_times_out_fails_alone_and_the_worker_goes_on(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     (tmp_path / "waitphase.py").write_text(textwrap.dedent(ASYNC_PHASES))
     (tmp_path / "pipeline.yaml").write_text(ASYNC_PIPELINE)
@@ -178,7 +222,7 @@ def test_an_async_job_that_times_out_fails_alone_and_the_worker_goes_on(
 
 
 def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     handler = "def sets(doc, ctx):\n    return {'words': set(doc.read_bytes().split())}\n"
     (tmp_path / "setphase.py").write_text(handler)
@@ -199,7 +243,9 @@ def test_an_output_json_cannot_hold_fails_the_document_when_the_job_completes(
     assert not (tmp_path / ".levers" / "artifacts" / doc_id / "sets.json").exists()
 
 
-def test_rq_get_current_job_works_inside_sync_and_async_handlers(tmp_path: Path, redis_url: str) -> None:
+def test_rq_get_current_job_works_inside_sync_and_async_handlers(
+    tmp_path: Path, redis_url: str, start_levers: StartLevers
+) -> None:
     handlers = textwrap.dedent(
         """
         import rq
@@ -234,8 +280,8 @@ def test_the_job_timeout_strikes_inside_its_job_only() -> None:
         time.sleep(5)
     with JobTimeout(5, JobTimeoutException):
         pass
-    os.kill(os.getpid(), signal.SIGALRM)  # an alarm that outlives its job is ignored, not fatal
-    time.sleep(0.05)
+    # an alarm that outlives its job is ignored, not fatal (its handler runs before raise_signal returns)
+    signal.raise_signal(signal.SIGALRM)
 
 
 def test_the_courier_runs_steps_in_order_past_their_failures(caplog: pytest.LogCaptureFixture) -> None:
@@ -273,7 +319,7 @@ def test_the_courier_yields_the_cpu_to_handlers() -> None:
 
 
 def test_a_job_a_dying_worker_took_but_never_registered_runs_again(
-    tmp_path: Path, connection: redis.Redis
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.2, docs=2)
     stranded_doc, other_doc = submit(root, "docs")
@@ -322,10 +368,16 @@ def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> N
     queue = Queue("stranded.last", connection=connection, serializer=JSONSerializer)
     job = queue.enqueue("levers.worker.jobs.run_phase", "p", "a")
     connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
-    jobs = StrandedJobs(connection)
-    jobs.note(queue.name)
+    now, slept = [100.0], []
 
-    started = time.monotonic()
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    jobs = StrandedJobs(connection, clock=lambda: now[0], sleep=sleep)
+    jobs.note(queue.name)
+    now[0] += CLAIM_GRACE_S / 4
+
     assert jobs.requeue_due(wait=True) == [job.id]  # the supervisor's last tick: nothing comes after
-    assert time.monotonic() - started >= CLAIM_GRACE_S * 0.9
+    assert slept == [pytest.approx(CLAIM_GRACE_S * 3 / 4)]
     assert queue.get_job_ids() == [job.id]
