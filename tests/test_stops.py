@@ -216,7 +216,7 @@ def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, conn
         jobs[job.args[1]] = job
     with connection.pipeline() as pipe:  # one job's hand-off went through before the death
         pipe.multi()
-        ledger.finished(handed_on, "first", 0.1, "second", pipe)
+        ledger.finished(handed_on, "first", 0.1, 0, "second", pipe)
         pipe.execute()
 
     was_running = jobs[running].id

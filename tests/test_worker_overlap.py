@@ -20,8 +20,9 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from levers.documents.store import ArtifactStore
-from levers.worker.process import CLAIM_GRACE_S, StrandedJobs
-from levers.worker.rq_worker import COURIER_NICENESS, Courier, JobTimeout
+from levers.worker.courier import COURIER_NICENESS, Courier
+from levers.worker.process import REGISTER_GRACE_S, StrandedJobs
+from levers.worker.rq_timeout import JobTimeout
 from tests.conftest import start_levers, wait_until
 from tests.test_e2e import doc_field, make_project, stop, submit
 
@@ -306,11 +307,11 @@ def test_stranded_jobs_go_back_after_the_grace_period_only_if_still_unregistered
     jobs = StrandedJobs(connection, clock=lambda: now[0])
 
     jobs.note(queue.name)
-    now[0] += CLAIM_GRACE_S / 2
+    now[0] += REGISTER_GRACE_S / 2
     assert jobs.requeue_due() == []  # too soon: a live worker may be about to register them
     registry = queue.started_job_registry  # a live worker registers its job (job id:execution id)
     connection.zadd(registry.key, {f"{registered.id}:execution": time.time() + 60})
-    now[0] += CLAIM_GRACE_S / 2
+    now[0] += REGISTER_GRACE_S / 2
 
     assert jobs.requeue_due() == [stranded.id]
     assert queue.get_job_ids() == [stranded.id]
@@ -327,5 +328,5 @@ def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> N
 
     started = time.monotonic()
     assert jobs.requeue_due(wait=True) == [job.id]  # the supervisor's last tick: nothing comes after
-    assert time.monotonic() - started >= CLAIM_GRACE_S * 0.9
+    assert time.monotonic() - started >= REGISTER_GRACE_S * 0.9
     assert queue.get_job_ids() == [job.id]

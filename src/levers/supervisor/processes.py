@@ -38,6 +38,7 @@ from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason
 from levers.server.project import Project, save_last_good
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
+from levers.worker import rq_contract
 from levers.worker.process import StrandedJobs, recover_jobs, run_worker, worker_name
 from levers.worker.progress import WorkerProgress
 from levers.worker.rq_worker import LeversWorker
@@ -266,8 +267,10 @@ def run(
     dead worker's jobs are recovered once it answers. ``revive`` is called meanwhile: it starts the
     embedded server again if its process is gone. What the supervisor cannot get past (Redis
     refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
-    so that the process exits non-zero and its platform starts it again.
+    so that the process exits non-zero and its platform starts it again. An RQ release without
+    what levers' workers rely on raises UnsupportedRQ before any worker starts.
     """
+    rq_contract.check()
     no_resend(connection)
     reporter = Reporter(connection, supervisor)
     lease = LeaseKeeper(connection, supervisor)
