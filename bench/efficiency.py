@@ -400,9 +400,10 @@ def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, floa
 
     from levers.documents.ledger import DocStatus, DocumentRecord
     from levers.pipeline.watching import PipelineWatcher
-    from levers.worker.jobs import StartedPhase, WorkerRuntime, perform_phase
+    from levers.worker.jobs import StartedPhase, perform_phase
     from levers.worker.phase_context import Document
     from levers.worker.rq_timeout import JobTimeout
+    from levers.worker.runtime import WorkerRuntime
 
     with tempfile.TemporaryDirectory(prefix="levers-bench-steps-") as tmp:
         pipeline = calls_project(Path(tmp), 1, 1, 0, CALL_S)  # no calls: the handler returns at once

@@ -39,8 +39,8 @@ import rq
 from rq import SimpleWorker
 
 from levers.documents.ledger import DocStatus, DocumentRecord, Ledger, PhaseRecord, _record
-from levers.worker.jobs import WorkerRuntime
 from levers.worker.rq_worker import LeversWorker
+from levers.worker.runtime import WorkerRuntime
 
 ALL = ("heartbeat-pipeline", "heartbeat-throttle", "idle-state", "ledger-merge", "overlap")
 # A default-TTL heartbeat this soon after the last one is skipped (RQ sends several per job).

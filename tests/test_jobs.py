@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 from rq import Queue
 
+from levers import metrics
 from levers.documents.ledger import Ledger, Superseded
 from levers.documents.store import ArtifactStore
 from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
 from levers.pipeline.watching import PipelineWatcher
-from levers.worker.jobs import WorkerRuntime, complete_phase, perform_phase, record_failure, start_phase
+from levers.worker.jobs import complete_phase, perform_phase, record_failure, start_phase
+from levers.worker.runtime import WorkerRuntime
 from tests.test_e2e import doc_field, make_project
 
 
@@ -98,3 +103,27 @@ def test_a_failed_documents_job_requeued_by_hand_runs_again(tmp_path: Path, conn
 
     assert doc_field(connection, doc, "first:attempts") == "2"
     assert doc_field(connection, doc, "phase") == "second"
+
+
+def test_rq_worker_runs_levers_jobs_through_run_phase(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=2)
+    (root / "docs" / "bad.txt").write_text("FAIL on purpose")
+    doc_ids = Submitter(load_pipeline(root / "pipeline.yaml"), connection).submit_paths([str(root / "docs")])
+    good = [o.doc_id for o in doc_ids if not o.source.endswith("bad.txt")]
+    [bad] = [o.doc_id for o in doc_ids if o.source.endswith("bad.txt")]
+
+    # RQ's own worker class: it calls levers.worker.jobs.run_phase, as it would any job function
+    worker = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"], "--burst",
+         "-w", "rq.SimpleWorker", "--serializer", "rq.serializers.JSONSerializer", "toy.first"],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+    assert worker.returncode == 0, worker.stderr
+    assert [doc_field(connection, d, "phase") for d in good] == ["second", "second"]
+    assert Queue("toy.second", connection=connection).count == 2
+    # the bad one failed, was retried once (retries: 1), then failed for good
+    assert doc_field(connection, bad, "status") == "failed"
+    assert doc_field(connection, bad, "first:attempts") == "2"
+    figures = metrics.read(connection, "toy", "first")
+    assert (figures.done, figures.retried, figures.failed) == (2, 1, 1)

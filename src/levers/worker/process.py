@@ -32,10 +32,10 @@ from levers.documents.routing import JOB_FUNCTION
 from levers.pipeline.watching import PipelineWatcher
 from levers.server.connection import Target, client
 from levers.server.outage import no_resend
-from levers.worker.jobs import WorkerRuntime
 from levers.worker.progress import WorkerProgress
 from levers.worker.requeue import put_back, take_back
 from levers.worker.rq_worker import LeversWorker
+from levers.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("levers.worker.process")
 

@@ -22,16 +22,10 @@ from rq.utils import now
 
 from levers.server.outage import UNREACHABLE, reason
 from levers.worker.guard import refusal, refuse
-from levers.worker.jobs import (
-    SETTINGS_MAX_AGE_S,
-    StartedPhase,
-    WorkerRuntime,
-    runtime_from_environment,
-    start_phase,
-    take_back_start,
-)
+from levers.worker.jobs import SETTINGS_MAX_AGE_S, StartedPhase, start_phase, take_back_start
 from levers.worker.requeue import put_back
 from levers.worker.rq_reconnect import ReconnectingWorker
+from levers.worker.runtime import WorkerRuntime, runtime_from_environment
 
 log = logging.getLogger("levers.worker.process")
 
