@@ -1,4 +1,4 @@
-"""levers' worker claims its next job while a short one runs: nothing is lost, doubled or held back."""
+"""levers' worker takes its next job while a short one runs: nothing is lost, doubled or held back."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tests.test_e2e import doc_field, make_project, stop, submit
 
 
 def held(connection: redis.Redis) -> int:
-    """Jobs of phase ``first`` that a worker holds: the one it runs and any it claimed ahead."""
+    """Jobs of phase ``first`` that a worker holds: the one it runs and any it took ahead."""
     return StartedJobRegistry("toy.first", connection=connection).count
 
 
@@ -48,16 +48,16 @@ def run_first_phase(root: Path, connection: redis.Redis, seconds: float, docs: i
     return doc_ids
 
 
-def test_short_jobs_are_claimed_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
+def test_short_jobs_are_taken_ahead_and_each_runs_once(tmp_path: Path, connection: redis.Redis) -> None:
     doc_ids = run_first_phase(tmp_path, connection, seconds=0.3, docs=5)
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 5
     assert Queue("toy.second", connection=connection).count == 5
-    # after the first job, each next one was claimed while the one before it ran
-    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, True, True, True]
+    # after the first job, each next one was taken while the one before it ran
+    assert taken_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, True, True, True]
 
 
-def claimed_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
-    """For each document of phase ``first`` after the first one run: was it claimed (the ledger's
+def taken_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
+    """For each document of phase ``first`` after the first one run: was it taken (the ledger's
     start mark) before the handler of the one before it returned (the handler's own clock)?"""
     store = ArtifactStore(root / ".levers" / "artifacts")
     runs = sorted(
@@ -71,12 +71,12 @@ def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
     doc_ids = run_first_phase(tmp_path, connection, seconds=1.2, docs=3)
-    # each was claimed only after the one before had run its 1.2 s: meanwhile another worker
+    # each was taken only after the one before had run its 1.2 s: meanwhile another worker
     # could have taken it
-    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
+    assert taken_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
 
 
-def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
+def test_sigterm_puts_the_job_taken_ahead_back_at_the_head_of_its_queue(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.5, docs=6)
@@ -91,7 +91,7 @@ def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
     waiting = [d for d in doc_ids if d not in done]
     queue = Queue("toy.first", connection=connection, serializer=JSONSerializer)
     assert held(connection) == 0
-    # the job claimed ahead was the first waiting one: back at the head, the queue keeps its order
+    # the job taken ahead was the first waiting one: back at the head, the queue keeps its order
     assert [job.args[1] for job in queue.jobs] == waiting
     assert {doc_field(connection, d, "status") for d in waiting} == {"queued"}
     assert {doc_field(connection, d, "first:attempts") or "0" for d in waiting} == {"0"}
@@ -104,7 +104,7 @@ def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 6
 
 
-def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
+def test_a_killed_worker_gives_back_its_running_job_and_the_one_taken_ahead(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.5, docs=5)
@@ -112,7 +112,7 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
     try:
         doc_ids = submit(root, "docs")
         wait_until(lambda: held(connection) == 2, poll_s=0.01)
-        # mid-job (0.2 of 0.5 s): one job running, the next claimed, the helper thread idle
+        # mid-job (0.2 of 0.5 s): one job running, the next taken, the helper thread idle
         time.sleep(0.2)
         [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
         jobs = StartedJobRegistry("toy.first", connection=connection).get_job_ids()
@@ -123,7 +123,7 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
     finally:
         output = stop(supervisor)
     assert "requeued 2 job(s)" in output
-    # only the job whose handler ran carries the death and an extra attempt; the claimed one neither
+    # only the job whose handler ran carries the death and an extra attempt; the one taken ahead neither
     held_jobs = Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer)
     assert sorted(job.meta.get("worker_deaths", 0) for job in held_jobs if job is not None) == [0, 1]
     held_docs = [job.args[1] for job in held_jobs if job is not None]
@@ -246,18 +246,18 @@ def test_the_courier_runs_steps_in_order_past_their_failures(caplog: pytest.LogC
         raise RuntimeError("bookkeeping broke")
 
     courier = Courier()
-    courier.send(done.append, "completed 1")
+    courier.send(done.append, "settled 1")
     courier.send(fails)  # logged; the steps after it still run
-    courier.ask(lambda: done.append("claimed 2") or "claim 2")
-    assert courier.answer() == "claim 2"
+    courier.ask(lambda: done.append("took 2") or "job 2")
+    assert courier.answer() == "job 2"
     courier.ask(fails)
     with pytest.raises(RuntimeError, match="bookkeeping broke"):
         courier.answer()  # an asked step's failure reaches the asker
     courier.send(time.sleep, 0.2)
-    courier.send(done.append, "completed 2")
+    courier.send(done.append, "settled 2")
     courier.stop()  # returns once every step handed over has run
 
-    assert done == ["completed 1", "claimed 2", "completed 2"]
+    assert done == ["settled 1", "took 2", "settled 2"]
     assert "the worker's courier failed at fails" in caplog.text
 
 
