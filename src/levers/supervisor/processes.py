@@ -98,8 +98,10 @@ def build_supervisor(
     project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None,
     grace_s: float | None = None,
 ) -> Supervisor:  # fmt: skip
-    """What `levers up` and `levers run` do before the first tick: import the handlers once, keep
-    the pipeline as the last good version, route the logs, and make the supervisor."""
+    """What `levers up` and `levers run` do before the first tick: check that the installed RQ
+    has what levers' workers rely on (UnsupportedRQ), import the handlers once, keep the pipeline
+    as the last good version, route the logs, and make the supervisor."""
+    rq_contract.check()
     preload_handlers(project.loaded)
     save_last_good(project.loaded)
     register_queues(project.connection, project.loaded.spec)
@@ -267,10 +269,8 @@ def run(
     dead worker's jobs are recovered once it answers. ``revive`` is called meanwhile: it starts the
     embedded server again if its process is gone. What the supervisor cannot get past (Redis
     refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
-    so that the process exits non-zero and its platform starts it again. An RQ release without
-    what levers' workers rely on raises UnsupportedRQ before any worker starts.
+    so that the process exits non-zero and its platform starts it again.
     """
-    rq_contract.check()
     no_resend(connection)
     reporter = Reporter(connection, supervisor)
     lease = LeaseKeeper(connection, supervisor)

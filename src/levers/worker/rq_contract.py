@@ -3,9 +3,10 @@
 levers' classes override RQ's methods and use some of its private names. An RQ release that
 renamed one would not fail where it matters: an override of a method RQ no longer calls is never
 called (GuardedJob's callback guards among them), and a private name fails only on the path that
-uses it, mid-job. ``missing()`` looks each name up in the installed RQ; ``levers up`` checks it
-before it starts a worker, and tests/test_rq_contract.py checks that these lists name everything
-levers' code uses. pyproject.toml pins RQ to the releases levers is tested with.
+uses it, mid-job. ``missing()`` looks each name up in the installed RQ; ``levers up`` and
+``levers run`` check it before they start a worker, and tests/test_rq_contract.py checks that
+these lists name everything levers' code uses. pyproject.toml pins RQ to the releases levers is
+tested with.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def check() -> None:
     if gone:
         raise UnsupportedRQ(
             f"rq {version('rq')} lacks what levers' workers rely on: {', '.join(gone)}",
-            fix=f"install {TESTED_RQ} (pip install '{TESTED_RQ}'), the releases levers is tested with",
+            fix=f"pip install '{TESTED_RQ}': the releases levers is tested with",
         )
 
 
