@@ -39,8 +39,14 @@ from graphiti_core.llm_client.errors import RateLimitError
 from graphiti_core.nodes import EpisodeType
 from graphiti_core.utils.maintenance.graph_data_operations import EPISODE_WINDOW_LEN
 
-from levers.limits.retries import is_rate_limited, retry_delay
-from levers.limits.shared import DEFAULT_BACKOFF_S, DEFAULT_MAX_RATE_RETRIES, SharedLimit, UnknownLimit
+from levers.limits.shared import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_MAX_RATE_RETRIES,
+    SharedLimit,
+    UnknownLimit,
+    is_rate_limited,
+    retry_delay,
+)
 from levers.worker.phase_context import PhaseContext
 from phases import graph_store
 from phases.kg_ingest import DEFAULT_LIMIT, GraphPlan, LLMSettings, PlannedEpisode

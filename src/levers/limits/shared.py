@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from uuid import uuid4
@@ -42,7 +42,6 @@ import redis.asyncio
 
 from levers import keys
 from levers.errors import UsageError
-from levers.limits.retries import is_rate_limited, is_server_error, retry_delay, status_of
 from levers.limits.scripts import scripts_for
 from levers.pipeline.model import LimitSettings, Pipeline
 from levers.server.connection import CONNECT_TIMEOUT_S
@@ -55,6 +54,8 @@ log = logging.getLogger("levers.limits.shared")
 DEFAULT_LEASE_TTL_S = 10.0
 DEFAULT_MAX_RATE_RETRIES = 8
 DEFAULT_BACKOFF_S = 1.0
+# The longest backoff between retries when the provider gives no retry-after.
+MAX_BACKOFF_S = 60.0
 # How often a waiter for a concurrency slot looks again: releases are not announced.
 LEASE_POLL_S = 0.05
 # The longest a waiter for the rate window sleeps before looking again: calls in flight hold
@@ -62,6 +63,23 @@ LEASE_POLL_S = 0.05
 RATE_POLL_S = 0.25
 # Added at random to every wait, so that waiters woken together do not all retry together.
 POLL_JITTER_S = 0.02
+# A retry-after is honoured up to this share longer (never shorter), to spread the retries.
+RETRY_AFTER_JITTER = 0.1
+# Too many requests, and Anthropic's "overloaded".
+RATE_LIMIT_STATUSES = frozenset({429, 529})
+# The provider failed, not the request: the same request may well succeed a moment later.
+SERVER_ERROR_STATUSES = range(500, 600)
+
+
+class RateLimited(Exception):
+    """Raise from a call made through ``SharedLimit.call`` to have it retried after ``retry_after`` s.
+
+    With ``retry_after`` None, the retry waits by jittered exponential backoff.
+    """
+
+    def __init__(self, retry_after: float | None = None, message: str = "rate limited") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnknownLimit(UsageError):
@@ -164,7 +182,7 @@ class SharedLimit:
                 if not (rate_limited or is_server_error(exc)) or attempt >= self.max_rate_retries:
                     raise
                 delay = retry_delay(exc, attempt, self.backoff_s)
-                reason = "rate limited" if rate_limited else f"server error {status_of(exc)}"
+                reason = "rate limited" if rate_limited else f"server error {_status(exc)}"
             finally:
                 await self.release(lease, rate_limited=rate_limited)
             attempt += 1
@@ -296,31 +314,60 @@ class JobLimits:
             await self._client.aclose()
 
 
-def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dict[str, Any]:
-    """Limit ``name`` now: its settings, calls in flight and in the current window, and its totals.
+def is_rate_limited(exc: BaseException) -> bool:
+    """Whether ``exc`` says "too many requests": RateLimited, or a status of 429 or 529."""
+    return isinstance(exc, RateLimited) or _status(exc) in RATE_LIMIT_STATUSES
 
-    Costs one TIME and one pipelined round trip, whatever the traffic.
-    """
-    settings = limit_settings(pipeline, name)
-    seconds, micros = connection.time()
-    now_ms = seconds * 1000 + micros // 1000
-    window_start_ms = now_ms - _ms(settings.window_seconds)
-    with connection.pipeline(transaction=False) as pipe:
-        pipe.zcount(keys.limit_leases(pipeline.name, name), f"({now_ms}", "+inf")
-        pipe.zcount(keys.limit_window(pipeline.name, name), f"({window_start_ms}", "+inf")
-        pipe.hgetall(keys.limit_totals(pipeline.name, name))
-        in_flight, in_window, totals = pipe.execute()
-    # the connection may or may not decode responses
-    counters = {(k.decode() if isinstance(k, bytes) else k): v for k, v in totals.items()}
-    return {
-        "name": name,
-        "requests_per_minute": settings.requests_per_minute,
-        "concurrency": settings.concurrency,
-        "window_seconds": settings.window_seconds,
-        "in_flight": in_flight,
-        "calls_in_window": in_window,
-        **{field: int(counters.get(field, 0)) for field in ("calls", "rate_limited", "peak_in_flight")},
-    }
+
+def is_server_error(exc: BaseException) -> bool:
+    """Whether ``exc`` carries a 5xx status other than those that mean "too many requests"."""
+    status = _status(exc)
+    return status in SERVER_ERROR_STATUSES and status not in RATE_LIMIT_STATUSES
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        # httpx.HTTPStatusError and the like carry the status on their response only
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The wait ``exc`` asks for: RateLimited.retry_after, else the retry-after headers of its
+    response (Anthropic's and httpx's errors) or its own ``headers`` (Deepgram's)."""
+    if isinstance(exc, RateLimited):
+        return exc.retry_after
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        headers = getattr(exc, "headers", None)
+    if not isinstance(headers, Mapping):
+        return None
+    try:
+        return float(_header(headers, "retry-after-ms")) / 1000
+    except (TypeError, ValueError):
+        pass
+    try:
+        # seconds, as Anthropic sends it; the rare HTTP-date form falls back to backoff
+        return float(_header(headers, "retry-after"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _header(headers: Mapping[str, Any], name: str) -> Any:
+    """A header by its lower-case name, from a case-insensitive mapping or a plain dict."""
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
+    return value
+
+
+def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
+    """Seconds before retry ``attempt + 1``: the asked wait (up to 10 % more), else jittered backoff."""
+    asked = retry_after_s(exc)
+    if asked is not None and asked >= 0:
+        return asked * random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER)
+    return min(MAX_BACKOFF_S, backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 
 def _ms(seconds: float) -> int:
