@@ -382,15 +382,16 @@ def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, floa
 
     from levers.documents.ledger import DocStatus, DocumentRecord
     from levers.pipeline.watching import PipelineWatcher
-    from levers.worker.jobs import ClaimedPhase, WorkerRuntime, perform_phase
+    from levers.worker.jobs import StartedPhase, perform_phase
     from levers.worker.phase_context import Document
-    from levers.worker.rq_worker import JobTimeout
+    from levers.worker.rq_timeout import JobTimeout
+    from levers.worker.runtime import WorkerRuntime
 
     with tempfile.TemporaryDirectory(prefix="levers-bench-steps-") as tmp:
         pipeline = calls_project(Path(tmp), 1, 1, 0, CALL_S)  # no calls: the handler returns at once
         runtime = WorkerRuntime(PipelineWatcher.open(pipeline), server.connection, server.url)
         record = DocumentRecord("steps", "steps.txt", "bytes", DocStatus.RUNNING, PHASE, 0.0, None, None)
-        claimed = ClaimedPhase(PHASE, record, Document("steps", "steps.txt", b""))
+        phase_started = StartedPhase(PHASE, record, Document("steps", "steps.txt", b""))
 
         def steps_us(wait_s: float) -> float:
             times = []
@@ -399,7 +400,7 @@ def steps_around_a_handler(server: Server, runs: int = 300) -> tuple[float, floa
                     time.sleep(wait_s)
                 started = time.perf_counter()
                 with JobTimeout(60, JobTimeoutException, job_id="steps"):
-                    perform_phase(runtime, claimed)
+                    perform_phase(runtime, phase_started)
                 times.append((time.perf_counter() - started) * 1e6)
             return median(times)
 

@@ -222,7 +222,7 @@ def render(clean: RunResult, storm: RunResult, info: dict[str, str]) -> str:
         f"- **Slowdown: {slowdown:.2f}×** (target ≤ {TARGET_SLOWDOWN:g}×): "
         + ("**met**." if slowdown <= TARGET_SLOWDOWN else "**not met**."),
         f"- {kills} kills ({per_phase}); {storm.extra_attempts / max(kills, 1):.2f} extra attempts per kill "
-        "(only the job whose handler ran carries a worker-death mark and an attempt; a job claimed ahead "
+        "(only the job whose handler ran carries a worker-death mark and an attempt; a job taken ahead "
         f"goes back unmarked; {storm.handed_on} job(s) whose worker died after handing the document on were "
         "recorded as finished, not run again).",
         f"- Phase states the supervisor reported during the storm: {', '.join(sorted(storm.states))}"

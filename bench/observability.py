@@ -112,7 +112,7 @@ def _handoff_costs(connection: redis.Redis, rounds: int) -> tuple[float, float]:
         for with_metrics, sink in ((False, plain), (True, recorded)):
             started = time.perf_counter()
             with connection.pipeline() as pipe:
-                # what Ledger.finished and the phase counter queue on the hand-off transaction
+                # what Ledger.finished queues on the hand-off transaction, without then with its metrics
                 pipe.hset(f"levers:watched:doc:d{i}", mapping={"first:seconds": 0.01, "status": "queued"})
                 pipe.hdel(f"levers:watched:doc:d{i}", "first:error")
                 pipe.hincrby(keys.phase_counter("watched", "first"), "done", 1)

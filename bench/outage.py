@@ -60,7 +60,7 @@ phases:
 """
 DOCS = 80
 DONE_BEFORE_KILL = 15
-# Target from the issue: jobs running or claimed at the outage run again within 30 s of the return.
+# Target from the issue: jobs running or taken at the outage run again within 30 s of the return.
 TARGET_S = 30.0
 
 

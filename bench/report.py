@@ -147,8 +147,8 @@ The levers job path is a one-phase pipeline's `levers.worker.jobs.run_phase` job
 (`def noop(doc, ctx): return {{}}`, defaults otherwise), its documents submitted through
 `levers.documents.submission.Submitter`, run by `levers.worker.process.run_worker` itself with only
 `LeversWorker.work`
-wrapped (burst mode, no scheduler, timed). LeversWorker runs such a job in its own steps (claim,
-handler, completion: levers/worker/rq_worker.py), completing each job and claiming the next on a helper
+wrapped (burst mode, no scheduler, timed). LeversWorker runs such a job in its own steps (take,
+handler, settle: levers/worker/rq_worker.py), settling each job and taking the next on a helper
 thread while the following handler runs.
 
 ### Round trips and commands per job (exact, not timed)
@@ -190,7 +190,7 @@ over the span from its first job's start to its last job's end (RQ's job times),
 start-up is outside, and so is the few milliseconds' stagger with which the submitter's first
 documents reach the workers (they start that far apart and, each doing its share, end that far
 apart). *… over the whole batch*: documents / (last document finished − first job started), both
-from levers' ledger, stagger and the first claim and last hand-off included. Median of {reps}
+from levers' ledger, stagger and the first take and last hand-off included. Median of {reps}
 repetition(s), about {window:g} s of ideal work per cell (at least {min_docs} documents).
 
 *Handler-alone ceiling*: ideal ÷ the time of the same handler with a PhaseContext on one event

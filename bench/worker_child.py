@@ -30,23 +30,23 @@ from rq.serializers import JSONSerializer
 
 import bench.jobs  # noqa: F401  (imported before any fork: a work horse must not import or compile it)
 from levers.worker import process as levers_worker
-from levers.worker.rq_worker import Claim, LeversWorker
+from levers.worker.rq_take import Taken
+from levers.worker.rq_worker import LeversWorker
 
 
 class BareLeversWorker(LeversWorker):
     """LeversWorker's loop on the benchmark's plain RQ jobs (bench.jobs.noop). levers' workers run
-    no job but their own, so this subclass, here only, claims any job and runs it as RQ does."""
+    no job but their own, so this subclass, here only, takes any job and runs it as RQ does."""
 
     job_class = Job
 
-    def _claim(self, job: Job, queue: Queue) -> Claim:
+    def _take(self, job: Job, queue: Queue) -> Taken:
         execution = self.prepare_execution(job)
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-        return Claim(job, queue, execution, None)
+        return Taken(job, queue, execution, None)
 
-    @staticmethod
-    def _perform(claim: Claim) -> Any:
-        return claim.job.perform()
+    def _perform(self, taken: Taken) -> Any:
+        return taken.job.perform()
 
 
 WORKER_CLASSES: dict[str, type[Any]] = {

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from levers.limits.shared import JobLimits, limits_status
+from levers.limits.shared import JobLimits
+from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 from levers.worker.jobs import one_line
 from levers.worker.phase_context import Document, Levers, PhaseContext

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 from rq import Queue
 
+from levers import metrics
 from levers.documents.ledger import Ledger, Superseded
 from levers.documents.store import ArtifactStore
 from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
 from levers.pipeline.watching import PipelineWatcher
-from levers.worker.jobs import WorkerRuntime, claim_phase, complete_phase, perform_phase, record_failure
+from levers.worker.jobs import complete_phase, perform_phase, record_failure, start_phase
+from levers.worker.runtime import WorkerRuntime
 from tests.conftest import doc_field, make_project
 
 
@@ -33,10 +38,10 @@ def test_a_worker_that_completes_after_its_job_was_taken_over_hands_nothing_off(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
     runtime, doc = submitted(tmp_path, connection)
-    cut_off = perform_phase(runtime, claim_phase(runtime, "first", doc))
+    cut_off = perform_phase(runtime, start_phase(runtime, "first", doc))
     # its host was thought lost: the job went back to its queue, and another worker took it
     assert Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
-    elsewhere = claim_phase(runtime, "first", doc)
+    elsewhere = start_phase(runtime, "first", doc)
 
     with pytest.raises(Superseded):
         complete_phase(runtime, cut_off)
@@ -56,9 +61,9 @@ def test_a_worker_that_completes_after_its_job_was_taken_over_hands_nothing_off(
 
 def test_a_superseded_attempt_that_fails_records_nothing(tmp_path: Path, connection: redis.Redis) -> None:
     runtime, doc = submitted(tmp_path, connection)
-    cut_off = claim_phase(runtime, "first", doc)
+    cut_off = start_phase(runtime, "first", doc)
     Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
-    claim_phase(runtime, "first", doc)
+    start_phase(runtime, "first", doc)
 
     assert not record_failure(runtime, cut_off, ValueError("late"), final=True, seconds=1.0)
 
@@ -68,10 +73,10 @@ def test_a_superseded_attempt_that_fails_records_nothing(tmp_path: Path, connect
 
 def test_a_copy_of_a_job_that_ran_already_does_not_run(tmp_path: Path, connection: redis.Redis) -> None:
     runtime, doc = submitted(tmp_path, connection)
-    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+    complete_phase(runtime, perform_phase(runtime, start_phase(runtime, "first", doc)))
 
     with pytest.raises(Superseded):
-        claim_phase(runtime, "first", doc)
+        start_phase(runtime, "first", doc)
 
     assert doc_field(connection, doc, "first:attempts") == "1"
     assert doc_field(connection, doc, "phase") == "second"
@@ -81,7 +86,7 @@ def test_a_lost_host_leaves_a_document_it_already_handed_on_alone(
     tmp_path: Path, connection: redis.Redis
 ) -> None:
     runtime, doc = submitted(tmp_path, connection)
-    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+    complete_phase(runtime, perform_phase(runtime, start_phase(runtime, "first", doc)))
 
     assert not Ledger(connection, "toy").host_lost(doc, "first", "host h1 lost")
 
@@ -91,10 +96,34 @@ def test_a_lost_host_leaves_a_document_it_already_handed_on_alone(
 
 def test_a_failed_documents_job_requeued_by_hand_runs_again(tmp_path: Path, connection: redis.Redis) -> None:
     runtime, doc = submitted(tmp_path, connection)
-    record_failure(runtime, claim_phase(runtime, "first", doc), ValueError("flaky"), final=True, seconds=0.1)
+    record_failure(runtime, start_phase(runtime, "first", doc), ValueError("flaky"), final=True, seconds=0.1)
     assert doc_field(connection, doc, "status") == "failed"
 
-    complete_phase(runtime, perform_phase(runtime, claim_phase(runtime, "first", doc)))
+    complete_phase(runtime, perform_phase(runtime, start_phase(runtime, "first", doc)))
 
     assert doc_field(connection, doc, "first:attempts") == "2"
     assert doc_field(connection, doc, "phase") == "second"
+
+
+def test_rq_worker_runs_levers_jobs_through_run_phase(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=2)
+    (root / "docs" / "bad.txt").write_text("FAIL on purpose")
+    doc_ids = Submitter(load_pipeline(root / "pipeline.yaml"), connection).submit_paths([str(root / "docs")])
+    good = [o.doc_id for o in doc_ids if not o.source.endswith("bad.txt")]
+    [bad] = [o.doc_id for o in doc_ids if o.source.endswith("bad.txt")]
+
+    # RQ's own worker class: it calls levers.worker.jobs.run_phase, as it would any job function
+    worker = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "worker", "--url", os.environ["REDIS_URL"], "--burst",
+         "-w", "rq.SimpleWorker", "--serializer", "rq.serializers.JSONSerializer", "toy.first"],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+    assert worker.returncode == 0, worker.stderr
+    assert [doc_field(connection, d, "phase") for d in good] == ["second", "second"]
+    assert Queue("toy.second", connection=connection).count == 2
+    # the bad one failed, was retried once (retries: 1), then failed for good
+    assert doc_field(connection, bad, "status") == "failed"
+    assert doc_field(connection, bad, "first:attempts") == "2"
+    figures = metrics.read(connection, "toy", "first")
+    assert (figures.done, figures.retried, figures.failed) == (2, 1, 1)

@@ -16,7 +16,8 @@ import anthropic
 import pytest
 import redis
 
-from levers.limits.shared import JobLimits, UnknownLimit, limits_status
+from levers.limits.shared import JobLimits, UnknownLimit
+from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.graph_plan import LLMSettings

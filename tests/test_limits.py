@@ -21,7 +21,8 @@ import redis
 import redis.asyncio
 
 from levers import keys
-from levers.limits.shared import JobLimits, RateLimited, SharedLimit, UnknownLimit, limits_status
+from levers.limits.shared import JobLimits, RateLimited, SharedLimit, UnknownLimit
+from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 from tests.conftest import wait_until
 from tests.fake_anthropic import FakeAnthropic

@@ -27,7 +27,7 @@ def test_a_registered_job_goes_back_once_at_the_head(connection: redis.Redis) ->
     queue = Queue("requeue.registered", connection=connection, serializer=JSONSerializer)
     job, waiting = (queue.enqueue("levers.worker.jobs.run_phase", "p", d) for d in ("a", "b"))
     connection.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
-    with connection.pipeline() as pipe:  # registered as a worker's, as a claim does
+    with connection.pipeline() as pipe:  # registered as a worker's, as taking it does
         execution = Execution.create(job, 60, pipe, worker_name="first.host.1")
         pipe.lrem(queue.intermediate_queue_key, 1, job.id)
         pipe.execute()

@@ -171,7 +171,7 @@ def _phase_restarts(connection: redis.Redis) -> int:
 
 def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, connection: redis.Redis) -> None:
     root = make_project(tmp_path, docs=3)
-    running, claimed, handed_on = submit(root, "docs")
+    running, ahead, handed_on = submit(root, "docs")
     queue = first_queue(connection)
     worker = LeversWorker([queue], connection=connection, name="first.host.1", serializer=JSONSerializer)
     worker.register_birth()
@@ -187,20 +187,20 @@ def test_a_dead_workers_jobs_go_back_by_what_each_was_doing(tmp_path: Path, conn
         jobs[job.args[1]] = job
     with connection.pipeline() as pipe:  # one job's hand-off went through before the death
         pipe.multi()
-        ledger.finished(handed_on, "first", 0.1, "second", pipe)
+        ledger.finished(handed_on, "first", 0.1, 0, "second", pipe)
         pipe.execute()
 
     was_running = jobs[running].id
     recovered = recover_jobs(connection, "toy", worker.name, 1, struck=lambda job_id: job_id == was_running)
 
-    assert sorted(recovered) == sorted([jobs[running].id, jobs[claimed].id])
-    assert sorted(job.args[1] for job in queue.jobs) == sorted([running, claimed])
+    assert sorted(recovered) == sorted([jobs[running].id, jobs[ahead].id])
+    assert sorted(job.args[1] for job in queue.jobs) == sorted([running, ahead])
     assert queue.started_job_registry.count == 0
     # the job whose handler ran: a death mark, its attempt kept
     assert deaths(queue, running) == 1 and doc_field(connection, running, "first:attempts") == "1"
-    # the one claimed ahead: as if never taken
-    assert deaths(queue, claimed) == 0 and doc_field(connection, claimed, "first:attempts") == "0"
-    assert doc_field(connection, claimed, "status") == "queued"
+    # the one taken ahead: as if never taken
+    assert deaths(queue, ahead) == 0 and doc_field(connection, ahead, "first:attempts") == "0"
+    assert doc_field(connection, ahead, "status") == "queued"
     # the one handed on: finished, not run again
     assert jobs[handed_on].get_status(refresh=True) == JobStatus.FINISHED
     assert doc_field(connection, handed_on, "first:attempts") == "1"

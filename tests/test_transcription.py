@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from levers.documents.store import ArtifactStore
-from levers.limits.shared import JobLimits, limits_status
+from levers.limits.shared import JobLimits
+from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.audio import NotAudio

@@ -1,4 +1,4 @@
-"""levers' worker claims its next job while a short one runs: nothing is lost, doubled or held back."""
+"""levers' worker takes its next job while a short one runs: nothing is lost, doubled or held back."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from levers.documents.store import ArtifactStore
-from levers.worker.process import CLAIM_GRACE_S, StrandedJobs
-from levers.worker.rq_worker import COURIER_NICENESS, Courier, JobTimeout
+from levers.worker.courier import COURIER_NICENESS, Courier
+from levers.worker.process import REGISTER_GRACE_S, StrandedJobs
+from levers.worker.rq_timeout import JobTimeout
 from tests.conftest import StartLevers, doc_field, make_project, stop, submit, wait_until
 
 
 def held(connection: redis.Redis) -> int:
-    """Jobs of phase ``first`` that a worker holds: the one it runs and any it claimed ahead."""
+    """Jobs of phase ``first`` that a worker holds: the one it runs and any it took ahead."""
     return StartedJobRegistry("toy.first", connection=connection).count
 
 
@@ -48,18 +49,18 @@ def run_first_phase(
     return doc_ids
 
 
-def test_short_jobs_are_claimed_ahead_and_each_runs_once(
+def test_short_jobs_are_taken_ahead_and_each_runs_once(
     tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     doc_ids = run_first_phase(start_levers, tmp_path, connection, seconds=0.3, docs=5)
     assert [doc_field(connection, d, "first:attempts") for d in doc_ids] == ["1"] * 5
     assert Queue("toy.second", connection=connection).count == 5
-    # after the first job, each next one was claimed while the one before it ran
-    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, True, True, True]
+    # after the first job, each next one was taken while the one before it ran
+    assert taken_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, True, True, True]
 
 
-def claimed_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
-    """For each document of phase ``first`` after the first one run: was it claimed (the ledger's
+def taken_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
+    """For each document of phase ``first`` after the first one run: was it taken (the ledger's
     start mark) before the handler of the one before it returned (the handler's own clock)?"""
     store = ArtifactStore(root / ".levers" / "artifacts")
     runs = sorted(
@@ -73,9 +74,9 @@ def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
     tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     doc_ids = run_first_phase(start_levers, tmp_path, connection, seconds=1.2, docs=3)
-    # each was claimed only after the one before had run its 1.2 s: meanwhile another worker
+    # each was taken only after the one before had run its 1.2 s: meanwhile another worker
     # could have taken it
-    assert claimed_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
+    assert taken_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
 
 
 def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
@@ -93,7 +94,7 @@ def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
     waiting = [d for d in doc_ids if d not in done]
     queue = Queue("toy.first", connection=connection, serializer=JSONSerializer)
     assert held(connection) == 0
-    # the job claimed ahead was the first waiting one: back at the head, the queue keeps its order
+    # the job taken ahead was the first waiting one: back at the head, the queue keeps its order
     assert [job.args[1] for job in queue.jobs] == waiting
     assert {doc_field(connection, d, "status") for d in waiting} == {"queued"}
     assert {doc_field(connection, d, "first:attempts") or "0" for d in waiting} == {"0"}
@@ -291,18 +292,18 @@ def test_the_courier_runs_steps_in_order_past_their_failures(caplog: pytest.LogC
         raise RuntimeError("bookkeeping broke")
 
     courier = Courier()
-    courier.send(done.append, "completed 1")
+    courier.send(done.append, "settled 1")
     courier.send(fails)  # logged; the steps after it still run
-    courier.ask(lambda: done.append("claimed 2") or "claim 2")
-    assert courier.answer() == "claim 2"
+    courier.ask(lambda: done.append("took 2") or "job 2")
+    assert courier.answer() == "job 2"
     courier.ask(fails)
     with pytest.raises(RuntimeError, match="bookkeeping broke"):
         courier.answer()  # an asked step's failure reaches the asker
     courier.send(time.sleep, 0.2)
-    courier.send(done.append, "completed 2")
+    courier.send(done.append, "settled 2")
     courier.stop()  # returns once every step handed over has run
 
-    assert done == ["completed 1", "claimed 2", "completed 2"]
+    assert done == ["settled 1", "took 2", "settled 2"]
     assert "the worker's courier failed at fails" in caplog.text
 
 
@@ -352,11 +353,11 @@ def test_stranded_jobs_go_back_after_the_grace_period_only_if_still_unregistered
     jobs = StrandedJobs(connection, clock=lambda: now[0])
 
     jobs.note(queue.name)
-    now[0] += CLAIM_GRACE_S / 2
+    now[0] += REGISTER_GRACE_S / 2
     assert jobs.requeue_due() == []  # too soon: a live worker may be about to register them
     registry = queue.started_job_registry  # a live worker registers its job (job id:execution id)
     connection.zadd(registry.key, {f"{registered.id}:execution": time.time() + 60})
-    now[0] += CLAIM_GRACE_S / 2
+    now[0] += REGISTER_GRACE_S / 2
 
     assert jobs.requeue_due() == [stranded.id]
     assert queue.get_job_ids() == [stranded.id]
@@ -376,8 +377,8 @@ def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> N
 
     jobs = StrandedJobs(connection, clock=lambda: now[0], sleep=sleep)
     jobs.note(queue.name)
-    now[0] += CLAIM_GRACE_S / 4
+    now[0] += REGISTER_GRACE_S / 4
 
     assert jobs.requeue_due(wait=True) == [job.id]  # the supervisor's last tick: nothing comes after
-    assert slept == [pytest.approx(CLAIM_GRACE_S * 3 / 4)]
+    assert slept == [pytest.approx(REGISTER_GRACE_S * 3 / 4)]
     assert queue.get_job_ids() == [job.id]

@@ -8,17 +8,22 @@ An attempt is the document's current one while the document is at its phase, run
 attempt count it started with. Only the current attempt may record its outcome: a worker cut off
 from Redis whose job was taken over and run again elsewhere comes back to find its attempt
 superseded, and hands nothing off.
+
+The ledger records every outcome of an attempt, with its phase's totals and metrics: finished,
+failed, retried.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from levers import keys, metrics
 
@@ -35,10 +40,10 @@ redis.call('HSET', KEYS[1], 'status', ARGV[3], 'phase', ARGV[1], ARGV[1] .. ':st
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: the document's hash. ARGV: phase, the claim's time, the queued status, the claim's attempt
-# ('' if unknown). Takes back the attempt a claim started, if its start was recorded (at or after
-# the claim's time) and no later attempt started since; returns 1 then, else 0: a worker killed
-# between taking a job and recording its start leaves no attempt.
+# KEYS: the document's hash. ARGV: phase, when the job was taken off its queue, the queued status,
+# the attempt it started ('' if unknown). Takes back the attempt the job started, if its start was
+# recorded (at or after it was taken) and no later attempt started since; returns 1 then, else 0: a
+# worker killed between taking a job and recording its start leaves no attempt.
 _RELEASE = """
 local started = tonumber(redis.call('HGET', KEYS[1], ARGV[1] .. ':started') or '0')
 if started < tonumber(ARGV[2]) then return 0 end
@@ -58,6 +63,23 @@ redis.call('HSET', KEYS[1], 'status', ARGV[4], ARGV[1] .. ':error', ARGV[2], ARG
 redis.call('HINCRBY', KEYS[2], 'retried', 1)
 return 1
 """
+
+
+@dataclass(frozen=True)
+class _Scripts:
+    start: Script
+    release: Script
+    host_lost: Script
+
+
+# Registered once per client; weak, so a client and its scripts go together.
+_scripts: weakref.WeakKeyDictionary[redis.Redis, _Scripts] = weakref.WeakKeyDictionary()
+
+
+def _scripts_for(client: redis.Redis) -> _Scripts:
+    if client not in _scripts:
+        _scripts[client] = _Scripts(*(client.register_script(s) for s in (_START, _RELEASE, _HOST_LOST)))
+    return _scripts[client]
 
 
 class Superseded(Exception):
@@ -102,8 +124,8 @@ class Ledger:
     def _key(self, doc_id: str) -> str:
         return keys.document(self.pipeline, doc_id)
 
-    def claim(self, doc_id: str, name: str, input_kind: str, phase: str, force: bool) -> bool:
-        """Record a new submission; False when the document is already in the pipeline or done.
+    def add(self, doc_id: str, name: str, input_kind: str, phase: str, force: bool) -> bool:
+        """Add a submitted document; False when it is already in the pipeline or done.
 
         A document that failed may always be submitted again.
         """
@@ -128,8 +150,9 @@ class Ledger:
 
         None when the document is unknown (and then nothing is written).
         """
-        script = self.connection.register_script(_START)
-        flat = script(keys=[self._key(doc_id)], args=[phase, repr(time.time()), str(DocStatus.RUNNING)])
+        flat = _scripts_for(self.connection).start(
+            keys=[self._key(doc_id)], args=[phase, repr(time.time()), str(DocStatus.RUNNING)]
+        )
         if flat == 0:
             raise Superseded(f"document {doc_id} is past {phase}: this job ran already")
         if not flat:
@@ -163,40 +186,42 @@ class Ledger:
     def host_lost(self, doc_id: str, phase: str, reason: str) -> bool:
         """Put back to queued a document whose running attempt of ``phase`` was lost with its host,
         recording ``reason``; False (nothing written) when the document is no longer running it."""
-        script = self.connection.register_script(_HOST_LOST)
         keys_ = [self._key(doc_id), keys.phase_counter(self.pipeline, phase)]
-        return bool(script(keys=keys_, args=[phase, reason, str(DocStatus.RUNNING), str(DocStatus.QUEUED)]))
+        return bool(
+            _scripts_for(self.connection).host_lost(
+                keys=keys_, args=[phase, reason, str(DocStatus.RUNNING), str(DocStatus.QUEUED)]
+            )
+        )
 
-    def released(self, doc_id: str, phase: str, claimed_at: float = 0.0, attempt: int | None = None) -> bool:
+    def released(self, doc_id: str, phase: str, taken_at: float = 0.0, attempt: int | None = None) -> bool:
         """Take back a ``start`` whose job went back to its queue before it ran, or was cut short.
 
-        ``claimed_at``: when the job was taken (same host's clock as ``start``); a start recorded
-        before it was an earlier attempt's, and is kept. ``attempt``: the claim's, when known; a
-        later attempt (the job taken over and claimed again elsewhere) is kept. True when an
-        attempt was taken back.
+        ``taken_at``: when the job was taken off its queue (same host's clock as ``start``); a
+        start recorded before it was an earlier attempt's, and is kept. ``attempt``: the one the
+        job started, when known; a later attempt (the job taken over and started again elsewhere)
+        is kept. True when an attempt was taken back.
         """
-        script = self.connection.register_script(_RELEASE)
-        args = [phase, repr(claimed_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
-        return bool(script(keys=[self._key(doc_id)], args=args))
+        args = [phase, repr(taken_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
+        return bool(_scripts_for(self.connection).release(keys=[self._key(doc_id)], args=args))
 
     def release_on(
         self,
         pipe: redis.client.Pipeline,
         doc_id: str,
         phase: str,
-        claimed_at: float,
+        taken_at: float,
         attempt: int | None = None,
     ) -> None:
         """``released``, queued on ``pipe``: for a transaction that puts the job back."""
-        script = self.connection.register_script(_RELEASE)
-        args = [phase, repr(claimed_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
-        script(keys=[self._key(doc_id)], args=args, client=pipe)
+        args = [phase, repr(taken_at), str(DocStatus.QUEUED), "" if attempt is None else str(attempt)]
+        _scripts_for(self.connection).release(keys=[self._key(doc_id)], args=args, client=pipe)
 
     def finished(
-        self, doc_id: str, phase: str, seconds: float, next_phase: str | None,
+        self, doc_id: str, phase: str, seconds: float, calls: int, next_phase: str | None,
         pipe: redis.client.Pipeline,
     ) -> None:  # fmt: skip
-        """Queue the writes that mark a phase finished on ``pipe``; the caller executes it."""
+        """Queue the writes that mark a phase finished on ``pipe``, the caller executes it; ``calls``:
+        how many the handler made through ctx.gather and ctx.map."""
         fields: dict[Any, str | float] = {f"{phase}:seconds": round(seconds, 4)}
         if next_phase is None:
             fields.update(status=DocStatus.DONE, finished=time.time())
@@ -205,6 +230,7 @@ class Ledger:
         pipe.hset(self._key(doc_id), mapping=fields)
         pipe.hdel(self._key(doc_id), f"{phase}:error")
         pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
+        metrics.record(pipe, self.pipeline, phase, "done", seconds, calls)
 
     def phase_finished(self, doc_id: str, phase: str) -> bool:
         """Whether an attempt of ``phase`` finished and handed the document on."""

@@ -210,7 +210,7 @@ class Submitter:
         if self.spec.phases[phase].input == "bytes":
             return self.submit_bytes(data, name, force, source=source)
         doc_id = document_id(data)
-        if not self.ledger.claim(doc_id, name, "files", phase, force):
+        if not self.ledger.add(doc_id, name, "files", phase, force):
             return Outcome(source, doc_id, phase, skipped=True)
         self.store.put_document(doc_id, name, data)
         enqueue_phase(self.connection, self.spec, phase, doc_id, name)
@@ -223,7 +223,7 @@ class Submitter:
         phase = entry_phase(self.spec, name, "bytes")
         doc_id = document_id(data)
         as_bytes = self.spec.phases[phase].input == "bytes"
-        if not self.ledger.claim(doc_id, name, "bytes" if as_bytes else "files", phase, force):
+        if not self.ledger.add(doc_id, name, "bytes" if as_bytes else "files", phase, force):
             return Outcome(source, doc_id, phase, skipped=True)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)

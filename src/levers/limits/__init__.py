@@ -1,4 +1,4 @@
 """Limits shared by every worker on every host.
 
-Their Lua scripts and the API phases call them through.
+Their Lua scripts, the API phases call them through, and what `levers status` reads of them.
 """

@@ -21,7 +21,7 @@ from rq.worker import BaseWorker
 
 from levers import keys, metrics
 from levers.documents.ledger import Ledger
-from levers.limits.shared import limits_status
+from levers.limits.status import limits_status
 from levers.observing.reports import (
     PhaseReport,
     SupervisorLease,

@@ -3,7 +3,7 @@
 The long-running processes (the supervisor, the workers, RQ's scheduler) use clients that never send
 a command again on their own (``no_resend``): redis-py would resend a transaction whose reply was
 lost, and apply it twice. Each caller decides instead what a dropped connection means for its call:
-an idempotent call waits for the server and goes again (``Outage.call``); a claim, a job's outcome
+an idempotent call waits for the server and goes again (``Outage.call``); taking a job, a job's outcome
 or a requeue first looks at what got through.
 """
 

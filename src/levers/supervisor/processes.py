@@ -38,6 +38,7 @@ from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason
 from levers.server.project import Project, save_last_good
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
+from levers.worker import rq_contract
 from levers.worker.process import StrandedJobs, recover_jobs, run_worker, worker_name
 from levers.worker.progress import WorkerProgress
 from levers.worker.rq_worker import LeversWorker
@@ -97,8 +98,10 @@ def build_supervisor(
     project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None,
     grace_s: float | None = None,
 ) -> Supervisor:  # fmt: skip
-    """What `levers up` and `levers run` do before the first tick: import the handlers once, keep
-    the pipeline as the last good version, route the logs, and make the supervisor."""
+    """What `levers up` and `levers run` do before the first tick: check that the installed RQ
+    has what levers' workers rely on (UnsupportedRQ), import the handlers once, keep the pipeline
+    as the last good version, route the logs, and make the supervisor."""
+    rq_contract.check()
     preload_handlers(project.loaded)
     save_last_good(project.loaded)
     register_queues(project.connection, project.loaded.spec)

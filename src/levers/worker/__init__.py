@@ -1,4 +1,4 @@
 """One worker process.
 
-The RQ worker class, the job path (claim, run, complete), what a handler receives, and recovery.
+The RQ worker class, the job path (start, perform, settle), what a handler receives, and recovery.
 """

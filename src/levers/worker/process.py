@@ -32,10 +32,10 @@ from levers.documents.routing import JOB_FUNCTION
 from levers.pipeline.watching import PipelineWatcher
 from levers.server.connection import Target, client
 from levers.server.outage import no_resend
-from levers.worker.jobs import WorkerRuntime, install_runtime
 from levers.worker.progress import WorkerProgress
 from levers.worker.requeue import put_back, take_back
 from levers.worker.rq_worker import LeversWorker
+from levers.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("levers.worker.process")
 
@@ -46,7 +46,7 @@ ORPHAN_OUTAGE_S = 30.0
 # A job off its queue but not registered as started this long after it was seen was taken by a
 # worker that died, or whose connection dropped: a live worker registers its job within
 # milliseconds, and one that took longer finds the job put back and leaves it.
-CLAIM_GRACE_S = 1.0
+REGISTER_GRACE_S = 1.0
 # How often the supervisor looks at its queues' holding lists for such jobs, besides after a death.
 STRANDED_LOOK_S = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
@@ -71,7 +71,6 @@ def run_worker(
     spec = watcher.current().spec
     # not connected yet: with the server away, the worker waits for it as it registers
     connection = no_resend(client(Target(url=target_url, embedded=embedded)))
-    install_runtime(WorkerRuntime(watcher, connection, target_url))
     queue_name = keys.queue_name(spec.name, phase)
     log_format = LOG_FORMAT.format(phase=phase, queue=queue_name)
     logging.basicConfig(level=logging.INFO, format=log_format, force=True)
@@ -82,6 +81,7 @@ def run_worker(
         serializer=JSONSerializer,
         worker_ttl=keys.WORKER_TTL_S,
         progress=progress,
+        runtime=WorkerRuntime(watcher, connection, target_url),
     )
     _stop_when_orphaned(worker, supervisor_pid)
     worker.work(with_scheduler=True, logging_level="INFO", log_format=log_format)
@@ -124,7 +124,7 @@ def recover_jobs(
     ``struck(job_id)`` tells the job whose handler was running when the worker died: it carries a
     worker-death mark, and one whose workers died under it more than ``max_recoveries`` times is
     failed instead, so a document that kills its worker (out of memory, say) cannot loop forever.
-    The others (claimed ahead and not started, or cut short by a stop) go back as if never taken:
+    The others (taken ahead and not started, or cut short by a stop) go back as if never taken:
     no mark, their attempt taken back. A job whose handler ended and whose document was handed on
     (the worker died while recording the rest) is recorded as finished, never run again. ``lost``
     is why the worker's host is thought gone: each document records it, and goes back only if it
@@ -180,11 +180,11 @@ def _requeue_unmarked(
 ) -> bool:
     """Requeue a job as if never taken, its attempt taken back in ``pipeline``'s ledger (None: not
     a levers job). False when someone else had put it back."""
-    claimed_at = execution.created_at.timestamp()
+    taken_at = execution.created_at.timestamp()
 
     def released(pipe: Pipeline) -> None:
         if pipeline is not None:
-            Ledger(connection, pipeline).release_on(pipe, str(job.args[1]), str(job.args[0]), claimed_at)
+            Ledger(connection, pipeline).release_on(pipe, str(job.args[1]), str(job.args[0]), taken_at)
 
     return put_back(connection, queue, job, [execution], released)
 
@@ -215,7 +215,7 @@ class StrandedJobs:
     leaves the job in neither place, where RQ would fail it after a minute or more. ``note``
     records a queue's unregistered jobs, after a worker's death and, every ``STRANDED_LOOK_S``,
     for each queue ``queues()`` names; ``requeue_due``, called on every supervisor tick, puts back
-    at the head of the queue those still unregistered ``CLAIM_GRACE_S`` after they were noted
+    at the head of the queue those still unregistered ``REGISTER_GRACE_S`` after they were noted
     (live workers register theirs within milliseconds). The supervisor never waits for the second
     look.
     """
@@ -248,11 +248,11 @@ class StrandedJobs:
                 self.note(name)
         if wait and self._noted:
             last = max(at for noted in self._noted.values() for at in noted.values())
-            self._sleep(max(0.0, last + CLAIM_GRACE_S - self._clock()))
+            self._sleep(max(0.0, last + REGISTER_GRACE_S - self._clock()))
         now = self._clock()
         requeued = []
         for queue_name, noted in list(self._noted.items()):
-            due = {job_id for job_id, at in noted.items() if now - at >= CLAIM_GRACE_S}
+            due = {job_id for job_id, at in noted.items() if now - at >= REGISTER_GRACE_S}
             if due:
                 queue = self._queue(queue_name)
                 requeued += [j for j in sorted(due & _unregistered(queue)) if self._requeue(queue, j)]

@@ -4,7 +4,7 @@ and the job whose handler runs now.
 The supervisor reads it once the worker is dead, whatever killed it. A worker that started jobs
 was killed (out of memory, kill -9, or by its job), not crashing at start: it is replaced at
 once. Of the jobs the worker held, only the one whose handler ran can have killed it; the one it
-had claimed ahead goes back unmarked. Shared memory costs the job path nothing: no round trip,
+had taken ahead goes back unmarked. Shared memory costs the job path nothing: no round trip,
 no system call.
 """
 

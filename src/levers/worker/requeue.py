@@ -2,11 +2,11 @@
 
 A job can be held in two places: a queue's holding list (a worker took it off the queue and has
 not registered it yet) and the started registry (a worker registered it as one of its executions).
-A worker giving back a claim the connection cut short, the supervisor recovering a dead worker's
-jobs, and the supervisor's look for jobs nobody registered may all reach for the same job. Each
-takes it out of wherever it still is and enqueues it in one transaction, watching the job's hash,
-which every claim, completion and requeue writes: the first one through wins, and the others, or
-the same one again after a dropped connection, find nothing left to take.
+A worker giving back a job the connection cut short as it was taken, the supervisor recovering a
+dead worker's jobs, and the supervisor's look for jobs nobody registered may all reach for the
+same job. Each takes it out of wherever it still is and enqueues it in one transaction, watching
+the job's hash, which every take, settling and requeue writes: the first one through wins, and
+the others, or the same one again after a dropped connection, find nothing left to take.
 """
 
 from __future__ import annotations

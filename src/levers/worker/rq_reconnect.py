@@ -4,7 +4,7 @@ RQ's work loop survives a dropped connection only while it waits for a job: any 
 cannot reach the server (a heartbeat, a state change, its maintenance) ends the worker, and the
 scheduler process (it enqueues the retries due after a delay) dies of the first one. Here each of
 those calls waits for the server, one line when it is lost and one when it is back, then goes
-again: each does the same however many times it gets through. Calls that do not (claiming a job,
+again: each does the same however many times it gets through. Calls that do not (taking a job,
 recording its outcome) are LeversWorker's, which looks at what got through before going again.
 """
 

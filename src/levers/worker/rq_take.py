@@ -1,10 +1,10 @@
-"""Claiming a job as a worker's own, and giving it back when the worker will not run it.
+"""Taking a job off its queue as a worker's own, and giving it back when the worker will not run it.
 
-A claim registers the job with RQ (an execution in the started registry, the job off the holding
-list its dequeue moved it to) and records the attempt's start in the ledger. A claim can fall
-through: the supervisor may have put the job back on its queue while a slow claim was on its way
+Taking a job registers it with RQ (an execution in the started registry, the job off the holding
+list its dequeue moved it to) and records the attempt's start in the ledger. Taking can fall
+through: the supervisor may have put the job back on its queue while a slow take was on its way
 (then the job is someone else's), or the connection may drop halfway (then the job goes back once
-the server answers). A claim that never ran goes back at the head of its queue, exactly once.
+the server answers). A job taken and never run goes back at the head of its queue, exactly once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from rq import Queue
@@ -21,42 +22,58 @@ from rq.utils import now
 
 from levers.server.outage import UNREACHABLE, reason
 from levers.worker.guard import refusal, refuse
-from levers.worker.jobs import SETTINGS_MAX_AGE_S, ClaimedPhase, claim_phase, current_runtime, release_claim
+from levers.worker.jobs import SETTINGS_MAX_AGE_S, StartedPhase, start_phase, take_back_start
 from levers.worker.requeue import put_back
 from levers.worker.rq_reconnect import ReconnectingWorker
+from levers.worker.runtime import WorkerRuntime, runtime_from_environment
 
 log = logging.getLogger("levers.worker.process")
 
 
 @dataclass
-class Claim:
+class Taken:
     """A job this worker has taken off its queue and registered as its own, not yet run."""
 
     job: Job
     queue: Queue
     execution: Execution
-    phase: ClaimedPhase | None  # the ledger's record and the document, unless ``error``
+    phase: StartedPhase | None  # the ledger's record and the document, unless ``error``
     error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
 
 
-class ClaimingWorker(ReconnectingWorker):
-    """Claims jobs for LeversWorker, and gives back those it will not run."""
+class TakingWorker(ReconnectingWorker):
+    """Takes jobs for LeversWorker, and gives back those it will not run.
 
-    def _claim(self, job: Job, queue: Queue) -> Claim | None:
+    ``runtime`` is what its jobs share (the live pipeline, the store, handler pools); a worker
+    started without one (`rq worker -w levers.worker.rq_worker.LeversWorker`) makes its own, for
+    LEVERS_FILE or ./pipeline.yaml, as it takes its first job.
+    """
+
+    def __init__(self, *args: Any, runtime: WorkerRuntime | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        if self._runtime is None:
+            self._runtime = runtime_from_environment(self.connection)
+        return self._runtime
+
+    def _take(self, job: Job, queue: Queue) -> Taken | None:
         """Register ``job`` as this worker's and record its start in the ledger. None when the job
         is not this worker's to run: it is not a levers job (it is failed at once, before anything
-        it names is resolved), the supervisor put it back on its queue meanwhile (the claim took
+        it names is resolved), the supervisor put it back on its queue meanwhile (taking it took
         longer than its look at the holding list allows), or the connection dropped (the job goes
         back once the server answers, unless someone put it back first)."""
-        claimed_at = time.time()
+        taken_at = time.time()
         try:
-            return self._claim_once(job, queue)
+            return self._take_once(job, queue)
         except UNREACHABLE as exc:
             self.outage.wait(exc)
-            self.outage.call(self._give_back, job, queue, claimed_at)
+            self.outage.call(self._give_back, job, queue, taken_at)
             return None
 
-    def _claim_once(self, job: Job, queue: Queue) -> Claim | None:
+    def _take_once(self, job: Job, queue: Queue) -> Taken | None:
         reason = self._refusal(job, queue)
         if reason is not None:
             refuse(self.connection, job, queue, reason, self.name)
@@ -66,17 +83,15 @@ class ClaimingWorker(ReconnectingWorker):
             self.outage.call(self._let_go, job, execution)
             return None
         try:
-            phase = claim_phase(current_runtime(), str(job.args[0]), str(job.args[1]))
+            phase = start_phase(self.runtime, str(job.args[0]), str(job.args[1]))
         except UNREACHABLE:
             raise
         except Exception as exc:
-            return Claim(job, queue, execution, None, exc)
-        return Claim(job, queue, execution, phase)
+            return Taken(job, queue, execution, None, exc)
+        return Taken(job, queue, execution, phase)
 
     def _refusal(self, job: Job, queue: Queue) -> str | None:
-        return refusal(
-            job, queue.name, current_runtime(self.connection).watcher.current(SETTINGS_MAX_AGE_S).spec
-        )
+        return refusal(job, queue.name, self.runtime.watcher.current(SETTINGS_MAX_AGE_S).spec)
 
     def _register(self, job: Job, queue: Queue) -> bool:
         """RQ's prepare_job_execution, which also takes the job off the holding list its dequeue
@@ -100,37 +115,35 @@ class ClaimingWorker(ReconnectingWorker):
             pipe.execute()
         log.warning("job %s was put back on %s before this worker registered it", job.id, job.origin)
 
-    def _give_back(self, job: Job, queue: Queue, claimed_at: float) -> None:
-        """Put back a job whose claim (begun at ``claimed_at``) the connection cut short, unless
+    def _give_back(self, job: Job, queue: Queue, taken_at: float) -> None:
+        """Put back a job whose taking (begun at ``taken_at``) the connection cut short, unless
         someone else did."""
         executions = [e for e in self.executions.values() if e.job_id == job.id]
 
         def queued(pipe: redis.client.Pipeline) -> None:
-            # the start, if the ledger recorded it, is this claim's: it came after claimed_at
-            release_claim(current_runtime(), str(job.args[0]), str(job.args[1]), pipe, claimed_at)
+            # the start, if the ledger recorded it, is this worker's: it came after taken_at
+            take_back_start(self.runtime, str(job.args[0]), str(job.args[1]), pipe, taken_at)
 
         also = queued if self._refusal(job, queue) is None else None  # the ledger knows only levers' jobs
         if put_back(self.connection, queue, job, executions, also):
-            log.warning("job %s goes back to %s: the connection dropped during its claim", job.id, queue.name)
+            log.warning("job %s goes back to %s: the connection dropped as it was taken", job.id, queue.name)
         for execution in executions:
             self.executions.pop(execution.id, None)
 
-    def _release(self, claim: Claim, why: str) -> None:
-        """Put a claimed job back at the head of its queue, its attempt taken back: one that never
+    def _release(self, taken: Taken, why: str) -> None:
+        """Put a taken job back at the head of its queue, its attempt taken back: one that never
         ran, or that a stop cut short. Tried once: a stopping worker does not wait for Redis, and
         what stays registered to it, the supervisor puts back once it has ended."""
-        phase, job, queue = claim.phase, claim.job, claim.queue
-        claimed_at = claim.execution.created_at.timestamp()
+        phase, job, queue = taken.phase, taken.job, taken.queue
+        taken_at = taken.execution.created_at.timestamp()
 
         def released(pipe: redis.client.Pipeline) -> None:
             if phase is not None:
-                release_claim(
-                    current_runtime(), phase.phase, phase.record.id, pipe, claimed_at, phase.attempt
-                )
+                take_back_start(self.runtime, phase.phase, phase.record.id, pipe, taken_at, phase.attempt)
 
         try:
-            if put_back(self.connection, queue, job, [claim.execution], released):
+            if put_back(self.connection, queue, job, [taken.execution], released):
                 log.info("job %s goes back to %s: %s", job.id, queue.name, why)
         except UNREACHABLE as exc:
             log.warning("job %s stays this worker's, for the supervisor to put back: %s", job.id, reason(exc))
-        self.executions.pop(claim.execution.id, None)
+        self.executions.pop(taken.execution.id, None)
