@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 
 from levers.cli.app import app
 from levers.pipeline.schema import pipeline_schema
-from tests.conftest import levers, start_levers, wait_until
+from tests.conftest import StartLevers, levers, stop, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,17 +165,10 @@ def output(root: Path, doc_id: str) -> dict[str, object] | None:
 
 
 @pytest.fixture
-def running(own_project: Path, redis_url: str) -> Iterator[Path]:
+def running(own_project: Path, redis_url: str, start_levers: StartLevers) -> Iterator[Path]:
     supervisor = start_levers("up", cwd=own_project)
-    try:
-        yield own_project
-    finally:
-        supervisor.send_signal(signal.SIGTERM)
-        try:
-            supervisor.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            supervisor.kill()
-            supervisor.communicate()
+    yield own_project
+    stop(supervisor)
 
 
 def processed(root: Path, name: str) -> dict[str, object]:
