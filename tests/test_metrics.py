@@ -70,3 +70,28 @@ def test_calls_per_job(connection: fakeredis.FakeRedis) -> None:
         metrics.record(pipe, "p", "chunking", "done", 1.0, calls=10, now=NOW)
         pipe.execute()
     assert metrics.read(connection, "p", "chunking", now=NOW).calls_per_job == 15
+
+
+def test_durations_are_cumulative_and_never_expire(connection: fakeredis.FakeRedis) -> None:
+    for seconds, at in [(0.2, NOW - 3 * 3600), (0.2, NOW), (3.0, NOW), (5000.0, NOW)]:
+        record(connection, "done", seconds, at=at)
+
+    totals = metrics.durations(connection, "p", "chunking")
+
+    index = metrics.BUCKET_BOUNDS_S.index
+    assert totals.cumulative[index(0.1)] == 0
+    assert totals.cumulative[index(0.25)] == 2  # the job of three hours ago too
+    assert totals.cumulative[index(5)] == 3
+    assert totals.cumulative[-2] == 3 and totals.cumulative[-1] == totals.count == 4
+    assert totals.sum_s == pytest.approx(0.4 + 3.0 + 5000.0)
+    assert connection.ttl("levers:p:phase:chunking:durations") == -1
+    # one field per bucket used, and the sum
+    assert len(connection.hkeys("levers:p:phase:chunking:durations")) == 4
+
+
+def test_durations_read_garbage_as_zero(connection: fakeredis.FakeRedis) -> None:
+    connection.hset(
+        "levers:p:phase:chunking:durations", mapping={"h0": "x", "h1": "-5", "sum": "nan", "h2": 3}
+    )
+    totals = metrics.durations(connection, "p", "chunking")
+    assert (totals.cumulative[:3], totals.count, totals.sum_s) == ((0, 0, 3), 3, 0.0)

@@ -64,6 +64,12 @@ def phase_metrics(pipeline: str, phase: str, minute: int) -> str:
     return f"levers:{pipeline}:phase:{phase}:metrics:{minute}"
 
 
+def phase_durations(pipeline: str, phase: str) -> str:
+    """Hash: one phase's job durations since its first job (a count per histogram bucket, the
+    count and the sum), never reset: the cumulative histogram Prometheus takes rates of."""
+    return f"levers:{pipeline}:phase:{phase}:durations"
+
+
 def lease(pipeline: str, supervisor: str) -> str:
     """String, expiring: a supervisor's lease, renewed every tick; gone means it stopped renewing."""
     return f"levers:{pipeline}:lease:{supervisor}"

@@ -1,14 +1,18 @@
-"""Per-phase job metrics in Redis: rolling per-minute buckets, bounded in size whatever the traffic.
+"""Per-phase job metrics in Redis, bounded in size whatever the traffic.
 
-Each finished attempt adds to its phase's bucket for the current minute: jobs done, failed and
-retried, busy seconds, and a duration histogram over fixed log-spaced bounds. Buckets expire
-after ``RETENTION_MIN`` minutes, so the keys a phase can have are bounded. Recording is a few
-commands queued on a pipeline the caller executes anyway, so it adds no round trip to a job.
+Each finished attempt adds to two places. Its phase's bucket for the current minute (jobs done,
+failed and retried, busy seconds, a duration histogram over fixed log-spaced bounds) gives the
+recent figures `levers status` shows; buckets expire after ``RETENTION_MIN`` minutes. Its phase's
+running totals (a count per histogram bucket, the count and the sum of durations, never reset)
+are the cumulative histogram Prometheus takes rates of; one hash of fixed fields per phase.
+Recording is a few commands queued on a pipeline the caller executes anyway, so it adds no round
+trip to a job.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import dataclass
 
@@ -90,6 +94,9 @@ def record(
     if calls:
         pipe.hincrby(key, "calls", calls)
     pipe.expire(key, RETENTION_MIN * BUCKET_S)
+    totals = keys.phase_durations(pipeline, phase)
+    pipe.hincrby(totals, f"h{bucket_index(seconds)}", 1)
+    pipe.hincrbyfloat(totals, "sum", seconds)
 
 
 def read(
@@ -116,6 +123,42 @@ def read(
         histogram=histogram,
         calls=int(totals.get("calls", 0)),
     )
+
+
+@dataclass(frozen=True)
+class Durations:
+    """A phase's job durations since its first job: a cumulative histogram, as Prometheus has it."""
+
+    cumulative: tuple[int, ...]  # jobs at or under each of BUCKET_BOUNDS_S, then all of them
+    count: int
+    sum_s: float
+
+
+def durations(connection: redis.Redis, pipeline: str, phase: str) -> Durations:
+    """The running totals of a phase's job durations; zeros before its first job."""
+    raw = connection.hgetall(keys.phase_durations(pipeline, phase))
+    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    running, cumulative = 0, []
+    for index in range(len(BUCKET_BOUNDS_S) + 1):
+        running += _count(fields.get(f"h{index}"))
+        cumulative.append(running)
+    # the count is what the buckets add up to: read in one command, they always agree
+    return Durations(tuple(cumulative), running, _seconds(fields.get("sum")))
+
+
+def _count(value: bytes | str | None) -> int:
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def _seconds(value: bytes | str | None) -> float:
+    try:
+        seconds = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def measured_job_seconds(

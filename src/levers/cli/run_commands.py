@@ -23,8 +23,18 @@ def up(
         list[str] | None, typer.Option("--phase", "-p", help="Run only this phase's workers (repeatable).")
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+        int | None,
+        typer.Option(
+            metavar="PORT", min=1, max=65535, help="Serve Prometheus metrics at http://HOST:PORT/metrics."
+        ),
     ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            metavar="HOST",
+            help="The address metrics are served on; 0.0.0.0 for every interface (containers).",
+        ),
+    ] = "127.0.0.1",
     grace: Annotated[
         float | None,
         typer.Option(
@@ -49,7 +59,11 @@ def up(
     # what `levers down` stopped (a phase's graph database, say) comes back on its own address
     start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
     supervisor = pool.build_supervisor(project, only, grace_s=grace)
-    exporter = pool.start_exporter(supervisor.watcher, project.target, metrics_port) if metrics_port else None
+    exporter = (
+        pool.start_exporter(supervisor.watcher, project.target, metrics_host, metrics_port)
+        if metrics_port
+        else None
+    )
     pool.SignalLatch(supervisor).install()
     phases = sorted(only) or list(project.loaded.spec.phases)
     console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked} {URL_HINT}")

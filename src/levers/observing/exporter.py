@@ -4,6 +4,13 @@ The exporter runs in a process of its own, forked by the supervisor before any w
 supervisor forks workers all the time, and a thread serving HTTP inside it could hold a lock at
 the moment of a fork and leave the child deadlocked. It ends with its supervisor, even one killed
 by SIGKILL: an exporter left behind would serve stale figures and hold the port.
+
+Every figure is the pipeline's, read from Redis, whichever host serves it; so each phase is
+exported by one exporter only, and a sum over instances counts every job once. A phase belongs
+to the live supervisor with the lowest lease id among those running it (any live supervisor when
+none runs it); the pipeline's shared limits belong to the lowest of all. When that supervisor dies,
+its lease lapses within seconds and the next one's exporter serves the phase from the same totals.
+Figures Prometheus derives (throughput, utilization, quantiles) are left to it.
 """
 
 from __future__ import annotations
@@ -11,94 +18,124 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 from prometheus_client import start_http_server
 from prometheus_client.core import (
     REGISTRY,
     CounterMetricFamily,
-    GaugeHistogramMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
 from levers import metrics
-from levers.observing.status import METRICS_MINUTES, PhaseStatus, pipeline_status
+from levers.observing.reports import SupervisorLease, supervisor_leases
+from levers.observing.status import PhaseStatus, pipeline_status
 from levers.pipeline.watching import PipelineWatcher
 from levers.server.connection import Target, connect
 
+LABELS = ["pipeline", "phase"]
+
 PHASE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("queue_depth", "queued", "Jobs waiting in the phase's queue."),
-    ("jobs_running", "running", "Jobs live workers hold now."),
+    ("jobs_running", "running", "Jobs live workers are running now."),
     ("jobs_stranded", "stranded", "Jobs held by workers that are gone, until a supervisor requeues them."),
+    ("jobs_waiting_retry", "waiting_retry", "Jobs waiting out a retry's backoff."),
     ("oldest_wait_seconds", "oldest_wait_s", "Age of the job at the head of the queue."),
     ("workers_desired", "workers_desired", "Workers the pipeline declares, over live supervisors."),
     ("workers_alive", "workers_alive", "Workers alive: listed by a live supervisor or heard from lately."),
     ("workers_busy", "workers_busy", "Workers running a job now."),
-    ("utilization_ratio", "utilization", f"Busy share of the workers' time over {METRICS_MINUTES} min."),
-    ("throughput_per_second", "throughput", f"Documents finished per second over {METRICS_MINUTES} min."),
 )
 
 
+@dataclass(frozen=True)
+class Share:
+    """What one exporter serves: the phases it owns, and whether the pipeline's limits too."""
+
+    phases: frozenset[str]
+    limits: bool
+
+
+def share(leases: list[SupervisorLease], host: str, pid: int, phases: list[str]) -> Share:
+    """The part of the pipeline the exporter of supervisor ``host``/``pid`` serves (see the module)."""
+    live = sorted((lease for lease in leases if not lease.lapsed), key=lambda lease: lease.id)
+    mine = [lease.id for lease in live if (lease.host, lease.pid) == (host, pid)]
+    if not mine:  # its supervisor holds no lease yet, or lost it: another serves the pipeline
+        return Share(frozenset(), limits=False)
+    owned = set()
+    for phase in phases:
+        running = [lease.id for lease in live if phase in lease.phases] or [lease.id for lease in live]
+        if running[0] in mine:
+            owned.add(phase)
+    return Share(frozenset(owned), limits=live[0].id in mine)
+
+
 class StatusCollector(Collector):
-    def __init__(self, watcher: PipelineWatcher, connection: redis.Redis) -> None:
+    def __init__(self, watcher: PipelineWatcher, connection: redis.Redis, supervisor_pid: int) -> None:
         self.watcher = watcher
         self.connection = connection
+        self.host = socket.gethostname()
+        self.supervisor_pid = supervisor_pid
 
     def collect(self) -> Iterator[Metric]:
         spec = self.watcher.current().spec
+        leases = supervisor_leases(self.connection, spec.name)
+        served = share(leases, self.host, self.supervisor_pid, list(spec.phases))
         status = pipeline_status(self.connection, spec)
-        yield from _phase_gauges(status.phases)
-        yield _job_totals(status.phases)
-        yield self._durations(spec.name, [p.phase for p in status.phases])
-        yield from _limit_metrics(status.limits)
+        phases = [p for p in status.phases if p.phase in served.phases]
+        yield from _phase_gauges(spec.name, phases)
+        yield _job_totals(spec.name, phases)
+        yield self._durations(spec.name, [p.phase for p in phases])
+        if served.limits:
+            yield from _limit_metrics(spec.name, status.limits)
 
     def _durations(self, pipeline: str, phases: list[str]) -> Metric:
-        family = GaugeHistogramMetricFamily(
-            "levers_job_duration_seconds",
-            f"Job durations over the last {METRICS_MINUTES} minutes.",
-            labels=["phase"],
+        family = HistogramMetricFamily(
+            "levers_job_duration_seconds", "How long job attempts took, by phase.", labels=LABELS
         )
+        bounds = [f"{bound:g}" for bound in metrics.BUCKET_BOUNDS_S] + ["+Inf"]
         for phase in phases:
-            recent = metrics.read(self.connection, pipeline, phase, METRICS_MINUTES)
-            cumulative, buckets = 0, []
-            for bound, count in zip([*metrics.BUCKET_BOUNDS_S, float("inf")], recent.histogram, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
-            family.add_metric([phase], buckets, recent.busy_s)
+            totals = metrics.durations(self.connection, pipeline, phase)
+            family.add_metric(
+                [pipeline, phase], list(zip(bounds, totals.cumulative, strict=True)), totals.sum_s
+            )
         return family
 
 
-def _phase_gauges(phases: list[PhaseStatus]) -> Iterator[Metric]:
+def _phase_gauges(pipeline: str, phases: list[PhaseStatus]) -> Iterator[Metric]:
     for name, attribute, help_text in PHASE_GAUGES:
-        family = GaugeMetricFamily(f"levers_{name}", help_text, labels=["phase"])
+        family = GaugeMetricFamily(f"levers_{name}", help_text, labels=LABELS)
         for phase in phases:
             value = getattr(phase, attribute)
             if value is not None:
-                family.add_metric([phase.phase], float(value))
+                family.add_metric([pipeline, phase.phase], float(value))
         yield family
 
 
-def _job_totals(phases: list[PhaseStatus]) -> Metric:
-    family = CounterMetricFamily("levers_jobs", "Job attempts by outcome.", labels=["phase", "outcome"])
+def _job_totals(pipeline: str, phases: list[PhaseStatus]) -> Metric:
+    family = CounterMetricFamily("levers_jobs", "Job attempts by outcome.", labels=[*LABELS, "outcome"])
     for phase in phases:
         for outcome in ("done", "failed", "retried"):
-            family.add_metric([phase.phase, outcome], float(getattr(phase, outcome)))
+            family.add_metric([pipeline, phase.phase, outcome], float(getattr(phase, outcome)))
     return family
 
 
-def _limit_metrics(limits: list[dict[str, object]]) -> Iterator[Metric]:
-    in_flight = GaugeMetricFamily("levers_limit_in_flight", "Calls in flight now.", labels=["limit"])
-    peak = GaugeMetricFamily("levers_limit_peak_in_flight", "Most calls ever in flight.", labels=["limit"])
-    calls = CounterMetricFamily("levers_limit_calls", "Calls made under a limit.", labels=["limit"])
-    limited = CounterMetricFamily("levers_limit_rate_limited", "Calls answered 429/529.", labels=["limit"])
+def _limit_metrics(pipeline: str, limits: list[dict[str, object]]) -> Iterator[Metric]:
+    labels = ["pipeline", "limit"]
+    in_flight = GaugeMetricFamily("levers_limit_in_flight", "Calls in flight now.", labels=labels)
+    peak = GaugeMetricFamily("levers_limit_peak_in_flight", "Most calls ever in flight.", labels=labels)
+    calls = CounterMetricFamily("levers_limit_calls", "Calls made under a limit.", labels=labels)
+    limited = CounterMetricFamily("levers_limit_rate_limited", "Calls answered 429/529.", labels=labels)
     for limit in limits:
-        label = [str(limit["name"])]
+        label = [pipeline, str(limit["name"])]
         in_flight.add_metric(label, float(limit["in_flight"]))  # type: ignore[arg-type]
         peak.add_metric(label, float(limit["peak_in_flight"]))  # type: ignore[arg-type]
         calls.add_metric(label, float(limit["calls"]))  # type: ignore[arg-type]
@@ -112,14 +149,14 @@ PR_SET_PDEATHSIG = 1
 PARENT_CHECK_S = 1.0
 
 
-def serve(watcher: PipelineWatcher, target: Target, port: int, supervisor_pid: int) -> None:
-    """Body of the exporter process: serve /metrics on ``port`` until terminated, or until the
-    supervisor (``supervisor_pid``) is gone."""
+def serve(watcher: PipelineWatcher, target: Target, host: str, port: int, supervisor_pid: int) -> None:
+    """Body of the exporter process: serve /metrics on ``host``:``port`` until terminated, or
+    until the supervisor (``supervisor_pid``) is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when this process ends
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with(supervisor_pid)
-    REGISTRY.register(StatusCollector(watcher, connect(target)))
-    start_http_server(port)
+    REGISTRY.register(StatusCollector(watcher, connect(target), supervisor_pid))
+    start_http_server(port, addr=host)
     while True:
         signal.pause()
 

@@ -208,17 +208,18 @@ def _worker_main(
     run_worker(path, phase, options.target.url, options.target.embedded, progress, supervisor_pid)
 
 
-def start_exporter(watcher: PipelineWatcher, target: Target, port: int) -> BaseProcess:
-    """Serve /metrics from a process of its own; the port is checked here, so a clash is one line."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("", port))
-        except OSError as exc:
-            message = f"cannot serve metrics on port {port}: {exc.strerror}"
-            raise UsageError(message, fix="pick another port") from None
+def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: int) -> BaseProcess:
+    """Serve /metrics from a process of its own; the address is checked here, so a clash is one line."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        message = f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+        raise UsageError(message, fix="pick another --metrics-host or --metrics-port") from None
     from levers.observing.exporter import serve
 
-    args = (watcher, target, port, os.getpid())
+    args = (watcher, target, host, port, os.getpid())
     process = _fork.Process(target=serve, args=args, name="levers-metrics", daemon=True)
     process.start()
     return process
