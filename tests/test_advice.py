@@ -9,8 +9,8 @@ from levers.observing.advice import advise
 from levers.observing.status import PhaseStatus, PipelineStatus
 
 HEALTHY = PhaseStatus(
-    phase="chunking", queued=0, running=1, stranded=0, waiting_retry=0, done=100, failed=0, retried=0,
-    workers_desired=3, workers_alive=3, workers_busy=2, state="ok", workers=3, semaphore=10,
+    phase="chunking", queued=0, running=1, claimed_ahead=0, stranded=0, waiting_retry=0, done=100, failed=0,
+    retried=0, workers_desired=3, workers_alive=3, workers_busy=2, state="ok", workers=3, semaphore=10,
     threads=0, oldest_wait_s=None, throughput=0.3, utilization=0.8, p50_s=9.0, p95_s=12.0,
     calls_per_job=20, cpu_percent=20.0, rss_mb=150.0,
 )  # fmt: skip

@@ -32,7 +32,7 @@ def test_counts_busy_time_and_quantiles(connection: fakeredis.FakeRedis) -> None
     assert read.busy_s == pytest.approx(90 * 0.2 + 10 * 3.0 + 1.0)
     assert 0.1 < read.quantile(0.5) <= 0.25  # type: ignore[operator]
     assert 2.5 < read.quantile(0.95) <= 5  # type: ignore[operator]
-    assert read.throughput == pytest.approx(100 / 300)
+    assert read.throughput == pytest.approx(100 / 240)  # four whole minutes, and none of this one yet
 
 
 def test_only_recent_minutes_count(connection: fakeredis.FakeRedis) -> None:
@@ -45,7 +45,7 @@ def test_only_recent_minutes_count(connection: fakeredis.FakeRedis) -> None:
 
 def test_buckets_expire_so_keys_stay_bounded(connection: fakeredis.FakeRedis) -> None:
     for minute in range(10):
-        record(connection, "done", 0.5, at=NOW + minute * 60)
+        record(connection, "done", 0.5, at=NOW + minute * 60 + 30)
 
     bucket_keys = connection.keys("levers:p:phase:chunking:metrics:*")
     assert len(bucket_keys) == 10
@@ -95,3 +95,20 @@ def test_durations_read_garbage_as_zero(connection: fakeredis.FakeRedis) -> None
     )
     totals = metrics.durations(connection, "p", "chunking")
     assert (totals.cumulative[:3], totals.count, totals.sum_s) == ((0, 0, 3), 3, 0.0)
+
+
+def test_a_long_jobs_busy_time_counts_in_the_minutes_it_was_busy(connection: fakeredis.FakeRedis) -> None:
+    record(connection, "done", 150.0, at=NOW + 30)  # busy from NOW - 120 s to NOW + 30 s
+
+    assert metrics.busy_minutes(NOW - 120, NOW + 30) == [
+        (int(NOW // 60) - 2, 60.0), (int(NOW // 60) - 1, 60.0), (int(NOW // 60), 30.0)
+    ]  # fmt: skip
+    last_minute = metrics.read(connection, "p", "chunking", minutes=1, now=NOW + 30)
+    assert (last_minute.busy_s, last_minute.span_s, last_minute.done) == (30.0, 30.0, 1)
+    assert metrics.read(connection, "p", "chunking", minutes=3, now=NOW + 30).busy_s == 150.0
+
+
+def test_busy_time_before_the_retained_minutes_is_dropped() -> None:
+    spans = metrics.busy_minutes(NOW - 10 * 86400, NOW + 30)
+    assert len(spans) == metrics.RETENTION_MIN
+    assert sum(s for _, s in spans) == (metrics.RETENTION_MIN - 1) * 60 + 30

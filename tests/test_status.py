@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import signal
+import struct
+import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -12,7 +19,9 @@ import pytest
 import redis
 from rq import Queue, Worker
 
-from tests.conftest import StartLevers, doc_field, levers, make_project, submit, wait_until
+from levers.observing.status import PhaseStatus, pipeline_status
+from levers.pipeline.loading import load_pipeline
+from tests.conftest import LEVERS, StartLevers, doc_field, levers, make_project, stop, submit, wait_until
 
 
 def phase(status: dict[str, object], name: str) -> dict[str, object]:
@@ -93,3 +102,77 @@ def test_a_dead_workers_job_is_stranded_not_running(
     assert (figures["running"], figures["workers_alive"], figures["workers_busy"]) == (0, 0, 0)
     assert "1 stranded: held by workers that are gone, until requeued" in figures["alerts"]  # type: ignore[operator]
     assert "stranded" in levers("status", cwd=root).stdout
+
+
+def read_status(root: Path, connection: redis.Redis) -> dict[str, PhaseStatus]:
+    spec = load_pipeline(root / "pipeline.yaml").spec
+    return {p.phase: p for p in pipeline_status(connection, spec).phases}
+
+
+def test_running_counts_what_runs_and_claimed_ahead_is_its_own(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    root = make_project(tmp_path, workers=2, seconds=0.3, docs=40)
+    submit(root, "docs")
+    supervisor = start_levers("up", "--phase", "first", cwd=root)
+    seen = []
+    try:
+        while (figures := read_status(root, connection)["first"]).done < 40:
+            seen.append(figures)
+    finally:
+        stop(supervisor)
+    # a worker runs one job at a time, and takes its next one while finishing the one before
+    assert max(f.running for f in seen) == 2
+    assert all(f.running <= max(f.workers_alive, 2) for f in seen)
+    assert any(f.claimed_ahead for f in seen)
+    assert all(f.running + f.claimed_ahead <= 2 * 2 for f in seen)
+
+
+def test_utilization_agrees_with_busy_workers_during_a_burst(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    root = make_project(tmp_path, workers=2, seconds=30, docs=2)
+    supervisor = start_levers("up", "--phase", "first", "--grace", "0", cwd=root)
+    try:
+        wait_until(lambda: read_status(root, connection)["first"].workers_alive == 2)
+        submit(root, "docs")
+        wait_until(lambda: read_status(root, connection)["first"].workers_busy == 2)
+        # both workers busy for seconds, none of their jobs finished: most of their time was busy
+        wait_until(lambda: read_status(root, connection)["first"].utilization >= 0.5, timeout_s=20)
+        assert read_status(root, connection)["first"].done == 0
+    finally:
+        stop(supervisor)
+
+
+def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, docs=0)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+    env = {**os.environ, "COLUMNS": "250", "LINES": "50"}
+    watch = subprocess.Popen(
+        [*LEVERS, "status", "--watch"], cwd=root, env=env, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    screen = bytearray()
+
+    def first_row() -> list[str]:
+        while select.select([leader], [], [], 0.1)[0]:
+            try:
+                screen.extend(os.read(leader, 65536))
+            except OSError:
+                break
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+        rows = [line for line in text.splitlines() if line.startswith("│ first")]
+        return [cell.strip() for cell in rows[-1].split("│")] if rows else []
+
+    try:
+        wait_until(lambda: "0/2" in first_row())  # workers: alive/desired, from the file when none runs
+        before = first_row()
+        sem = before.index("1")
+        assert levers("set", "first.semaphore=12", "first.workers=5", cwd=root).returncode == 0
+        wait_until(lambda: (row := first_row()) and row[sem] == "12" and "0/5" in row)
+        assert "12" not in before
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=10)
+        os.close(leader)

@@ -1,8 +1,9 @@
 """Per-phase job metrics in Redis, bounded in size whatever the traffic.
 
 Each finished attempt adds to two places. Its phase's bucket for the current minute (jobs done,
-failed and retried, busy seconds, a duration histogram over fixed log-spaced bounds) gives the
-recent figures `levers status` shows; buckets expire after ``RETENTION_MIN`` minutes. Its phase's
+failed and retried, a duration histogram over fixed log-spaced bounds; its busy seconds go to the
+minutes it was busy) gives the recent figures `levers status` shows; buckets expire after
+``RETENTION_MIN`` minutes. Its phase's
 running totals (a count per histogram bucket, the count and the sum of durations, never reset)
 are the cumulative histogram Prometheus takes rates of; one hash of fixed fields per phase.
 Recording is a few commands queued on a pipeline the caller executes anyway, so it adds no round
@@ -86,24 +87,41 @@ def record(
 ) -> None:
     """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried;
     ``calls`` is how many calls it made through ctx.gather and ctx.map."""
-    minute = int((now if now is not None else time.time()) // BUCKET_S)
-    key = keys.phase_metrics(pipeline, phase, minute)
+    ended = now if now is not None else time.time()
+    key = keys.phase_metrics(pipeline, phase, int(ended // BUCKET_S))
     pipe.hincrby(key, outcome, 1)
-    pipe.hincrbyfloat(key, "busy_s", seconds)
     pipe.hincrby(key, f"h{bucket_index(seconds)}", 1)
     if calls:
         pipe.hincrby(key, "calls", calls)
     pipe.expire(key, RETENTION_MIN * BUCKET_S)
+    for minute, busy_s in busy_minutes(ended - seconds, ended):
+        busy_key = keys.phase_metrics(pipeline, phase, minute)
+        pipe.hincrbyfloat(busy_key, "busy_s", busy_s)
+        pipe.expire(busy_key, RETENTION_MIN * BUCKET_S)
     totals = keys.phase_durations(pipeline, phase)
     pipe.hincrby(totals, f"h{bucket_index(seconds)}", 1)
     pipe.hincrbyfloat(totals, "sum", seconds)
 
 
+def busy_minutes(started: float, ended: float) -> list[tuple[int, float]]:
+    """The seconds from ``started`` to ``ended`` per minute they fell in (the retained minutes
+    only): a long job's busy time counts in the minutes it was busy, not all in its last one."""
+    first = max(int(started // BUCKET_S), int(ended // BUCKET_S) - RETENTION_MIN + 1)
+    spans = []
+    for minute in range(first, int(ended // BUCKET_S) + 1):
+        seconds = min(ended, (minute + 1) * BUCKET_S) - max(started, minute * BUCKET_S)
+        if seconds > 0:
+            spans.append((minute, seconds))
+    return spans
+
+
 def read(
     connection: redis.Redis, pipeline: str, phase: str, minutes: int = 5, now: float | None = None
 ) -> PhaseMetrics:
-    """The last ``minutes`` whole and current minutes of a phase, summed."""
-    current = int((now if now is not None else time.time()) // BUCKET_S)
+    """The current minute and the ``minutes - 1`` whole ones before it, summed; their span is
+    what has passed of them, so a figure per second does not count the rest of this minute."""
+    at = now if now is not None else time.time()
+    current = int(at // BUCKET_S)
     with connection.pipeline(transaction=False) as pipe:
         for minute in range(current - minutes + 1, current + 1):
             pipe.hgetall(keys.phase_metrics(pipeline, phase, minute))
@@ -115,7 +133,7 @@ def read(
             totals[name] = totals.get(name, 0.0) + float(value)
     histogram = tuple(int(totals.get(f"h{i}", 0)) for i in range(len(BUCKET_BOUNDS_S) + 1))
     return PhaseMetrics(
-        span_s=minutes * BUCKET_S,
+        span_s=(minutes - 1) * BUCKET_S + (at - current * BUCKET_S),
         done=int(totals.get("done", 0)),
         failed=int(totals.get("failed", 0)),
         retried=int(totals.get("retried", 0)),

@@ -138,8 +138,9 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     """The status table, limits, the server's (masked) URL, and notes for a missing supervisor and
     a broken pipeline.yaml."""
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
-    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed", "workers",
-               "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state", "alerts")  # fmt: skip
+    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed",
+               "workers", "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state",
+               "alerts")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column in ("phase", "state", "alerts") else "right")
     for p in status.phases:
@@ -149,7 +150,8 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         failed_colour = "red" if p.failed_share > FAILED_SHARE_WARNING else "default"
         name = Text(f"{p.phase} ◀", style="bold red") if p.bottleneck else p.phase
         table.add_row(
-            name, Text(str(p.queued), style=queued_colour), _duration(p.oldest_wait_s), str(p.running),
+            name, Text(str(p.queued), style=queued_colour), _duration(p.oldest_wait_s),
+            f"{p.running}+{p.claimed_ahead}" if p.claimed_ahead else str(p.running),
             Text(str(p.stranded), style="red" if p.stranded else "default"), str(p.waiting_retry),
             str(p.done), Text(str(p.failed), style=failed_colour),
             f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",

@@ -20,12 +20,15 @@ def status(
 ) -> None:
     """Per phase: queued, running, done, failed, and workers alive/desired."""
     from levers.observing.status import PipelineStatus, pipeline_status
+    from levers.pipeline.watching import PipelineWatcher
     from levers.server.project import open_project
 
     project = open_project(file, last_good=True)
+    # each refresh of --watch reads the file again: a `levers set` shows at the next one
+    watcher = PipelineWatcher(project.loaded, error=project.file_error)
 
     def read() -> PipelineStatus:
-        return pipeline_status(project.connection, project.loaded.spec, project.file_error)
+        return pipeline_status(project.connection, watcher.current().spec, watcher.error)
 
     if as_json:
         console.print_json(read().as_json())

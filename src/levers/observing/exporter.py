@@ -47,6 +47,7 @@ LABELS = ["pipeline", "phase"]
 PHASE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("queue_depth", "queued", "Jobs waiting in the phase's queue."),
     ("jobs_running", "running", "Jobs live workers are running now."),
+    ("jobs_claimed_ahead", "claimed_ahead", "Jobs workers took while finishing the one before."),
     ("jobs_stranded", "stranded", "Jobs held by workers that are gone, until a supervisor requeues them."),
     ("jobs_waiting_retry", "waiting_retry", "Jobs waiting out a retry's backoff."),
     ("oldest_wait_seconds", "oldest_wait_s", "Age of the job at the head of the queue."),

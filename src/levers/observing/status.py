@@ -8,6 +8,7 @@ not alive is stranded, not running, until a supervisor puts it back on its queue
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,8 +39,11 @@ QUEUE_EMERGENCY = 1000
 FAILED_SHARE_WARNING = 0.10
 # Below this utilization no phase is holding documents up.
 BUSY_ENOUGH = 0.05
-# Throughput, utilization and job times are over this many recent minutes.
+# Throughput and job times are over this many recent minutes.
 METRICS_MINUTES = 5
+# Utilization is over the current minute and the one before: recent enough to agree with the
+# workers busy now, long enough not to swing with each job.
+UTILIZATION_MINUTES = 2
 # A worker levers did not start is alive while its last heartbeat is this recent (an idle RQ
 # worker beats at least every worker_ttl - 15 s, a busy forking one every 30 s).
 HEARTBEAT_FRESH_S = keys.WORKER_TTL_S
@@ -49,7 +53,8 @@ HEARTBEAT_FRESH_S = keys.WORKER_TTL_S
 class PhaseStatus:
     phase: str
     queued: int
-    running: int  # jobs alive workers hold
+    running: int  # jobs alive workers run now: at most one each
+    claimed_ahead: int  # jobs alive workers took while finishing the one before, not yet started
     stranded: int  # jobs held by workers that are gone, until a supervisor requeues them
     waiting_retry: int
     done: int
@@ -64,7 +69,9 @@ class PhaseStatus:
     threads: int
     oldest_wait_s: float | None
     throughput: float  # documents finished per second over the last METRICS_MINUTES
-    utilization: float  # busy share of the alive workers' time over the same span
+    utilization: (
+        float  # busy share of the alive workers' time over UTILIZATION_MINUTES, jobs running included
+    )
     p50_s: float | None
     p95_s: float | None
     calls_per_job: float
@@ -166,18 +173,19 @@ def _phase_status(
 ) -> PhaseStatus:
     queue = Queue(keys.queue_name(spec.name, name), connection=connection, serializer=JSONSerializer)
     workers = _alive(Worker.all(queue=queue), reports, name)
+    alive = {w.name for w in workers}
     held = _holders(connection, queue)
-    stranded = sum(holder not in {w.name for w in workers} for holder in held)
+    running_since = _running_since(held, alive)
     reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
     totals = ledger.totals(name)
     levers = spec.phases[name].levers
     recent = metrics.read(connection, spec.name, name, METRICS_MINUTES)
-    capacity_s = len(workers) * recent.span_s
     return PhaseStatus(
         phase=name,
         queued=queue.count,
-        running=len(held) - stranded,
-        stranded=stranded,
+        running=len(running_since),
+        claimed_ahead=sum(holder in alive for holder, _ in held) - len(running_since),
+        stranded=sum(holder not in alive for holder, _ in held),
         waiting_retry=ScheduledJobRegistry(queue=queue).count,
         done=totals.get("done", 0),
         failed=totals.get("failed", 0),
@@ -191,7 +199,7 @@ def _phase_status(
         threads=levers.threads,
         oldest_wait_s=_oldest_wait_s(queue),
         throughput=recent.throughput,
-        utilization=min(1.0, recent.busy_s / capacity_s) if capacity_s else 0.0,
+        utilization=_utilization(connection, spec.name, name, workers, list(running_since.values())),
         p50_s=recent.quantile(0.5),
         p95_s=recent.quantile(0.95),
         calls_per_job=round(recent.calls_per_job, 2),
@@ -222,15 +230,51 @@ def _alive(workers: list[BaseWorker], reports: list[SupervisorReport], phase: st
     return [w for w in workers if alive(w)]
 
 
-def _holders(connection: redis.Redis, queue: Queue) -> list[str | None]:
-    """The worker holding each job of the started registry (None: its execution has expired):
-    one read per job running, and the jobs running are about as many as the workers."""
+def _holders(connection: redis.Redis, queue: Queue) -> list[tuple[str | None, float | None]]:
+    """The worker holding each job of the started registry and when it took it (None: its
+    execution has expired): one read per job held, and those are about as many as the workers."""
     entries = queue.started_job_registry.get_job_and_execution_ids(cleanup=False)
     with connection.pipeline(transaction=False) as pipe:
         for job_id, execution_id in entries:
-            pipe.hget(Execution(execution_id, job_id, connection).key, "worker_name")
-        names = pipe.execute() if entries else []
-    return [name.decode() if name else None for name in names]
+            pipe.hmget(Execution(execution_id, job_id, connection).key, ["worker_name", "created_at"])
+        found = pipe.execute() if entries else []
+    return [(name.decode() if name else None, _timestamp(taken)) for name, taken in found]
+
+
+def _timestamp(raw: bytes | None) -> float | None:
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _running_since(held: list[tuple[str | None, float | None]], alive: set[str]) -> dict[str, float | None]:
+    """Per alive worker holding jobs, since when it has been busy. A worker runs one job at a time:
+    a second one it holds is claimed ahead (or the one before, still being completed)."""
+    since: dict[str, float | None] = {}
+    for holder, taken in held:
+        if holder in alive:
+            assert holder is not None
+            earlier = [t for t in (since.get(holder), taken) if t is not None]
+            since[holder] = min(earlier) if earlier else None
+    return since
+
+
+def _utilization(
+    connection: redis.Redis,
+    pipeline: str,
+    phase: str,
+    workers: list[BaseWorker],
+    running_since: list[float | None],
+) -> float:
+    """Busy share of the alive workers' time over the last UTILIZATION_MINUTES: the finished jobs'
+    busy seconds in that span and the running jobs' so far, over each worker's time alive in it."""
+    now = time.time()
+    recent = metrics.read(connection, pipeline, phase, UTILIZATION_MINUTES, now)
+    start = now - recent.span_s
+    capacity_s = sum(now - max(start, w.birth_date.timestamp() if w.birth_date else start) for w in workers)
+    running_s = sum(now - max(start, since if since is not None else now) for since in running_since)
+    return min(1.0, (recent.busy_s + running_s) / capacity_s) if capacity_s > 0 else 0.0
 
 
 def _mean(values: list[float]) -> float | None:

@@ -20,17 +20,21 @@ from levers.pipeline.safe_yaml import read_capped
 
 
 class PipelineWatcher:
-    """``on_change`` is called with each new valid version (not with the first)."""
+    """``on_change`` is called with each new valid version (not with the first); ``error`` is the
+    file's own when it is invalid and ``loaded`` is its last good version."""
 
     def __init__(
-        self, loaded: LoadedPipeline, on_change: Callable[[LoadedPipeline], None] | None = None
+        self,
+        loaded: LoadedPipeline,
+        on_change: Callable[[LoadedPipeline], None] | None = None,
+        error: str | None = None,
     ) -> None:
         self.path = loaded.path
         self._good = loaded
         self._on_change = on_change
         self._stamp = _stamp(self.path)
         self._looked = time.monotonic()
-        self.error: str | None = None
+        self.error = error
 
     @classmethod
     def open(cls, path: Path) -> PipelineWatcher:
