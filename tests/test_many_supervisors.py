@@ -91,4 +91,7 @@ def test_processes_saving_the_last_good_pipeline_at_once_never_fail(tmp_path: Pa
 
     assert [saver.exitcode for saver in savers] == [0] * len(PHASES)
     assert read_last_good(tmp_path / "pipeline.yaml") == load_pipeline(tmp_path / "pipeline.yaml")
-    assert [p.name for p in (tmp_path / ".levers").iterdir()] == ["last-good-pipeline.json"]
+    assert sorted(p.name for p in (tmp_path / ".levers").iterdir()) == [
+        ".gitignore",
+        "last-good-pipeline.json",
+    ]

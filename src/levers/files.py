@@ -14,6 +14,9 @@ from pathlib import Path
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
+STATE_GITIGNORE = (
+    b"# levers' local state (servers, artifacts, locks): none of it belongs in version control\n*\n"
+)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
@@ -42,3 +45,13 @@ def make_private(directory: Path) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, mode)
+
+
+def make_state_dir(directory: Path) -> Path:
+    """Create levers' state directory (``.levers/`` beside a pipeline file) with a .gitignore that
+    keeps everything in it out of version control, whatever levers writes there later."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = directory / ".gitignore"
+    if not ignore.exists():
+        write_atomically(ignore, STATE_GITIGNORE, mode=0o644)
+    return directory

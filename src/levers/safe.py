@@ -9,8 +9,10 @@ Imports nothing of levers.
 
 from __future__ import annotations
 
+import json
 import logging
 import unicodedata
+from datetime import UTC, datetime
 
 # Categories escaped: control characters (C0, DEL, C1), format characters (bidi overrides and
 # isolates, zero-width characters, invisible tags), lone surrogates (a file name that is not
@@ -65,7 +67,49 @@ def escape_logs(*loggers: logging.Logger) -> None:
     for logger in loggers:
         for handler in logger.handlers:
             old = handler.formatter or logging.Formatter()
-            if not isinstance(old, OneLineFormatter):
+            if not isinstance(old, (OneLineFormatter, JsonFormatter)):
                 formatter = OneLineFormatter()
                 formatter.__dict__.update(old.__dict__)
                 handler.setFormatter(formatter)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for platforms that parse logs: time, level, logger, pid, the
+    message, ``fields`` (the phase and queue of a worker, say) and the error's traceback, if any."""
+
+    def __init__(self, fields: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.fields = fields or {}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            **self.fields,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def log_to(
+    handler: logging.Handler, text_format: str, json_fields: dict[str, str] | None, verbose: bool
+) -> None:
+    """Send every log record to ``handler``, as text lines in ``text_format`` or, with
+    ``json_fields``, as JSON lines. RQ's own lines (one or more per job) and other libraries'
+    information only when ``verbose``."""
+    handler.setFormatter(
+        JsonFormatter(json_fields) if json_fields is not None else OneLineFormatter(text_format)
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # levers' own events, its phases' ctx.log included; the libraries' chatter only when asked
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("levers").setLevel(logging.INFO)
+    for name in ("rq.worker", "rq.scheduler", "rq.queue", "rq.job"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)

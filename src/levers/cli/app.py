@@ -5,16 +5,40 @@ The commands live in modules by what they work on; this one puts them together.
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from typing import Annotated
+
 import typer
 
 from levers.cli import graph, observe_commands, pipeline_commands, run_commands
+from levers.cli.help_text import plain_metavars
 
+plain_metavars()
 app = typer.Typer(
     help="Run a phased document pipeline on RQ workers, its parallelism declared in pipeline.yaml.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"levers {version('levers')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print levers' version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run a phased document pipeline on RQ workers, its parallelism declared in pipeline.yaml."""
+
 
 app.command()(pipeline_commands.validate)
 app.command()(pipeline_commands.schema)

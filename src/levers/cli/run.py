@@ -70,7 +70,7 @@ def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
 def _supervise_until_finished(project: Project, doc_ids: list[str]) -> list[DocumentRecord]:
     ledger = Ledger(project.connection, project.loaded.spec.name)
     # the progress bar owns the terminal: workers and supervisor log to .levers/logs
-    supervisor = pool.build_supervisor(project, log_dir=project.state_dir / "logs")
+    supervisor = pool.build_supervisor(project, logs=pool.LogOptions(log_dir=project.state_dir / "logs"))
     pool.SignalLatch(supervisor).install()
     with console.DocumentProgress(len(doc_ids)) as progress:
 

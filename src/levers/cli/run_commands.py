@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +14,10 @@ from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S
 
-URL_HINT = "(for rq info and rq-dashboard: levers url --show-password)"
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 @reports_errors
@@ -45,6 +49,12 @@ def up(
             "(default: the longest phase timeout). Set the platform's grace a few seconds longer.",
         ),
     ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option(help="text: one line per event; json: one JSON object per line.")
+    ] = LogFormat.TEXT,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log RQ's own lines too, one or more per job.")
+    ] = False,
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers.server.embedded import start_recorded
@@ -58,21 +68,22 @@ def up(
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
     # what `levers down` stopped (a phase's graph database, say) comes back on its own address
     start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
-    supervisor = pool.build_supervisor(project, only, grace_s=grace)
+    logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
+    supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
     exporter = (
         pool.start_exporter(supervisor.watcher, project.target, metrics_host, metrics_port)
         if metrics_port
         else None
     )
     pool.SignalLatch(supervisor).install()
-    phases = sorted(only) or list(project.loaded.spec.phases)
-    console.note(f"levers: supervising {', '.join(phases)} on {project.target.masked} {URL_HINT}")
+    metrics_at = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
+    pool.log_started(project, sorted(only) or list(project.loaded.spec.phases), metrics_at)
     try:
         pool.run(supervisor, project.connection, revive=pool.revive_embedded(project))
     finally:
         if exporter is not None:
             exporter.terminate()
-    console.note("levers: stopped")
+    pool.log.info("stopped")
 
 
 @reports_errors

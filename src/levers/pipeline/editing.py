@@ -21,8 +21,8 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.util import load_yaml_guess_indent
 
 from levers.errors import UsageError
-from levers.files import write_atomically
-from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree
+from levers.files import make_state_dir, write_atomically
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree, state_dir_of
 from levers.pipeline.model import LeverSettings, Phase, Pipeline, did_you_mean
 from levers.pipeline.safe_yaml import round_trip_yaml
 
@@ -151,7 +151,8 @@ def _mapping_indent(text: str) -> int:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(f".{path.name}.lock")
+    # in the state directory, which its .gitignore keeps out of version control
+    lock_path = make_state_dir(state_dir_of(path)) / f"{path.name}.lock"
     with lock_path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from levers.errors import LeversError
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.pipeline.model import Pipeline
 from levers.pipeline.safe_yaml import read_capped
 
 
@@ -86,3 +87,16 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def lever_changes(old: Pipeline, new: Pipeline) -> str:
+    """What an edit changed of the phases and their levers, in one line ('' when nothing)."""
+    parts = [f"phase {name} added" for name in new.phases if name not in old.phases]
+    parts += [f"phase {name} removed" for name in old.phases if name not in new.phases]
+    for name in [n for n in new.phases if n in old.phases]:
+        before, after = old.phases[name].levers.model_dump(), new.phases[name].levers.model_dump()
+        parts += [f"{name}.{lever} {before.get(lever)} -> {value}" for lever, value in after.items()
+                  if before.get(lever) != value]  # fmt: skip
+        if old.phases[name].handler != new.phases[name].handler:
+            parts.append(f"{name}.handler {old.phases[name].handler} -> {new.phases[name].handler}")
+    return ", ".join(parts)

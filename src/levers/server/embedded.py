@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from levers.errors import ServerError
-from levers.files import PRIVATE_DIR, make_private, write_atomically
+from levers.files import PRIVATE_DIR, make_private, make_state_dir, write_atomically
 
 log = logging.getLogger("levers.server.embedded")
 
@@ -158,6 +158,7 @@ class EmbeddedServer:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
+        make_state_dir(self.data_dir.parent)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
         with (self.data_dir / "server.lock").open("w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

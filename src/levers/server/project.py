@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from levers.errors import SpecError
-from levers.files import write_atomically
+from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
 from levers.pipeline.model import Pipeline
 from levers.server.connection import Target, connect, embedded_server, resolve
@@ -71,6 +71,7 @@ def last_good_path(pipeline: Path) -> Path:
 def save_last_good(loaded: LoadedPipeline) -> None:
     """Keep the version a supervisor applies, for commands run while the file is invalid."""
     saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}
+    make_state_dir(loaded.state_dir)
     write_atomically(last_good_path(loaded.path), json.dumps(saved).encode())
 
 

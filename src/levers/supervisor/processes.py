@@ -31,15 +31,15 @@ from levers.documents.routing import register_queues
 from levers.errors import ServerError, SupervisorFailed, UsageError
 from levers.observing.reports import PhaseReport
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
-from levers.pipeline.watching import PipelineWatcher
-from levers.safe import escape_logs
+from levers.pipeline.watching import PipelineWatcher, lever_changes
+from levers.safe import log_to
 from levers.server.connection import Target, embedded_server
 from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
 from levers.server.project import Project, save_last_good
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
 from levers.worker import rq_contract
-from levers.worker.process import StrandedJobs, recover_jobs, run_worker, worker_name
+from levers.worker.process import StrandedJobs, WorkerLogs, recover_jobs, run_worker, worker_name
 from levers.worker.progress import WorkerProgress
 from levers.worker.rq_worker import LeversWorker
 
@@ -54,9 +54,16 @@ _fork = multiprocessing.get_context("fork")
 
 
 @dataclass(frozen=True)
+class LogOptions:
+    log_dir: Path | None = None  # None: stderr; else a file per phase, and supervisor.log
+    verbose: bool = False  # RQ's own lines, one or more per job, too
+    json: bool = False  # one JSON object per line
+
+
+@dataclass(frozen=True)
 class PoolOptions:
     target: Target
-    log_dir: Path | None = None  # None: workers log to the supervisor's stderr
+    logs: LogOptions = LogOptions()
 
 
 class WorkerProcess(ForkProcess):
@@ -95,7 +102,7 @@ def preload_handlers(loaded: LoadedPipeline) -> None:
 
 
 def build_supervisor(
-    project: Project, only: frozenset[str] = frozenset(), log_dir: Path | None = None,
+    project: Project, only: frozenset[str] = frozenset(), logs: LogOptions = LogOptions(),
     grace_s: float | None = None,
 ) -> Supervisor:  # fmt: skip
     """What `levers up` and `levers run` do before the first tick: check that the installed RQ
@@ -105,9 +112,9 @@ def build_supervisor(
     preload_handlers(project.loaded)
     save_last_good(project.loaded)
     register_queues(project.connection, project.loaded.spec)
-    configure_logging(log_dir)
-    watcher = PipelineWatcher(project.loaded, on_change=_took_up(project.connection))
-    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, log_dir), only)
+    configure_logging(logs)
+    watcher = PipelineWatcher(project.loaded, on_change=_took_up(project.connection, project.loaded))
+    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, logs), only)
     supervisor.grace_s = grace_s
     return supervisor
 
@@ -128,11 +135,15 @@ def revive_embedded(project: Project) -> Callable[[], object]:
     return revive
 
 
-def _took_up(connection: redis.Redis) -> Callable[[LoadedPipeline], None]:
-    """What follows a new valid pipeline.yaml: keep it as the last good version and register its
-    queues. Neither is worth a supervisor: a failure is a warning, and the next edit tries again."""
+def _took_up(connection: redis.Redis, first: LoadedPipeline) -> Callable[[LoadedPipeline], None]:
+    """What follows a new valid pipeline.yaml: say which levers moved, keep it as the last good
+    version and register its queues. Neither is worth a supervisor: a failure is a warning, and
+    the next edit tries again."""
+    last = [first]
 
     def took_up(loaded: LoadedPipeline) -> None:
+        log.info("pipeline.yaml changed: %s", lever_changes(last[0].spec, loaded.spec) or "no lever moved")
+        last[0] = loaded
         try:
             save_last_good(loaded)
         except OSError as exc:
@@ -200,12 +211,16 @@ def _worker_main(
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    if options.log_dir is not None:
-        options.log_dir.mkdir(parents=True, exist_ok=True)
-        with (options.log_dir / f"{phase}.log").open("ab") as log_file:
+    logs = options.logs
+    if logs.log_dir is not None:
+        logs.log_dir.mkdir(parents=True, exist_ok=True)
+        with (logs.log_dir / f"{phase}.log").open("ab") as log_file:
             os.dup2(log_file.fileno(), 1)
             os.dup2(log_file.fileno(), 2)
-    run_worker(path, phase, options.target.url, options.target.embedded, progress, supervisor_pid)
+    run_worker(
+        path, phase, options.target.url, options.target.embedded, progress, supervisor_pid,
+        WorkerLogs(verbose=logs.verbose, json=logs.json),
+    )  # fmt: skip
 
 
 def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: int) -> BaseProcess:
@@ -219,13 +234,25 @@ def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: in
         raise UsageError(message, fix="pick another --metrics-host or --metrics-port") from None
     from levers.observing.exporter import serve
 
-    args = (watcher, target, host, port, os.getpid())
+    # a watcher of its own: taking up an edit (and saying so) is the supervisor's
+    args = (PipelineWatcher(watcher.current(), error=watcher.error), target, host, port, os.getpid())
     process = _fork.Process(target=serve, args=args, name="levers-metrics", daemon=True)
     process.start()
     return process
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def log_started(project: Project, phases: list[str], metrics_at: str | None) -> None:
+    """The line that says the service is up, and where to find it."""
+    workers = sum(project.loaded.spec.phases[phase].levers.workers for phase in phases)
+    log.info(
+        "started: phases %s; %d worker(s); Redis %s (levers url --show-password for rq info and "
+        "rq-dashboard); %s; Ctrl-C to stop",
+        ", ".join(phases), workers, project.target.masked,
+        f"metrics at {metrics_at}" if metrics_at else "no metrics (--metrics-port)",
+    )  # fmt: skip
 
 
 class SignalLatch:
@@ -247,17 +274,16 @@ class SignalLatch:
 SUPERVISOR_LOG_FORMAT = "%(asctime)s %(levelname)s [supervisor pid=%(process)d] %(message)s"
 
 
-def configure_logging(log_dir: Path | None) -> None:
+def configure_logging(logs: LogOptions) -> None:
     """Supervisor logs go to stderr, or to ``log_dir/supervisor.log`` when a progress bar owns it;
     one line per message, whatever names it carries."""
-    if log_dir is None:
-        logging.basicConfig(level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, force=True)
+    handler: logging.Handler
+    if logs.log_dir is None:
+        handler = logging.StreamHandler()
     else:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        logging.basicConfig(
-            level=logging.INFO, format=SUPERVISOR_LOG_FORMAT, filename=log_dir / "supervisor.log", force=True
-        )
-    escape_logs(logging.getLogger())
+        logs.log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logs.log_dir / "supervisor.log")
+    log_to(handler, SUPERVISOR_LOG_FORMAT, {"role": "supervisor"} if logs.json else None, logs.verbose)
 
 
 def run(

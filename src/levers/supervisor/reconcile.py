@@ -244,6 +244,9 @@ class Supervisor:
         phases = loaded.spec.phases
         for slot in self._running():
             if slot.phase in phases and phases[slot.phase].handler != slot.handler:
+                log.info(
+                    "%s: replacing worker %s after its current job: the handler changed", slot.phase, slot.pid
+                )
                 self._retire_one(slot)
 
     def _reconcile_phase(self, loaded: LoadedPipeline, phase: str, wanted: int) -> None:
@@ -251,18 +254,29 @@ class Supervisor:
         if len(running) > wanted:
             # idle workers go first, then the youngest
             surplus = sorted(running, key=lambda s: (self.seams.is_busy(s), -s.started_at))
-            self._retire(surplus[: len(running) - wanted])
+            retired = surplus[: len(running) - wanted]
+            log.info(
+                "%s: stopping %d worker(s) (pid %s) after their current job, to have %d",
+                phase, len(retired), ", ".join(str(s.pid) for s in retired), wanted,
+            )  # fmt: skip
+            self._retire(retired)
             return
         health = self.health.setdefault(phase, PhaseHealth())
         now = self.seams.clock()
         if len(running) < wanted and now >= health.next_spawn_at:
+            pids = []
             for _ in range(wanted - len(running)):
                 if self.stopping:  # a stop signal arrived during this tick
-                    return
+                    break
                 slot = Slot(phase, loaded.spec.phases[phase].handler, self.seams.spawn(phase, loaded), now)
                 self.slots.append(slot)
+                pids.append(str(slot.pid))
                 if self.stopping:  # ...while this worker was being started: it was not asked to stop
                     self._retire_one(slot)
+            if pids:
+                log.info(
+                    "%s: started %d worker(s) (pid %s) to have %d", phase, len(pids), ", ".join(pids), wanted
+                )
 
     def _running(self, phase: str | None = None) -> list[Slot]:
         return [s for s in self.slots if s.state is SlotState.RUNNING and (phase is None or s.phase == phase)]

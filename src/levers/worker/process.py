@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -30,6 +31,7 @@ from levers import keys
 from levers.documents.ledger import Ledger
 from levers.documents.routing import JOB_FUNCTION
 from levers.pipeline.watching import PipelineWatcher
+from levers.safe import log_to
 from levers.server.connection import Target, client
 from levers.server.outage import no_resend
 from levers.worker.progress import WorkerProgress
@@ -56,9 +58,16 @@ def worker_name(phase: str, pid: int) -> str:
     return f"{phase}.{socket.gethostname()}.{pid}"
 
 
+@dataclass(frozen=True)
+class WorkerLogs:
+    verbose: bool = False  # RQ's own lines, one or more per job, too
+    json: bool = False  # one JSON object per line
+
+
 def run_worker(
     pipeline_path: Path, phase: str, target_url: str, embedded: bool,
     progress: WorkerProgress | None = None, supervisor_pid: int | None = None,
+    logs: WorkerLogs = WorkerLogs(),
 ) -> None:  # fmt: skip
     """Body of a worker process: serve ``phase``'s queue until told to stop, or until the
     supervisor (default: the parent process) is gone; ``progress`` is shared with it."""
@@ -73,7 +82,8 @@ def run_worker(
     connection = no_resend(client(Target(url=target_url, embedded=embedded)))
     queue_name = keys.queue_name(spec.name, phase)
     log_format = LOG_FORMAT.format(phase=phase, queue=queue_name)
-    logging.basicConfig(level=logging.INFO, format=log_format, force=True)
+    log_to(logging.StreamHandler(), log_format, {"phase": phase, "queue": queue_name} if logs.json else None,
+           logs.verbose)  # fmt: skip
     worker = LeversWorker(
         [Queue(queue_name, connection=connection, serializer=JSONSerializer)],
         connection=connection,
@@ -84,7 +94,9 @@ def run_worker(
         runtime=WorkerRuntime(watcher, connection, target_url),
     )
     _stop_when_orphaned(worker, supervisor_pid)
-    worker.work(with_scheduler=True, logging_level="INFO", log_format=log_format)
+    worker.work(
+        with_scheduler=True, logging_level="INFO" if logs.verbose else "WARNING", log_format=log_format
+    )
 
 
 def _stop_when_orphaned(worker: LeversWorker, supervisor_pid: int) -> None:

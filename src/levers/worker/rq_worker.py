@@ -177,9 +177,10 @@ class LeversWorker(TakingWorker):
             self.set_state(WorkerStatus.IDLE)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        # RQ puts the traceback in the message, which the log keeps on one line; as exc_info it
-        # keeps its lines, each indented under the record
-        self.log.error("Worker %s: job %s failed", self.name, job.id, exc_info=exc_info)
+        # one line says what failed; the traceback (its lines indented under the record) with -v
+        then = f"retrying ({job.retries_left} left)" if job.retries_left else "no retry left"
+        log.warning("job failed: %s: %s; %s", job.description or job.id, first_line(exc_info[1]), then)
+        self.log.info("Worker %s: job %s failed", self.name, job.id, exc_info=exc_info)
         call_exception_handlers(self._exc_handlers, job, *exc_info)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
@@ -360,3 +361,11 @@ class LeversWorker(TakingWorker):
             self.cleanup_execution(taken.job, pipe, taken.execution)
             pipe.execute()
         log.warning("job %s: %s; this worker's outcome is dropped", taken.job.id, reason)
+
+
+def first_line(error: BaseException | None) -> str:
+    """The error's type and the first line of its message: what a log line has room for."""
+    if error is None:
+        return "unknown error"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
