@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from levers.errors import LeversError
 from levers.observing.advice import advise
 from levers.observing.status import PhaseStatus, PipelineStatus
+from levers.pipeline.loading import load_pipeline
 
 HEALTHY = PhaseStatus(
     phase="chunking", queued=0, running=1, claimed_ahead=0, stranded=0, waiting_retry=0, done=100, failed=0,
@@ -83,3 +90,99 @@ def test_failures_are_not_a_scaling_problem() -> None:
     finding = only(advise(status(replace(HEALTHY, done=80, failed=20))))
     assert finding.command is None
     assert "not a scaling problem" in finding.action
+
+
+# `levers status --json` of real runs of the toy pipeline (tests/test_e2e.py), recorded under
+# tests/data/advice/: 37 documents of 10 s each queued with no worker, then with one worker;
+# four workers with nothing submitted, then after 12 documents of 0.2 s.
+RECORDED = Path(__file__).parent / "data" / "advice"
+
+
+def recorded(name: str, **fixed: list[str]) -> PipelineStatus:
+    data = json.loads((RECORDED / f"{name}.json").read_text())
+    fields = {f.name for f in dataclasses.fields(PhaseStatus)}
+    phases = [
+        PhaseStatus(
+            **{**{k: v for k, v in p.items() if k in fields}, "fixed": tuple(fixed.get(p["phase"], ()))}
+        )
+        for p in data["phases"]
+    ]
+    return PipelineStatus(data["pipeline"], phases, [], None, data["limits"], data["memory_percent"])
+
+
+def test_a_recorded_backlog_asks_for_workers_to_drain_it() -> None:
+    findings = advise(recorded("backlog"))
+    first = next(f for f in findings if f.subject == "first")
+    assert first.symptom == "queue backing up"  # 34 queued: under the 100 of a queue warning
+    assert "34 queued" in first.evidence and "about 10 min to drain" in first.evidence
+    assert first.command == "levers set first.workers=2"  # 34 x 17.5 s / 300 s
+    second = next(f for f in findings if f.subject == "second")
+    assert second.symptom == "backlog with no worker alive" and second.command is None
+
+
+def test_a_recorded_backlog_with_no_worker_says_so() -> None:
+    finding = only(advise(recorded("no_worker")))
+    assert (finding.subject, finding.symptom) == ("first", "backlog with no worker alive")
+    assert "37 queued" in finding.evidence
+
+
+def test_recorded_idle_workers_with_nothing_to_do_are_no_finding() -> None:
+    assert advise(recorded("idle_no_traffic")) == []
+
+
+def test_recorded_idle_workers_with_traffic_are_trimmed_truthfully() -> None:
+    finding = only(advise(recorded("idle_with_traffic")))
+    assert finding.symptom == "workers idle" and finding.command == "levers set first.workers=1"
+    # 4 workers 2% busy: one would have been busy 8%, not "about 70%"
+    assert "1 would have been busy 8% of the time" in finding.action
+    assert "70%" not in finding.action
+
+
+def test_a_fixed_lever_is_never_proposed() -> None:
+    sequential = replace(HEALTHY, phase="kg_ingest", semaphore=1, calls_per_job=20, p50_s=60.0)
+    assert advise(status(replace(sequential, fixed=("semaphore",)))) == []
+    assert (
+        only(advise(status(replace(sequential, fixed=("workers",))))).command
+        == "levers set kg_ingest.semaphore=10"
+    )
+
+    # a backlog is still reported with its lever fixed, without the command
+    first = next(f for f in advise(recorded("backlog", first=["workers"])) if f.subject == "first")
+    assert first.symptom == "queue backing up" and first.command is None
+    assert "first.workers is declared fixed" in first.action
+    # 429s with the busiest caller's semaphore fixed: the declared rate is what is left to say
+    limit = {"name": "anthropic", "rate_limited": 3, "calls": 30, "requests_per_minute": None}
+    finding = only(advise(status(replace(HEALTHY, fixed=("semaphore",)), limits=[limit])))
+    assert finding.command is None and "declare the provider's rate" in finding.action
+
+
+def test_fixed_names_levers_only(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: p\nphases:\n  a:\n    handler: m:f\n    fixed: [semaphore, speed]\n"
+    )
+    with pytest.raises(LeversError) as raised:
+        load_pipeline(tmp_path / "pipeline.yaml")
+    assert "fixed" in str(raised.value)
+
+
+def test_the_bundled_pipeline_keeps_kg_ingest_one_at_a_time() -> None:
+    spec = load_pipeline(Path(__file__).parent.parent / "pipeline.yaml").spec
+    assert spec.phases["kg_ingest"].fixed == ["semaphore"]
+
+
+@pytest.mark.parametrize(
+    ("phase", "limit", "memory"),
+    [
+        (replace(HEALTHY, cpu_percent=79.0), None, 50),  # CPU under the threshold
+        (replace(HEALTHY, cpu_percent=95.0, threads=2), None, 50),  # CPU-bound, already on threads
+        (replace(HEALTHY, semaphore=2, calls_per_job=20), None, 50),  # calls already concurrent
+        (replace(HEALTHY, calls_per_job=1.5, semaphore=1), None, 50),  # one call per job: nothing to overlap
+        (HEALTHY, {"name": "anthropic", "rate_limited": 0, "calls": 500, "requests_per_minute": 50}, 50),
+        (replace(HEALTHY, rss_mb=900.0), None, 89),  # memory under pressure's threshold
+        (replace(HEALTHY, queued=40, p50_s=2.0), None, 50),  # a queue that drains in 27 s
+    ],
+)
+def test_no_finding_below_each_symptom(
+    phase: PhaseStatus, limit: dict[str, Any] | None, memory: float
+) -> None:
+    assert advise(status(phase, limits=[limit] if limit else [], memory=memory)) == []

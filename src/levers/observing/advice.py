@@ -1,13 +1,16 @@
 """`levers advise`: the symptom table of running an RQ pipeline, checked against live figures.
 
 Each rule reads one symptom from a ``PipelineStatus`` and, when it holds, says which lever to
-move, with the figures that show it and the exact `levers set` command. Pure: no I/O here.
+move, with the figures that show it and the exact `levers set` command. A lever a phase declares
+fixed (``fixed: [semaphore]``) is never proposed: a finding about that lever alone is dropped, and
+one with other ways out (a backlog, memory, a provider's 429s) keeps its evidence without the
+command. Pure: no I/O here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from levers.observing.status import (
     FAILED_SHARE_WARNING,
@@ -56,7 +59,27 @@ def advise(status: PipelineStatus) -> list[Finding]:
     memory = _memory_pressure(status)
     if memory is not None:
         findings.append(memory)
-    return findings
+    fixed = {(p.phase, lever) for p in status.phases for lever in p.fixed}
+    return [kept for finding in findings if (kept := _respecting(finding, fixed)) is not None]
+
+
+# Symptoms whose only remedy is their lever: with that lever fixed, nothing is left to advise.
+ONLY_THAT_LEVER = frozenset(
+    {"workers idle", "slow jobs making calls one at a time", "high CPU in blocking work"}
+)
+
+
+def _respecting(finding: Finding, fixed: set[tuple[str, str]]) -> Finding | None:
+    """``finding`` without a command that changes a fixed lever (None when that was its point)."""
+    target = finding.command.removeprefix("levers set ").split("=")[0] if finding.command else ""
+    phase, _, lever = target.partition(".")
+    if (phase, lever) not in fixed:
+        return finding
+    if finding.symptom in ONLY_THAT_LEVER:
+        return None
+    return replace(
+        finding, command=None, action=f"{finding.action} ({target} is declared fixed: not proposed)"
+    )
 
 
 def _set(phase: str, lever: str, value: int) -> str:
@@ -65,7 +88,9 @@ def _set(phase: str, lever: str, value: int) -> str:
 
 def _backing_up(p: PhaseStatus) -> Finding | None:
     waiting_long = p.oldest_wait_s is not None and p.oldest_wait_s > WAIT_WARNING_S
-    if p.queued <= QUEUE_WARNING and not waiting_long:
+    slow_to_drain = p.drain_s is not None and p.drain_s > DRAIN_TARGET_S
+    stuck = p.queued > 0 and p.workers_alive == 0
+    if p.queued <= QUEUE_WARNING and not waiting_long and not slow_to_drain and not stuck:
         return None
     current = max(p.workers, 1)
     if p.p50_s:
@@ -75,27 +100,39 @@ def _backing_up(p: PhaseStatus) -> Finding | None:
         target = current * 2
     wait = f", oldest waiting {p.oldest_wait_s / 60:.0f} min" if p.oldest_wait_s else ""
     pace = f", p50 {p.p50_s:.2f} s" if p.p50_s else ""
+    drain = f", about {p.drain_s / 60:.0f} min to drain" if p.drain_s else ""
     urgency = "now: " if p.queued > QUEUE_EMERGENCY else ""
+    evidence = f"{p.queued} queued{wait}{pace}{drain}, workers {p.workers_alive}/{p.workers_desired}"
+    if stuck and p.workers_desired:
+        action = "start the phase's workers (`levers up`) and look at why they are not running"
+        return Finding(p.phase, "backlog with no worker alive", evidence, action, None)
     return Finding(
         p.phase,
         "queue backing up",
-        f"{p.queued} queued{wait}{pace}, workers {p.workers_alive}/{p.workers_desired}",
+        evidence,
         f"{urgency}more workers (lever 1), to drain the backlog in about {DRAIN_TARGET_S // 60} min",
         _set(p.phase, "workers", target),
     )
 
 
 def _idle(p: PhaseStatus) -> Finding | None:
+    """Workers busy less than half the time while jobs come: fewer would do. A phase that ran no
+    job lately is waiting for documents, not oversized: its figures say nothing about its size."""
     if p.queued or p.workers_alive <= 1 or p.utilization >= IDLE_UTILIZATION:
+        return None
+    if not p.throughput and not p.running:
         return None
     target = max(1, math.ceil(p.workers_alive * p.utilization / TARGET_UTILIZATION))
     if target >= p.workers:
         return None
+    busy = p.workers_alive * p.utilization / target
     return Finding(
         p.phase,
         "workers idle",
-        f"utilization {p.utilization:.0%} over the last minutes, queue empty, {p.workers_alive} workers",
-        f"fewer workers (lever 1) free their memory; {target} would run at about {TARGET_UTILIZATION:.0%}",
+        f"utilization {p.utilization:.0%} over the last 2 minutes, queue empty, {p.workers_alive} workers, "
+        f"{p.throughput * 60:.1f} documents/min",
+        f"fewer workers (lever 1) free their memory; {target} would have been busy "
+        f"{f'{busy:.0%}' if busy >= 0.01 else 'under 1%'} of the time",
         _set(p.phase, "workers", target),
     )
 

@@ -78,6 +78,7 @@ class PhaseStatus:
     cpu_percent: float | None  # mean over the phase's workers, % of one core
     rss_mb: float | None  # mean resident memory of the phase's workers
     bottleneck: bool = False
+    fixed: tuple[str, ...] = ()  # levers the phase declares fixed: advice leaves them alone
 
     @property
     def drain_s(self) -> float | None:
@@ -205,6 +206,7 @@ def _phase_status(
         calls_per_job=round(recent.calls_per_job, 2),
         cpu_percent=_mean([r.cpu_percent for r in reported if r.cpu_percent is not None]),
         rss_mb=_mean([r.rss_mb for r in reported if r.rss_mb is not None]),
+        fixed=tuple(spec.phases[name].fixed),
     )
 
 

@@ -153,6 +153,12 @@ class Phase(Strict):
     ]
     next: Annotated[str | None, Field(description="The phase that receives this one's output.")] = None
     levers: LeverSettings = LeverSettings()
+    fixed: Annotated[
+        list[Literal["workers", "semaphore", "threads"]],
+        Field(
+            description="Levers this phase keeps as declared: `levers advise` never proposes changing them."
+        ),
+    ] = []
     timeout: Annotated[
         Whole, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds one job may run before it is failed.")
     ] = 600
