@@ -79,7 +79,7 @@ def test_a_worker_busy_with_a_long_job_leaves_the_next_one_on_the_queue(
     assert taken_while_the_one_before_ran(tmp_path, connection, doc_ids) == [False, False]
 
 
-def test_sigterm_puts_the_job_claimed_ahead_back_at_the_head_of_its_queue(
+def test_sigterm_puts_the_job_taken_ahead_back_at_the_head_of_its_queue(
     tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.5, docs=6)
@@ -139,7 +139,7 @@ phases:
 """
 
 
-def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
+def test_a_killed_worker_gives_back_its_running_job_and_the_one_taken_ahead(
     tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     gate = tmp_path / "gate"
@@ -151,12 +151,12 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
         (tmp_path / "docs" / f"doc{i}.txt").write_text(text)
     supervisor = start_levers("up", "--phase", "first", cwd=tmp_path)
     doc_ids = submit(tmp_path, *(f"docs/doc{i}.txt" for i in range(len(texts))))
-    running, claimed = doc_ids[1:3]
+    running, ahead = doc_ids[1:3]
 
     def running_one_and_holding_the_next() -> bool:
-        # doc0 (short) is done; doc1's handler waits at the gate; doc2 is claimed, its start recorded
+        # doc0 (short) is done; doc1's handler waits at the gate; doc2 is taken ahead, its start recorded
         started = {d for d in doc_ids if doc_field(connection, d, "status") == "running"}
-        return (tmp_path / "running-1").exists() and held(connection) == 2 and started == {running, claimed}
+        return (tmp_path / "running-1").exists() and held(connection) == 2 and started == {running, ahead}
 
     wait_until(running_one_and_holding_the_next, poll_s=0.01)
     [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
@@ -168,9 +168,9 @@ def test_a_killed_worker_gives_back_its_running_and_its_claimed_job(
     assert {doc_field(connection, d, "status") for d in doc_ids} == {"queued"}  # waiting for second
     output = stop(supervisor)
     assert "requeued 2 job(s)" in output
-    # only the job whose handler ran carries the death and an extra attempt; the claimed one neither
+    # only the job whose handler ran carries the death and an extra attempt; the one taken ahead neither
     held_jobs = [j for j in Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer) if j]
-    assert {job.args[1]: job.meta.get("worker_deaths", 0) for job in held_jobs} == {running: 1, claimed: 0}
+    assert {job.args[1]: job.meta.get("worker_deaths", 0) for job in held_jobs} == {running: 1, ahead: 0}
     attempts = [doc_field(connection, d, "first:attempts") for d in doc_ids]
     assert attempts == ["1", "2", "1", "1", "1"]
 
