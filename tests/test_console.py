@@ -58,7 +58,7 @@ def test_run_shows_names_and_errors_safely_in_its_table_and_error_lines(
     assert result.returncode == 1
     assert "\x1b" not in result.stdout + result.stderr
     assert "a\\x1b[2J[bold]b\\nFORGED.txt" in result.stdout  # the summary table's row
-    assert result.stderr.splitlines()[-1].startswith("error: a\\x1b[2J[bold]b\\nFORGED.txt (")
+    assert result.stderr.splitlines()[-1].startswith("error: docs/a\\x1b[2J[bold]b\\nFORGED.txt (")
     lines = result.stdout.splitlines() + result.stderr.splitlines()
     assert not any(line.startswith("FORGED") for line in lines)
 

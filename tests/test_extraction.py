@@ -13,6 +13,7 @@ import docx
 import pytest
 from fpdf import FPDF
 
+from levers import Permanent
 from levers.pipeline.options import options_model
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.extraction import NO_TEXT_LAYER, ExtractionError, extract
@@ -45,6 +46,7 @@ def failure(path: Path, executor: ThreadPoolExecutor, **options: Any) -> str:
         extract_file(path, executor, **options)
     message = str(caught.value)
     assert "\n" not in message
+    assert isinstance(caught.value, Permanent)  # no retry can fix the input: the document fails at once
     return message
 
 

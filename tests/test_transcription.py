@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from levers import Permanent
 from levers.documents.store import ArtifactStore
 from levers.limits.shared import JobLimits
 from levers.limits.status import limits_status
@@ -188,9 +189,10 @@ def test_a_text_file_named_mp3_fails_at_once_without_a_call(fake: FakeDeepgram, 
     path = tmp_path / "notes.mp3"
     path.write_text("Action items: ship the transcription phase.\n")
 
-    with pytest.raises(NotAudio, match=r"^not an audio file: it starts like text"):
+    with pytest.raises(NotAudio, match=r"^not an audio file: it starts like text") as caught:
         run(path, None)
 
+    assert isinstance(caught.value, Permanent)
     assert fake.requests == []
 
 
@@ -204,6 +206,7 @@ def test_a_corrupt_recording_fails_with_the_provider_s_message(fake: FakeDeepgra
     assert str(caught.value) == (
         "Deepgram error 400: Bad Request: failed to process audio: corrupt or unsupported data"
     )
+    assert isinstance(caught.value, Permanent)  # the same bytes would be refused again
     assert len(fake.requests) == 1
 
 
@@ -243,9 +246,10 @@ def test_without_the_limit_a_server_error_fails_the_attempt(fake: FakeDeepgram, 
 
     with pytest.raises(
         TranscriptionError, match=r"^Deepgram error 503 SERVICE_UNAVAILABLE: Service unavailable$"
-    ):
+    ) as caught:
         run(write_wav(tmp_path / "x.wav", 1.0), None)
 
+    assert not isinstance(caught.value, Permanent)  # the job's retries may get past it
     assert len(fake.requests) == 1
 
 
@@ -258,6 +262,7 @@ def test_the_timeout_grows_with_the_recording_s_duration(fake: FakeDeepgram, tmp
     out = run(path, None, request_timeout=0.5, timeout_per_audio_minute=10)  # 0.5 + 5 s
 
     assert str(caught.value).startswith("Deepgram did not answer within 0.5 s (the timeout grows with")
+    assert not isinstance(caught.value, Permanent)
     assert out["text"] == "Slow to transcribe."
     assert Options(request_timeout=60, timeout_per_audio_minute=15).timeout_s(3600) == 60 + 900
 
@@ -275,6 +280,8 @@ def test_an_unreachable_endpoint_and_bad_options_are_one_line(
 
     assert str(unreachable.value).startswith("could not reach Deepgram at http://127.0.0.1:9: ConnectError")
     assert "secret" not in str(unreachable.value)
+    assert not isinstance(unreachable.value, Permanent)
+    assert isinstance(not_a_url.value, Permanent)
     assert "is not an http(s) URL" in str(not_a_url.value)
 
 

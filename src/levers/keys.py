@@ -34,6 +34,11 @@ def phase_counter(pipeline: str, phase: str) -> str:
     return f"levers:{pipeline}:phase:{phase}:totals"
 
 
+def failed(pipeline: str, phase: str) -> str:
+    """Sorted set: the ids of documents that failed at a phase and are kept, scored by when."""
+    return f"levers:{pipeline}:phase:{phase}:failed"
+
+
 def supervisors(pipeline: str) -> str:
     """Hash: supervisor id -> its JSON report, refreshed every tick."""
     return f"levers:{pipeline}:supervisors"

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import mutagen
 
+from levers import Permanent
+
 # 32 kbit/s, under what speech is usually encoded at (MP3 and AAC podcasts: 48-128 kbit/s).
 FALLBACK_BYTES_PER_S = 4_000
 READ_BLOCK_BYTES = 1 << 20
@@ -33,8 +35,9 @@ SNIFF_BYTES = 16
 CONTAINERS = "WAV, MP3, M4A/MP4, Ogg/Opus, FLAC or WebM"
 
 
-class NotAudio(ValueError):
-    """The bytes are not a recording levers can send; the message is the one-line reason."""
+class NotAudio(Permanent, ValueError):
+    """The bytes are not a recording levers can send; the message is the one-line reason (no retry
+    can fix it)."""
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from levers import Document, PhaseContext
+from levers import Document, Permanent, PhaseContext
 from phases.chunk_types import Chunk, ContextProvider, Contexts
 from phases.contexts import API_KEY_ENV, AnthropicContext, AnthropicOptions, require_api_key
 
@@ -66,7 +66,7 @@ _SENTENCE_GAP = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+")
 _LINE_GAP = re.compile(r"\s*\n\s*")
 
 
-class ChunkingError(ValueError):
+class ChunkingError(Permanent, ValueError):
     """The input cannot be chunked; the message is the one-line reason."""
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from levers import SharedLimit
+from levers import Permanent, SharedLimit
 
 API_KEY_ENV = "DEEPGRAM_API_KEY"
 BASE_URL_ENV = "DEEPGRAM_BASE_URL"
@@ -39,14 +39,24 @@ RunInThread = Callable[..., Awaitable[Any]]
 
 
 class TranscriptionError(RuntimeError):
-    """A recording could not be transcribed; the message is the one-line reason, never a traceback."""
+    """A recording could not be transcribed; the message is the one-line reason, never a traceback.
+    Retried: the service may answer next time."""
+
+
+class Untranscribable(Permanent, TranscriptionError):
+    """A recording no retry can transcribe (not set up, refused by the service as it is): it fails
+    at once."""
+
+
+# Error statuses a later try may get past: a timeout, too many requests, the service's own errors.
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
 
 
 def require_api_key() -> str:
     """The API key from the environment; a one-line TranscriptionError naming what to set."""
     key = os.environ.get(API_KEY_ENV, "").strip()
     if not key:
-        raise TranscriptionError(
+        raise Untranscribable(
             f"{API_KEY_ENV} is not set: transcribing audio calls Deepgram (set {API_KEY_ENV} in the "
             f"workers' environment; {BASE_URL_ENV} points at another endpoint)"
         )
@@ -59,7 +69,7 @@ def base_url(option: str | None) -> str | None:
     if not url:
         return None
     if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-        raise TranscriptionError(f"the Deepgram base URL {shown(url)!r} is not an http(s) URL")
+        raise Untranscribable(f"the Deepgram base URL {shown(url)!r} is not an http(s) URL")
     return url
 
 
@@ -108,7 +118,10 @@ async def request_transcript(
     try:
         response = await (limit.call(once) if limit is not None else once())
     except ApiError as exc:
-        raise TranscriptionError(describe_api_error(exc, retried=limit is not None)) from None
+        status = getattr(exc, "status_code", None)
+        transient = not isinstance(status, int) or status >= 500 or status in TRANSIENT_STATUSES
+        error = TranscriptionError if transient else Untranscribable
+        raise error(describe_api_error(exc, retried=limit is not None)) from None
     except httpx.TimeoutException:
         raise TranscriptionError(
             f"Deepgram did not answer within {call.timeout_s:.1f} s (the timeout grows with the "

@@ -35,7 +35,7 @@ from docx.text.paragraph import Paragraph
 from pydantic import Field
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from levers import Document, PhaseContext, PhaseOptions
+from levers import Document, Permanent, PhaseContext, PhaseOptions
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
 NO_TEXT_LAYER = "no text layer (scanned PDF? OCR is not supported)"
@@ -77,8 +77,9 @@ _HTML_BLOCKS = frozenset(
 )  # fmt: skip
 
 
-class ExtractionError(ValueError):
-    """A document that cannot be extracted; the message is the one-line reason."""
+class ExtractionError(Permanent, ValueError):
+    """A document that cannot be extracted; the message is the one-line reason. No retry can fix
+    it, so the document fails at once."""
 
 
 class Options(PhaseOptions):

@@ -41,6 +41,7 @@ from levers import (
     ConnectionFailed,
     Document,
     EmbeddedServer,
+    Permanent,
     PhaseContext,
     PhaseOptions,
     SharedLimit,
@@ -83,7 +84,7 @@ class Options(PhaseOptions):
     ] = None
 
 
-class GraphIngestError(ValueError):
+class GraphIngestError(Permanent, ValueError):
     """The input cannot be written to the graph; the message is the one-line reason."""
 
 

@@ -43,7 +43,7 @@ from pydantic import Field
 
 from levers import Document, PhaseContext, PhaseOptions, SharedLimit, UnknownLimit
 from phases.audio import Recording, probe
-from phases.deepgram_api import Call, TranscriptionError, base_url, request_transcript, require_api_key
+from phases.deepgram_api import Call, Untranscribable, base_url, request_transcript, require_api_key
 
 SUFFIXES = (".mp3", ".wav", ".m4a", ".ogg", ".opus", ".flac", ".webm", ".mp4")
 CACHE_NAMESPACE = "transcripts"
@@ -110,7 +110,7 @@ async def transcribe(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any
     """Handler: transcribe one recording, from the cache when it was transcribed before."""
     settings = ctx.options
     if doc.size > settings.max_bytes:
-        raise TranscriptionError(f"recording is {doc.size} bytes, over max_bytes {settings.max_bytes}")
+        raise Untranscribable(f"recording is {doc.size} bytes, over max_bytes {settings.max_bytes}")
     endpoint = base_url(settings.base_url)
     recording: Recording = await ctx.run_in_thread(probe, doc.content)
     key = cache_key(recording.sha256, endpoint, settings.params())
@@ -126,7 +126,7 @@ async def transcribe(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any
             await ctx.run_in_thread(ctx.store.put_cached, CACHE_NAMESPACE, key, response)
     output = transcript_output(response, Path(doc.name).stem, settings, recording)
     if not output["text"].strip():
-        raise TranscriptionError(f"no speech recognised in {output['duration_s']:.1f} s of audio")
+        raise Untranscribable(f"no speech recognised in {output['duration_s']:.1f} s of audio")
     return {**output, "cached": cached}
 
 

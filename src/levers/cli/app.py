@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from levers.cli import graph, observe_commands, pipeline_commands, run_commands
+from levers.cli import failure_commands, graph, observe_commands, pipeline_commands, run_commands
 from levers.cli.help_text import plain_metavars
 
 plain_metavars()
@@ -54,4 +54,7 @@ app.command()(observe_commands.status)
 app.command()(observe_commands.advise)
 app.command()(observe_commands.show)
 app.command()(observe_commands.plan)
+app.command()(failure_commands.failed)
+app.command()(failure_commands.retry)
+app.command()(failure_commands.purge)
 app.add_typer(graph.graph_app, name="graph")

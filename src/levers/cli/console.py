@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from levers.documents.failures import FailedDocument, Retried
 from levers.documents.ledger import DocStatus, DocumentRecord
 from levers.documents.submission import Outcome
 from levers.errors import LeversError, SpecError
@@ -100,7 +101,15 @@ class DocumentProgress:
         self.progress.update(self.task, completed=done + failed, detail=detail)
 
 
-def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> None:
+def run_summary(
+    records: Sequence[DocumentRecord], phases: Sequence[str], sources: dict[str, list[str]] | None = None
+) -> None:
+    """Per document (named by the paths it was given as, in ``sources`` by id) and per phase."""
+    given = sources or {}
+
+    def named(record: DocumentRecord) -> str:
+        return ", ".join(given.get(record.id) or record.names or [record.name])
+
     table = Table(title="documents", title_justify="left")
     table.add_column("document")
     table.add_column("id")
@@ -109,7 +118,7 @@ def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> Non
         table.add_column(f"{phase} s", justify="right")
     for record in records:
         cells = [_seconds(record.phases.get(p)) for p in phases]
-        table.add_row(shown(record.name), record.id[:12], _status(record.status), *cells)
+        table.add_row(shown(named(record)), record.id[:12], _status(record.status), *cells)
     out.print(table)
     totals = Table(title="phases", title_justify="left")
     for column in ("phase", "documents", "mean s", "max s", "attempts"):
@@ -123,7 +132,36 @@ def run_summary(records: Sequence[DocumentRecord], phases: Sequence[str]) -> Non
     out.print(totals)
     for record in records:
         if record.status is DocStatus.FAILED:
-            error(f"{record.name} ({record.id[:12]}): {record.error}")
+            error(f"{named(record)} ({record.id[:12]}): {record.error}")
+
+
+def failed_table(found: Sequence[FailedDocument]) -> None:
+    """`levers failed`: one row per failed document, oldest failure first."""
+    if not found:
+        note("no failed document kept")
+        return
+    table = Table(title=f"{len(found)} failed", title_justify="left")
+    for column in ("id", "names", "phase", "attempts", "error", "failed at"):
+        table.add_column(column, justify="right" if column == "attempts" else "left")
+    for failed in found:
+        table.add_row(
+            failed.id[:12], shown(", ".join(failed.names)), failed.phase, str(failed.attempts),
+            shown(failed.error), _clock(failed.failed_at),
+        )  # fmt: skip
+    out.print(table)
+    note("levers retry ID... (or --all) requeues them where they failed; levers show ID for the rest")
+
+
+def retried(outcomes: Sequence[Retried]) -> None:
+    """`levers retry`: one line per document, requeued or why not."""
+    for outcome in outcomes:
+        if outcome.error:
+            error(outcome.error)
+        else:
+            names = ", ".join(outcome.names)
+            out.print(shown(f"requeued {outcome.doc_id} ({names}) at {outcome.phase}"), soft_wrap=True)
+    if not outcomes:
+        note("no failed document to retry")
 
 
 def _status(status: str) -> Text:
@@ -238,7 +276,10 @@ def status_table(status: PipelineStatus, server: str | None = None) -> None:
 
 
 def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
-    out.print(Text.assemble((shown(record.name), "bold"), f"  {record.id}  ", _status(record.status)))
+    names = ", ".join(record.names or [record.name])
+    out.print(Text.assemble((shown(names), "bold"), f"  {record.id}  ", _status(record.status)))
+    if record.name not in record.names:
+        out.print(shown(f"read as {record.name}: its content is not what its extension says"))
     out.print(f"submitted {_clock(record.submitted)}" + (f", finished {_clock(record.finished)}"
               if record.finished else f", now at {record.phase}"))  # fmt: skip
     table = Table()

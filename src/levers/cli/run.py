@@ -11,7 +11,7 @@ from pathlib import Path
 from levers.cli import console
 from levers.documents.ledger import DocStatus, DocumentRecord, Ledger
 from levers.documents.store import ArtifactStore
-from levers.documents.submission import Submitter
+from levers.documents.submission import Outcome, Submitter
 from levers.errors import UsageError
 from levers.pipeline.loading import import_handler
 from levers.server.connection import embedded_server
@@ -35,7 +35,7 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
         if not doc_ids:
             raise UsageError("no document to process", fix="pass files or directories the pipeline accepts")
         records = _supervise_until_finished(project, doc_ids)
-        console.run_summary(records, list(project.loaded.spec.phases))
+        console.run_summary(records, list(project.loaded.spec.phases), _given_paths(outcomes))
         if project.loaded.spec.summary:
             _describe_results(project, records)
         return all(o.ok for o in outcomes) and all(r.status is DocStatus.DONE for r in records)
@@ -45,6 +45,15 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
                 server.stop()
         if project.started_server:
             embedded_server(project.loaded).stop()
+
+
+def _given_paths(outcomes: list[Outcome]) -> dict[str, list[str]]:
+    """Each document's paths as the user gave them: one content may be under several."""
+    paths: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.doc_id and outcome.source not in paths.setdefault(outcome.doc_id, []):
+            paths[outcome.doc_id].append(outcome.source)
+    return paths
 
 
 def _describe_results(project: Project, records: list[DocumentRecord]) -> None:

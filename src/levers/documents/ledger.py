@@ -1,6 +1,7 @@
 """Where each document stands: one Redis hash per document, written by submitters and workers.
 
-Fields: name, input (files|bytes), status, phase, submitted, finished, error, and per phase
+Fields: name (the one phases see), names (JSON: every name the content was submitted under), input
+(files|bytes), status, phase, submitted, finished, error, and per phase
 ``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``, ``<phase>:lost``
 (the last host lost while it ran this phase).
 
@@ -11,10 +12,14 @@ superseded, and hands nothing off.
 
 The ledger records every outcome of an attempt, with its phase's totals and metrics: finished,
 failed, retried.
+
+A document that fails for good is added to its phase's failed set (keys.failed), scored by when
+it failed; levers.documents.failures lists, retries, expires and purges from there.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from collections.abc import Callable
@@ -82,6 +87,10 @@ def _scripts_for(client: redis.Redis) -> _Scripts:
     return _scripts[client]
 
 
+# Names kept per document: the same bytes under more names than this are one document all the same.
+MAX_NAMES = 32
+
+
 class Superseded(Exception):
     """The attempt is not the document's current one: its job was taken over and run again, or
     the document is past this phase."""
@@ -114,6 +123,7 @@ class DocumentRecord:
     finished: float | None
     error: str | None
     phases: dict[str, PhaseRecord] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # every name it was submitted under, first first
 
 
 class Ledger:
@@ -124,24 +134,35 @@ class Ledger:
     def _key(self, doc_id: str) -> str:
         return keys.document(self.pipeline, doc_id)
 
-    def add(self, doc_id: str, name: str, input_kind: str, phase: str, force: bool) -> bool:
+    def add(
+        self, doc_id: str, name: str, input_kind: str, phase: str, force: bool,
+        submitted_as: str | None = None,
+    ) -> bool:  # fmt: skip
         """Add a submitted document; False when it is already in the pipeline or done.
 
-        A document that failed may always be submitted again.
+        A document that failed may always be submitted again. ``name`` is what phases see (the
+        name with its content's real extension); ``submitted_as`` (default ``name``) joins the
+        names the content was submitted under, whether it runs again or not.
         """
         key = self._key(doc_id)
-        status = self.connection.hget(key, "status")
+        status, was_at, names, was_named = self.connection.hmget(key, "status", "phase", "names", "name")
+        known = _names(names, _text(was_named or b""))
+        given = submitted_as or name
+        known += [] if given in known or len(known) >= MAX_NAMES else [given]
         if status is not None and not force and _text(status) != DocStatus.FAILED:
+            self.connection.hset(key, "names", json.dumps(known))
             return False
         now = time.time()
         with self.connection.pipeline() as pipe:
             pipe.delete(key)
             pipe.hset(
                 key,
-                mapping={"name": name, "input": input_kind, "status": DocStatus.QUEUED, "phase": phase,
-                         "submitted": now},
+                mapping={"name": name, "names": json.dumps(known), "input": input_kind,
+                         "status": DocStatus.QUEUED, "phase": phase, "submitted": now},
             )  # fmt: skip
             pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
+            if was_at:  # submitted again after it failed there: no longer a failed document
+                pipe.zrem(keys.failed(self.pipeline, _text(was_at)), doc_id)
             pipe.execute()
         return True
 
@@ -246,15 +267,18 @@ class Ledger:
         superseded (its job taken over and run again elsewhere). With ``pipe``, a transaction the
         caller opened and executes, the writes are queued on it.
         """
+        now = time.time()
         fields: dict[Any, str | float] = {f"{phase}:error": error}
         if final:
-            fields.update(status=DocStatus.FAILED, error=f"{phase}: {error}", finished=time.time())
+            fields.update(status=DocStatus.FAILED, error=f"{phase}: {error}", finished=now)
         else:
             fields.update(status=DocStatus.QUEUED)
         outcome = "failed" if final else "retried"
 
         def writes(pipe: redis.client.Pipeline) -> None:
             pipe.hset(self._key(doc_id), mapping=fields)
+            if final:
+                pipe.zadd(keys.failed(self.pipeline, phase), {doc_id: now})
             pipe.hincrby(keys.phase_counter(self.pipeline, phase), outcome, 1)
             metrics.record(pipe, self.pipeline, phase, outcome, seconds)
 
@@ -304,6 +328,18 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _names(stored: bytes | str | None, name: str) -> list[str]:
+    """The names a record keeps (JSON written by ``claim``; anything else in Redis is not trusted)."""
+    try:
+        names = json.loads(stored) if stored else []
+    except ValueError:
+        names = []
+    if not isinstance(names, list):
+        names = []
+    kept = [n for n in names if isinstance(n, str)][:MAX_NAMES]
+    return kept or ([name] if name else [])
+
+
 def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
     fields = {_text(k): _text(v) for k, v in raw.items()}
     phases: dict[str, dict[str, str]] = {}
@@ -320,6 +356,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
         submitted=float(fields.get("submitted", 0)),
         finished=float(fields["finished"]) if "finished" in fields else None,
         error=fields.get("error"),
+        names=_names(fields.get("names"), fields.get("name", "")),
         phases={
             name: PhaseRecord(
                 started=float(p["started"]) if "started" in p else None,

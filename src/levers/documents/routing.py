@@ -42,6 +42,11 @@ def entry_phase(spec: Pipeline, name: str, input_kind: str) -> str:
     return (preferred or candidates)[0]
 
 
+def accepted_by_entry(spec: Pipeline, suffix: str) -> bool:
+    """Whether an entry phase takes documents with this extension (".pdf")."""
+    return any(_accepts(spec.phases[p], suffix.lower()) for p in spec.entry_phases())
+
+
 def queue(connection: redis.Redis, spec: Pipeline, phase: str) -> Queue:
     return Queue(keys.queue_name(spec.name, phase), connection=connection, serializer=JSONSerializer)
 

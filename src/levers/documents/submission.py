@@ -1,7 +1,9 @@
 """Feeding documents in: paths to files, files to ids, ids to the entry phase's queue.
 
 A document's id is a hash of its content, so the same content submitted twice is processed
-once (unless forced). Problems with one path never stop the others: each outcome is reported.
+once (unless forced), and every name it came under is kept. A name whose extension lies about the
+content (HTML saved as .pdf) is routed by what the content is. Problems with one path never stop
+the others: each outcome is reported.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import redis
 
 from levers import keys
 from levers.documents.ledger import Ledger
-from levers.documents.routing import ID_HEX_DIGITS, enqueue_phase, entry_phase
+from levers.documents.routing import ID_HEX_DIGITS, accepted_by_entry, enqueue_phase, entry_phase
+from levers.documents.sniffing import routed_name
 from levers.documents.store import ArtifactStore
 from levers.errors import DocumentError, LeversError
 from levers.pipeline.loading import LoadedPipeline
@@ -205,29 +208,34 @@ class Submitter:
 
     def _submit_file(self, source: str, path: Path, force: bool) -> Outcome:
         name = Path(source).name  # as the user named it (``path`` is where a symlink led)
-        phase = entry_phase(self.spec, name, "files")
+        entry_phase(self.spec, name, "files")  # an unsupported type is refused before it is read
         data = read_document(source, path)
+        working = routed_name(name, data, lambda suffix: accepted_by_entry(self.spec, suffix))
+        phase = entry_phase(self.spec, working, "files")
         if self.spec.phases[phase].input == "bytes":
             return self.submit_bytes(data, name, force, source=source)
         doc_id = document_id(data)
-        if not self.ledger.add(doc_id, name, "files", phase, force):
+        if not self.ledger.add(doc_id, working, "files", phase, force, submitted_as=name):
             return Outcome(source, doc_id, phase, skipped=True)
-        self.store.put_document(doc_id, name, data)
-        enqueue_phase(self.connection, self.spec, phase, doc_id, name)
+        self.store.put_document(doc_id, working, data)
+        enqueue_phase(self.connection, self.spec, phase, doc_id, working)
         return Outcome(source, doc_id, phase)
 
     def submit_bytes(self, data: bytes, name: str, force: bool = False, source: str = "-") -> Outcome:
         """Submit a document held in memory; it is kept in Redis, never written to disk."""
         if not data:
             raise DocumentError(f"{name}: empty document, nothing to process", fix="submit one with content")
-        phase = entry_phase(self.spec, name, "bytes")
+        entry_phase(self.spec, name, "bytes")
+        working = routed_name(name, data, lambda suffix: accepted_by_entry(self.spec, suffix))
+        phase = entry_phase(self.spec, working, "bytes")
         doc_id = document_id(data)
         as_bytes = self.spec.phases[phase].input == "bytes"
-        if not self.ledger.add(doc_id, name, "bytes" if as_bytes else "files", phase, force):
+        kind = "bytes" if as_bytes else "files"
+        if not self.ledger.add(doc_id, working, kind, phase, force, submitted_as=name):
             return Outcome(source, doc_id, phase, skipped=True)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)
         else:
-            self.store.put_document(doc_id, name, data)
-        enqueue_phase(self.connection, self.spec, phase, doc_id, name)
+            self.store.put_document(doc_id, working, data)
+        enqueue_phase(self.connection, self.spec, phase, doc_id, working)
         return Outcome(source, doc_id, phase)

@@ -169,7 +169,7 @@ def _failing(p: PhaseStatus) -> Finding | None:
         p.phase,
         "many jobs failing",
         f"{p.failed} of {p.done + p.failed} failed ({p.failed_share:.0%})",
-        "look at the errors (`levers show ID`): this is not a scaling problem",
+        "look at the errors (`levers failed`, then `levers retry`): this is not a scaling problem",
         None,
     )
 

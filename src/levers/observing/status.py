@@ -21,6 +21,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
 from levers import keys, metrics
+from levers.documents.failures import kept_failed
 from levers.documents.ledger import Ledger
 from levers.limits.status import limits_status
 from levers.observing.reports import (
@@ -58,7 +59,7 @@ class PhaseStatus:
     stranded: int  # jobs held by workers that are gone, until a supervisor requeues them
     waiting_retry: int
     done: int
-    failed: int
+    failed: int  # failed documents kept (failed_ttl), as `levers failed` lists them
     retried: int
     workers_desired: int
     workers_alive: int
@@ -102,7 +103,7 @@ class PhaseStatus:
         elif self.queued > QUEUE_WARNING:
             found.append(f"queue over {QUEUE_WARNING}: consider more workers")
         if self.failed_share > FAILED_SHARE_WARNING:
-            found.append(f"{self.failed_share:.0%} failed: look at the errors")
+            found.append(f"{self.failed_share:.0%} failed: see `levers failed`")
         if self.workers_desired and not self.workers_alive:
             found.append("no worker alive")
         if self.stranded:
@@ -189,7 +190,7 @@ def _phase_status(
         stranded=sum(holder not in alive for holder, _ in held),
         waiting_retry=ScheduledJobRegistry(queue=queue).count,
         done=totals.get("done", 0),
-        failed=totals.get("failed", 0),
+        failed=kept_failed(connection, spec, name),
         retried=totals.get("retried", 0),
         workers_desired=sum(r.desired for r in reported) if reported else levers.workers,
         workers_alive=len(workers),

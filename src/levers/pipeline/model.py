@@ -54,6 +54,13 @@ MAX_CONCURRENCY = 10_000
 # A day covers per-day quotas; the window's key lives as long as the window.
 MAX_WINDOW_S = 24 * 3600
 
+# Failed documents' records stay in Redis this long by default (30 days), and at most a year: each
+# is a hash and a set member, and a pipeline that fails often keeps one per failure for that long.
+DEFAULT_FAILED_TTL_S = 30 * 24 * 3600
+MAX_FAILED_TTL_S = 366 * 24 * 3600
+# An hour at least: a failed document is there to be looked at and retried by a person.
+MIN_FAILED_TTL_S = 3600
+
 # pydantic's strict modes: a whole number accepts int only (never bool, "3" or 3.0); a number
 # accepts int and float (never bool or "3"), and no infinity or NaN.
 Whole = StrictInt
@@ -252,6 +259,15 @@ class Pipeline(Strict):
         dict[str, LimitSettings],
         Field(description="Named limits that phases use through ctx.limit(name), held across hosts."),
     ] = {}
+    failed_ttl: Annotated[
+        Whole,
+        Field(
+            ge=MIN_FAILED_TTL_S,
+            le=MAX_FAILED_TTL_S,
+            description="Seconds a failed document's record is kept (for `levers failed` and "
+            "`levers retry`) before it expires; default 30 days.",
+        ),
+    ] = DEFAULT_FAILED_TTL_S
     preload: Annotated[
         list[str],
         Field(

@@ -27,7 +27,9 @@ import psutil
 import redis
 
 from levers import keys
+from levers.documents.failures import FailedExpiry
 from levers.documents.routing import register_queues
+from levers.documents.store import ArtifactStore
 from levers.errors import ServerError, SupervisorFailed, UsageError
 from levers.observing.reports import PhaseReport
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
@@ -302,12 +304,14 @@ def run(
     reporter = Reporter(connection, supervisor)
     lease = LeaseKeeper(connection, supervisor)
     outage = Outage(connection, log)
+    expiry = FailedExpiry(connection)
     try:
         while not supervisor.finished():
             try:
                 supervisor.tick()
                 lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
                 reporter.publish()
+                _expire_failed(expiry, supervisor.watcher)
                 if outage.on:
                     connection.ping()  # the tick may have had nothing to ask of Redis
                 if not supervisor.stopping and until():
@@ -350,6 +354,14 @@ def _revive(revive: Callable[[], object]) -> None:
         revive()
     except ServerError as exc:  # the next failed tick tries again
         log.warning("could not start the embedded server again: %s", exc)
+
+
+def _expire_failed(expiry: FailedExpiry, watcher: PipelineWatcher) -> None:
+    """Forget failed documents past failed_ttl (once a minute), so Redis stays bounded."""
+    loaded = watcher.current()
+    forgotten = expiry.tick(loaded.spec, ArtifactStore(loaded.store_dir))
+    if forgotten:
+        log.info("forgot %d failed document(s) older than failed_ttl", forgotten)
 
 
 def _wait_for_news(supervisor: Supervisor) -> None:

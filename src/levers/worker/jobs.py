@@ -27,7 +27,7 @@ from levers.documents.store import ArtifactStore
 from levers.limits.shared import JobLimits
 from levers.pipeline.model import Phase, Pipeline
 from levers.server.outage import UNREACHABLE
-from levers.worker.phase_context import Document, Levers, PhaseContext
+from levers.worker.phase_context import Document, Levers, Permanent, PhaseContext
 from levers.worker.runtime import WorkerRuntime, runtime_from_environment
 
 # Longest error text kept per attempt: enough for a reason, not a whole traceback.
@@ -107,7 +107,7 @@ def run_phase(phase: str, doc_id: str) -> dict[str, Any]:
         ran: PerformedPhase | Exception = perform_phase(runtime, started)
     except Exception as exc:
         ran = exc
-    settled = settle(runtime, started, ran, not job.retries_left, time.perf_counter() - began)
+    settled = settle(runtime, started, ran, gives_up(job, ran), time.perf_counter() - began)
     if settled.superseded is not None:
         return superseded(phase, doc_id, settled.superseded)
     if settled.error is not None:
@@ -188,6 +188,15 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
 
     _hand_off(runtime.connection, spec, started, performed.seconds, performed.calls, store_output)
     return {"document": started.record.id, "phase": started.phase, "seconds": round(performed.seconds, 4)}
+
+
+def gives_up(job: rq.job.Job | None, ran: object) -> bool:
+    """Whether a failure (``ran``, what the handler raised) would be its job's last: RQ has no
+    retry left for it, or the handler raised levers.Permanent (input no retry can fix), which
+    takes the job's retries away so that RQ fails it at once, without the retries' waits."""
+    if job is not None and isinstance(ran, Permanent):
+        job.retries_left = 0
+    return job is None or not job.retries_left
 
 
 def record_failure(

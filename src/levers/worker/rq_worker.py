@@ -28,7 +28,7 @@ from levers.safe import escape_logs
 from levers.server.outage import UNREACHABLE
 from levers.worker.courier import Courier
 from levers.worker.guard import GuardedJob
-from levers.worker.jobs import Settled, perform_phase, settle, superseded
+from levers.worker.jobs import Settled, gives_up, perform_phase, settle, superseded
 from levers.worker.progress import WorkerProgress
 from levers.worker.rq_take import Taken, TakingWorker
 from levers.worker.rq_timeout import JobTimeout
@@ -332,10 +332,11 @@ class LeversWorker(TakingWorker):
         """Settle the job in the ledger (``jobs.settle``), then do RQ's part: its result, or its
         failure (and retry). ``ran``: what ``_perform`` returned or raised, after ``seconds``."""
         job = taken.job
+        final = gives_up(job, ran)
         if taken.phase is None:  # the ledger started no attempt (``taken.error`` says why)
             settled = Settled(error=ran) if isinstance(ran, BaseException) else Settled(result=ran)
         else:
-            settled = settle(self.runtime, taken.phase, ran, not job.retries_left, seconds)
+            settled = settle(self.runtime, taken.phase, ran, final, seconds)
         if settled.superseded is not None and (settled.error is None or not again):
             reason = settled.superseded
             if again and settled.error is None:
