@@ -2,6 +2,8 @@
 
 ``python -m bench killstorm [--docs N] [--output FILE]``: the kill storm, in a section of its own.
 ``python -m bench outage [--quick] [--output FILE]``: Redis killed mid-run, in a section of its own.
+``python -m bench broken [--reps N] [--output FILE]``: broken documents failing at once, in a section
+of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench import efficiency, killstorm, memory, observability, outage, overhead, takeover, transcription
+from bench import (
+    broken,
+    efficiency,
+    killstorm,
+    memory,
+    observability,
+    outage,
+    overhead,
+    takeover,
+    transcription,
+)
 from bench.common import ROOT, embedded_server, kept_section, machine, replace_section
 from bench.report import RunInfo, render, src_fingerprint
 
@@ -52,7 +64,11 @@ QUICK = Plan(
 
 
 # Benchmarks run on their own (`bin/bench NAME`), each writing its own section of RESULTS.md.
-RUN_ALONE: dict[str, Callable[[list[str]], int]] = {"killstorm": killstorm.main, "outage": outage.main}
+RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
+    "killstorm": killstorm.main,
+    "outage": outage.main,
+    "broken": broken.main,
+}
 
 
 def progress(message: str) -> None:

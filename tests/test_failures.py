@@ -11,11 +11,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakeredis
 import pytest
 import redis
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
+from levers.documents.ledger import MAX_NAMES, Ledger
 from levers.documents.sniffing import routed_name, sniffed_suffix
 from levers.documents.submission import document_id
 from tests.conftest import levers, start_levers, wait_until
@@ -284,3 +286,17 @@ def test_sniffing_knows_the_signatures() -> None:
     assert sniffed_suffix(b"  \n<html lang=en>") == ".html"
     assert sniffed_suffix(b"PK\x03\x04not a zip") is None
     assert sniffed_suffix(b"just words") is None
+
+
+def test_a_record_keeps_at_most_max_names_and_trusts_no_names_it_did_not_write() -> None:
+    connection = fakeredis.FakeRedis()
+    ledger = Ledger(connection, "fl")
+    for number in range(MAX_NAMES + 8):
+        ledger.claim("ab" * 10, f"copy{number}.txt", "files", "first", force=False)
+    record = ledger.get("ab" * 10)
+    assert record is not None and len(record.names) == MAX_NAMES and record.names[0] == "copy0.txt"
+
+    connection.hset("levers:fl:doc:" + "ab" * 10, "names", '{"not": "a list"}')
+    assert ledger.get("ab" * 10).names == ["copy0.txt"]  # type: ignore[union-attr]
+    connection.hset("levers:fl:doc:" + "ab" * 10, "names", json.dumps([7, "kept.txt", None]))
+    assert ledger.get("ab" * 10).names == ["kept.txt"]  # type: ignore[union-attr]

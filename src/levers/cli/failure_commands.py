@@ -95,9 +95,7 @@ def purge(
     what = f"{count} failed document(s)" + (f" older than {older_than}" if older_than else "")
     if not yes:
         if not sys.stdin.isatty():
-            raise UsageError(
-                f"purging {what} needs confirmation, and input is not a terminal", fix="add --yes"
-            )
+            raise UsageError(f"purging {what} needs confirmation; input is not a terminal", fix="add --yes")
         if not typer.confirm(f"purge {what}: records, bytes and stored files?", err=True):
             console.note("nothing purged")
             raise typer.Exit(EXIT_FAILURE)
