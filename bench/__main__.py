@@ -71,6 +71,13 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def _kept_alone(output: Path) -> str:
+    """The sections of the benchmarks run on their own, as ``output`` holds them."""
+    return "".join(
+        kept_section(output, section) for section in (killstorm.SECTION, outage.SECTION, broken.SECTION)
+    )
+
+
 def progress(message: str) -> None:
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
@@ -150,7 +157,7 @@ def main(argv: list[str]) -> int:
         text = _with_section(text, takeover.SECTION, section, args.output, only == ["takeover"])
     if only not in (["transcription"], ["takeover"]):  # those run alone already kept the rest of the file
         # run on their own; a full run keeps their last figures
-        text += kept_section(args.output, killstorm.SECTION) + kept_section(args.output, outage.SECTION)
+        text += _kept_alone(args.output)
     args.output.write_text(text)
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     progress(f"bench: wrote {shown} in {info.seconds / 60:.1f} min")
