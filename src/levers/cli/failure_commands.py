@@ -52,7 +52,7 @@ def failed(
 def retry(
     ids: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[ID]...", help="Failed documents' ids (unique prefixes will do)."),
+        typer.Argument(metavar="ID", help="Failed documents' ids (unique prefixes will do)."),
     ] = None,
     every: Annotated[
         bool, typer.Option("--all", help="Every failed document kept (with --phase: at that phase).")
