@@ -5,10 +5,8 @@ and a content keeps every name it came under. Real `levers` processes on the emb
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
@@ -20,7 +18,7 @@ from rq.registry import ScheduledJobRegistry
 from levers.documents.ledger import MAX_NAMES, Ledger
 from levers.documents.sniffing import routed_name, sniffed_suffix
 from levers.documents.submission import document_id
-from tests.conftest import levers, start_levers, wait_until
+from tests.conftest import StartLevers, levers, stop, wait_until
 
 PHASES = """
 from pathlib import Path
@@ -78,17 +76,8 @@ def project(tmp_path: Path, redis_url: str) -> Path:
 
 
 @pytest.fixture
-def up(project: Path) -> Iterator[subprocess.Popen[str]]:
-    process = start_levers("up", cwd=project)
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+def up(project: Path, start_levers: StartLevers) -> subprocess.Popen[str]:
+    return start_levers("up", cwd=project)
 
 
 def write(project: Path, name: str, data: bytes) -> str:
@@ -186,7 +175,7 @@ def test_retry_refuses_what_it_cannot_requeue_in_one_line_each(project: Path, re
 
 
 def test_failed_records_expire_after_failed_ttl_and_readers_agree(
-    project: Path, connection: redis.Redis
+    project: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:
     old = write(project, "old.txt", b"BROKEN long ago")
     new = write(project, "new.txt", b"BROKEN just now")
@@ -199,11 +188,8 @@ def test_failed_records_expire_after_failed_ttl_and_readers_agree(
     assert [f["id"] for f in failed_json(project)] == [new]  # what is past it is not listed
     assert phase_failed(project, "first") == 1
     process = start_levers("up", cwd=project)
-    try:
-        wait_until(lambda: not connection.exists(f"levers:fl:doc:{old}"))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+    wait_until(lambda: not connection.exists(f"levers:fl:doc:{old}"))
+    stop(process)
 
     assert connection.zscore("levers:fl:docs", old) is None
     assert connection.zrange("levers:fl:phase:first:failed", 0, -1) == [new.encode()]
@@ -292,7 +278,7 @@ def test_a_record_keeps_at_most_max_names_and_trusts_no_names_it_did_not_write()
     connection = fakeredis.FakeRedis()
     ledger = Ledger(connection, "fl")
     for number in range(MAX_NAMES + 8):
-        ledger.claim("ab" * 10, f"copy{number}.txt", "files", "first", force=False)
+        ledger.add("ab" * 10, f"copy{number}.txt", "files", "first", force=False)
     record = ledger.get("ab" * 10)
     assert record is not None and len(record.names) == MAX_NAMES and record.names[0] == "copy0.txt"
 
