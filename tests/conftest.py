@@ -310,9 +310,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def scrape_text(port: int) -> str:
+    """What a `levers up --metrics-port` serves, as it serves it."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """The metrics a `levers up --metrics-port` serves, by name and labels."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return parsed(scrape_text(port))
+
+
+def parsed(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -17,8 +17,8 @@ from levers.pipeline.loading import load_pipeline
 
 HEALTHY = PhaseStatus(
     phase="chunking", queued=0, running=1, claimed_ahead=0, stranded=0, waiting_retry=0, done=100, failed=0,
-    retried=0, workers_desired=3, workers_alive=3, workers_busy=2, state="ok", workers=3, semaphore=10,
-    threads=0, oldest_wait_s=None, throughput=0.3, utilization=0.8, p50_s=9.0, p95_s=12.0,
+    failed_attempts=0, retried=0, workers_desired=3, workers_alive=3, workers_busy=2, state="ok", workers=3,
+    semaphore=10, threads=0, oldest_wait_s=None, throughput=0.3, utilization=0.8, p50_s=9.0, p95_s=12.0,
     calls_per_job=20, cpu_percent=20.0, rss_mb=150.0,
 )  # fmt: skip
 
@@ -103,7 +103,10 @@ def recorded(name: str, **fixed: list[str]) -> PipelineStatus:
     fields = {f.name for f in dataclasses.fields(PhaseStatus)}
     phases = [
         PhaseStatus(
-            **{**{k: v for k, v in p.items() if k in fields}, "fixed": tuple(fixed.get(p["phase"], ()))}
+            **{k: v for k, v in p.items() if k in fields - {"fixed", "failed_attempts"}},
+            # recorded before the counter had a field of its own; no recorded run purged anything
+            failed_attempts=p.get("failed_attempts", p["failed"]),
+            fixed=tuple(fixed.get(p["phase"], ())),
         )
         for p in data["phases"]
     ]

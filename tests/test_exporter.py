@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -16,31 +15,18 @@ from prometheus_client.samples import Sample
 
 from levers.observing.exporter import Share, share
 from levers.observing.reports import SupervisorLease
-from tests.conftest import StartLevers, free_port, levers, make_project, stop, wait_until
-
-
-def scrape_text(port: int) -> str:
-    return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-
-
-def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    return parsed(scrape_text(port))
-
-
-def parsed(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
-def try_scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]] | None:
-    try:
-        return scrape(port)
-    except OSError:
-        return None
-
+from tests.conftest import (
+    StartLevers,
+    free_port,
+    levers,
+    make_project,
+    parsed,
+    scrape,
+    scrape_text,
+    stop,
+    try_scrape,
+    wait_until,
+)
 
 first, second = (("phase", "first"), ("pipeline", "toy")), (("phase", "second"), ("pipeline", "toy"))
 

@@ -124,8 +124,10 @@ def _phase_gauges(pipeline: str, phases: list[PhaseStatus]) -> Iterator[Metric]:
 def _job_totals(pipeline: str, phases: list[PhaseStatus]) -> Metric:
     family = CounterMetricFamily("levers_jobs", "Job attempts by outcome.", labels=[*LABELS, "outcome"])
     for phase in phases:
-        for outcome in ("done", "failed", "retried"):
-            family.add_metric([pipeline, phase.phase, outcome], float(getattr(phase, outcome)))
+        # a counter: failed attempts, not the failed documents kept (a purge lowers those)
+        outcomes = {"done": phase.done, "failed": phase.failed_attempts, "retried": phase.retried}
+        for outcome, count in outcomes.items():
+            family.add_metric([pipeline, phase.phase, outcome], float(count))
     return family
 
 

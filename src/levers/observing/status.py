@@ -60,6 +60,7 @@ class PhaseStatus:
     waiting_retry: int
     done: int
     failed: int  # failed documents kept (failed_ttl), as `levers failed` lists them
+    failed_attempts: int  # attempts that failed for good, ever: a counter, never lowered by a purge
     retried: int
     workers_desired: int
     workers_alive: int
@@ -191,6 +192,7 @@ def _phase_status(
         waiting_retry=ScheduledJobRegistry(queue=queue).count,
         done=totals.get("done", 0),
         failed=kept_failed(connection, spec, name),
+        failed_attempts=totals.get("failed", 0),
         retried=totals.get("retried", 0),
         workers_desired=sum(r.desired for r in reported) if reported else levers.workers,
         workers_alive=len(workers),
