@@ -92,9 +92,14 @@ def test_failures_are_not_a_scaling_problem() -> None:
     assert "not a scaling problem" in finding.action
 
 
-# `levers status --json` of real runs of the toy pipeline (tests/test_e2e.py), recorded under
-# tests/data/advice/: 37 documents of 10 s each queued with no worker, then with one worker;
-# four workers with nothing submitted, then after 12 documents of 0.2 s.
+# `levers status --json` of real runs, recorded under tests/data/advice/. Of the toy pipeline
+# (tests/test_e2e.py): 37 documents of 10 s each queued with no worker, then with one worker; four
+# workers with nothing submitted, then after 12 documents of 0.2 s. By record.py there (one phase
+# on a real `levers up`, calls through the real SDK to the stand-in API): 6 calls of 0.3 s per
+# job one at a time (sequential) and six at a time (concurrent); 0.5 s of CPU per job on a host
+# whose 2 cores other work kept busy (cpu_bound); a declared 600 calls a minute while the
+# stand-in refused one request every 0.6 s (rate_limited); two workers holding 10 GB each on a
+# 24 GB host (memory_pressure).
 RECORDED = Path(__file__).parent / "data" / "advice"
 
 
@@ -110,7 +115,9 @@ def recorded(name: str, **fixed: list[str]) -> PipelineStatus:
         )
         for p in data["phases"]
     ]
-    return PipelineStatus(data["pipeline"], phases, [], None, data["limits"], data["memory_percent"])
+    return PipelineStatus(
+        data["pipeline"], phases, [], None, data["limits"], data["memory_percent"], data.get("cpu_percent")
+    )
 
 
 def test_a_recorded_backlog_asks_for_workers_to_drain_it() -> None:
@@ -139,6 +146,39 @@ def test_recorded_idle_workers_with_traffic_are_trimmed_truthfully() -> None:
     # 4 workers 2% busy: one would have been busy 8%, not "about 70%"
     assert "1 would have been busy 8% of the time" in finding.action
     assert "70%" not in finding.action
+
+
+def test_recorded_sequential_calls_ask_for_a_semaphore() -> None:
+    finding = only(advise(recorded("sequential")))
+    assert finding.symptom == "slow jobs making calls one at a time"
+    assert "6.0 calls per job" in finding.evidence and "p50 3.44 s" in finding.evidence
+    assert finding.command == "levers set work.semaphore=6"
+
+
+def test_recorded_concurrent_calls_are_no_finding() -> None:
+    assert advise(recorded("concurrent")) == []
+
+
+def test_a_recorded_cpu_bound_phase_on_a_busy_host_is_told_workers_will_not_help() -> None:
+    finding = only(advise(recorded("cpu_bound")))
+    assert finding.symptom == "host CPU saturated" and finding.subject == "work"
+    assert finding.evidence.startswith("host CPU 100% over the last minute; work has 2 workers")
+    # no calls to overlap: threads would not help, and more workers only share the same cores
+    assert finding.command is None and "more workers will not go faster" in finding.action
+
+
+def test_recorded_429s_lower_the_declared_rate() -> None:
+    finding = only(advise(recorded("rate_limited")))
+    assert (finding.subject, finding.symptom) == ("anthropic", "rate limited by the provider")
+    assert finding.evidence == "48 of 128 calls answered 429/529"
+    assert finding.command == "levers set limits.anthropic.requests_per_minute=480"
+
+
+def test_recorded_memory_pressure_trims_the_phase_holding_it() -> None:
+    finding = only(advise(recorded("memory_pressure")))
+    assert finding.symptom == "memory pressure"
+    assert finding.evidence == "host memory 91% used; work workers use 10125 MB each x 2"
+    assert finding.command == "levers set work.workers=1"
 
 
 def test_a_fixed_lever_is_never_proposed() -> None:
@@ -183,6 +223,7 @@ def test_the_bundled_pipeline_keeps_kg_ingest_one_at_a_time() -> None:
         (HEALTHY, {"name": "anthropic", "rate_limited": 0, "calls": 500, "requests_per_minute": 50}, 50),
         (replace(HEALTHY, rss_mb=900.0), None, 89),  # memory under pressure's threshold
         (replace(HEALTHY, queued=40, p50_s=2.0), None, 50),  # a queue that drains in 27 s
+        (replace(HEALTHY, cpu_percent=100.0, calls_per_job=0), None, 50),  # CPU-bound, no calls held back
     ],
 )
 def test_no_finding_below_each_symptom(

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import termios
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,10 @@ from rq import Queue, Worker
 
 from levers.observing.status import PhaseStatus, pipeline_status
 from levers.pipeline.loading import load_pipeline
+from levers.supervisor import processes
 from tests.conftest import LEVERS, StartLevers, doc_field, levers, make_project, stop, submit, wait_until
+
+CpuTimes = namedtuple("CpuTimes", "user idle iowait")
 
 
 def phase(status: dict[str, object], name: str) -> dict[str, object]:
@@ -176,3 +180,12 @@ def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str)
         watch.send_signal(signal.SIGINT)
         watch.wait(timeout=10)
         os.close(leader)
+
+
+def test_host_cpu_is_measured_over_the_last_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    # seconds all cores spent (busy, idle) at 0, 30, 60, 90 and 120 s: half busy, then fully busy
+    readings = [(0, 0), (30, 30), (60, 60), (120, 60), (180, 60)]
+    monkeypatch.setattr(processes.psutil, "cpu_times", lambda: CpuTimes(*readings.pop(0), iowait=0))
+    host = processes.HostCpu()
+    # the first reading has nothing to compare with; then the last minute's share of busy time
+    assert [host.percent(float(t)) for t in (0, 30, 60, 90, 120)] == [None, 50.0, 50.0, 75.0, 100.0]

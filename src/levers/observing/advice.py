@@ -30,8 +30,10 @@ IDLE_UTILIZATION = 0.5
 TARGET_UTILIZATION = 0.7
 # Never advise more than this many times the current workers in one step.
 MAX_GROWTH = 4
-# Per-worker CPU above this (% of one core) is high, and host memory above this is pressure.
+# Per-worker CPU above this (% of one core) is high, as is host CPU over the last minute (the
+# seed's "consistently above 80 %: need more vCPUs"); host memory above this is pressure.
 HIGH_CPU_PERCENT = 80
+HOST_CPU_SATURATED_PERCENT = 80
 MEMORY_PRESSURE_PERCENT = 90
 # A job that makes this many calls one at a time is worth a semaphore.
 SEQUENTIAL_CALLS = 2
@@ -56,9 +58,10 @@ def advise(status: PipelineStatus) -> list[Finding]:
             if finding is not None:
                 findings.append(finding)
     findings.extend(_rate_limited(status))
-    memory = _memory_pressure(status)
-    if memory is not None:
-        findings.append(memory)
+    for host_rule in (_host_cpu_saturated, _memory_pressure):
+        finding = host_rule(status)
+        if finding is not None:
+            findings.append(finding)
     fixed = {(p.phase, lever) for p in status.phases for lever in p.fixed}
     return [kept for finding in findings if (kept := _respecting(finding, fixed)) is not None]
 
@@ -151,14 +154,36 @@ def _sequential_calls(p: PhaseStatus) -> Finding | None:
 
 
 def _high_cpu(p: PhaseStatus) -> Finding | None:
-    if p.cpu_percent is None or p.cpu_percent < HIGH_CPU_PERCENT or p.threads > 0:
+    """Blocking work in a job that also makes concurrent calls holds its calls back; a phase that
+    makes no calls is simply CPU-bound, and threads would not make it faster."""
+    if p.cpu_percent is None or p.cpu_percent < HIGH_CPU_PERCENT or p.threads > 0 or not p.calls_per_job:
         return None
     return Finding(
         p.phase,
         "high CPU in blocking work",
-        f"workers at {p.cpu_percent:.0f}% of a core with threads 0",
-        "run blocking work on a thread pool (lever 3) through ctx.run_in_thread",
+        f"workers at {p.cpu_percent:.0f}% of a core with threads 0, {p.calls_per_job:.1f} calls per job",
+        "run blocking work on a thread pool (lever 3) through ctx.run_in_thread: the calls go on meanwhile",
         _set(p.phase, "threads", 2),
+    )
+
+
+def _host_cpu_saturated(status: PipelineStatus) -> Finding | None:
+    """A host whose cores are busy gains nothing from more workers: each one only takes CPU time
+    from the others. The phase whose workers use the most CPU is the one to move or trim."""
+    if status.cpu_percent is None or status.cpu_percent < HOST_CPU_SATURATED_PERCENT:
+        return None
+    busy = [p for p in status.phases if p.cpu_percent and p.workers_alive]
+    if not busy:
+        return None
+    heaviest = max(busy, key=lambda p: (p.cpu_percent or 0) * p.workers_alive)
+    return Finding(
+        heaviest.phase,
+        "host CPU saturated",
+        f"host CPU {status.cpu_percent:.0f}% over the last minute; {heaviest.phase} has "
+        f"{heaviest.workers_alive} workers at {heaviest.cpu_percent:.0f}% of a core each",
+        f"more workers will not go faster on this host: give it more vCPUs, or run {heaviest.phase} "
+        f"on another host (`levers up --phase {heaviest.phase}`)",
+        None,
     )
 
 

@@ -50,6 +50,7 @@ class SupervisorReport:
     config_error: str | None  # why the file's latest edit was not taken up
     memory_percent: float | None  # of its host
     phases: dict[str, PhaseReport] = field(default_factory=dict)
+    cpu_percent: float | None = None  # of its host's cores together, over the last minute
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -120,6 +120,7 @@ class PipelineStatus:
     config_error: str | None
     limits: list[dict[str, Any]]
     memory_percent: float | None  # the fullest supervisor host's memory use
+    cpu_percent: float | None = None  # the busiest supervisor host's CPU use over the last minute
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +129,7 @@ class PipelineStatus:
             "config_error": self.config_error,
             "limits": self.limits,
             "memory_percent": self.memory_percent,
+            "cpu_percent": self.cpu_percent,
             "phases": [{**asdict(p), "failed_share": round(p.failed_share, 4), "alerts": p.alerts}
                        for p in self.phases],
         }  # fmt: skip
@@ -144,8 +146,10 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
     errors += [r.config_error for r in reports if r.config_error]
     limits = [limits_status(connection, spec, name) for name in spec.limits]
     memory = max((r.memory_percent for r in reports if r.memory_percent is not None), default=None)
+    cpu = max((r.cpu_percent for r in reports if r.cpu_percent is not None), default=None)
     supervisors = supervisor_leases(connection, spec.name)
-    return PipelineStatus(spec.name, phases, supervisors, errors[0] if errors else None, limits, memory)
+    error = errors[0] if errors else None
+    return PipelineStatus(spec.name, phases, supervisors, error, limits, memory, cpu)
 
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.context import ForkProcess
@@ -390,6 +391,29 @@ def _give_up(supervisor: Supervisor) -> None:
             supervisor.seams.recover(slot)
 
 
+class HostCpu:
+    """The host's CPU use over the last minute, all cores together: a one-second sample is
+    noise, and the seed's "CPU consistently above 80 %" is about a sustained load."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float, float]] = deque()  # (when, busy s, total s)
+
+    def percent(self, now: float) -> float | None:
+        times = psutil.cpu_times()
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        total = sum(times)
+        self._samples.append((now, total - idle, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        _, busy_then, total_then = self._samples[0]
+        elapsed = total - total_then
+        if elapsed <= 0:
+            return None
+        return round(100 * (total - idle - busy_then) / elapsed, 1)
+
+
 class Reporter:
     """Publishes the supervisor's report where `levers status` on any host can read it."""
 
@@ -399,6 +423,7 @@ class Reporter:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self._last = 0.0
         self._processes: dict[int, psutil.Process] = {}
+        self._host_cpu = HostCpu()
 
     @property
     def _key(self) -> str:
@@ -414,7 +439,13 @@ class Reporter:
             phase: self._with_usage(figures, [s.pid for s in self.supervisor.slots if s.phase == phase])
             for phase, figures in report.phases.items()
         }
-        report = replace(report, updated=now, memory_percent=psutil.virtual_memory().percent, phases=phases)
+        report = replace(
+            report,
+            updated=now,
+            memory_percent=psutil.virtual_memory().percent,
+            cpu_percent=self._host_cpu.percent(now),
+            phases=phases,
+        )
         try:
             self.connection.hset(self._key, self.id, report.to_json())
         except UNREACHABLE:
