@@ -47,8 +47,10 @@ ORPHAN_CHECK_S = 1.0
 ORPHAN_OUTAGE_S = 30.0
 # A job off its queue but not registered as started this long after it was seen was taken by a
 # worker that died, or whose connection dropped: a live worker registers its job within
-# milliseconds, and one that took longer finds the job put back and leaves it.
-REGISTER_GRACE_S = 1.0
+# milliseconds, unless its host's CPU is so contended that it waits seconds for a turn (a 1 s
+# grace put back live workers' jobs at a load of 18 on 2 cores). One that took longer still finds
+# the job put back and leaves it.
+REGISTER_GRACE_S = 3.0
 # How often the supervisor looks at its queues' holding lists for such jobs, besides after a death.
 STRANDED_LOOK_S = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s [{phase} pid=%(process)d queue={queue}] %(message)s"
@@ -285,7 +287,10 @@ class StrandedJobs:
         if not put_back(self.connection, queue, job):
             return False  # someone else moved it meanwhile
         log.warning(
-            "requeued job %s: taken off %s by a worker that died or lost the server", job_id, queue.name
+            "requeued job %s: off %s, not registered within %.0f s (its worker died or lost the server)",
+            job_id,
+            queue.name,
+            REGISTER_GRACE_S,
         )
         return True
 
