@@ -151,6 +151,7 @@ def record(name: str) -> dict[str, Any]:
             refusing.set()
             os.killpg(up.pid, signal.SIGTERM)
             up.wait(timeout=120)
+            levers(root, "down")
 
 
 def _wait_for(scenario: Scenario, root: Path) -> dict[str, Any]:
