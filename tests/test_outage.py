@@ -155,6 +155,12 @@ def outage_lines(output: str) -> dict[str, tuple[int, int]]:
     return {p: (lost[p], back[p]) for p in lost | back}
 
 
+def supervisor_lines(output: str) -> tuple[int, int]:
+    """The supervisor's lines saying Redis was lost, and back."""
+    found = [counts for process, counts in outage_lines(output).items() if process.startswith("[supervisor")]
+    return found[0] if found else (0, 0)
+
+
 def test_a_server_killed_mid_run_comes_back_and_every_document_is_done_once(
     tmp_path: Path, own_server: OwnServer, start_levers: StartLevers
 ) -> None:
@@ -223,6 +229,35 @@ def test_the_embedded_server_killed_comes_back_by_itself_and_loses_nothing(
     assert long_attempts == "1"
     assert one_line_each_way(output), outage_lines(output)
     assert "the embedded server was gone: started it again" in output
+
+
+def test_a_server_that_stops_answering_is_an_outage_not_a_hang(
+    tmp_path: Path, own_server: OwnServer, start_levers: StartLevers
+) -> None:
+    """A server that keeps its connections open but answers nothing (its host died, the network
+    was cut; here it is stopped with SIGSTOP) is noticed as an outage within seconds (redis-py's
+    socket timeout), not waited on for the kernel's 15 minutes while nothing is supervised."""
+    root = make_project(tmp_path, long_s=0.1)
+    connection = redis.Redis.from_url(own_server.url)
+    log = tmp_path / "up.log"
+    with log.open("w") as output:
+        supervisor = start_levers("up", cwd=root, output=output)
+        try:
+            wait_until(lambda: len(Worker.all(connection=connection)) == 3)
+            assert own_server.process is not None
+            own_server.process.send_signal(signal.SIGSTOP)
+            try:
+                wait_until(lambda: supervisor_lines(log.read_text())[0] == 1, timeout_s=120)
+            finally:
+                own_server.process.send_signal(signal.SIGCONT)
+            doc_ids = submit(root, "docs")
+            wait_until(lambda: done(connection, doc_ids) == SHORT_DOCS + 1, timeout_s=90)
+            assert supervisor.poll() is None
+        finally:
+            stop(supervisor)
+    assert supervisor.returncode == 0
+    assert supervisor_lines(log.read_text()) == (1, 1)
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_supervisor_that_cannot_go_on_exits_non_zero_and_stops_its_workers(
