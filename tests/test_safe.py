@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +99,38 @@ def test_a_document_name_forges_no_log_line(
     assert "\x1b" not in output and "\u202e" not in output
     if flags:  # the failure's traceback, under its record
         assert "\n  Traceback (most recent call last):\n" in output
+
+
+# An object collected after what its __del__ needs is gone, whose repr fails too: as a library's
+# connection collected after its event loop closed.
+UNRAISABLE = """
+import logging, sys
+from levers.safe import log_to
+
+class Stream:
+    def __repr__(self):
+        raise AttributeError("'NoneType' object has no attribute '_selector'")
+    def __del__(self):
+        raise ResourceWarning(f"unclosed {self!r}")
+
+log_to(logging.StreamHandler(sys.stderr), "%(levelname)s %(message)s", None, verbose=sys.argv[1] == "-v")
+Stream()
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_exception_python_cannot_raise_is_one_log_line(verbose: bool) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", UNRAISABLE, "-v" if verbose else "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    first, *rest = ran.stderr.splitlines()
+    assert re.fullmatch(
+        r"WARNING Exception ignored in <function Stream.__del__ at 0x\w+>: "
+        r"AttributeError: 'NoneType' object has no attribute '_selector'",
+        first,
+    ), ran.stderr
+    # its traceback, indented under it, with -v only
+    assert rest[0] == "  Traceback (most recent call last):" if verbose else rest == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import unicodedata
 from datetime import UTC, datetime
 
@@ -113,3 +114,29 @@ def log_to(
     logging.getLogger("levers").setLevel(logging.INFO)
     for name in ("rq.worker", "rq.scheduler", "rq.queue", "rq.job"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    sys.unraisablehook = _UnraisableToLog(verbose)
+
+
+class _UnraisableToLog:
+    """An exception Python cannot raise (one in a ``__del__``: a library's connection collected
+    after its event loop closed, say) is printed by Python as a traceback on stderr, past the
+    log's format and its one line per event. It goes to the log instead: one line, and its
+    traceback only when ``verbose``."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.log = logging.getLogger("levers.unraisable")
+
+    def __call__(self, unraisable: sys.UnraisableHookArgs) -> None:
+        try:
+            where = f" {unraisable.object!r}" if unraisable.object is not None else ""
+        except Exception:  # its repr may be what fails, as when its event loop is gone
+            where = f" a {type(unraisable.object).__qualname__}"
+        error = unraisable.exc_value if unraisable.exc_value is not None else unraisable.exc_type
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        what = f"{unraisable.exc_type.__name__}: {first}" if first else unraisable.exc_type.__name__
+        traceback = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        self.log.warning(
+            "%s%s: %s", unraisable.err_msg or "Exception ignored in", where, what,
+            exc_info=traceback if self.verbose else None,
+        )  # fmt: skip
