@@ -135,8 +135,7 @@ class _UnraisableToLog:
         error = unraisable.exc_value if unraisable.exc_value is not None else unraisable.exc_type
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         what = f"{unraisable.exc_type.__name__}: {first}" if first else unraisable.exc_type.__name__
-        traceback = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
         self.log.warning(
             "%s%s: %s", unraisable.err_msg or "Exception ignored in", where, what,
-            exc_info=traceback if self.verbose else None,
+            exc_info=unraisable.exc_value if self.verbose else None,
         )  # fmt: skip
