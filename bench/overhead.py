@@ -249,7 +249,7 @@ BREAKDOWN: list[tuple[str, str, str]] = [
     ("levers/worker/jobs.py", "_document", "        _document (prior-output lookup)"),
     ("levers/worker/rq_worker.py", "_settle", "  settle: output, hand-off, RQ's result"),
     ("levers/worker/jobs.py", "complete_phase", "    levers.worker.jobs.complete_phase"),
-    ("levers/documents/store.py", "put_output", "      ArtifactStore.put_output (mkstemp, write, rename)"),
+    ("levers/documents/store.py", "put_output", "      LocalStore.put_output (mkstemp, write, rename)"),
     ("levers/worker/jobs.py", "_hand_off", "      _hand_off (ledger finished, transaction)"),
     ("rq/worker/base.py", "handle_job_success", "    RQ: handle_job_success (result, registries)"),
     ("rq/worker/base.py", "heartbeat", "  RQ: heartbeat"),

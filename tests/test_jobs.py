@@ -13,7 +13,7 @@ from rq import Queue
 
 from levers import metrics
 from levers.documents.ledger import Ledger, Superseded
-from levers.documents.store import ArtifactStore
+from levers.documents.store import LocalStore
 from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
 from levers.pipeline.watching import PipelineWatcher
@@ -48,7 +48,7 @@ def test_a_worker_that_completes_after_its_job_was_taken_over_hands_nothing_off(
 
     second = Queue("toy.second", connection=connection)
     assert second.count == 0
-    assert not ArtifactStore(tmp_path / ".levers/artifacts").has_output(doc, "first")
+    assert not LocalStore(tmp_path / ".levers/artifacts").has_output(doc, "first")
     complete_phase(runtime, perform_phase(runtime, elsewhere))
     assert second.count == 1
     assert Ledger(connection, "toy").totals("first") == {"done": 1, "retried": 1}

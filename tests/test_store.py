@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from levers.documents.store import ArtifactStore
+from levers.documents.store import LocalStore
 
 
 def test_a_cached_value_is_found_by_another_store_on_the_same_root(tmp_path: Path) -> None:
-    ArtifactStore(tmp_path).put_cached("transcripts", "ab12cd", {"text": "hello", "words": [1, 2]})
+    LocalStore(tmp_path).put_cached("transcripts", "ab12cd", {"text": "hello", "words": [1, 2]})
 
-    other = ArtifactStore(tmp_path)  # another worker, another host sharing the directory
+    other = LocalStore(tmp_path)  # another worker, another host sharing the directory
 
     assert other.cached("transcripts", "ab12cd") == {"text": "hello", "words": [1, 2]}
     assert other.cached("transcripts", "ab99") is None
@@ -22,7 +22,7 @@ def test_a_cached_value_is_found_by_another_store_on_the_same_root(tmp_path: Pat
 
 
 def test_an_unreadable_entry_is_a_miss(tmp_path: Path) -> None:
-    store = ArtifactStore(tmp_path)
+    store = LocalStore(tmp_path)
     store.put_cached("transcripts", "ffee", "whole")
     (tmp_path / "cache" / "transcripts" / "ff" / "ffee.json").write_text('{"half": ')
 
@@ -31,7 +31,7 @@ def test_an_unreadable_entry_is_a_miss(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "x" * 129, "white space"])
 def test_names_that_could_leave_the_store_are_refused(tmp_path: Path, name: str) -> None:
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalStore(tmp_path / "store")
 
     with pytest.raises(ValueError, match="letters, digits"):
         store.put_cached("transcripts", name, 1)

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from levers import Permanent
-from levers.documents.store import ArtifactStore
+from levers.documents.store import ArtifactStore, LocalStore
 from levers.limits.shared import JobLimits
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
@@ -79,7 +79,7 @@ def test_a_recording_becomes_text_with_paragraphs_and_word_timings(
 ) -> None:
     path = write_wav(tmp_path / "standup.wav", 12.0, SCRIPT)
 
-    out = run(path, ArtifactStore(tmp_path / "store"))
+    out = run(path, LocalStore(tmp_path / "store"))
 
     assert (out["format"], out["title"], out["model"], out["language"]) == (
         "audio",
@@ -151,7 +151,7 @@ def test_jobs_on_one_event_loop_share_one_kept_alive_connection(fake: FakeDeepgr
 def test_the_same_audio_again_makes_no_call_on_any_name_and_new_options_do(
     fake: FakeDeepgram, tmp_path: Path
 ) -> None:
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalStore(tmp_path / "store")
     first = write_wav(tmp_path / "a" / "meeting.wav", 6.0, SCRIPT)
     again = tmp_path / "b" / "meeting-copy.wav"
     again.parent.mkdir()
@@ -171,7 +171,7 @@ def test_the_same_audio_again_makes_no_call_on_any_name_and_new_options_do(
 def test_without_a_key_it_fails_in_one_line_naming_the_key_unless_cached(
     fake: FakeDeepgram, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = ArtifactStore(tmp_path / "store")
+    store = LocalStore(tmp_path / "store")
     known = write_wav(tmp_path / "known.wav", 3.0, "Heard before.")
     run(known, store)
     monkeypatch.delenv("DEEPGRAM_API_KEY")

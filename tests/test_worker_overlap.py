@@ -19,7 +19,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from levers.documents.store import ArtifactStore
+from levers.documents.store import LocalStore
 from levers.worker.courier import COURIER_NICENESS, Courier
 from levers.worker.process import REGISTER_GRACE_S, StrandedJobs
 from levers.worker.rq_timeout import JobTimeout
@@ -62,7 +62,7 @@ def test_short_jobs_are_taken_ahead_and_each_runs_once(
 def taken_while_the_one_before_ran(root: Path, connection: redis.Redis, doc_ids: list[str]) -> list[bool]:
     """For each document of phase ``first`` after the first one run: was it taken (the ledger's
     start mark) before the handler of the one before it returned (the handler's own clock)?"""
-    store = ArtifactStore(root / ".levers" / "artifacts")
+    store = LocalStore(root / ".levers" / "artifacts")
     runs = sorted(
         (store.output(d, "first")["started"], store.output(d, "first")["ended"], d) for d in doc_ids
     )
@@ -268,7 +268,7 @@ def test_rq_get_current_job_works_inside_sync_and_async_handlers(
     supervisor = start_levers("up", cwd=tmp_path)
     try:
         [doc_id] = submit(tmp_path, "a.txt")
-        store = ArtifactStore(tmp_path / ".levers" / "artifacts")
+        store = LocalStore(tmp_path / ".levers" / "artifacts")
         wait_until(lambda: store.has_output(doc_id, "second"))
     finally:
         stop(supervisor)

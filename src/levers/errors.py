@@ -6,6 +6,7 @@ This module imports nothing of levers, so every other module can raise from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # Exit codes of the CLI: 1 for a failure at run time, 2 for bad input (the shell's usage code).
 EXIT_FAILURE = 1
@@ -25,6 +26,17 @@ class LeversError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.fix})" if self.fix else self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # whole across a process boundary: Exception's own pickling keeps only the message
+        return _rebuilt, (type(self), self.__dict__)
+
+
+def _rebuilt(kind: type[LeversError], state: dict[str, Any]) -> LeversError:
+    error = kind.__new__(kind)
+    Exception.__init__(error, state.get("message", ""))
+    error.__dict__.update(state)
+    return error
+
 
 class ServerError(LeversError):
     """The embedded server could not be started or stopped."""
@@ -32,6 +44,10 @@ class ServerError(LeversError):
 
 class ConnectionFailed(LeversError):
     """The Redis server named by the configuration does not answer."""
+
+
+class StoreError(LeversError):
+    """The artifact store cannot be reached, has no such bucket, or refuses the credentials."""
 
 
 class SupervisorFailed(LeversError):

@@ -21,11 +21,11 @@ PhaseFilter = Annotated[
 
 def _failures(file: FileOption) -> Failures:
     from levers.documents.failures import Failures
-    from levers.documents.store import ArtifactStore
+    from levers.documents.store import project_store
     from levers.server.project import open_project
 
     project = open_project(file, last_good=True)
-    return Failures(project.connection, project.loaded.spec, ArtifactStore(project.loaded.store_dir))
+    return Failures(project.connection, project.loaded.spec, project_store(project.loaded))
 
 
 @reports_errors

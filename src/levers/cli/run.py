@@ -10,7 +10,7 @@ from pathlib import Path
 
 from levers.cli import console
 from levers.documents.ledger import DocStatus, DocumentRecord, Ledger
-from levers.documents.store import ArtifactStore
+from levers.documents.store import apart_from_forks, project_store
 from levers.documents.submission import Outcome, Submitter
 from levers.errors import UsageError
 from levers.pipeline.loading import import_handler
@@ -27,7 +27,8 @@ def run_documents(file: Path | None, paths: list[str], force: bool) -> bool:
     # as is levers' own embedded Redis when this run started it
     already_running = {server.data_dir for server in servers_under(project.state_dir)}
     try:
-        outcomes = Submitter(project.loaded, project.connection).submit_paths(paths, force)
+        submitter = Submitter(project.loaded, project.connection)
+        outcomes = apart_from_forks(project.loaded.spec.store, lambda: submitter.submit_paths(paths, force))
         for outcome in outcomes:
             if outcome.error or (outcome.skipped and not outcome.doc_id):
                 console.explain(outcome)
@@ -60,7 +61,7 @@ def _describe_results(project: Project, records: list[DocumentRecord]) -> None:
     """Hand the results to the pipeline's ``summary`` function and show what it says of them."""
     spec = project.loaded.spec
     assert spec.summary is not None
-    store = ArtifactStore(project.loaded.store_dir)
+    store = project_store(project.loaded)
     documents = [
         {
             "id": r.id, "name": r.name, "status": str(r.status), "error": r.error,

@@ -10,7 +10,6 @@ is kept, so `levers status` and `levers failed` agree with each other before and
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -183,7 +182,7 @@ class Failures:
             held = (
                 self.connection.exists(keys.blob(self.spec.name, record.id))
                 if record.input == "bytes"
-                else self.store.document_path(record.id, record.name).exists()
+                else self.store.has_document(record.id, record.name)
             )
             return None if held else "its bytes are no longer kept; submit it again"
         if not any(self.store.has_output(record.id, p) for p in feeders):
@@ -218,8 +217,8 @@ class Failures:
                     break
                 except redis.WatchError:
                     continue
-        if still and _DOC_ID.fullmatch(doc_id):  # ids come from Redis: only a real one names a path
-            shutil.rmtree(self.store.root / doc_id, ignore_errors=True)
+        if still:
+            self.store.remove_document(doc_id)
         return still
 
 
@@ -231,11 +230,15 @@ class FailedExpiry:
         self.connection = connection
         self._last = float("-inf")
 
-    def tick(self, spec: Pipeline, store: ArtifactStore) -> int:
+    def due(self) -> bool:
+        """Whether it is time to look again; each True starts the next wait."""
         now = time.monotonic()
         if now - self._last < EXPIRY_EVERY_S:
-            return 0
+            return False
         self._last = now
+        return True
+
+    def expire(self, spec: Pipeline, store: ArtifactStore) -> int:
         return Failures(self.connection, spec, store).expire()
 
 

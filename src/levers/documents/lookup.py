@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from levers.documents.ledger import DocumentRecord, Ledger
-from levers.documents.store import ArtifactStore
+from levers.documents.store import project_store
 from levers.errors import UsageError
 from levers.server.project import open_project
 
@@ -23,6 +23,6 @@ def document_view(file: Path | None, prefix: str) -> tuple[DocumentRecord, dict[
     record = ledger.get(matches[0])
     if record is None:
         raise UsageError(f"document {matches[0]} has no record")
-    store = ArtifactStore(project.loaded.store_dir)
+    store = project_store(project.loaded)
     outputs = {p: store.output(record.id, p) for p in record.phases if store.has_output(record.id, p)}
     return record, outputs

@@ -23,8 +23,8 @@ from levers import keys
 from levers.documents.ledger import Ledger
 from levers.documents.routing import ID_HEX_DIGITS, accepted_by_entry, enqueue_phase, entry_phase
 from levers.documents.sniffing import routed_name
-from levers.documents.store import ArtifactStore
-from levers.errors import DocumentError, LeversError
+from levers.documents.store import project_store
+from levers.errors import DocumentError, LeversError, StoreError
 from levers.pipeline.loading import LoadedPipeline
 
 # In-memory documents wait in Redis at most this long for their entry phase.
@@ -186,7 +186,7 @@ class Submitter:
     def __init__(self, loaded: LoadedPipeline, connection: redis.Redis) -> None:
         self.spec = loaded.spec
         self.connection = connection
-        self.store = ArtifactStore(loaded.store_dir)
+        self.store = project_store(loaded)
         self.ledger = Ledger(connection, loaded.spec.name)
 
     def submit_paths(self, paths: Iterable[str], force: bool = False) -> list[Outcome]:
@@ -202,6 +202,8 @@ class Submitter:
                 outcomes.append(self._submit_file(source, found.path, force))
             except OSError as exc:
                 outcomes.append(Outcome(source, error=f"{source}: cannot read ({exc.strerror})"))
+            except StoreError:
+                raise  # not this file's fault: no other file would fare better
             except LeversError as exc:
                 outcomes.append(Outcome(source, error=str(exc)))
         return outcomes
@@ -215,9 +217,11 @@ class Submitter:
         if self.spec.phases[phase].input == "bytes":
             return self.submit_bytes(data, name, force, source=source)
         doc_id = document_id(data)
+        # stored before it is recorded: a store that fails leaves no record that would make a
+        # second submission a duplicate of a document whose bytes are missing
+        self.store.put_document(doc_id, working, data)
         if not self.ledger.add(doc_id, working, "files", phase, force, submitted_as=name):
             return Outcome(source, doc_id, phase, skipped=True)
-        self.store.put_document(doc_id, working, data)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working)
         return Outcome(source, doc_id, phase)
 
@@ -231,11 +235,11 @@ class Submitter:
         doc_id = document_id(data)
         as_bytes = self.spec.phases[phase].input == "bytes"
         kind = "bytes" if as_bytes else "files"
+        if not as_bytes:
+            self.store.put_document(doc_id, working, data)  # before the record, as for a file
         if not self.ledger.add(doc_id, working, kind, phase, force, submitted_as=name):
             return Outcome(source, doc_id, phase, skipped=True)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)
-        else:
-            self.store.put_document(doc_id, working, data)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working)
         return Outcome(source, doc_id, phase)

@@ -46,11 +46,6 @@ class LoadedPipeline:
     def state_dir(self) -> Path:
         return state_dir_of(self.path)
 
-    @property
-    def store_dir(self) -> Path:
-        """The artifact store's directory (``store:``, relative to the file)."""
-        return self.project_dir / self.spec.store
-
 
 def state_dir_of(pipeline_path: Path) -> Path:
     """Where levers keeps local state for a pipeline file: ``.levers/`` beside it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from difflib import get_close_matches
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -25,6 +26,8 @@ PHASE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 # file can fork-bomb a host. More throughput than that comes from more machines.
 MAX_WORKERS = 256
 MAX_WORKERS_TOTAL = 1024
+# Object stores an artifact store can live in (documents/object_store.py).
+STORE_SCHEMES = ("s3", "gs", "az")
 # A phase is a queue, a row of `levers status`, Prometheus series and per-minute buckets in Redis,
 # and a supervisor looks at every phase every tick; real pipelines have a handful of phases.
 MAX_PHASES = 256
@@ -244,9 +247,13 @@ class Pipeline(Strict):
         str | None,
         Field(description="Redis URL; ${VAR} and ${VAR:-default} are expanded. REDIS_URL wins over it."),
     ] = None
-    store: Annotated[str, Field(description="Directory of the artifact store, relative to this file.")] = (
-        ".levers/artifacts"
-    )
+    store: Annotated[
+        str,
+        Field(
+            description="The artifact store: a directory, relative to this file, or an object-store URL "
+            "(s3://BUCKET/PREFIX, gs://, az://) with its endpoint and credentials in the environment."
+        ),
+    ] = ".levers/artifacts"
     phases: Annotated[
         dict[Annotated[str, Field(pattern=PHASE_NAME_PATTERN)], Phase],
         Field(
@@ -282,6 +289,22 @@ class Pipeline(Strict):
             description="'module:function' that describes the results at the end of `levers run`.",
         ),
     ] = None
+
+    @field_validator("store")
+    @classmethod
+    def _store_location(cls, store: str) -> str:
+        if "://" not in store:
+            return store
+        parts = urlsplit(store)
+        if parts.scheme not in STORE_SCHEMES:
+            problem = f"an object store's URL starts with {', '.join(s + '://' for s in STORE_SCHEMES)}"
+        elif not parts.netloc:
+            problem = f"{parts.scheme}:// needs a bucket: {parts.scheme}://BUCKET/PREFIX"
+        elif parts.query or parts.fragment or "@" in parts.netloc:
+            problem = "put the store's options and credentials in the environment (AWS_*, GOOGLE_*, AZURE_*)"
+        else:
+            return store
+        raise PydanticCustomError("store_url", problem)
 
     @field_validator("phases")
     @classmethod

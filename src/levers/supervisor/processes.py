@@ -30,7 +30,7 @@ import redis
 from levers import keys
 from levers.documents.failures import FailedExpiry
 from levers.documents.routing import register_queues
-from levers.documents.store import ArtifactStore
+from levers.documents.store import apart_from_forks, project_store
 from levers.errors import ServerError, SupervisorFailed, UsageError
 from levers.observing.reports import PhaseReport
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
@@ -359,8 +359,10 @@ def _revive(revive: Callable[[], object]) -> None:
 
 def _expire_failed(expiry: FailedExpiry, watcher: PipelineWatcher) -> None:
     """Forget failed documents past failed_ttl (once a minute), so Redis stays bounded."""
+    if not expiry.due():
+        return
     loaded = watcher.current()
-    forgotten = expiry.tick(loaded.spec, ArtifactStore(loaded.store_dir))
+    forgotten = apart_from_forks(loaded.spec.store, lambda: expiry.expire(loaded.spec, project_store(loaded)))
     if forgotten:
         log.info("forgot %d failed document(s) older than failed_ttl", forgotten)
 

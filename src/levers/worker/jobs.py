@@ -146,7 +146,11 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
     if settings is None:
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
     began = time.perf_counter()
-    output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
+    try:
+        output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
+    finally:
+        if isinstance(started.doc.content, Path):  # a remote store's local copy goes
+            runtime.store(spec).release(started.doc.content)
     return PerformedPhase(started, spec, output, calls, time.perf_counter() - began)
 
 
@@ -267,7 +271,7 @@ def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: Docume
         if not feeders and not content:
             raise PhaseError("the document's bytes are gone from Redis; submit it again")
     else:
-        content = store.document_path(record.id, record.name)
+        content = store.document_file(record.id, record.name)
     came_from = _came_from(store, record, feeders)
     prior = store.output(record.id, came_from) if came_from is not None else None
     return Document(id=record.id, name=record.name, content=content, input=prior)

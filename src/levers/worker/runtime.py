@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from levers.documents.store import ArtifactStore
+from levers.documents.store import ArtifactStore, open_store
 from levers.pipeline.loading import ensure_importable_from, import_handler, state_dir_of
 from levers.pipeline.model import Phase, Pipeline
 from levers.pipeline.options import phase_options
@@ -35,12 +35,17 @@ class WorkerRuntime:
         # per phase: the options as the file holds them, and what its handler gets for them
         self._options: dict[str, tuple[dict[str, Any], Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stores: dict[str, ArtifactStore] = {}
         # resolved once: resolving the path costs a stat per directory level, on every job
         self.state_dir = state_dir_of(watcher.path)
         ensure_importable_from(watcher.path.parent)
 
     def store(self, spec: Pipeline) -> ArtifactStore:
-        return ArtifactStore(self.watcher.path.parent / spec.store)
+        """The store ``spec`` names, made once per location (a remote one holds a client)."""
+        made = self._stores.get(spec.store)
+        if made is None:
+            made = self._stores[spec.store] = open_store(spec.store, self.watcher.path.parent, self.state_dir)
+        return made
 
     def executor(self, threads: int) -> ThreadPoolExecutor | None:
         """The process's thread pool for a threads lever; a changed lever gets a new pool."""
