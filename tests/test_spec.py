@@ -179,7 +179,7 @@ def test_workers_in_all_phases_are_bounded_for_one_machine() -> None:
     total = (count + 1) * per_phase
     assert found.message == (
         f"phases: {total} workers in all is above the bound of {model.MAX_WORKERS_TOTAL} "
-        "(one `levers up` runs them all on one machine); lower some phases' workers"
+        "(one `levers up` runs them all on one machine); lower some phases' workers (or autoscale max)"
     )
     assert (found.line, found.column) == (1, 1)
 

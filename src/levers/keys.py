@@ -98,3 +98,8 @@ def lost_leases(pipeline: str) -> str:
 def takeover(pipeline: str, supervisor: str) -> str:
     """String, expiring: the id of the supervisor taking over a lapsed lease's jobs (the claim)."""
     return f"levers:{pipeline}:takeover:{supervisor}"
+
+
+def phase_limits(pipeline: str, phase: str) -> str:
+    """Set, expiring: the shared limits one phase's jobs called lately, which cap its autoscaling."""
+    return f"levers:{pipeline}:phase:{phase}:limits"

@@ -24,7 +24,13 @@ from levers.documents.ledger import DocStatus, DocumentRecord
 from levers.documents.submission import Outcome
 from levers.errors import LeversError, SpecError
 from levers.observing.reports import SupervisorLease
-from levers.observing.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING, PipelineStatus
+from levers.observing.status import (
+    FAILED_SHARE_WARNING,
+    QUEUE_EMERGENCY,
+    QUEUE_WARNING,
+    PhaseStatus,
+    PipelineStatus,
+)
 from levers.safe import shown
 from levers.server.connection import masked_values
 
@@ -199,6 +205,8 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     parts: list[Any] = [table]
     if any(p.bottleneck for p in status.phases):
         parts.append(Text("◀ the bottleneck: the longest backlog to drain, else the busiest phase"))
+    if any(p.autoscale for p in status.phases):
+        parts.append(_autoscale_table(status.phases))
     if status.limits:
         parts.append(_limits_table(status.limits))
     if server is not None:
@@ -228,6 +236,20 @@ def _supervisors_table(supervisors: Sequence[SupervisorLease]) -> Table:
         table.add_row(
             shown(s.host), str(s.pid), shown(", ".join(s.phases)), str(s.workers), lease, shown(s.version)
         )
+    return table
+
+
+def _autoscale_table(phases: Sequence[PhaseStatus]) -> Table:
+    table = Table(title="autoscale", title_justify="left")
+    for column in ("phase", "desired", "min", "max", "needed", "reason"):
+        table.add_column(column, justify="left" if column in ("phase", "reason") else "right")
+    for p in phases:
+        if p.autoscale is not None:
+            scaled = p.autoscale
+            table.add_row(
+                p.phase, str(p.workers_desired), str(scaled.min), str(scaled.max), str(scaled.needed),
+                shown(scaled.reason),  # host names come from Redis: shown as written
+            )  # fmt: skip
     return table
 
 

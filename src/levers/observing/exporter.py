@@ -51,7 +51,7 @@ PHASE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("jobs_stranded", "stranded", "Jobs held by workers that are gone, until a supervisor requeues them."),
     ("jobs_waiting_retry", "waiting_retry", "Jobs waiting out a retry's backoff."),
     ("oldest_wait_seconds", "oldest_wait_s", "Age of the job at the head of the queue."),
-    ("workers_desired", "workers_desired", "Workers the pipeline declares, over live supervisors."),
+    ("workers_desired", "workers_desired", "Workers wanted, over live supervisors: declared, or autoscaled."),
     ("workers_alive", "workers_alive", "Workers alive: listed by a live supervisor or heard from lately."),
     ("workers_busy", "workers_busy", "Workers running a job now."),
 )
@@ -93,6 +93,7 @@ class StatusCollector(Collector):
         status = pipeline_status(self.connection, spec)
         phases = [p for p in status.phases if p.phase in served.phases]
         yield from _phase_gauges(spec.name, phases)
+        yield from _autoscale_gauges(spec.name, phases)
         yield _job_totals(spec.name, phases)
         yield self._durations(spec.name, [p.phase for p in phases])
         if served.limits:
@@ -119,6 +120,19 @@ def _phase_gauges(pipeline: str, phases: list[PhaseStatus]) -> Iterator[Metric]:
             if value is not None:
                 family.add_metric([pipeline, phase.phase], float(value))
         yield family
+
+
+def _autoscale_gauges(pipeline: str, phases: list[PhaseStatus]) -> Iterator[Metric]:
+    needed = GaugeMetricFamily(
+        "levers_workers_needed",
+        "Autoscaled phases: workers the demand calls for over all hosts, ceil((queued + running) / "
+        "per_worker), capped by the shared limits the phase calls; before each host's max and memory.",
+        labels=LABELS,
+    )
+    for phase in phases:
+        if phase.autoscale is not None:
+            needed.add_metric([pipeline, phase.phase], float(phase.autoscale.needed))
+    yield needed
 
 
 def _job_totals(pipeline: str, phases: list[PhaseStatus]) -> Metric:

@@ -22,6 +22,17 @@ REPORT_TTL_S = 10.0
 
 
 @dataclass(frozen=True)
+class AutoscaleReport:
+    """An autoscaled phase's bounds on one host, the most it can run there, and why it wants what
+    it wants (the demand, then every cap that bites)."""
+
+    min: int
+    max: int
+    ceiling: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class PhaseReport:
     """One phase as one supervisor runs it."""
 
@@ -33,6 +44,7 @@ class PhaseReport:
     pids: list[int]
     cpu_percent: float | None = None  # mean over its workers, % of one core since the last report
     rss_mb: float | None = None  # mean over its workers
+    autoscale: AutoscaleReport | None = None  # for a phase with autoscale:
 
     @property
     def settled(self) -> bool:
@@ -60,10 +72,15 @@ class SupervisorReport:
         """A report from Redis; None when it is malformed."""
         try:
             data = json.loads(raw)
-            phases = {str(name): PhaseReport(**figures) for name, figures in dict(data.pop("phases")).items()}
+            phases = {str(name): _phase_report(figures) for name, figures in dict(data.pop("phases")).items()}
             return cls(**data, phases=phases)
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
+
+
+def _phase_report(figures: dict[str, Any]) -> PhaseReport:
+    autoscale = figures.pop("autoscale", None)
+    return PhaseReport(**figures, autoscale=AutoscaleReport(**autoscale) if autoscale is not None else None)
 
 
 def live_reports(connection: redis.Redis, pipeline: str) -> list[SupervisorReport]:

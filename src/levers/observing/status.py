@@ -8,6 +8,7 @@ not alive is stranded, not running, until a supervisor puts it back on its queue
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,18 @@ HEARTBEAT_FRESH_S = keys.WORKER_TTL_S
 
 
 @dataclass(frozen=True)
+class AutoscaleStatus:
+    """An autoscaled phase: its bounds, and why its supervisors want the workers they want."""
+
+    min: int
+    max: int
+    per_worker: int
+    scale_down_after: float
+    needed: int  # over all hosts: ceil((queued + running) / per_worker), capped by the shared limits it calls
+    reason: str  # the demand, then every cap that bites (limit, memory, window), per host when several
+
+
+@dataclass(frozen=True)
 class PhaseStatus:
     phase: str
     queued: int
@@ -81,6 +94,7 @@ class PhaseStatus:
     rss_mb: float | None  # mean resident memory of the phase's workers
     bottleneck: bool = False
     fixed: tuple[str, ...] = ()  # levers the phase declares fixed: advice leaves them alone
+    autoscale: AutoscaleStatus | None = None  # for a phase with autoscale: (workers_desired: its count)
 
     @property
     def drain_s(self) -> float | None:
@@ -214,6 +228,33 @@ def _phase_status(
         cpu_percent=_mean([r.cpu_percent for r in reported if r.cpu_percent is not None]),
         rss_mb=_mean([r.rss_mb for r in reported if r.rss_mb is not None]),
         fixed=tuple(spec.phases[name].fixed),
+        autoscale=_autoscale(connection, spec, name, reports, queue.count + len(held)),
+    )
+
+
+def _autoscale(
+    connection: redis.Redis, spec: Pipeline, name: str, reports: list[SupervisorReport], jobs: int
+) -> AutoscaleStatus | None:
+    phase = spec.phases[name]
+    settings = phase.autoscale
+    if settings is None:
+        return None
+    needed = math.ceil(jobs / settings.per_worker)
+    for limit in connection.smembers(keys.phase_limits(spec.name, name)):
+        declared = spec.limits.get(limit.decode(errors="replace") if isinstance(limit, bytes) else limit)
+        if declared is not None and declared.concurrency:
+            needed = min(needed, max(1, math.ceil(declared.concurrency / phase.levers.semaphore)))
+    reasons = [
+        (report.host, report.pid, figures.autoscale.reason)
+        for report in reports
+        if (figures := report.phases.get(name)) is not None and figures.autoscale is not None
+    ]
+    if len(reasons) == 1:
+        reason = reasons[0][2]
+    else:
+        reason = " | ".join(f"{host}:{pid}: {text}" for host, pid, text in sorted(reasons)) or "no supervisor"
+    return AutoscaleStatus(
+        settings.min, settings.max, settings.per_worker, settings.scale_down_after, needed, reason
     )
 
 

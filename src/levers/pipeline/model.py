@@ -56,6 +56,8 @@ MAX_RATE = 100_000
 MAX_CONCURRENCY = 10_000
 # A day covers per-day quotas; the window's key lives as long as the window.
 MAX_WINDOW_S = 24 * 3600
+# Jobs one autoscaled worker is expected to keep up with: past a million, a queue is not "per worker".
+MAX_PER_WORKER = 1_000_000
 
 # Failed documents' records stay in Redis this long by default (30 days), and at most a year: each
 # is a hash and a set member, and a pipeline that fails often keeps one per failure for that long.
@@ -154,6 +156,36 @@ class Resources(Strict):
     ] = None
 
 
+class Autoscale(Strict):
+    """Workers that follow the phase's queue: ceil((queued + running) / per_worker), from min to max."""
+
+    min: Annotated[
+        Whole, Field(ge=0, le=MAX_WORKERS, description="Fewest workers, however short the queue.")
+    ] = 1
+    max: Annotated[Whole, Field(ge=1, le=MAX_WORKERS, description="Most workers, however long the queue.")]
+    per_worker: Annotated[
+        Whole,
+        Field(ge=1, le=MAX_PER_WORKER, description="Jobs (queued or running) that call for one more worker."),
+    ] = 1
+    scale_down_after: Annotated[
+        Number,
+        Field(
+            ge=0,
+            le=MAX_WINDOW_S,
+            description="Seconds of lower demand before workers are stopped (the highest need over "
+            "that window is kept).",
+        ),
+    ] = 60.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscale:
+        if self.min > self.max:
+            raise PydanticCustomError(
+                "autoscale_order", "min {min} is above max {max}", {"min": self.min, "max": self.max}
+            )
+        return self
+
+
 class Phase(Strict):
     """One phase: the handler that does its work, where documents go next, and its levers."""
 
@@ -163,6 +195,10 @@ class Phase(Strict):
     ]
     next: Annotated[str | None, Field(description="The phase that receives this one's output.")] = None
     levers: LeverSettings = LeverSettings()
+    autoscale: Annotated[
+        Autoscale | None,
+        Field(description="Follow the queue between min and max workers; levers.workers is the start."),
+    ] = None
     fixed: Annotated[
         list[Literal["workers", "semaphore", "threads"]],
         Field(
@@ -206,6 +242,11 @@ class Phase(Strict):
     resources: Annotated[
         Resources | None, Field(description="CPU and RAM of one worker, for the totals of `levers plan`.")
     ] = None
+
+    @property
+    def most_workers(self) -> int:
+        """The most workers one host may run for this phase."""
+        return max(self.levers.workers, self.autoscale.max if self.autoscale else 0)
 
     @field_validator("accepts")
     @classmethod
@@ -309,12 +350,12 @@ class Pipeline(Strict):
     @field_validator("phases")
     @classmethod
     def _bounded_workers(cls, phases: dict[str, Phase]) -> dict[str, Phase]:
-        total = sum(phase.levers.workers for phase in phases.values())
+        total = sum(phase.most_workers for phase in phases.values())
         if total > MAX_WORKERS_TOTAL:
             raise PydanticCustomError(
                 "workers_total",
                 "{total} workers in all is above the bound of {bound} (one `levers up` runs them all "
-                "on one machine); lower some phases' workers",
+                "on one machine); lower some phases' workers (or autoscale max)",
                 {"total": total, "bound": MAX_WORKERS_TOTAL},
             )
         return phases

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from levers.errors import LeversError
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
-from levers.pipeline.model import Pipeline
+from levers.pipeline.model import Autoscale, Pipeline
 from levers.pipeline.safe_yaml import read_capped
 
 
@@ -97,6 +97,16 @@ def lever_changes(old: Pipeline, new: Pipeline) -> str:
         before, after = old.phases[name].levers.model_dump(), new.phases[name].levers.model_dump()
         parts += [f"{name}.{lever} {before.get(lever)} -> {value}" for lever, value in after.items()
                   if before.get(lever) != value]  # fmt: skip
+        scaled_before, scaled_after = old.phases[name].autoscale, new.phases[name].autoscale
+        if scaled_before != scaled_after:
+            parts.append(f"{name}.autoscale {_bounds(scaled_before)} -> {_bounds(scaled_after)}")
         if old.phases[name].handler != new.phases[name].handler:
             parts.append(f"{name}.handler {old.phases[name].handler} -> {new.phases[name].handler}")
     return ", ".join(parts)
+
+
+def _bounds(autoscale: Autoscale | None) -> str:
+    if autoscale is None:
+        return "off"
+    return (f"{autoscale.min}..{autoscale.max} per_worker {autoscale.per_worker} "
+            f"scale_down_after {autoscale.scale_down_after:g}")  # fmt: skip

@@ -39,6 +39,7 @@ from levers.safe import log_to
 from levers.server.connection import Target, embedded_server
 from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
 from levers.server.project import Project, save_last_good
+from levers.supervisor.demand import observe
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
 from levers.worker import rq_contract
@@ -197,8 +198,10 @@ def make_supervisor(
         key = LeversWorker.redis_worker_namespace_prefix + worker_name(slot.phase, slot.pid)
         return connection.hget(key, "state") == b"busy"
 
-    seams = Seams(spawn=spawn, recover=recover, sweep=stranded.requeue_due, is_busy=is_busy)
-    return Supervisor(watcher, seams, only=only)
+    supervisor = Supervisor(watcher, Seams(spawn, recover, stranded.requeue_due, is_busy))
+    supervisor.only = only
+    supervisor.seams.observe = lambda spec, phases: observe(connection, spec, phases, supervisor.id)
+    return supervisor
 
 
 def _end_process_group(pid: int) -> None:

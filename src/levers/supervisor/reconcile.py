@@ -9,8 +9,12 @@ Shrinking retires idle workers first and never kills a running job: a retiring w
 its job, then exits. A stop waits ``grace_s`` for running jobs, then cuts short the workers
 still running one: their jobs go back to their queues.
 
-Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``clock``), so tests
-can replay a history of deaths and edits without processes.
+A phase with ``autoscale:`` follows its queue instead (levers.supervisor.scaling): more workers
+start in the tick that sees the demand, and only idle ones stop, once the lower demand has lasted
+``scale_down_after`` seconds.
+
+Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``observe``,
+``clock``), so tests can replay a history of deaths, edits and demand without processes.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from levers.observing.reports import PhaseReport, SupervisorReport
+from levers.observing.reports import AutoscaleReport, PhaseReport, SupervisorReport
 from levers.pipeline.loading import LoadedPipeline
+from levers.pipeline.model import Phase, Pipeline
 from levers.pipeline.watching import PipelineWatcher
+from levers.supervisor.scaling import Decision, Inputs, LimitUse, Load, Observed, Scaler, memory_cap
 
 log = logging.getLogger("levers.supervisor.reconcile")
 
@@ -106,6 +112,8 @@ class Seams:
     recover: Callable[[Slot], list[str]]
     sweep: Callable[[bool], object] = lambda wait: None
     is_busy: Callable[[Slot], bool] = lambda slot: False
+    # what autoscaled phases need to decide: their queues, limits, peers, and free memory
+    observe: Callable[[Pipeline, list[str]], Observed] = lambda spec, phases: Observed({}, {}, {})
     clock: Callable[[], float] = time.monotonic
 
 
@@ -119,15 +127,27 @@ class Supervisor:
     grace_s: float | None = None  # how long a stop waits for running jobs; None: the longest timeout
     stopping: bool = False
     stop_deadline: float | None = None
+    # as other supervisors know this one: its report's id
+    id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    scalers: dict[str, Scaler] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
 
     def desired(self, loaded: LoadedPipeline | None = None) -> dict[str, int]:
         """Workers wanted per phase this host runs, from ``loaded`` (default: the current pipeline)."""
         spec = (loaded or self.watcher.current()).spec
         return {
-            name: (0 if self.stopping else phase.levers.workers)
+            name: (0 if self.stopping else self._wanted(name, phase))
             for name, phase in spec.phases.items()
             if not self.only or name in self.only
         }
+
+    def _wanted(self, name: str, phase: Phase) -> int:
+        if phase.autoscale is None:
+            return phase.levers.workers
+        decision = self.decisions.get(name)
+        if decision is None:  # no tick has decided yet: the starting count
+            return min(max(phase.levers.workers, phase.autoscale.min), phase.autoscale.max)
+        return decision.desired
 
     def tick(self) -> None:
         """One reconcile pass: reap, retire what is stale or surplus, spawn the shortfall.
@@ -142,6 +162,7 @@ class Supervisor:
         if self.stopping:
             return
         self._retire_stale(loaded)
+        self._autoscale(loaded.spec)
         desired = self.desired(loaded)  # one version of the file for the whole tick
         for phase, wanted in desired.items():
             self._reconcile_phase(loaded, phase, wanted)
@@ -197,6 +218,7 @@ class Supervisor:
                 state=PhaseState.STOPPED if self.stopping else health.state(now),
                 restarts=health.restarts,
                 pids=[s.pid for s in mine],
+                autoscale=self._autoscale_report(phase),
             )
         return SupervisorReport(
             host=socket.gethostname(),
@@ -207,6 +229,47 @@ class Supervisor:
             memory_percent=None,
             phases=phases,
         )
+
+    def _autoscale_report(self, phase: str) -> AutoscaleReport | None:
+        decision = self.decisions.get(phase)
+        if decision is None:
+            return None
+        return AutoscaleReport(decision.min, decision.max, decision.ceiling, decision.reason)
+
+    def _autoscale(self, spec: Pipeline) -> None:
+        """Decide every autoscaled phase's workers from what ``observe`` reads. Phases decided
+        first take their new workers' memory out of what the next ones may use."""
+        phases = [n for n, p in spec.phases.items() if p.autoscale and (not self.only or n in self.only)]
+        for gone in set(self.scalers) - set(phases):
+            del self.scalers[gone]
+            self.decisions.pop(gone, None)
+        if not phases:
+            return
+        observed = self.seams.observe(spec, phases)
+        now = self.seams.clock()
+        free_mb = observed.free_mb
+        for name in phases:
+            phase = spec.phases[name]
+            assert phase.autoscale is not None
+            current = len(self._running(name))
+            ram_mb = phase.resources.ram_mb if phase.resources else None
+            cap = None if free_mb is None else memory_cap(current, free_mb, observed.total_mb, ram_mb)
+            limits = tuple(
+                LimitUse(limit, concurrency)
+                for limit in sorted(observed.limits_used.get(name, frozenset()))
+                if limit in spec.limits and (concurrency := spec.limits[limit].concurrency)
+            )
+            inputs = Inputs(observed.loads.get(name, Load(0, 0)), phase.levers.semaphore, limits, cap,
+                            observed.peers.get(name, ()))  # fmt: skip
+            scaler = self.scalers.setdefault(name, Scaler(now, self._wanted(name, phase)))
+            decision = scaler.decide(phase.autoscale, self.id, inputs, now)
+            before = self.decisions.get(name)
+            if before is None or before.desired != decision.desired:
+                log.info("%s: autoscale %s -> %d (%s)", name, before.desired if before else "start",
+                         decision.desired, decision.reason)  # fmt: skip
+            self.decisions[name] = decision
+            if free_mb is not None and ram_mb:
+                free_mb -= max(0, decision.desired - current) * ram_mb
 
     def _reap(self) -> None:
         now = self.seams.clock()
@@ -252,6 +315,9 @@ class Supervisor:
     def _reconcile_phase(self, loaded: LoadedPipeline, phase: str, wanted: int) -> None:
         running = self._running(phase)
         if len(running) > wanted:
+            if loaded.spec.phases[phase].autoscale is not None:
+                self._scale_down(phase, running, wanted)
+                return
             # idle workers go first, then the youngest
             surplus = sorted(running, key=lambda s: (self.seams.is_busy(s), -s.started_at))
             retired = surplus[: len(running) - wanted]
@@ -277,6 +343,18 @@ class Supervisor:
                 log.info(
                     "%s: started %d worker(s) (pid %s) to have %d", phase, len(pids), ", ".join(pids), wanted
                 )
+
+    def _scale_down(self, phase: str, running: list[Slot], wanted: int) -> None:
+        """Stop idle workers only, the youngest first: a busy one stays until a later tick finds it
+        idle. One that takes a job as it is stopped still runs it (a job it took ahead goes back)."""
+        idle = sorted((s for s in running if not self.seams.is_busy(s)), key=lambda s: -s.started_at)
+        retired = idle[: len(running) - wanted]
+        if retired:
+            log.info(
+                "%s: autoscale stopping %d idle worker(s) (pid %s) to have %d",
+                phase, len(retired), ", ".join(str(s.pid) for s in retired), wanted,
+            )  # fmt: skip
+            self._retire(retired)
 
     def _running(self, phase: str | None = None) -> list[Slot]:
         return [s for s in self.slots if s.state is SlotState.RUNNING and (phase is None or s.phase == phase)]

@@ -9,6 +9,7 @@ twice (its host lost, then back) hands the document on once.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import weakref
@@ -24,7 +25,7 @@ from levers import keys
 from levers.documents.ledger import DocumentRecord, Ledger, Superseded
 from levers.documents.routing import enqueue_phase
 from levers.documents.store import ArtifactStore
-from levers.limits.shared import JobLimits
+from levers.limits.shared import JobLimits, SharedLimit
 from levers.pipeline.model import Phase, Pipeline
 from levers.server.outage import UNREACHABLE
 from levers.worker.phase_context import Document, Levers, Permanent, PhaseContext
@@ -36,6 +37,8 @@ MAX_ERROR_CHARS = 500
 # takes the job off its queue, moments before the job starts, and looking again would put a stat
 # on the path between two handlers.
 SETTINGS_MAX_AGE_S = 0.05
+# A phase whose jobs stopped calling a shared limit this long ago is no longer capped by it.
+LIMITS_USED_TTL_S = 3600
 
 
 class PhaseError(Exception):
@@ -244,12 +247,38 @@ def _call_handler(
     limits = JobLimits(spec, runtime.url)
     executor = runtime.executor(lever_values.threads)
     options = runtime.options(phase, settings)
-    ctx = PhaseContext(phase, lever_values, options, runtime.state_dir, executor, limits, runtime.store(spec))
-    if inspect.iscoroutinefunction(handler):
-        output = runtime.run_async(_run_async(handler, doc, ctx, limits))
-    else:
-        output = handler(doc, ctx)
+    used: set[str] = set()
+    ctx = PhaseContext(phase, lever_values, options, runtime.state_dir, executor, _noting(limits, used),
+                       runtime.store(spec))  # fmt: skip
+    try:
+        if inspect.iscoroutinefunction(handler):
+            output = runtime.run_async(_run_async(handler, doc, ctx, limits))
+        else:
+            output = handler(doc, ctx)
+    finally:
+        _note_limits_used(runtime.connection, spec.name, phase, used)
     return output, ctx.calls
+
+
+def _noting(limits: JobLimits, used: set[str]) -> Callable[[str], SharedLimit]:
+    def limit(name: str) -> SharedLimit:
+        found = limits(name)  # an undeclared name raises: it limits nothing
+        used.add(name)
+        return found
+
+    return limit
+
+
+def _note_limits_used(connection: redis.Redis, pipeline: str, phase: str, used: set[str]) -> None:
+    """Tell the supervisors which shared limits the phase calls: they cap its autoscaling. Kept
+    for LIMITS_USED_TTL_S after the last such job; losing a note only loosens the cap a while."""
+    if not used:
+        return
+    key = keys.phase_limits(pipeline, phase)
+    with contextlib.suppress(redis.RedisError), connection.pipeline(transaction=False) as pipe:
+        pipe.sadd(key, *sorted(used))
+        pipe.expire(key, LIMITS_USED_TTL_S)
+        pipe.execute()
 
 
 async def _run_async(handler: Callable[..., Any], doc: Document, ctx: PhaseContext, limits: JobLimits) -> Any:
