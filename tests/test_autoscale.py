@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from levers.errors import SpecError
 from levers.observing.reports import SupervisorReport
+from levers.pipeline.editing import set_values
 from levers.pipeline.loading import LoadedPipeline
 from levers.pipeline.model import Autoscale
 from levers.pipeline.watching import PipelineWatcher
@@ -305,3 +307,19 @@ def test_memory_cap_counts_the_workers_running() -> None:
     assert memory_cap(current=2, free_mb=100, total_mb=5000, ram_mb=250) == 2
     assert memory_cap(current=2, free_mb=100, total_mb=5000, ram_mb=None) is None
     assert LimitUse("api", 15).workers(semaphore=10) == math.ceil(15 / 10)
+
+
+def test_levers_set_reaches_every_autoscale_field(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("phases:\n  work:\n    handler: json:dumps\n    accepts: [txt]\n")
+
+    loaded, _ = set_values(path, ["work.autoscale.max=6", "work.autoscale.per_worker=3"])
+    assert loaded.spec.phases["work"].autoscale == Autoscale(max=6, per_worker=3)
+    loaded, _ = set_values(path, ["work.autoscale.min=2", "work.autoscale.scale_down_after=90"])
+    assert loaded.spec.phases["work"].autoscale == Autoscale(min=2, max=6, per_worker=3, scale_down_after=90)
+
+    before = path.read_bytes()
+    with pytest.raises(SpecError) as raised:
+        set_values(path, ["work.autoscale.min=7"])
+    assert "min 7 is above max 6" in str(raised.value)
+    assert path.read_bytes() == before
