@@ -2,7 +2,7 @@
 
 One phase whose jobs sleep 200 ms runs under the real `levers up`, in three variants taking turns
 on one server (flushed between runs): fixed 1 worker, fixed 6, and `autoscale: {min: 1, max: 6,
-per_worker: 4, scale_down_after: 5}` starting from 1. Each variant gets, once its workers are idle:
+per_worker: 4, scale_down_after: 10}` starting from 1. Each variant gets, once its workers are idle:
 
 - a burst: 300 documents submitted at once; drain time from the first submission to the last
   document done (levers' ledger);
@@ -53,7 +53,7 @@ JOB_S = 0.2
 BURST = 300
 TRACE_BURSTS = 3
 TRACE_DOCS = 100
-GAP_S = 20.0
+GAP_S = 60.0
 START_TIMEOUT_S = 120.0
 SAMPLE_S = 0.2
 
@@ -71,7 +71,7 @@ VARIANTS = {
     "fixed 1": "levers: {workers: 1}",
     "fixed 6": "levers: {workers: 6}",
     "autoscale 1..6": "levers: {workers: 1}\n"
-    "    autoscale: {min: 1, max: 6, per_worker: 4, scale_down_after: 5}",
+    "    autoscale: {min: 1, max: 6, per_worker: 4, scale_down_after: 10}",
 }
 
 
