@@ -3,12 +3,15 @@
 Every chunk becomes an episode (content: its context line, a blank line, its text). Entities are
 found by a deterministic extractor: runs of two or more capitalised words (joined by "of", "for"
 or "the" at most; leading sentence words such as "The" or "When" dropped) and acronyms of 2-8
-capitals. Each chunk MENTIONS the entities in it; two entities in one sentence are linked by a
-MENTIONED_WITH fact whose text is that sentence.
+capitals. Each chunk MENTIONS the entities in it; two entities named in one sentence are linked
+by a MENTIONED_WITH fact whose text is the first such sentence. A fact is one edge per pair of
+entities in the whole graph, shared by every document that states it (``phases.graph_store``
+counts them in its weight), rather than a copy per document.
 
 UUIDs are uuid5 of the graph, the document id and the chunk index (episodes), of the graph and
-the entity's case-folded name (entities, shared by all documents of a graph), and of their
-endpoints (edges), so planning a document again gives the same ids. The graph's writers
+the entity's case-folded name (entities, shared by all documents of a graph), of the episode and
+entity (mentions) and of the graph and the two entities (facts), so planning a document again
+gives the same ids. The graph's writers
 (``phases.graph_store``, ``phases.graph_llm``) and the phase (``phases.kg_ingest``) share these
 types; this module imports none of them.
 """
@@ -145,7 +148,7 @@ def _relate(
     relation = relations.get(key)
     if relation is None:
         relation = PlannedRelation(
-            uuid=_uuid(plan.group_id, "relation", plan.document_id, key),
+            uuid=_uuid(plan.group_id, "relation", key),
             source=source,
             target=target,
             fact=sentence[:MAX_FACT_CHARS],
