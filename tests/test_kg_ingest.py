@@ -134,6 +134,11 @@ def test_a_fact_lists_a_bounded_number_of_episodes(
         ingest(name, chunks, state_dir, executor, group_id="bounded")
     [(weight, episodes)] = facts(state_dir, "bounded").values()
     assert weight == 3 and len(episodes) == 2
+    shorter = {"chunks": [{"index": 0, "context": "", "text": "Job Queue, Worker Pool."}]}
+    ingest("d", shorter, state_dir, executor, group_id="bounded")
+    with graph(state_dir, "bounded") as saved:
+        stated = saved.ro_query("MATCH ()-[r:RELATES_TO]->() RETURN r.fact").result_set
+    assert stated == [["Job Queue, Worker Pool."]], "the shortest sentence states it, whenever it came"
     ingest(
         "a",
         {"chunks": [{"index": 0, "context": "", "text": "Nothing here."}]},
@@ -142,7 +147,7 @@ def test_a_fact_lists_a_bounded_number_of_episodes(
         "bounded",
     )
     [(weight, _)] = facts(state_dir, "bounded").values()
-    assert weight == 2
+    assert weight == 3
 
 
 def test_ingest_looks_up_through_indexes_only(

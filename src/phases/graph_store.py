@@ -169,6 +169,9 @@ _WRITE = "\nWITH count(*) AS _\n".join(
         "ON CREATE SET r.name = $name, r.group_id = $group_id, r.fact = re.fact, r.episodes = re.episodes, "
         "r.created_at = $now, r.weight = 1 "
         "ON MATCH SET r.weight = coalesce(r.weight, 0) + re.delta, "
+        # graph_plan.fact_order: the shortest sentence, then the first alphabetically
+        "r.fact = CASE WHEN size(re.fact) < size(r.fact) "
+        "OR (size(re.fact) = size(r.fact) AND re.fact < r.fact) THEN re.fact ELSE r.fact END, "
         "r.episodes = ([x IN coalesce(r.episodes, []) WHERE NOT x IN $gone] "
         "+ [x IN re.episodes WHERE NOT x IN coalesce(r.episodes, [])])[0..$max_episodes]",
     ]
