@@ -194,7 +194,9 @@ def _run_batch(
     batch.graph_cpu_s = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items()) / max(batch.done, 1)
     batch.redis_keys = int(server.connection.dbsize())
     batch.redis_bytes = int(cast(dict, server.connection.info("memory"))["used_memory"])
-    batch.store_bytes = _bytes_under(loaded.store_dir)
+    batch.store_bytes = _bytes_under(
+        loaded.project_dir / loaded.spec.store
+    )  # the bundled pipeline: a local store
     batch.graph = json.loads(_levers(["graph", "counts", "--json"], project, env))
     return batch
 
