@@ -6,6 +6,8 @@
 of its own.
 ``python -m bench autoscale [--reps N] [--output FILE]``: autoscaling against fixed workers, in a
 section of its own.
+``python -m bench scale [--documents N] [--label NAME] [--output FILE]``: batches of documents into
+a growing graph, in a section of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench import (
     observability,
     outage,
     overhead,
+    scale,
     takeover,
     transcription,
 )
@@ -72,6 +75,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "outage": outage.main,
     "broken": broken.main,
     "autoscale": autoscale.main,
+    "scale": scale.main,
 }
 
 
@@ -79,7 +83,7 @@ def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
         kept_section(output, section)
-        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, autoscale.SECTION)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, autoscale.SECTION, scale.SECTION)
     )
 
 

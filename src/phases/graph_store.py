@@ -1,10 +1,12 @@
 """The knowledge graph in FalkorDB, written and read through graphiti-core with no LLM or embedder.
 
-Nodes and edges are saved with graphiti's own models (EpisodicNode, EntityNode, EpisodicEdge,
-EntityEdge), so graphiti's BM25 fulltext search works on them and the LLM mode
-(``phases.graph_llm``, graphiti's own extraction) reads and extends the same graph. Here
-embeddings are left unset: graphiti stores None as null (FalkorDB's ``vecf32`` passes null
-through) and its fulltext search does not use them.
+Nodes and edges have graphiti's labels and properties (Episodic, Entity, MENTIONS, RELATES_TO), so
+graphiti's BM25 fulltext search works on them and the LLM mode (``phases.graph_llm``, graphiti's
+own extraction) reads and extends the same graph. Offline, a document is written in one query of
+its own rather than through graphiti's per-object saves (a round trip each). Embeddings are left
+unset; graphiti's fulltext search does not use them. An offline fact (RELATES_TO named
+MENTIONED_WITH) is one edge per pair of entities: ``weight`` counts the documents that state it,
+``episodes`` lists the first ``MAX_FACT_EPISODES`` chunks that do.
 
 Importing this module imports graphiti, which takes one to two seconds; ``kg_ingest`` imports
 it only when it needs the graph. At import graphiti calls python-dotenv's ``load_dotenv()``,
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -26,8 +28,7 @@ os.environ["GRAPHITI_TELEMETRY_ENABLED"] = "false"  # offline: must precede grap
 
 from falkordb.asyncio import FalkorDB
 from graphiti_core.driver.falkordb_driver import FalkorDriver
-from graphiti_core.edges import EntityEdge, EpisodicEdge
-from graphiti_core.nodes import EntityNode, EpisodeType, EpisodicNode
+from graphiti_core.nodes import EpisodeType, EpisodicNode
 from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
 
@@ -35,6 +36,12 @@ if TYPE_CHECKING:
     from phases.graph_plan import GraphPlan, PlannedEpisode
 
 RELATION_NAME = "MENTIONED_WITH"
+# The episodes an offline fact lists (graphiti's EntityEdge.episodes): where it is stated, the
+# first ones only, so a fact that thousands of documents state stays small.
+MAX_FACT_EPISODES = 10
+# A document's episodes are found by their source (see ``write``); graphiti indexes it for
+# fulltext search only, which an equality lookup does not use.
+_SOURCE_INDEX = "CREATE INDEX FOR (n:Episodic) ON (n.source_description)"
 
 # (server url, graph) pairs whose indices this process has built: graphiti's index creation is
 # idempotent but costs a round trip per index, so it runs once per graph per process.
@@ -51,6 +58,7 @@ async def connect(url: str, group_id: str) -> AsyncIterator[FalkorDriver]:
     try:
         if (url, group_id) not in _INDEXED:
             await driver.build_indices_and_constraints()
+            await driver.execute_query(_SOURCE_INDEX)  # FalkorDriver ignores "already indexed"
             _INDEXED.add((url, group_id))
         yield driver
     finally:
@@ -70,33 +78,107 @@ async def graph_exists(url: str, group_id: str) -> bool:
         await client.aclose()
 
 
-async def write(driver: FalkorDriver, plan: GraphPlan, gather: Callable[..., Awaitable[list[Any]]]) -> None:
+async def write(driver: FalkorDriver, plan: GraphPlan) -> None:
     """Save one document's plan, replacing what an earlier version of it wrote.
 
-    Saves are MERGEs on uuid, so writing the same plan twice changes nothing. ``gather`` bounds
-    how many saves run at once. Nodes go first: edges MATCH their endpoints.
+    One read (the document's episodes as saved, found through an index) and one write query, so
+    the cost of a document does not depend on how large the graph is, and a worker that dies
+    between the two leaves the graph as it was: the write is applied whole or not at all.
+    Writing the same plan twice changes nothing.
     """
-    now = datetime.now(UTC)
+    previous = await _saved_episodes(driver, plan)
+    await driver.execute_query(_WRITE, **_write_parameters(plan, previous, datetime.now(UTC)))
+
+
+async def _saved_episodes(driver: FalkorDriver, plan: GraphPlan) -> dict[str, list[str]]:
+    """The document's saved episodes, each with the facts it stated (its ``entity_edges``)."""
+    records, _, _ = await driver.execute_query(
+        "MATCH (e:Episodic) WHERE e.source_description = $source "
+        "RETURN e.uuid AS uuid, e.entity_edges AS edges",
+        source=plan.source,
+    )
+    return {record["uuid"]: list(record["edges"] or []) for record in records}
+
+
+def _write_parameters(plan: GraphPlan, previous: Mapping[str, list[str]], now: datetime) -> dict[str, Any]:
+    """The write query's parameters: what to add, and what the document's previous version
+    stated that this one does not (its facts lose this document's weight)."""
+    stamp = now.isoformat()
+    kept = {episode.uuid for episode in plan.episodes}
+    stated = {uuid for uuids in previous.values() for uuid in uuids}
+    relations = [
+        {"uuid": r.uuid, "source": r.source, "target": r.target, "fact": r.fact,
+         "episodes": r.episodes[:MAX_FACT_EPISODES], "delta": 0 if r.uuid in stated else 1}
+        for r in plan.relations
+    ]  # fmt: skip
+    return {
+        "group_id": plan.group_id,
+        "now": stamp,
+        "name": RELATION_NAME,
+        "max_episodes": MAX_FACT_EPISODES,
+        "gone": [uuid for uuid in previous if uuid not in kept],
+        "released": sorted(stated - {r.uuid for r in plan.relations}),
+        "document_episodes": sorted(kept | set(previous)),
+        "episodes": _episode_rows(plan, stamp),
+        "entities": [{"uuid": e.uuid, "name": e.name} for e in plan.entities],
+        "mentions": [{"uuid": m.uuid, "episode": m.episode, "entity": m.entity} for m in plan.mentions],
+        "mention_uuids": [m.uuid for m in plan.mentions],
+        "relations": relations,
+    }
+
+
+def _episode_rows(plan: GraphPlan, stamp: str) -> list[dict[str, Any]]:
+    """The plan's episodes as graphiti saves them, each listing the facts it states."""
     edge_uuids_by_episode: dict[str, list[str]] = {}
     for relation in plan.relations:
         for episode_uuid in relation.episodes:
             edge_uuids_by_episode.setdefault(episode_uuid, []).append(relation.uuid)
-    episodes = episode_nodes(plan, plan.episodes, now, edge_uuids_by_episode)
-    entities = [
-        EntityNode(uuid=entity.uuid, name=entity.name, group_id=plan.group_id, created_at=now)
-        for entity in plan.entities
+    return [
+        {"uuid": e.uuid, "name": e.name, "group_id": plan.group_id, "source_description": plan.source,
+         "source": EpisodeType.text.value, "content": e.content,
+         "entity_edges": edge_uuids_by_episode.get(e.uuid, []), "created_at": stamp, "valid_at": stamp}
+        for e in plan.episodes
+    ]  # fmt: skip
+
+
+# One document's write, in one query (so applied whole or not at all). Every lookup goes through an
+# index on uuid; a fact is one edge per pair of entities, so MERGE expands only the edges between
+# two nodes, never a hub's. Statements are chained with an aggregate, which yields a row even
+# when the list before it was empty.
+_WRITE = "\nWITH count(*) AS _\n".join(
+    [
+        # the episodes the document no longer has, with their MENTIONS
+        "UNWIND $gone AS uuid MATCH (e:Episodic) WHERE e.uuid = uuid DETACH DELETE e",
+        # facts the document no longer states: one document less; gone once none states them
+        "UNWIND $released AS uuid MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = uuid "
+        "SET r.weight = coalesce(r.weight, 1) - 1, "
+        "r.episodes = [x IN coalesce(r.episodes, []) WHERE NOT x IN $document_episodes]",
+        # (a statement of its own: FalkorDB drops the SET above when `WITH r WHERE r.weight <= 0
+        # DELETE r` follows it)
+        "UNWIND $released AS uuid MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = uuid AND r.weight <= 0 DELETE r",
+        "UNWIND $episodes AS ep MERGE (e:Episodic {uuid: ep.uuid}) SET e = ep "
+        "WITH e MATCH (e)-[m:MENTIONS]->(:Entity) WHERE NOT m.uuid IN $mention_uuids DELETE m",
+        # an entity keeps what it was created with (or what graphiti's LLM mode gave it)
+        "UNWIND $entities AS en MERGE (n:Entity {uuid: en.uuid}) "
+        "ON CREATE SET n.name = en.name, n.group_id = $group_id, n.summary = '', n.created_at = $now",
+        "UNWIND $mentions AS me MATCH (e:Episodic {uuid: me.episode}) MATCH (n:Entity {uuid: me.entity}) "
+        "MERGE (e)-[m:MENTIONS {uuid: me.uuid}]->(n) "
+        "ON CREATE SET m.group_id = $group_id, m.created_at = $now",
+        "UNWIND $relations AS re MATCH (a:Entity {uuid: re.source}) MATCH (b:Entity {uuid: re.target}) "
+        "MERGE (a)-[r:RELATES_TO {uuid: re.uuid}]->(b) "
+        "ON CREATE SET r.name = $name, r.group_id = $group_id, r.fact = re.fact, r.episodes = re.episodes, "
+        "r.created_at = $now, r.weight = 1 "
+        "ON MATCH SET r.weight = coalesce(r.weight, 0) + re.delta, "
+        # graph_plan.fact_order: the shortest sentence, then the first alphabetically
+        "r.fact = CASE WHEN size(re.fact) < size(r.fact) "
+        "OR (size(re.fact) = size(r.fact) AND re.fact < r.fact) THEN re.fact ELSE r.fact END, "
+        "r.episodes = ([x IN coalesce(r.episodes, []) WHERE NOT x IN $gone] "
+        "+ [x IN re.episodes WHERE NOT x IN coalesce(r.episodes, [])])[0..$max_episodes]",
     ]
-    await remove_stale(driver, plan)
-    await gather(*(node.save(driver) for node in [*episodes, *entities]))
-    await gather(*(edge.save(driver) for edge in _edges(plan, now)))
+)
 
 
-def episode_nodes(
-    plan: GraphPlan,
-    planned: Iterable[PlannedEpisode],
-    now: datetime,
-    edge_uuids_by_episode: Mapping[str, list[str]] | None = None,
-) -> list[EpisodicNode]:
+def episode_nodes(plan: GraphPlan, planned: Iterable[PlannedEpisode], now: datetime) -> list[EpisodicNode]:
     """graphiti's nodes for ``planned`` episodes of ``plan``, tagged with the plan's source."""
     return [
         EpisodicNode(
@@ -108,55 +190,21 @@ def episode_nodes(
             content=episode.content,
             valid_at=now,
             created_at=now,
-            entity_edges=(edge_uuids_by_episode or {}).get(episode.uuid, []),
         )
         for episode in planned
     ]
 
 
-def _edges(plan: GraphPlan, now: datetime) -> Iterable[EpisodicEdge | EntityEdge]:
-    for mention in plan.mentions:
-        yield EpisodicEdge(
-            uuid=mention.uuid,
-            group_id=plan.group_id,
-            source_node_uuid=mention.episode,
-            target_node_uuid=mention.entity,
-            created_at=now,
-        )
-    for relation in plan.relations:
-        yield EntityEdge(
-            uuid=relation.uuid,
-            group_id=plan.group_id,
-            source_node_uuid=relation.source,
-            target_node_uuid=relation.target,
-            created_at=now,
-            name=RELATION_NAME,
-            fact=relation.fact,
-            episodes=relation.episodes,
-            # lets a re-ingest of a changed document find the facts its old version stated
-            attributes={"document_id": plan.document_id},
-        )
-
-
 async def remove_stale(driver: FalkorDriver, plan: GraphPlan) -> None:
-    """Delete the document's episodes and facts that this version no longer has.
+    """Delete the document's episodes that this version no longer has (found through an index).
 
     Entities stay: other documents may mention them, and deleting one here could race another
     worker that is about to link to it.
     """
     await driver.execute_query(
-        "MATCH (e:Episodic {group_id: $group_id, source_description: $source}) "
-        "WHERE NOT e.uuid IN $keep DETACH DELETE e",
-        group_id=plan.group_id,
+        "MATCH (e:Episodic) WHERE e.source_description = $source AND NOT e.uuid IN $keep DETACH DELETE e",
         source=plan.source,
         keep=[episode.uuid for episode in plan.episodes],
-    )
-    await driver.execute_query(
-        "MATCH (:Entity)-[r:RELATES_TO {group_id: $group_id, document_id: $document_id}]->(:Entity) "
-        "WHERE NOT r.uuid IN $keep DELETE r",
-        group_id=plan.group_id,
-        document_id=plan.document_id,
-        keep=[relation.uuid for relation in plan.relations],
     )
 
 
@@ -182,9 +230,11 @@ async def search(driver: FalkorDriver, group_id: str, query: str, limit: int) ->
     facts = await edge_fulltext_search(driver, query, SearchFilters(), [group_id], limit)
     episodes = await episode_fulltext_search(driver, query, SearchFilters(), [group_id], limit)
     fact_rows = [
-        {"kind": "fact", "uuid": edge.uuid, "text": edge.fact, "name": edge.name, "episodes": edge.episodes}
+        {"kind": "fact", "uuid": edge.uuid, "text": edge.fact, "name": edge.name, "episodes": edge.episodes,
+         # offline facts: how many documents state it (None for facts graphiti's LLM mode wrote)
+         "weight": edge.attributes.get("weight")}
         for edge in facts
-    ]
+    ]  # fmt: skip
     episode_rows = [
         {"kind": "episode", "uuid": node.uuid, "text": node.content, "name": node.name,
          "source": node.source_description}

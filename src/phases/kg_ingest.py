@@ -2,9 +2,11 @@
 
 Offline (no LLM configured), the document's plan (``phases.graph_plan``: one episode per chunk,
 entities found locally by a deterministic extractor, MENTIONS and MENTIONED_WITH edges) is saved
-through graphiti's direct APIs. No LLM, embedder or network. Ids are derived from the graph, the
+in graphiti's data model with one read and one write query per document (``phases.graph_store``),
+whatever the size of the graph. No LLM, embedder or network. Ids are derived from the graph, the
 document and the chunk, so ingesting a document again overwrites instead of duplicating; episodes
-and facts its earlier version had and this one lacks are deleted.
+its earlier version had and this one lacks are deleted, and facts it no longer states lose its
+weight (and go once no document states them).
 
 With an LLM (option ``llm``: ``anthropic``, ``none``, or ``auto``, the default: anthropic when
 ANTHROPIC_API_KEY is set), graphiti extracts instead: each chunk episode goes through
@@ -115,7 +117,7 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
 
             extracted = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
             return {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes), **extracted}
-        await graph_store.write(driver, plan, ctx.gather)
+        await graph_store.write(driver, plan)
     return {
         "group_id": group_id,
         "episodes": len(plan.episodes),
