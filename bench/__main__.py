@@ -4,6 +4,8 @@
 ``python -m bench outage [--quick] [--output FILE]``: Redis killed mid-run, in a section of its own.
 ``python -m bench broken [--reps N] [--output FILE]``: broken documents failing at once, in a section
 of its own.
+``python -m bench lanes [--highs N] [--job-ms MS] [--workers N] [--output FILE]``: a high-priority
+document's wait behind 1,000 low ones, in a section of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench import (
     broken,
     efficiency,
     killstorm,
+    lanes,
     memory,
     observability,
     outage,
@@ -68,13 +71,15 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "killstorm": killstorm.main,
     "outage": outage.main,
     "broken": broken.main,
+    "lanes": lanes.main,
 }
 
 
 def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
-        kept_section(output, section) for section in (killstorm.SECTION, outage.SECTION, broken.SECTION)
+        kept_section(output, section)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, lanes.SECTION)
     )
 
 
