@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 from levers import keys
 from levers.documents.lanes import LaneQueue, phase_lanes
 from levers.worker import lane_take
-from levers.worker.lane_take import group, take, take_any
+from levers.worker.lane_take import Took, group, take, take_any
 from tests.conftest import StartLevers, doc_field, levers, make_project, stop, submit, wait_until
 
 PIPELINE = "toy"
@@ -48,9 +48,9 @@ def taken_lanes(connection: redis.Redis, share: float, count: int) -> list[str]:
     [served] = group(lanes_of(connection))
     found = []
     for _ in range(count):
-        result = take(connection, served, share)
-        assert result is not None
-        found.append(keys.lane_of(result[0].name)[1])
+        took = take(connection, served, share)
+        assert took is not None
+        found.append(keys.lane_of(took.queue.name)[1])
     return found
 
 
@@ -62,9 +62,9 @@ def test_the_highest_lane_with_jobs_goes_first_into_its_holding_list(connection:
 
     taken = [take(connection, served, 0.05) for _ in range(3)]
 
-    assert [(q.name, job_id) for q, job_id in taken if q] == [
-        ("toy.first", "toy.first-0"), ("toy.first:low", "toy.first:low-0"),
-        ("toy.first:low", "toy.first:low-1"),
+    assert [(t.queue.name, t.job_id, t.for_share) for t in taken if t] == [
+        ("toy.first", "toy.first-0", False), ("toy.first:low", "toy.first:low-0", False),
+        ("toy.first:low", "toy.first:low-1", False),
     ]  # fmt: skip
     # each job moved to its own lane's holding list, where the supervisor's look finds it
     assert normal.intermediate_queue.get_job_ids() == ["toy.first-0"]
@@ -114,7 +114,7 @@ def test_an_idle_worker_wakes_when_a_job_enters_any_lane(
 ) -> None:
     monkeypatch.setattr(lane_take, "LANE_LOOK_S", 600.0)  # only the wake can end the wait in time
     high, normal, low = lanes_of(connection)
-    found: list[tuple[Queue, str]] = []
+    found: list[Took] = []
     own = redis.Redis.from_url(redis_url)  # the waiter's, blocked
 
     def wait() -> None:
@@ -127,7 +127,7 @@ def test_an_idle_worker_wakes_when_a_job_enters_any_lane(
     fill(low, 1)
 
     wait_until(lambda: found, timeout_s=30)
-    assert [(q.name, job_id) for q, job_id in found] == [("toy.first:low", "toy.first:low-0")]
+    assert [(t.queue.name, t.job_id) for t in found] == [("toy.first:low", "toy.first:low-0")]
 
 
 def test_a_bad_priority_is_one_line_and_exit_2(tmp_path: Path, connection: redis.Redis) -> None:
