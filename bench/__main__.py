@@ -8,6 +8,8 @@ of its own.
 section of its own.
 ``python -m bench scale [--documents N] [--label NAME] [--output FILE]``: batches of documents into
 a growing graph, in a section of its own.
+``python -m bench lanes [--highs N] [--job-ms MS] [--workers N] [--output FILE]``: a high-priority
+document's wait behind 1,000 low ones, in a section of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench import (
     broken,
     efficiency,
     killstorm,
+    lanes,
     memory,
     observability,
     outage,
@@ -76,6 +79,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "broken": broken.main,
     "autoscale": autoscale.main,
     "scale": scale.main,
+    "lanes": lanes.main,
 }
 
 
@@ -83,7 +87,14 @@ def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
         kept_section(output, section)
-        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, autoscale.SECTION, scale.SECTION)
+        for section in (
+            killstorm.SECTION,
+            outage.SECTION,
+            broken.SECTION,
+            autoscale.SECTION,
+            scale.SECTION,
+            lanes.SECTION,
+        )
     )
 
 

@@ -143,7 +143,7 @@ class Storm:
 
 
 def _phase(worker: BaseWorker) -> str:
-    return worker.queue_names()[0].removeprefix(f"{PIPELINE}.")
+    return keys.lane_of(worker.queue_names()[0])[0].removeprefix(f"{PIPELINE}.")
 
 
 def run_once(server: Server, root: Path, docs: Path, count: int, kills: bool) -> RunResult:

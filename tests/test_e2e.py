@@ -201,9 +201,10 @@ def test_rq_info_sees_levers_queues_and_workers(
     finally:
         stop(supervisor)
     # second is listed though no worker serves it and no job reached it: `levers up` registers
-    # every phase's queue when it starts
-    assert "toy.first" in info.stdout and "toy.second" in info.stdout
-    assert "2 workers, 2 queues" in info.stdout
+    # every phase's queues (one per priority lane) when it starts
+    for phase in ("first", "second"):
+        assert all(f"toy.{phase}{lane} " in info.stdout for lane in ("", ":high", ":low")), info.stdout
+    assert "2 workers, 6 queues" in info.stdout
 
 
 def test_stdin_document_goes_to_the_bytes_phase(tmp_path: Path, connection: redis.Redis) -> None:

@@ -126,9 +126,14 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path, start_levers: 
     finally:
         stop(supervisor)
     assert info.returncode == 0, info.stderr
-    # every phase is listed, though only first has workers and no document reached second
-    assert "toy.first" in info.stdout and "toy.second" in info.stdout
-    assert connection.smembers(Queue.redis_queues_keys) == {b"rq:queue:toy.first", b"rq:queue:toy.second"}
+    # every phase's lanes are listed, though only first has workers and no document reached second
+    assert "toy.first" in info.stdout and "toy.second" in info.stdout and "toy.second:high" in info.stdout
+    lanes = {
+        f"rq:queue:toy.{phase}{lane}".encode()
+        for phase in ("first", "second")
+        for lane in ("", ":high", ":low")
+    }
+    assert connection.smembers(Queue.redis_queues_keys) == lanes
 
 
 def test_url_status_and_up_mask_the_password_unless_asked(project: Path) -> None:

@@ -166,7 +166,9 @@ def test_the_worker_reads_json_whatever_it_is_given(connection: redis.Redis) -> 
 
     assert worker.connection is not None
     assert worker.serializer is JSONSerializer and worker.job_class is GuardedJob
-    assert [(q.serializer, q.job_class) for q in worker.queues] == [(JSONSerializer, GuardedJob)]
+    # a phase's queue stands for its three lanes
+    assert [q.name for q in worker.queues] == ["toy.first:high", "toy.first", "toy.first:low"]
+    assert {(q.serializer, q.job_class) for q in worker.queues} == {(JSONSerializer, GuardedJob)}
 
 
 @pytest.mark.parametrize("func_name", ["hostile.run", "os.makedirs"])

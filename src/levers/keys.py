@@ -9,9 +9,54 @@ from __future__ import annotations
 WORKER_TTL_S = 35
 
 
-def queue_name(pipeline: str, phase: str) -> str:
-    """The RQ queue of a phase, as `rq info` shows it."""
-    return f"{pipeline}.{phase}"
+# A phase's priority lanes, highest first. Each is an RQ queue of its own; the normal lane keeps
+# the phase's plain queue name, the others add their lane after a colon (names of pipelines and
+# phases have none).
+LANES = ("high", "normal", "low")
+NORMAL = "normal"
+
+
+def queue_name(pipeline: str, phase: str, lane: str = NORMAL) -> str:
+    """The RQ queue of a phase's lane, as `rq info` shows it."""
+    return _lane_queue(f"{pipeline}.{phase}", lane)
+
+
+def lane_queues(pipeline: str, phase: str) -> list[str]:
+    """Every lane's queue of a phase, highest first."""
+    return [queue_name(pipeline, phase, lane) for lane in LANES]
+
+
+def lane_of(queue: str) -> tuple[str, str]:
+    """The phase's plain queue name and the lane of a lane's queue name."""
+    base, _, lane = queue.rpartition(":")
+    return (base, lane) if base and lane in LANES and lane != NORMAL else (queue, NORMAL)
+
+
+def sibling_lanes(queue: str) -> list[str]:
+    """Every lane's queue of the phase whose lane ``queue`` is, highest first."""
+    base = lane_of(queue)[0]
+    return [_lane_queue(base, lane) for lane in LANES]
+
+
+def lane_overtake(base_queue: str) -> str:
+    """Pub/sub channel: a job entered the phase's high lane (workers holding a lower one taken
+    ahead give it back for it)."""
+    return f"levers:lanes:{base_queue}:high-pushed"
+
+
+def _lane_queue(base: str, lane: str) -> str:
+    return base if lane == NORMAL else f"{base}:{lane}"
+
+
+def lane_state(base_queue: str) -> str:
+    """Hash: a phase's lanes' starvation credits and dequeue counts (``base_queue``: its plain queue)."""
+    return f"levers:lanes:{base_queue}"
+
+
+def lane_wake(base_queue: str) -> str:
+    """List of at most one item: set as a job enters any lane of the phase, gone once all are
+    empty; idle workers block on it, since a blocking pop can wait on one list only."""
+    return f"levers:lanes:{base_queue}:wake"
 
 
 def document(pipeline: str, doc_id: str) -> str:

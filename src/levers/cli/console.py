@@ -178,6 +178,12 @@ def _seconds(run: Any) -> str:
     return f"{run.seconds:.3f}" if run is not None and run.seconds is not None else "-"
 
 
+def _queued(total: int, lanes: dict[str, int]) -> str:
+    """The queued count, with the high and low lanes' parts when they hold any: "1003 (high 3, low 1000)"."""
+    parts = [f"{lane} {lanes[lane]}" for lane in ("high", "low") if lanes.get(lane)]
+    return f"{total} ({', '.join(parts)})" if parts else str(total)
+
+
 def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     """The status table, limits, the server's (masked) URL, and notes for a missing supervisor and
     a broken pipeline.yaml."""
@@ -194,7 +200,7 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         failed_colour = "red" if p.failed_share > FAILED_SHARE_WARNING else "default"
         name = Text(f"{p.phase} ◀", style="bold red") if p.bottleneck else p.phase
         table.add_row(
-            name, Text(str(p.queued), style=queued_colour), _duration(p.oldest_wait_s),
+            name, Text(_queued(p.queued, p.lanes), style=queued_colour), _duration(p.oldest_wait_s),
             f"{p.running}+{p.claimed_ahead}" if p.claimed_ahead else str(p.running),
             Text(str(p.stranded), style="red" if p.stranded else "default"), str(p.waiting_retry),
             str(p.done), Text(str(p.failed), style=failed_colour),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,6 +18,23 @@ FileOption = Annotated[
     typer.Option("--file", "-f", help="The pipeline file (default: $LEVERS_FILE, else ./pipeline.yaml)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+class Priority(StrEnum):
+    """The lanes of levers.keys.LANES, as the CLI offers them."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+PriorityOption = Annotated[
+    Priority,
+    typer.Option(
+        help="The documents' lane in every phase: workers take high before normal before low "
+        "(a lower lane keeps a minimum share, lanes.min_share)."
+    ),
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

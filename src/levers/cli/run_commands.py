@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from levers.cli import console
-from levers.cli.options import FileOption, JsonOption, reports_errors
+from levers.cli.options import FileOption, JsonOption, Priority, PriorityOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S
 
@@ -126,6 +126,7 @@ def submit(
     name: Annotated[str | None, typer.Option(help="The document's name when reading stdin.")] = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
+    priority: PriorityOption = Priority.NORMAL,
     as_json: JsonOption = False,
 ) -> None:
     """Feed documents into the pipeline; prints one id per document."""
@@ -140,11 +141,11 @@ def submit(
     if "-" in paths:
         if not name:
             raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
-        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force)]
+        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force, priority=priority.value)]
         paths = [p for p in paths if p != "-"]
     else:
         results = []
-    results += submitter.submit_paths(paths, force)
+    results += submitter.submit_paths(paths, force, priority.value)
     console.outcomes(results, as_json)
     if wait:
         _wait_for(project, [r.doc_id for r in results if r.doc_id])
@@ -171,10 +172,11 @@ def run(
     paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive) or globs.")],
     file: FileOption = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
+    priority: PriorityOption = Priority.NORMAL,
 ) -> None:
     """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
     from levers.cli.run import run_documents
 
-    ok = run_documents(file, paths, force)
+    ok = run_documents(file, paths, force, priority.value)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)

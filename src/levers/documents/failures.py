@@ -191,7 +191,10 @@ class Failures:
 
     def _requeue(self, pipe: redis.client.Pipeline, record: DocumentRecord) -> None:
         # RQ's enqueue opens the transaction (MULTI) itself, so it comes first
-        enqueue_phase(self.connection, self.spec, record.phase, record.id, record.name, pipeline=pipe)
+        enqueue_phase(
+            self.connection, self.spec, record.phase, record.id, record.name, pipeline=pipe,
+            priority=record.priority,
+        )  # fmt: skip
         doc_key = keys.document(self.spec.name, record.id)
         pipe.hset(doc_key, "status", str(DocStatus.QUEUED))
         pipe.hdel(doc_key, "error", "finished")

@@ -1,7 +1,8 @@
 """Where each document stands: one Redis hash per document, written by submitters and workers.
 
 Fields: name (the one phases see), names (JSON: every name the content was submitted under), input
-(files|bytes), status, phase, submitted, finished, error, and per phase
+(files|bytes), priority (its lane in every phase: high|normal|low), status, phase, submitted,
+finished, error, and per phase
 ``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``, ``<phase>:lost``
 (the last host lost while it ran this phase).
 
@@ -31,6 +32,7 @@ import redis
 from redis.commands.core import Script
 
 from levers import keys, metrics
+from levers.documents.lanes import stored_priority
 
 # KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
 # returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown; 0,
@@ -124,6 +126,7 @@ class DocumentRecord:
     error: str | None
     phases: dict[str, PhaseRecord] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # every name it was submitted under, first first
+    priority: str = keys.NORMAL  # the lane its jobs take in every phase
 
 
 class Ledger:
@@ -136,9 +139,10 @@ class Ledger:
 
     def add(
         self, doc_id: str, name: str, input_kind: str, phase: str, force: bool,
-        submitted_as: str | None = None,
+        submitted_as: str | None = None, priority: str = keys.NORMAL,
     ) -> bool:  # fmt: skip
-        """Add a submitted document; False when it is already in the pipeline or done.
+        """Add a submitted document, with the lane of ``priority``; False when it is already in
+        the pipeline or done (its priority then stays what it was).
 
         A document that failed may always be submitted again. ``name`` is what phases see (the
         name with its content's real extension); ``submitted_as`` (default ``name``) joins the
@@ -158,7 +162,8 @@ class Ledger:
             pipe.hset(
                 key,
                 mapping={"name": name, "names": json.dumps(known), "input": input_kind,
-                         "status": DocStatus.QUEUED, "phase": phase, "submitted": now},
+                         "status": DocStatus.QUEUED, "phase": phase, "submitted": now,
+                         "priority": priority},
             )  # fmt: skip
             pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
             if was_at:  # submitted again after it failed there: no longer a failed document
@@ -357,6 +362,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
         finished=float(fields["finished"]) if "finished" in fields else None,
         error=fields.get("error"),
         names=_names(fields.get("names"), fields.get("name", "")),
+        priority=stored_priority(fields.get("priority")),
         phases={
             name: PhaseRecord(
                 started=float(p["started"]) if "started" in p else None,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import redis
 from rq import Queue, Retry
 from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from levers import keys
+from levers.documents.lanes import LaneQueue, lane_queue
 from levers.errors import DocumentError
 from levers.pipeline.model import MAX_RETRY_DELAY_S, Phase, Pipeline
 
@@ -47,23 +47,26 @@ def accepted_by_entry(spec: Pipeline, suffix: str) -> bool:
     return any(_accepts(spec.phases[p], suffix.lower()) for p in spec.entry_phases())
 
 
-def queue(connection: redis.Redis, spec: Pipeline, phase: str) -> Queue:
-    return Queue(keys.queue_name(spec.name, phase), connection=connection, serializer=JSONSerializer)
+def queue(connection: redis.Redis, spec: Pipeline, phase: str, priority: str = keys.NORMAL) -> LaneQueue:
+    """The queue of ``phase``'s lane for documents of ``priority``."""
+    return lane_queue(connection, spec.name, phase, priority)
 
 
 def register_queues(connection: redis.Redis, spec: Pipeline) -> None:
-    """Name every phase's queue in RQ's set of queues, so `rq info` and rq-dashboard list a phase
-    before its first job (RQ adds a queue there only when something is enqueued to it)."""
-    connection.sadd(Queue.redis_queues_keys, *(queue(connection, spec, phase).key for phase in spec.phases))
+    """Name every phase's lanes' queues in RQ's set of queues, so `rq info` and rq-dashboard list
+    them before their first job (RQ adds a queue there only when something is enqueued to it)."""
+    names = [name for phase in spec.phases for name in keys.lane_queues(spec.name, phase)]
+    connection.sadd(Queue.redis_queues_keys, *(Queue.redis_queue_namespace_prefix + name for name in names))
 
 
 def enqueue_phase(
     connection: redis.Redis, spec: Pipeline, phase: str, doc_id: str, doc_name: str,
-    pipeline: redis.client.Pipeline | None = None,
+    pipeline: redis.client.Pipeline | None = None, priority: str = keys.NORMAL,
 ) -> Job:  # fmt: skip
-    """Put ``doc_id`` on ``phase``'s queue, with that phase's timeout and retries."""
+    """Put ``doc_id`` on the lane of ``priority`` of ``phase``'s queues, with that phase's timeout
+    and retries."""
     settings = spec.phases[phase]
-    return queue(connection, spec, phase).enqueue_call(
+    return queue(connection, spec, phase, priority).enqueue_call(
         JOB_FUNCTION,
         args=(phase, doc_id),
         timeout=settings.timeout,

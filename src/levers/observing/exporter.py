@@ -45,7 +45,7 @@ from levers.server.connection import Target, connect
 LABELS = ["pipeline", "phase"]
 
 PHASE_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("queue_depth", "queued", "Jobs waiting in the phase's queue."),
+    ("queue_depth", "queued", "Jobs waiting in the phase's queues, every priority lane's."),
     ("jobs_running", "running", "Jobs live workers are running now."),
     ("jobs_claimed_ahead", "claimed_ahead", "Jobs workers took while finishing the one before."),
     ("jobs_stranded", "stranded", "Jobs held by workers that are gone, until a supervisor requeues them."),
@@ -94,6 +94,7 @@ class StatusCollector(Collector):
         phases = [p for p in status.phases if p.phase in served.phases]
         yield from _phase_gauges(spec.name, phases)
         yield from _autoscale_gauges(spec.name, phases)
+        yield _lane_depths(spec.name, phases)
         yield _job_totals(spec.name, phases)
         yield self._durations(spec.name, [p.phase for p in phases])
         if served.limits:
@@ -110,6 +111,18 @@ class StatusCollector(Collector):
                 [pipeline, phase], list(zip(bounds, totals.cumulative, strict=True)), totals.sum_s
             )
         return family
+
+
+def _lane_depths(pipeline: str, phases: list[PhaseStatus]) -> Metric:
+    family = GaugeMetricFamily(
+        "levers_lane_queue_depth",
+        "Jobs waiting in one priority lane of the phase (levers_queue_depth is their sum).",
+        labels=[*LABELS, "lane"],
+    )
+    for phase in phases:
+        for lane, depth in phase.lanes.items():
+            family.add_metric([pipeline, phase.phase, lane], float(depth))
+    return family
 
 
 def _phase_gauges(pipeline: str, phases: list[PhaseStatus]) -> Iterator[Metric]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -95,6 +95,7 @@ class PhaseStatus:
     bottleneck: bool = False
     fixed: tuple[str, ...] = ()  # levers the phase declares fixed: advice leaves them alone
     autoscale: AutoscaleStatus | None = None  # for a phase with autoscale: (workers_desired: its count)
+    lanes: dict[str, int] = field(default_factory=dict)  # queued per priority lane (``queued``: their sum)
 
     @property
     def drain_s(self) -> float | None:
@@ -179,23 +180,30 @@ def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
     return [replace(p, bottleneck=p is chosen) for p in phases]
 
 
-def _oldest_wait_s(queue: Queue) -> float | None:
-    """Age of the job at the head of the queue: one list read and one job read."""
-    head = queue.get_job_ids(0, 1)
-    job = queue.fetch_job(head[0]) if head else None
-    if job is None or job.enqueued_at is None:
-        return None
-    enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - enqueued).total_seconds())
+def _oldest_wait_s(queues: list[Queue]) -> float | None:
+    """Age of the oldest job at the head of the lanes: one list read and one job read per lane."""
+    ages = []
+    for queue in queues:
+        head = queue.get_job_ids(0, 1)
+        job = queue.fetch_job(head[0]) if head else None
+        if job is not None and job.enqueued_at is not None:
+            enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
+            ages.append(max(0.0, (datetime.now(UTC) - enqueued).total_seconds()))
+    return max(ages, default=None)
 
 
 def _phase_status(
     connection: redis.Redis, spec: Pipeline, name: str, ledger: Ledger, reports: list[SupervisorReport]
 ) -> PhaseStatus:
-    queue = Queue(keys.queue_name(spec.name, name), connection=connection, serializer=JSONSerializer)
+    lanes = {
+        lane: Queue(keys.queue_name(spec.name, name, lane), connection=connection, serializer=JSONSerializer)
+        for lane in keys.LANES
+    }
+    queue = lanes[keys.NORMAL]  # every levers worker of the phase serves all its lanes
     workers = _alive(Worker.all(queue=queue), reports, name)
     alive = {w.name for w in workers}
-    held = _holders(connection, queue)
+    held = [holder for lane in lanes.values() for holder in _holders(connection, lane)]
+    queued = {lane: q.count for lane, q in lanes.items()}
     running_since = _running_since(held, alive)
     reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
     totals = ledger.totals(name)
@@ -203,11 +211,11 @@ def _phase_status(
     recent = metrics.read(connection, spec.name, name, METRICS_MINUTES)
     return PhaseStatus(
         phase=name,
-        queued=queue.count,
+        queued=sum(queued.values()),
         running=len(running_since),
         claimed_ahead=sum(holder in alive for holder, _ in held) - len(running_since),
         stranded=sum(holder not in alive for holder, _ in held),
-        waiting_retry=ScheduledJobRegistry(queue=queue).count,
+        waiting_retry=sum(ScheduledJobRegistry(queue=q).count for q in lanes.values()),
         done=totals.get("done", 0),
         failed=kept_failed(connection, spec, name),
         failed_attempts=totals.get("failed", 0),
@@ -219,7 +227,7 @@ def _phase_status(
         workers=levers.workers,
         semaphore=levers.semaphore,
         threads=levers.threads,
-        oldest_wait_s=_oldest_wait_s(queue),
+        oldest_wait_s=_oldest_wait_s(list(lanes.values())),
         throughput=recent.throughput,
         utilization=_utilization(connection, spec.name, name, workers, list(running_since.values())),
         p50_s=recent.quantile(0.5),
@@ -228,7 +236,8 @@ def _phase_status(
         cpu_percent=_mean([r.cpu_percent for r in reported if r.cpu_percent is not None]),
         rss_mb=_mean([r.rss_mb for r in reported if r.rss_mb is not None]),
         fixed=tuple(spec.phases[name].fixed),
-        autoscale=_autoscale(connection, spec, name, reports, queue.count + len(held)),
+        autoscale=_autoscale(connection, spec, name, reports, sum(queued.values()) + len(held)),
+        lanes=queued,
     )
 
 

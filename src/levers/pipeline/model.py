@@ -59,6 +59,11 @@ MAX_WINDOW_S = 24 * 3600
 # Jobs one autoscaled worker is expected to keep up with: past a million, a queue is not "per worker".
 MAX_PER_WORKER = 1_000_000
 
+# A lower priority lane's minimum share of a phase's dequeues while it has work: 5 % by default,
+# at most half, past which the lanes would no longer be an order of priority.
+DEFAULT_MIN_LANE_SHARE = 0.05
+MAX_MIN_LANE_SHARE = 0.5
+
 # Failed documents' records stay in Redis this long by default (30 days), and at most a year: each
 # is a hash and a set member, and a pipeline that fails often keeps one per failure for that long.
 DEFAULT_FAILED_TTL_S = 30 * 24 * 3600
@@ -274,6 +279,20 @@ class LimitSettings(Strict):
     ] = 60.0
 
 
+class LaneSettings(Strict):
+    """How a phase's workers share their dequeues between the priority lanes (high, normal, low)."""
+
+    min_share: Annotated[
+        Number,
+        Field(
+            ge=0,
+            le=MAX_MIN_LANE_SHARE,
+            description="Share of a phase's dequeues each lower lane gets at least while it has work, "
+            "however busy the lanes above it are (0: strict priority).",
+        ),
+    ] = DEFAULT_MIN_LANE_SHARE
+
+
 class Pipeline(Strict):
     """A whole pipeline.yaml."""
 
@@ -316,6 +335,10 @@ class Pipeline(Strict):
             "`levers retry`) before it expires; default 30 days.",
         ),
     ] = DEFAULT_FAILED_TTL_S
+    lanes: Annotated[
+        LaneSettings,
+        Field(description="Priority lanes: `levers submit --priority high|normal|low` picks one."),
+    ] = LaneSettings()
     preload: Annotated[
         list[str],
         Field(

@@ -18,17 +18,19 @@ def observe(connection: redis.Redis, spec: Pipeline, phases: list[str], me: str)
     """What autoscaled ``phases`` are decided from: their queued and running jobs (list and
     registry lengths, on every host), the shared limits their jobs called lately, the other live
     supervisors running them autoscaled, and this host's available memory."""
+    per_phase = 2 * len(keys.LANES) + 1
     with connection.pipeline(transaction=False) as pipe:
         for phase in phases:
-            queue = keys.queue_name(spec.name, phase)
-            pipe.llen(Queue.redis_queue_namespace_prefix + queue)
-            pipe.zcard(StartedJobRegistry(queue, connection=connection).key)
+            for lane in keys.LANES:  # a phase's demand is that of all its priority lanes
+                queue = keys.queue_name(spec.name, phase, lane)
+                pipe.llen(Queue.redis_queue_namespace_prefix + queue)
+                pipe.zcard(StartedJobRegistry(queue, connection=connection).key)
             pipe.smembers(keys.phase_limits(spec.name, phase))
         answers = pipe.execute()
     loads, used = {}, {}
     for index, phase in enumerate(phases):
-        queued, running, limits = answers[3 * index : 3 * index + 3]
-        loads[phase] = Load(int(queued), int(running))
+        *counts, limits = answers[per_phase * index : per_phase * (index + 1)]
+        loads[phase] = Load(sum(int(c) for c in counts[0::2]), sum(int(c) for c in counts[1::2]))
         used[phase] = frozenset(name.decode(errors="replace") for name in limits)
     peers: dict[str, list[Peer]] = {phase: [] for phase in phases}
     for report in live_reports(connection, spec.name):

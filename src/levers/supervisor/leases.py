@@ -227,7 +227,8 @@ class LeaseKeeper:
                     # a malformed job in Redis must not keep the others from running again
                     log.exception("could not put back the jobs of worker %s", name)
         for phase in {*record.phases, *record.workers}:
-            self._stranded.note(keys.queue_name(spec.name, phase))
+            for name in keys.lane_queues(spec.name, phase):
+                self._stranded.note(name)
         return requeued
 
 

@@ -165,7 +165,8 @@ def make_supervisor(
 ) -> Supervisor:
     def queues() -> list[str]:
         spec = watcher.current().spec
-        return [keys.queue_name(spec.name, phase) for phase in spec.phases if not only or phase in only]
+        phases = [phase for phase in spec.phases if not only or phase in only]
+        return [name for phase in phases for name in keys.lane_queues(spec.name, phase)]
 
     stranded = StrandedJobs(connection, queues)
 
@@ -191,7 +192,8 @@ def make_supervisor(
         struck = (lambda job_id: False) if cut_short else slot.process.progress.running
         recovered = recover_jobs(connection, spec.name, worker_name(slot.phase, slot.pid), retries, struck)
         if slot.process.exitcode != 0:  # a worker that exits on its own leaves nothing half taken
-            stranded.note(keys.queue_name(spec.name, slot.phase))
+            for name in keys.lane_queues(spec.name, slot.phase):
+                stranded.note(name)
         return recovered
 
     def is_busy(slot: Slot) -> bool:

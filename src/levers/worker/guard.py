@@ -103,7 +103,7 @@ def refusal(job: Job, queue_name: str, spec: Pipeline) -> str | None:
     if kwargs or not two_strings:
         return f"its arguments {_quoted(args)} {_quoted(kwargs)} are not (phase, document id)"
     phase, doc_id = args
-    if phase not in spec.phases or keys.queue_name(spec.name, phase) != queue_name:
+    if phase not in spec.phases or queue_name not in keys.lane_queues(spec.name, phase):
         return f"its phase {_quoted(phase)} is not the phase of {queue_name}"
     if not DOCUMENT_ID.fullmatch(doc_id):
         return f"{_quoted(doc_id)} is not a document id"

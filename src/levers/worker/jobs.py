@@ -2,7 +2,8 @@
 
 Each job reads the phase's settings from pipeline.yaml as it is when the job starts (the last
 valid version if an edit broke it), calls the handler, stores its output and enqueues the
-document to ``next`` in the same Redis transaction that records the phase as finished. That
+document to ``next`` (in the document's priority lane) in the same Redis transaction that records
+the phase as finished. That
 transaction commits only while the job's attempt is the document's current one, so a job run
 twice (its host lost, then back) hands the document on once.
 """
@@ -335,7 +336,9 @@ def _hand_off(
         store_output()
         # RQ opens the transaction (MULTI) itself, so its enqueue must come first
         if next_phase is not None:
-            enqueue_phase(connection, spec, next_phase, record.id, record.name, pipeline=pipe)
+            enqueue_phase(
+                connection, spec, next_phase, record.id, record.name, pipeline=pipe, priority=record.priority
+            )
         else:
             pipe.multi()
         ledger.finished(record.id, phase, seconds, calls, next_phase, pipe)

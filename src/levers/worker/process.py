@@ -2,7 +2,8 @@
 
 Workers do not fork per job (RQ's SimpleWorker model): the handler modules are imported once,
 before the worker is forked from the supervisor, and every job runs in the worker itself.
-The worker takes a single queue, so RQ moves each job to a holding list as it dequeues it.
+The worker serves its phase's priority lanes, and moves each job it takes to its lane's holding
+list in the same atomic step (levers.worker.lane_take).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from levers import keys
+from levers.documents.lanes import LaneQueue
 from levers.documents.ledger import Ledger
 from levers.documents.routing import JOB_FUNCTION
 from levers.pipeline.watching import PipelineWatcher
@@ -157,7 +159,7 @@ def recover_jobs(
             job = Job.fetch(execution.job_id, connection=connection, serializer=JSONSerializer)
         except NoSuchJobError:
             continue  # expired or deleted: nothing left to run
-        queue = Queue(job.origin, connection=connection, serializer=JSONSerializer)
+        queue = LaneQueue(job.origin, connection=connection, serializer=JSONSerializer)  # its own lane
         levers_job = job.func_name == JOB_FUNCTION
         ledger = Ledger(connection, pipeline)
         if levers_job and ledger.phase_finished(str(job.args[1]), str(job.args[0])):
@@ -222,7 +224,8 @@ def _requeue_struck(
 
 
 class StrandedJobs:
-    """Jobs taken off a queue that no worker registered, put back after a second look.
+    """Jobs taken off a queue that no worker registered, put back after a second look, into the
+    lane they were taken from.
 
     A worker moves a job to the queue's holding list, then registers it as started, a few
     milliseconds later. One killed in between, or whose connection dropped with the move's reply,
@@ -277,7 +280,7 @@ class StrandedJobs:
         return requeued
 
     def _queue(self, name: str) -> Queue:
-        return Queue(name, connection=self.connection, serializer=JSONSerializer)
+        return LaneQueue(name, connection=self.connection, serializer=JSONSerializer)
 
     def _requeue(self, queue: Queue, job_id: str) -> bool:
         job = queue.fetch_job(job_id)

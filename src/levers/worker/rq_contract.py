@@ -31,6 +31,7 @@ PRIVATE = (
     "rq.job:Job._success_callback_name",
     "rq.job:Job._failure_callback_name",
     "rq.job:Job._stopped_callback_name",
+    "rq.queue:Queue._fetch_dequeued_job",
     "rq.scheduler:RQScheduler._install_signal_handlers",
     "rq.scheduler:RQScheduler._stop_requested",
     "rq.timeouts:BaseDeathPenalty._timeout",
@@ -46,6 +47,7 @@ PRIVATE = (
 # What levers' subclasses of RQ's classes override (methods, properties, class settings): each
 # must still be defined by one of the RQ classes the subclass derives from.
 OVERRIDDEN: dict[str, tuple[str, ...]] = {
+    "levers.documents.lanes:LaneQueue": ("push_job_id",),
     "levers.worker.guard:GuardedJob": (
         "failure_callback", "func", "restore", "send_webhooks", "stopped_callback", "success_callback",
     ),
@@ -55,6 +57,7 @@ OVERRIDDEN: dict[str, tuple[str, ...]] = {
         "unsubscribe",
     ),
     "levers.worker.rq_reconnect:ReconnectingScheduler": ("work",),
+    "levers.worker.rq_take:TakingWorker": ("subscribe",),
     "levers.worker.rq_timeout:JobTimeout": ("cancel_death_penalty", "setup_death_penalty"),
     "levers.worker.rq_worker:LeversWorker": (
         "bootstrap", "check_for_suspension", "death_penalty_class", "dequeue_job_and_maintain_ttl",

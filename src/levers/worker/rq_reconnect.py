@@ -96,10 +96,7 @@ class ReconnectingWorker(SimpleWorker):
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
             try:
-                found = self.queue_class.dequeue_any(
-                    self._ordered_queues, timeout, connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-                )  # fmt: skip
+                found = self.dequeue(timeout)
             except DequeueTimeout:
                 continue
             except UNREACHABLE as exc:
@@ -114,6 +111,14 @@ class ReconnectingWorker(SimpleWorker):
                 else:
                     self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
             return found
+
+    def dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
+        """The next job and its queue: RQ's dequeue (None: look once; else block up to
+        ``timeout`` seconds, DequeueTimeout if nothing came)."""
+        return self.queue_class.dequeue_any(
+            self._ordered_queues, timeout, connection=self.connection, job_class=self.job_class,
+            serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+        )  # fmt: skip
 
     def _start_scheduler(
         self, burst: bool = False, logging_level: str | None = "INFO",

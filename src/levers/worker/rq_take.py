@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job
 from rq.utils import now
 
+from levers import keys
 from levers.server.outage import UNREACHABLE, reason
 from levers.worker.guard import refusal, refuse
 from levers.worker.jobs import SETTINGS_MAX_AGE_S, StartedPhase, start_phase, take_back_start
+from levers.worker.lane_take import group, take_any
 from levers.worker.requeue import put_back
 from levers.worker.rq_reconnect import ReconnectingWorker
 from levers.worker.runtime import WorkerRuntime, runtime_from_environment
@@ -39,6 +42,10 @@ class Taken:
     execution: Execution
     phase: StartedPhase | None  # the ledger's record and the document, unless ``error``
     error: Exception | None = None  # why the ledger refused the job (its document is gone, say)
+    # taken ahead from below the high lane, and not for its lane's minimum share: a high job that
+    # comes in before it runs goes first (``since`` is when it was taken, in monotonic time)
+    overtakable: bool = False
+    since: float = field(default_factory=time.monotonic)
 
 
 class TakingWorker(ReconnectingWorker):
@@ -52,12 +59,53 @@ class TakingWorker(ReconnectingWorker):
     def __init__(self, *args: Any, runtime: WorkerRuntime | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._runtime = runtime
+        self._for_share = False  # the last job dequeued was taken for a lower lane's share
+        self._high_pushed = float("-inf")  # when a job last entered a served high lane (monotonic)
+
+    def subscribe(self) -> None:
+        """RQ's subscription to this worker's command channel, and to its phases' high-lane pushes."""
+        self.outage.call(self._subscribe)
+
+    def _subscribe(self) -> None:
+        channels = {keys.lane_overtake(lanes.base): self._high_came for lanes in group(self.queues)}
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload, **channels})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=60, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+    def _high_came(self, message: object) -> None:
+        self._high_pushed = time.monotonic()
+
+    def overtaken(self, taken: Taken) -> bool:
+        """Whether a job entered the high lane after ``taken``, an overtakable job, was taken."""
+        return taken.overtakable and self._high_pushed >= taken.since
 
     @property
     def runtime(self) -> WorkerRuntime:
         if self._runtime is None:
             self._runtime = runtime_from_environment(self.connection)
         return self._runtime
+
+    def dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
+        """The next job of the highest lane (but for a lower lane's share), moved to its lane's
+        holding list in the same atomic step (levers.worker.lane_take)."""
+        spec = self.runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
+        served = group(self.queues)
+        while True:
+            try:
+                took = take_any(self.connection, served, spec.lanes.min_share, timeout)
+            except DequeueTimeout:
+                if timeout is None:
+                    return None
+                raise
+            self._for_share = took.for_share
+            found = self.queue_class._fetch_dequeued_job(
+                self.connection, took.queue.key, took.job_id, job_class=self.job_class,
+                serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+            )  # fmt: skip
+            if found is not None:  # else the job's hash is gone; the supervisor clears its id
+                return found
 
     def _take(self, job: Job, queue: Queue) -> Taken | None:
         """Register ``job`` as this worker's and record its start in the ledger. None when the job
@@ -96,18 +144,16 @@ class TakingWorker(ReconnectingWorker):
     def _register(self, job: Job, queue: Queue) -> bool:
         """RQ's prepare_job_execution, which also takes the job off the holding list its dequeue
         moved it to; False when it was no longer there (someone put it back on its queue)."""
-        holding = len(self.queues) == 1  # from several queues, RQ pops a job without holding it
         with self.connection.pipeline() as pipe:
             ttl = self.get_heartbeat_ttl(job)
             self.heartbeat(ttl, pipeline=pipe)
             job.heartbeat(now(), ttl, pipeline=pipe)
             job.prepare_for_execution(self.name, pipeline=pipe)
             pipe.persist(job.key)
-            if holding:
-                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             taken = pipe.execute()[-1]
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
-        return not holding or bool(taken)
+        return bool(taken)
 
     def _let_go(self, job: Job, execution: Execution) -> None:
         with self.connection.pipeline() as pipe:

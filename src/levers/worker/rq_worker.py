@@ -23,6 +23,8 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from levers import keys
+from levers.documents.lanes import LaneQueue
 from levers.documents.ledger import Superseded
 from levers.safe import escape_logs
 from levers.server.outage import UNREACHABLE
@@ -84,8 +86,11 @@ class LeversWorker(TakingWorker):
             kwargs["connection"] = next((q.connection for q in given if isinstance(q, Queue)), None)
         # queues by name: RQ makes them again with this serializer and job class, which its registry
         # cleanups then use too (a failure callback of a job found there is resolved by them)
-        kwargs.update(serializer=JSONSerializer, job_class=self.job_class)
-        super().__init__([q.name if isinstance(q, Queue) else q for q in given], *args, **kwargs)
+        kwargs.update(serializer=JSONSerializer, job_class=self.job_class, queue_class=LaneQueue)
+        # a phase's job may be in any of its lanes: a worker given one serves them all
+        names = [q.name if isinstance(q, Queue) else str(q) for q in given]
+        lanes = [lane for name in names for lane in keys.sibling_lanes(name)]
+        super().__init__(list(dict.fromkeys(lanes)), *args, **kwargs)
         self.progress = progress or WorkerProgress()
         self._cold_stop = False  # a second stop signal is cutting the running job short
         self._courier: Courier | None = None
@@ -157,7 +162,9 @@ class LeversWorker(TakingWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         taken, self._held = self._held, None
-        if taken is None:
+        if taken is not None and self.overtaken(taken):
+            taken = self._overtake(taken)
+        elif taken is None:
             taken = self._take(job, queue)
         if taken is None:  # refused, or it went back to its queue
             self._hand_over_outcome()
@@ -175,6 +182,13 @@ class LeversWorker(TakingWorker):
         if not self._taking:  # no take to hand the outcome over with
             self._hand_over_outcome()
             self.set_state(WorkerStatus.IDLE)
+
+    def _overtake(self, taken: Taken) -> Taken | None:
+        """Give back ``taken``, a lower job taken ahead, for the high one that came in since, and
+        take the next job: the high one, unless another worker was quicker."""
+        self._release(taken, "a high-priority job came in before it ran")
+        found = self.outage.call(self.dequeue, None)
+        return self._take(*found) if found is not None else None
 
     def handle_exception(self, job: Job, *exc_info: Any) -> None:
         # one line says what failed; the traceback (its lines indented under the record) with -v
@@ -235,10 +249,7 @@ class LeversWorker(TakingWorker):
         if self.outage.call(is_suspended, self.connection, self):
             return None
         try:
-            found = self.queue_class.dequeue_any(
-                self._ordered_queues, None, connection=self.connection, job_class=self.job_class,
-                serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-            )  # fmt: skip
+            found = self.dequeue(None)
         except UNREACHABLE as exc:
             self.outage.wait(exc)  # a job the lost reply moved goes back by the supervisor's look
             return None
@@ -247,7 +258,10 @@ class LeversWorker(TakingWorker):
         job, queue = found
         job.redis_server_version = self.outage.call(self.get_redis_server_version)
         self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
-        return self._take(job, queue)
+        taken = self._take(job, queue)
+        if taken is not None:
+            taken.overtakable = keys.lane_of(queue.name)[1] != keys.LANES[0] and not self._for_share
+        return taken
 
     def _run(self, taken: Taken) -> None:
         """Run the job's handler here; settling it goes to the courier."""
