@@ -4,6 +4,7 @@
 ``python -m bench outage [--quick] [--output FILE]``: Redis killed mid-run, in a section of its own.
 ``python -m bench broken [--reps N] [--output FILE]``: broken documents failing at once, in a section
 of its own.
+``python -m bench footprint [--documents N] [--label TEXT]``: Redis held per 1,000 finished documents.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from bench import (
     broken,
     efficiency,
+    footprint,
     killstorm,
     memory,
     observability,
@@ -68,13 +70,15 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "killstorm": killstorm.main,
     "outage": outage.main,
     "broken": broken.main,
+    "footprint": footprint.main,
 }
 
 
 def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
-        kept_section(output, section) for section in (killstorm.SECTION, outage.SECTION, broken.SECTION)
+        kept_section(output, section)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, footprint.SECTION)
     )
 
 

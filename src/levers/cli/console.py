@@ -276,6 +276,11 @@ def status_table(status: PipelineStatus, server: str | None = None) -> None:
 
 
 def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
+    if record.expired and not record.phases:
+        out.print(f"{record.id}: done; its record expired (retention:) and the store holds no history")
+        return
+    if record.expired:
+        out.print("its record expired from Redis (retention:); this history is the artifact store's")
     names = ", ".join(record.names or [record.name])
     out.print(Text.assemble((shown(names), "bold"), f"  {record.id}  ", _status(record.status)))
     if record.name not in record.names:
