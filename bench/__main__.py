@@ -5,6 +5,7 @@
 ``python -m bench broken [--reps N] [--output FILE]``: broken documents failing at once, in a section
 of its own.
 ``python -m bench footprint [--documents N] [--label TEXT]``: Redis held per 1,000 finished documents.
+``python -m bench startup [--rounds N]``: read-only commands' start-up time against `rq info`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench import (
     observability,
     outage,
     overhead,
+    startup,
     takeover,
     transcription,
 )
@@ -71,6 +73,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "outage": outage.main,
     "broken": broken.main,
     "footprint": footprint.main,
+    "startup": startup.main,
 }
 
 
@@ -78,7 +81,7 @@ def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
         kept_section(output, section)
-        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, footprint.SECTION)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, footprint.SECTION, startup.SECTION)
     )
 
 

@@ -106,6 +106,8 @@ class Footprint:
 def kind_of(key: str) -> str:
     for prefix, kind in (
         (f"levers:{PIPELINE_NAME}:doc:", "ledger records"),
+        (f"levers:{PIPELINE_NAME}:finished", "finished set (ids by finish time)"),
+        (f"levers:{PIPELINE_NAME}:expired", "expired set (deduplication's index)"),
         ("rq:job:", "RQ job hashes"),
         ("rq:results:", "RQ results"),
         ("rq:execution", "RQ executions"),

@@ -273,6 +273,13 @@ class EmbeddedServer:
             return False
 
 
+def recorded_binary(data_dir: Path) -> Path | None:
+    """The binary the server of ``data_dir`` was last started from, as its record names it."""
+    record = _read_record(data_dir / INFO_FILE)
+    binary = record.get("binary") if record is not None else None
+    return Path(binary) if isinstance(binary, str) and binary else None
+
+
 def recorded_servers(state_dir: Path) -> list[EmbeddedServer]:
     """Every embedded server that keeps its data in a directory of ``state_dir``, running or not:
     levers' own and those that phases started (a graph database, say)."""
