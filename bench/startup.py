@@ -12,6 +12,7 @@ that cost most, with their own imports (cumulative microseconds, one run).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,13 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - began
 
 
+def with_source(env: dict[str, str], source: Path | None) -> dict[str, str]:
+    """``env`` with another checkout's ``src`` first on PYTHONPATH (None: as it is)."""
+    if source is None:
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join([str(source), env.get("PYTHONPATH", "")])}
+
+
 def import_costs(cwd: Path, env: dict[str, str]) -> list[tuple[str, int]]:
     """The top-level imports of `levers status --json` that cost most, cumulative microseconds."""
     done = subprocess.run(
@@ -89,7 +97,7 @@ def import_costs(cwd: Path, env: dict[str, str]) -> list[tuple[str, int]]:
     return sorted(costs, key=lambda cost: -cost[1])[:IMPORTS_SHOWN]
 
 
-def run(rounds: int) -> Startup:
+def run(rounds: int, compare: Path | None) -> Startup:
     with embedded_server() as server, tempfile.TemporaryDirectory(prefix="levers-startup-") as tmp:
         root = Path(tmp)
         (root / "startupphases.py").write_text(HANDLERS)
@@ -106,13 +114,20 @@ def run(rounds: int) -> Startup:
             text=True,
             check=True,
         )
-        argvs = commands(server.url, submitted.stdout.split()[0])
-        for argv in argvs.values():  # once each first: files cached, bytecode compiled
-            timed(argv, root, env)
+        argvs = {
+            label: (argv, env) for label, argv in commands(server.url, submitted.stdout.split()[0]).items()
+        }
+        if compare is not None:
+            argvs[f"levers status --json ({compare})"] = (
+                argvs["levers status --json"][0],
+                with_source(env, compare),
+            )
+        for argv, argv_env in argvs.values():  # once each first: files cached, bytecode compiled
+            timed(argv, root, argv_env)
         seconds: dict[str, list[float]] = {label: [] for label in argvs}
         for _ in range(rounds):
-            for label, argv in argvs.items():
-                seconds[label].append(timed(argv, root, env))
+            for label, (argv, argv_env) in argvs.items():
+                seconds[label].append(timed(argv, root, argv_env))
         return Startup(rounds, seconds, import_costs(root, env))
 
 
@@ -143,6 +158,10 @@ Its most expensive imports, as `python -X importtime` counts them (one run, so a
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bin/bench startup", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="runs of each command (default 15)")
+    parser.add_argument(
+        "--compare", type=Path, default=None,
+        help="another checkout's src directory: its `levers status --json` timed in the same rounds",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -155,7 +174,7 @@ def main(argv: list[str]) -> int:
         "cpu": about["CPU"],
         "load": about["load average at start"],
     }
-    result = run(args.rounds)
+    result = run(args.rounds, args.compare)
     existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
     section = render(result, info)
     args.output.write_text(replace_section(existing, SECTION, section))

@@ -124,9 +124,15 @@ def test_the_ledger_expires_done_records_keeps_their_ids_and_bounds_names(
     assert len(json.dumps(kept.names).encode()) <= MAX_NAMES_BYTES
     assert int(connection.memory_usage("levers:kept:doc:" + "a" * 20) or 0) <= RECORD_BYTES
 
+    # done before done documents had a set of their own: it sits among those not done
+    connection.hset("levers:kept:doc:" + "c" * 20, mapping={"status": "done", "finished": time.time()})
+    connection.zadd("levers:kept:docs", {"c" * 20: time.time()})
+
     retention = Retention(connection, spec)
+    assert retention.adopt() == 1
     assert retention.expire() == 0  # done a moment ago: within a day
-    assert retention.expire(now=time.time() + 2 * DAY_S) == 1  # the one not done stays
+    assert retention.expire(now=time.time() + 2 * DAY_S) == 2  # the one not done stays
+    assert connection.smembers("levers:kept:expired") == {b"a" * 20, b"c" * 20}
     gone = ledger.get("a" * 20)
     assert gone is not None and gone.expired and gone.status is DocStatus.DONE
     assert not connection.exists("levers:kept:doc:" + "a" * 20)

@@ -272,7 +272,7 @@ class Ledger:
     def phase_finished(self, doc_id: str, phase: str) -> bool:
         """Whether an attempt of ``phase`` finished and handed the document on (or it is done)."""
         status, seconds = self.connection.hmget(self._key(doc_id), "status", f"{phase}:seconds")
-        return seconds is not None or status == DocStatus.DONE.encode()
+        return seconds is not None or _text(status or b"") == DocStatus.DONE
 
     def attempt_failed(
         self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0,

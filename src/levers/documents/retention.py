@@ -11,6 +11,7 @@ history (levers.documents.history), from which `levers show` still shows it.
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis
 
@@ -42,6 +43,21 @@ end
 return expired
 """
 
+# KEYS: the documents set, the finished set, then one record per ARGV[2..]. ARGV: the done status,
+# then the ids. Moves each done document to the finished set, scored by when it finished.
+_ADOPT = """
+local moved = 0
+for i = 2, #ARGV do
+  local at = redis.call('HMGET', KEYS[i + 1], 'status', 'finished')
+  if at[1] == ARGV[1] then
+    redis.call('ZADD', KEYS[2], tonumber(at[2]) or 0, ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 
 class Retention:
     """Done documents' records of one pipeline, and their expiry."""
@@ -49,7 +65,8 @@ class Retention:
     def __init__(self, connection: redis.Redis, spec: Pipeline) -> None:
         self.connection = connection
         self.spec = spec
-        self._script = connection.register_script(_EXPIRE)
+        self._expire = connection.register_script(_EXPIRE)
+        self._adopt = connection.register_script(_ADOPT)
 
     def expire(self, retention_s: float | None = None, now: float | None = None) -> int:
         """Expire the records of documents done longer ago than ``retention_s`` (default: the
@@ -68,8 +85,23 @@ class Retention:
             ids = [member.decode() for member in due]
             records = [keys.document(self.spec.name, doc_id) for doc_id in ids]
             script_keys = [finished, keys.expired(self.spec.name), *records]
-            expired += int(self._script(keys=script_keys, args=[str(DocStatus.DONE), *ids]))
+            expired += int(self._expire(keys=script_keys, args=[str(DocStatus.DONE), *ids]))
         return expired
+
+    def adopt(self) -> int:
+        """Move the documents that were done before done ones had a set of their own (they stayed
+        among those not done, keys.documents) to the finished set, so they expire too; how many."""
+        documents, finished = keys.documents(self.spec.name), keys.finished(self.spec.name)
+        moved, cursor = 0, 0
+        while True:
+            cursor, members = self.connection.zscan(documents, cursor, count=EXPIRY_BATCH)  # type: ignore[misc]
+            ids = [member.decode() for member, _score in cast(list[tuple[bytes, float]], members)]
+            if ids:
+                records = [keys.document(self.spec.name, doc_id) for doc_id in ids]
+                args = [str(DocStatus.DONE), *ids]
+                moved += int(self._adopt(keys=[documents, finished, *records], args=args))
+            if cursor == 0:
+                return moved
 
 
 class RetentionExpiry:
@@ -78,10 +110,15 @@ class RetentionExpiry:
     def __init__(self, connection: redis.Redis) -> None:
         self.connection = connection
         self._last = float("-inf")
+        self._adopted: str | None = None  # the pipeline whose older done documents were adopted
 
     def tick(self, spec: Pipeline) -> int:
         now = time.monotonic()
         if spec.retention is None or now - self._last < EXPIRY_EVERY_S:
             return 0
         self._last = now
-        return Retention(self.connection, spec).expire()
+        retention = Retention(self.connection, spec)
+        if self._adopted != spec.name:
+            retention.adopt()
+            self._adopted = spec.name
+        return retention.expire()
