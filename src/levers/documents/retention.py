@@ -94,7 +94,7 @@ class Retention:
         documents, finished = keys.documents(self.spec.name), keys.finished(self.spec.name)
         moved, cursor = 0, 0
         while True:
-            cursor, members = self.connection.zscan(documents, cursor, count=EXPIRY_BATCH)  # type: ignore[misc]
+            cursor, members = self.connection.zscan(documents, cursor, count=EXPIRY_BATCH)
             ids = [member.decode() for member, _score in cast(list[tuple[bytes, float]], members)]
             if ids:
                 records = [keys.document(self.spec.name, doc_id) for doc_id in ids]
