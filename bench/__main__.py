@@ -10,6 +10,8 @@ section of its own.
 a growing graph, in a section of its own.
 ``python -m bench lanes [--highs N] [--job-ms MS] [--workers N] [--output FILE]``: a high-priority
 document's wait behind 1,000 low ones, in a section of its own.
+``python -m bench footprint [--documents N] [--label TEXT]``: Redis held per 1,000 finished documents.
+``python -m bench startup [--rounds N]``: read-only commands' start-up time against `rq info`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench import (
     autoscale,
     broken,
     efficiency,
+    footprint,
     killstorm,
     lanes,
     memory,
@@ -35,6 +38,7 @@ from bench import (
     outage,
     overhead,
     scale,
+    startup,
     takeover,
     transcription,
 )
@@ -80,6 +84,8 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "autoscale": autoscale.main,
     "scale": scale.main,
     "lanes": lanes.main,
+    "footprint": footprint.main,
+    "startup": startup.main,
 }
 
 
@@ -94,6 +100,8 @@ def _kept_alone(output: Path) -> str:
             autoscale.SECTION,
             scale.SECTION,
             lanes.SECTION,
+            footprint.SECTION,
+            startup.SECTION,
         )
     )
 

@@ -196,7 +196,11 @@ def _levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def _document_ids(connection: redis.Redis) -> list[str]:
-    members = cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1))
+    """Every document: those not done and those done."""
+    members = [
+        *cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1)),
+        *cast(list[bytes], connection.zrange(keys.finished(PIPELINE), 0, -1)),
+    ]
     return [m.decode() for m in members]
 
 

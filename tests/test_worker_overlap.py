@@ -162,15 +162,21 @@ def test_a_killed_worker_gives_back_its_running_job_and_the_one_taken_ahead(
     [worker] = Worker.all(queue=Queue("toy.first", connection=connection))
     jobs = StartedJobRegistry("toy.first", connection=connection).get_job_ids()
     os.kill(worker.pid, signal.SIGKILL)
+
+    def deaths() -> dict[str, int]:
+        held_jobs = [j for j in Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer) if j]
+        return {job.args[1]: job.meta.get("worker_deaths", 0) for job in held_jobs}
+
+    # read while the gate holds both jobs: a finished job is not kept
+    wait_until(lambda: deaths().get(running) == 1)
+    # only the job whose handler ran carries the death and an extra attempt; the one taken ahead neither
+    assert deaths() == {running: 1, ahead: 0}
     gate.touch()
 
     wait_until(lambda: len(first_done(connection, doc_ids)) == len(texts))
     assert {doc_field(connection, d, "status") for d in doc_ids} == {"queued"}  # waiting for second
     output = stop(supervisor)
     assert "requeued 2 job(s)" in output
-    # only the job whose handler ran carries the death and an extra attempt; the one taken ahead neither
-    held_jobs = [j for j in Job.fetch_many(jobs, connection=connection, serializer=JSONSerializer) if j]
-    assert {job.args[1]: job.meta.get("worker_deaths", 0) for job in held_jobs} == {running: 1, ahead: 0}
     attempts = [doc_field(connection, d, "first:attempts") for d in doc_ids]
     assert attempts == ["1", "2", "1", "1", "1"]
 

@@ -65,8 +65,18 @@ def document(pipeline: str, doc_id: str) -> str:
 
 
 def documents(pipeline: str) -> str:
-    """Sorted set: every document id, scored by submission time."""
+    """Sorted set: the ids of documents not done (queued, running, failed), scored by submission time."""
     return f"levers:{pipeline}:docs"
+
+
+def finished(pipeline: str) -> str:
+    """Sorted set: the ids of done documents whose record is kept, scored by when they finished."""
+    return f"levers:{pipeline}:finished"
+
+
+def expired(pipeline: str) -> str:
+    """Set: the ids of done documents whose record expired (``retention``): deduplication's index."""
+    return f"levers:{pipeline}:expired"
 
 
 def blob(pipeline: str, doc_id: str) -> str:

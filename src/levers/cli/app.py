@@ -5,7 +5,6 @@ The commands live in modules by what they work on; this one puts them together.
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Annotated
 
 import typer
@@ -24,6 +23,8 @@ app = typer.Typer(
 
 def _print_version(asked: bool) -> None:
     if asked:
+        from importlib.metadata import version
+
         typer.echo(f"levers {version('levers')}")
         raise typer.Exit()
 

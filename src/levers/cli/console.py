@@ -2,6 +2,9 @@
 
 Names, errors and outputs come from outside: every such text goes through ``safe.shown``, and rich
 markup and emoji codes are off, so ``[red]`` or ``:x:`` in a name is shown as written.
+
+Every command imports this module, so it imports levers' other modules only where a function needs
+them: a read-only command (`levers status --json`) loads what it reads and nothing more.
 """
 
 from __future__ import annotations
@@ -11,28 +14,24 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from levers.documents.failures import FailedDocument, Retried
-from levers.documents.ledger import DocStatus, DocumentRecord
-from levers.documents.submission import Outcome
 from levers.errors import LeversError, SpecError
-from levers.observing.reports import SupervisorLease
-from levers.observing.status import (
-    FAILED_SHARE_WARNING,
-    QUEUE_EMERGENCY,
-    QUEUE_WARNING,
-    PhaseStatus,
-    PipelineStatus,
-)
 from levers.safe import shown
-from levers.server.connection import masked_values
+
+if TYPE_CHECKING:
+    from levers.documents.failures import FailedDocument, Retried
+    from levers.documents.ledger import DocumentRecord
+    from levers.documents.submission import Outcome
+    from levers.observing.reports import SupervisorLease
+    from levers.observing.status import PhaseStatus, PipelineStatus
+
+# What DocStatus calls a document done or failed (levers.documents.ledger, not imported for them).
+DONE, FAILED = "done", "failed"
 
 # Piped output (CI logs, files) gets room for every column instead of the 80 a non-terminal implies.
 PIPED_WIDTH = 160
@@ -87,6 +86,8 @@ class DocumentProgress:
     """A progress bar over documents until each is done or failed."""
 
     def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err, transient=False,
@@ -101,8 +102,8 @@ class DocumentProgress:
         self.progress.stop()
 
     def update(self, records: Sequence[DocumentRecord | None]) -> None:
-        done = sum(1 for r in records if r and r.status is DocStatus.DONE)
-        failed = sum(1 for r in records if r and r.status is DocStatus.FAILED)
+        done = sum(1 for r in records if r and r.status == DONE)
+        failed = sum(1 for r in records if r and r.status == FAILED)
         detail = f"[red]{failed} failed[/red]" if failed else ""
         self.progress.update(self.task, completed=done + failed, detail=detail)
 
@@ -137,7 +138,7 @@ def run_summary(
         totals.add_row(phase, str(len(times)), mean, longest, str(sum(run.attempts for run in runs)))
     out.print(totals)
     for record in records:
-        if record.status is DocStatus.FAILED:
+        if record.status == FAILED:
             error(f"{named(record)} ({record.id[:12]}): {record.error}")
 
 
@@ -187,6 +188,8 @@ def _queued(total: int, lanes: dict[str, int]) -> str:
 def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     """The status table, limits, the server's (masked) URL, and notes for a missing supervisor and
     a broken pipeline.yaml."""
+    from levers.observing.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING
+
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
     columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed",
                "workers", "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state",
@@ -304,6 +307,11 @@ def status_table(status: PipelineStatus, server: str | None = None) -> None:
 
 
 def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
+    if record.expired and not record.phases:
+        out.print(f"{record.id}: done; its record expired (retention:) and the store holds no history")
+        return
+    if record.expired:
+        out.print("its record expired from Redis (retention:); this history is the artifact store's")
     names = ", ".join(record.names or [record.name])
     out.print(Text.assemble((shown(names), "bold"), f"  {record.id}  ", _status(record.status)))
     if record.name not in record.names:
@@ -395,6 +403,8 @@ def watch_status(
     read: Callable[[], PipelineStatus], server: str | None = None, refresh_s: float = 1.0
 ) -> None:
     """Redraw the status in place until Ctrl-C."""
+    from rich.live import Live
+
     try:
         with Live(status_view(read(), server), console=out, refresh_per_second=4) as live:
             while True:
@@ -405,6 +415,8 @@ def watch_status(
 
 
 def changes(applied_changes: Sequence[Any]) -> None:
+    from levers.server.connection import masked_values
+
     for change in applied_changes:
         old, new = masked_values(change.old), masked_values(change.new)
         out.print(shown(f"{change.dotted}: {old} -> {new}"))

@@ -15,8 +15,6 @@ import typer
 from levers.cli import console
 from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import LeversError, UsageError
-from levers.pipeline.loading import ensure_importable_from, load_pipeline
-from levers.server.project import pipeline_path
 
 # The bundled pipeline's graph phase, found by default.
 GRAPH_HANDLER = "phases.kg_ingest:ingest_graph"
@@ -26,6 +24,9 @@ def call_graph_phase(
     file: Path | None, phase: str | None, function: str, group: str | None, **kwargs: Any
 ) -> Any:
     """``function(state_dir=..., **kwargs)`` of the graph phase's handler module, with the phase's options."""
+    from levers.pipeline.loading import ensure_importable_from, load_pipeline
+    from levers.server.project import pipeline_path
+
     loaded = load_pipeline(pipeline_path(file))
     phases = loaded.spec.phases
     name = phase or next((n for n, p in phases.items() if p.handler == GRAPH_HANDLER), None)

@@ -16,6 +16,13 @@ failed, retried.
 
 A document that fails for good is added to its phase's failed set (keys.failed), scored by when
 it failed; levers.documents.failures lists, retries, expires and purges from there.
+
+A done document keeps its record (a few hundred bytes: names within MAX_NAMES_BYTES, errors
+within a line, no job's result) and a copy goes to the artifact store as it finishes
+(levers.documents.history); its id moves from the documents not done (keys.documents) to the
+finished ones (keys.finished), scored by when it finished. Past the pipeline's ``retention`` the
+record goes and only the id stays, in the expired set (keys.expired, levers.documents.retention),
+so the same content is still not processed twice.
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ def _scripts_for(client: redis.Redis) -> _Scripts:
 
 # Names kept per document: the same bytes under more names than this are one document all the same.
 MAX_NAMES = 32
+# ... and no more of them than fit in this many bytes (as JSON), so a record stays small in Redis.
+MAX_NAMES_BYTES = 512
 
 
 class Superseded(Exception):
@@ -127,6 +136,7 @@ class DocumentRecord:
     phases: dict[str, PhaseRecord] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # every name it was submitted under, first first
     priority: str = keys.NORMAL  # the lane its jobs take in every phase
+    expired: bool = False  # done, its record expired (retention): only its id is known
 
 
 class Ledger:
@@ -150,12 +160,12 @@ class Ledger:
         """
         key = self._key(doc_id)
         status, was_at, names, was_named = self.connection.hmget(key, "status", "phase", "names", "name")
-        known = _names(names, _text(was_named or b""))
-        given = submitted_as or name
-        known += [] if given in known or len(known) >= MAX_NAMES else [given]
+        known = _with_name(_names(names, _text(was_named or b"")), submitted_as or name)
         if status is not None and not force and _text(status) != DocStatus.FAILED:
             self.connection.hset(key, "names", json.dumps(known))
             return False
+        if status is None and not force and self.connection.sismember(keys.expired(self.pipeline), doc_id):
+            return False  # done, and its record expired: the content is known all the same
         now = time.time()
         with self.connection.pipeline() as pipe:
             pipe.delete(key)
@@ -166,6 +176,8 @@ class Ledger:
                          "priority": priority},
             )  # fmt: skip
             pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
+            pipe.zrem(keys.finished(self.pipeline), doc_id)
+            pipe.srem(keys.expired(self.pipeline), doc_id)
             if was_at:  # submitted again after it failed there: no longer a failed document
                 pipe.zrem(keys.failed(self.pipeline, _text(was_at)), doc_id)
             pipe.execute()
@@ -250,7 +262,11 @@ class Ledger:
         how many the handler made through ctx.gather and ctx.map."""
         fields: dict[Any, str | float] = {f"{phase}:seconds": round(seconds, 4)}
         if next_phase is None:
-            fields.update(status=DocStatus.DONE, finished=time.time())
+            now = time.time()
+            fields.update(status=DocStatus.DONE, finished=now)
+            # done: it waits for retention in the finished set, by when it finished
+            pipe.zrem(keys.documents(self.pipeline), doc_id)
+            pipe.zadd(keys.finished(self.pipeline), {doc_id: now})
         else:
             fields.update(status=DocStatus.QUEUED, phase=next_phase)
         pipe.hset(self._key(doc_id), mapping=fields)
@@ -259,8 +275,9 @@ class Ledger:
         metrics.record(pipe, self.pipeline, phase, "done", seconds, calls)
 
     def phase_finished(self, doc_id: str, phase: str) -> bool:
-        """Whether an attempt of ``phase`` finished and handed the document on."""
-        return bool(self.connection.hexists(self._key(doc_id), f"{phase}:seconds"))
+        """Whether an attempt of ``phase`` finished and handed the document on (or it is done)."""
+        status, seconds = self.connection.hmget(self._key(doc_id), "status", f"{phase}:seconds")
+        return seconds is not None or _text(status or b"") == DocStatus.DONE
 
     def attempt_failed(
         self, doc_id: str, phase: str, error: str, final: bool, seconds: float = 0.0,
@@ -307,22 +324,41 @@ class Ledger:
         return True
 
     def get(self, doc_id: str) -> DocumentRecord | None:
-        raw = self.connection.hgetall(self._key(doc_id))
-        return _record(doc_id, raw) if raw else None
+        return self.get_many([doc_id])[0]
 
     def get_many(self, doc_ids: list[str]) -> list[DocumentRecord | None]:
+        """Each document's record; for one whose record expired, a record saying only that it is
+        done (``expired``); None for an unknown one."""
+        if not doc_ids:
+            return []
         with self.connection.pipeline() as pipe:
             for doc_id in doc_ids:
                 pipe.hgetall(self._key(doc_id))
-            rows = pipe.execute()
-        return [_record(doc_id, raw) if raw else None for doc_id, raw in zip(doc_ids, rows, strict=True)]
+            pipe.smismember(keys.expired(self.pipeline), doc_ids)
+            *rows, expired = pipe.execute()
+        return [
+            _record(doc_id, raw) if raw else _expired(doc_id) if gone else None
+            for doc_id, raw, gone in zip(doc_ids, rows, expired, strict=True)
+        ]
 
     def find(self, prefix: str) -> list[str]:
-        """Ids of documents whose id starts with ``prefix`` (for `levers show` with a short id)."""
-        if self.connection.exists(self._key(prefix)):
+        """Ids of documents whose id starts with ``prefix`` (for `levers show` with a short id):
+        not done, done, or done with their record expired."""
+        if self.connection.exists(self._key(prefix)) or self.connection.sismember(
+            keys.expired(self.pipeline), prefix
+        ):
             return [prefix]
-        matches = self.connection.zscan_iter(keys.documents(self.pipeline), match=f"{prefix}*", count=1000)
-        return [_text(member) for member, _score in matches]
+        pattern = f"{prefix}*"
+        found = {
+            _text(member)
+            for zset in (keys.documents(self.pipeline), keys.finished(self.pipeline))
+            for member, _score in self.connection.zscan_iter(zset, match=pattern, count=1000)
+        }
+        found.update(
+            _text(m)
+            for m in self.connection.sscan_iter(keys.expired(self.pipeline), match=pattern, count=1000)
+        )
+        return sorted(found)
 
     def totals(self, phase: str) -> dict[str, int]:
         raw = self.connection.hgetall(keys.phase_counter(self.pipeline, phase))
@@ -331,6 +367,18 @@ class Ledger:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _with_name(known: list[str], given: str) -> list[str]:
+    """``known`` names with ``given`` added, within MAX_NAMES and MAX_NAMES_BYTES."""
+    if given in known or len(known) >= MAX_NAMES:
+        return known
+    added = [*known, given]
+    return added if not known or len(json.dumps(added).encode()) <= MAX_NAMES_BYTES else known
+
+
+def _expired(doc_id: str) -> DocumentRecord:
+    return DocumentRecord(doc_id, "", "files", DocStatus.DONE, "", 0.0, None, None, expired=True)
 
 
 def _names(stored: bytes | str | None, name: str) -> list[str]:

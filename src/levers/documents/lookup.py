@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from levers.documents.history import with_history
 from levers.documents.ledger import DocumentRecord, Ledger
 from levers.documents.store import project_store
 from levers.errors import UsageError
@@ -24,5 +25,6 @@ def document_view(file: Path | None, prefix: str) -> tuple[DocumentRecord, dict[
     if record is None:
         raise UsageError(f"document {matches[0]} has no record")
     store = project_store(project.loaded)
+    record = with_history(store, record)
     outputs = {p: store.output(record.id, p) for p in record.phases if store.has_output(record.id, p)}
     return record, outputs

