@@ -16,6 +16,12 @@ LANES = ("high", "normal", "low")
 NORMAL = "normal"
 
 
+def stored_priority(value: bytes | str | None) -> str:
+    """The lane a stored record names; normal for anything else (what Redis holds is not trusted)."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return text if text in LANES else NORMAL
+
+
 def queue_name(pipeline: str, phase: str, lane: str = NORMAL) -> str:
     """The RQ queue of a phase's lane, as `rq info` shows it."""
     return _lane_queue(f"{pipeline}.{phase}", lane)

@@ -29,12 +29,6 @@ def checked_priority(priority: str) -> str:
     return priority
 
 
-def stored_priority(value: bytes | str | None) -> str:
-    """The lane a stored record names; normal for anything else (what Redis holds is not trusted)."""
-    text = value.decode(errors="replace") if isinstance(value, bytes) else value
-    return text if text in PRIORITIES else keys.NORMAL
-
-
 class LaneQueue(Queue):
     """An RQ queue of one lane of a phase: a job pushed onto it also wakes the phase's workers."""
 

@@ -39,7 +39,6 @@ import redis
 from redis.commands.core import Script
 
 from levers import keys, metrics
-from levers.documents.lanes import stored_priority
 
 # KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
 # returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown; 0,
@@ -410,7 +409,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
         finished=float(fields["finished"]) if "finished" in fields else None,
         error=fields.get("error"),
         names=_names(fields.get("names"), fields.get("name", "")),
-        priority=stored_priority(fields.get("priority")),
+        priority=keys.stored_priority(fields.get("priority")),
         phases={
             name: PhaseRecord(
                 started=float(p["started"]) if "started" in p else None,
