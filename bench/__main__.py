@@ -26,6 +26,7 @@ from bench import (
     observability,
     outage,
     overhead,
+    planning,
     takeover,
     transcription,
 )
@@ -68,13 +69,15 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "killstorm": killstorm.main,
     "outage": outage.main,
     "broken": broken.main,
+    "planning": planning.main,
 }
 
 
 def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
-        kept_section(output, section) for section in (killstorm.SECTION, outage.SECTION, broken.SECTION)
+        kept_section(output, section)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, planning.SECTION)
     )
 
 

@@ -118,9 +118,16 @@ def test_markdown_rows_are_never_wrapped() -> None:
 def test_json_keys_are_stable(seed_copy: Path) -> None:
     plain = json.loads(plan("-f", str(seed_copy), "--json").stdout)
     compared = json.loads(plan("-f", str(seed_copy), "--set", "extraction.workers=6", "--json").stdout)
-    top = {"file", "changes", "burst", "rate", "plan", "base", "base_label", "diff"}
+    top = {"file", "changes", "burst", "rate", "plan", "base", "base_label", "diff"} | {
+        "window",
+        "hosts",
+        "check",
+    }
     assert set(plain) == set(compared) == top
     assert plain["diff"] is None and compared["diff"]["moved"] is True
+    assert plain["window"] is None and plain["check"] is None  # no Redis runs: nothing measured
+    [host] = plain["hosts"]
+    assert host["local"] is True and host["cores"] >= 1
     phase = plain["plan"]["phases"][0]
     assert set(phase) == {
         "phase", "workers", "semaphore", "threads", "job_seconds", "source", "docs_per_second",

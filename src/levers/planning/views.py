@@ -49,13 +49,18 @@ def render(report: PlanReport, fmt: PlanFormat = PlanFormat.table) -> Renderable
 
 
 def phase_rows(plan: Plan) -> tuple[list[str], Rows]:
-    headers = ["phase", "workers", "semaphore", "job s", "from", "docs/s", "docs/hour", "cpu", "ram MB",
-               "bottleneck share", ""]  # fmt: skip
+    headers = ["phase", "workers", "semaphore", "job s", "CPU s", "from", "docs/s", "docs/hour", "cpu",
+               "ram MB", "bottleneck share", ""]  # fmt: skip
     rows = []
     for p in plan.phases.values():
         share = plan.share(p.name)
+        cpu_s = (
+            "-"
+            if p.cpu_job_seconds is None
+            else _secs(p.cpu_job_seconds) + (" (cores)" if p.cpu_bound else "")
+        )
         rows.append([
-            p.name, str(p.workers), str(p.semaphore), _opt(p.job_seconds, _num), p.source,
+            p.name, str(p.workers), str(p.semaphore), _opt(p.job_seconds, _secs), cpu_s, p.source,
             _opt(p.docs_per_second, _sig), _opt(p.docs_per_hour, _sig), _opt(p.cpu, _num),
             _opt(p.ram_mb, _num), _opt(share, _percent), MARK if p.name in plan.path_bottlenecks else "",
         ])  # fmt: skip
@@ -108,7 +113,7 @@ def diff_rows(diff: PlanDiff) -> tuple[list[str], Rows]:
         before = getattr(c.before, "docs_per_second", None)
         after = getattr(c.after, "docs_per_second", None)
         change = c.status if c.status in ("added", "removed") else _change(before, after)
-        cells = [_pair(c, "workers", str), _pair(c, "semaphore", str), _pair(c, "job_seconds", _num)]
+        cells = [_pair(c, "workers", str), _pair(c, "semaphore", str), _pair(c, "job_seconds", _secs)]
         rows.append([c.name, *cells, _pair(c, "docs_per_second", _sig), change])
     return headers, rows
 
@@ -120,8 +125,8 @@ def diff_lines(diff: PlanDiff) -> list[str]:
         f"slowest phase of the pipeline: {_moved(diff.before.bottleneck, diff.after.bottleneck)}",
     ]
     for c in diff.paths:
-        old = c.before.bottleneck if c.before else ()
-        new = c.after.bottleneck if c.after else ()
+        old = c.before.limited_by if c.before else ()
+        new = c.after.limited_by if c.after else ()
         latency = _moved([_path_latency(c.before)], [_path_latency(c.after)])
         lines.append(f"path from {c.entry}: bottleneck {_moved(old, new)}; latency {latency}")
     old_t, new_t = diff.before.totals(), diff.after.totals()
@@ -130,7 +135,24 @@ def diff_lines(diff: PlanDiff) -> list[str]:
                  f"workers {_moved([str(old_t.workers)], [str(new_t.workers)])}")  # fmt: skip
     lines += [f"{c.name}: the semaphore changed but not the job time; expect.calls would model it"
               for c in diff.phases if _semaphore_ignored(c)]  # fmt: skip
+    lines += [_no_gain(diff, c) for c in diff.phases if _more_workers_held_back(diff, c)]
     return lines
+
+
+def _more_workers_held_back(diff: PlanDiff, change: PhaseChange) -> bool:
+    """More workers for a phase that its hosts' cores hold back, alone or with the path's phases."""
+    b, a = change.before, change.after
+    if b is None or a is None or a.workers <= b.workers:
+        return False
+    return a.cpu_bound or any(change.name in p.phases and p.cpu_host for p in diff.after.paths)
+
+
+def _no_gain(diff: PlanDiff, change: PhaseChange) -> str:
+    after = change.after
+    assert after is not None and after.cpu_job_seconds is not None
+    hosts = ", ".join(f"{h.name} has {h.cores:g}" for h in diff.after.hosts)
+    return (f"{change.name}: more workers add little or nothing: its jobs cost "
+            f"{_secs(after.cpu_job_seconds)} s of CPU each and the cores are all used ({hosts})")  # fmt: skip
 
 
 def _moved(before: Sequence[str], after: Sequence[str]) -> str:
@@ -152,6 +174,7 @@ def rich_view(report: PlanReport) -> Group:
     plan = report.plan
     parts: list[RenderableType] = [Text(_title(report), style="bold")]
     parts += [Text(f"{c.key}: {c.before} -> {c.after}") for c in report.changes]
+    parts += [Text(line, style="dim") for line in context_lines(report)]
     parts.append(_rich_table(*phase_rows(plan), marked=plan.path_bottlenecks))
     parts.append(Text(LEGEND, style="dim"))
     parts.append(Text("capacity, docs/hour", style="bold"))
@@ -165,6 +188,11 @@ def rich_view(report: PlanReport) -> Group:
         parts.append(_rich_table(*diff_rows(diff)))
         first, *rest = diff_lines(diff)
         parts += [Text(first, style="bold yellow" if diff.moved else "bold"), *(Text(line) for line in rest)]
+    if report.checked is not None:
+        parts.append(
+            Text("\nplan against what the pipeline did, as written, over the same window", style="bold")
+        )
+        parts.append(_rich_table(*check_rows(report)))
     return Group(*parts)
 
 
@@ -195,6 +223,7 @@ def markdown(report: PlanReport) -> str:
     plan = report.plan
     out = [f"### {_title(report)}", ""]
     out += [f"- `{c.key}`: {c.before} → {c.after}" for c in report.changes] + ([""] if report.changes else [])
+    out += [f"_{line}_" for line in context_lines(report)] + ([""] if context_lines(report) else [])
     out += _md_table(*phase_rows(plan), marked=plan.path_bottlenecks)
     out += ["", f"_{LEGEND}_", "", "Capacity, docs/hour:", ""]
     out += ["```text", *(_bar_line(row) for row in bar_rows(plan)), "```", ""]
@@ -207,6 +236,9 @@ def markdown(report: PlanReport) -> str:
         out += _md_table(*diff_rows(diff))
         first, *rest = diff_lines(diff)
         out += ["", f"**{first[0].upper()}{first[1:]}.**", "", *(f"- {line}" for line in rest)]
+    if report.checked is not None:
+        out += ["", "#### Plan against what the pipeline did, as written, over the same window", ""]
+        out += _md_table(*check_rows(report))
     return "\n".join(out) + "\n"
 
 
@@ -227,12 +259,41 @@ def _bar_line(row: list[str]) -> str:
 # ---- cells ----------------------------------------------------------------------------------
 
 
+def context_lines(report: PlanReport) -> list[str]:
+    """Where the figures come from: the window of measured ones, and the hosts."""
+    lines = []
+    if report.measured is not None and report.measured.phases:
+        jobs = sum(f.jobs for f in report.measured.phases.values())
+        lines.append(f"measured: {report.measured.window.describe()}, {jobs} jobs")
+    hosts = report.plan.hosts
+    if hosts:
+        source = (
+            "the local machine" if all(h.local and h.workers is None for h in hosts) else "supervisor reports"
+        )
+        each = [f"{h.name} {h.cores:g} cores" + (f", {h.memory_mb / 1024:.1f} GB" if h.memory_mb else "")
+                for h in hosts]  # fmt: skip
+        lines.append(f"hosts ({source}): {'; '.join(each)}")
+    return lines
+
+
+def check_rows(report: PlanReport) -> tuple[list[str], Rows]:
+    headers = ["phase", "plan docs/s", "measured docs/s", "error", ""]
+    rows = []
+    for c in report.checked or ():
+        error = "-" if c.error is None else f"{c.error:+.0%}"
+        note = "busy: its capacity" if c.loaded else "what was submitted" if c.arrival else "what reached it"
+        rows.append([c.phase, _opt(c.predicted, _sig), _opt(c.measured, _sig), error, note])
+    return headers, rows
+
+
 def _title(report: PlanReport) -> str:
     what_if = " with " + ", ".join(f"{c.key}={c.after}" for c in report.changes) if report.changes else ""
     return f"levers plan: {report.file.name}{what_if}"
 
 
 def _bottleneck(path: PathPlan) -> str:
+    if path.cpu_host:
+        return f"cores of {path.cpu_host}, shared by its phases"
     if not path.bottleneck:
         return "unknown"
     tie = " (tie)" if len(path.bottleneck) > 1 else ""
@@ -324,6 +385,14 @@ def _sig(value: float, digits: int = 2) -> str:
     return f"{value:.{max(0, digits - 1 - magnitude)}f}"
 
 
+def _secs(value: float) -> str:
+    """A time with its real precision, 3 significant digits: 0.0024, 0.49, 9, 90, 1234."""
+    if value >= 100:
+        return f"{value:.0f}"
+    text = _sig(value, 3)
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _num(value: float) -> str:
     """A count or a time as written: 90, 9, 4.1, 2050, 0.25."""
     return f"{value:.2f}".rstrip("0").rstrip(".")
@@ -335,7 +404,7 @@ def _percent(value: float) -> str:
 
 def _duration(seconds: float) -> str:
     if seconds < 120:
-        return f"{_num(seconds)} s"
+        return f"{_secs(seconds)} s"
     if seconds < 2 * 3600:
         return f"{seconds:.0f} s ({_sig(seconds / 60)} min)"
     if seconds < 2 * 86400:

@@ -73,6 +73,9 @@ class PerformedPhase:
     output: Any
     calls: int
     seconds: float
+    # the worker process's CPU seconds while the handler ran, every thread counted: what the job
+    # costs its host (with the hand-off of the job before, which runs meanwhile)
+    cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,13 +148,14 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
     settings = spec.phases.get(started.phase)
     if settings is None:
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     try:
         output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
     finally:
         if isinstance(started.doc.content, Path):  # a remote store's local copy goes
             runtime.store(spec).release(started.doc.content)
-    return PerformedPhase(started, spec, output, calls, time.perf_counter() - began)
+    seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
+    return PerformedPhase(started, spec, output, calls, seconds, cpu_s)
 
 
 def settle(
@@ -190,7 +194,7 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
             handler = spec.phases[started.phase].handler
             raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
 
-    _hand_off(runtime.connection, spec, started, performed.seconds, performed.calls, store_output)
+    _hand_off(runtime.connection, spec, started, performed, store_output)
     return {"document": started.record.id, "phase": started.phase, "seconds": round(performed.seconds, 4)}
 
 
@@ -290,7 +294,7 @@ def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str])
 
 
 def _hand_off(
-    connection: redis.Redis, spec: Pipeline, started: StartedPhase, seconds: float, calls: int,
+    connection: redis.Redis, spec: Pipeline, started: StartedPhase, performed: PerformedPhase,
     store_output: Callable[[], None],
 ) -> None:  # fmt: skip
     """Store the output, record the phase as finished and enqueue the next one, atomically and
@@ -309,7 +313,9 @@ def _hand_off(
             enqueue_phase(connection, spec, next_phase, record.id, record.name, pipeline=pipe)
         else:
             pipe.multi()
-        ledger.finished(record.id, phase, seconds, calls, next_phase, pipe)
+        ledger.finished(
+            record.id, phase, performed.seconds, performed.calls, next_phase, pipe, performed.cpu_s
+        )
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))
