@@ -105,16 +105,24 @@ def levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def wait(done: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait(done: Callable[[], bool], timeout_s: float, what: str, supervisor: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        if supervisor.poll() is not None:
+            raise RuntimeError(f"levers up exited ({supervisor.returncode}) while waiting for {what}")
         time.sleep(0.2)
 
 
 def done_count(connection: redis.Redis, pipeline: str, phase: str) -> int:
     return int(connection.hget(keys.phase_counter(pipeline, phase), "done") or 0)
+
+
+def finished(connection: redis.Redis, phases: list[str]) -> int:
+    """Documents through the last phase, or failed in any."""
+    failed = sum(int(connection.hget(keys.phase_counter(PIPELINE, p), "failed") or 0) for p in phases)
+    return done_count(connection, PIPELINE, LAST_PHASE) + failed
 
 
 def record(connection: redis.Redis, pipeline: str, phases: list[str], now: float, target: Path) -> None:
@@ -150,19 +158,18 @@ def check_run(server: Server, root: Path, count: int, record_to: Path | None) ->
         )
     try:
         workers = sum(p.levers.workers for p in load_pipeline(project / "pipeline.yaml").spec.phases.values())
-        wait(lambda: len(Worker.all(connection=server.connection)) >= workers, 300, "the workers")
+        wait(lambda: len(Worker.all(connection=server.connection)) >= workers, 300, "the workers", supervisor)
         started = time.time()
         levers(["submit", str(root / "docs")], project, env)
         wait(lambda: done_count(server.connection, PIPELINE, LAST_PHASE) >= count * CHECK_AT_SHARE, TIMEOUT_S,
-             "a third of the documents")  # fmt: skip
+             "a third of the documents", supervisor)  # fmt: skip
         at = time.time()
         data = json.loads(levers(["plan", "--check", "--json"], project, env))
         if record_to is not None:
             record(server.connection, PIPELINE, list(data["window"]["jobs"]), at, record_to)
             shutil.copy(project / "pipeline.yaml", record_to / "pipeline.yaml")
-        wait(
-            lambda: done_count(server.connection, PIPELINE, LAST_PHASE) >= count, TIMEOUT_S, "every document"
-        )
+        wait(lambda: finished(server.connection, list(data["window"]["jobs"])) >= count, TIMEOUT_S,
+             "every document", supervisor)  # fmt: skip
     finally:
         stop_process(supervisor, timeout_s=120)
         levers(["down"], project, env)  # the graph phase's embedded FalkorDB
@@ -193,7 +200,8 @@ def whatif_run(server: Server, root: Path) -> WhatIfRun:
             [PYTHON, "-m", "levers", "up"], cwd=project, env=env, stdout=log, stderr=log
         )
     try:
-        wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[0], 300, "the workers")
+        wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[0], 300, "the workers",
+             supervisor)  # fmt: skip
         levers(["submit", "docs"], project, env)
         time.sleep(WHATIF_AFTER_S - MEASURE_S)
         before_measured = rate_over(server.connection, MEASURE_S)
@@ -201,7 +209,8 @@ def whatif_run(server: Server, root: Path) -> WhatIfRun:
             levers(["plan", "--set", f"burn.workers={BURN_WORKERS[1]}", "--json"], project, env)
         )
         levers(["set", f"burn.workers={BURN_WORKERS[1]}"], project, env)
-        wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[1], 300, "the new workers")
+        wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[1], 300, "the new workers",
+             supervisor)  # fmt: skip
         time.sleep(SETTLE_S)
         after_measured = rate_over(server.connection, MEASURE_S)
         further = levers(["plan", "--set", f"burn.workers={BURN_WORKERS[1] * 2}"], project, env)

@@ -11,10 +11,11 @@ from levers.metrics import BUCKET_S
 from levers.observing.reports import PhaseReport, SupervisorReport
 from levers.pipeline.model import Pipeline
 from levers.planning.capacity import build_plan, diff_plans
+from levers.planning.cells import secs
 from levers.planning.check import check
 from levers.planning.hosts import Host, hosts_from_reports
 from levers.planning.measured import Measured, PhaseWindow, Window, weigh
-from levers.planning.views import _secs, diff_lines
+from levers.planning.views import diff_lines
 
 NOW = 1_800_000_030.0  # 30 s into a minute
 MINUTE = int(NOW // BUCKET_S)
@@ -171,4 +172,4 @@ def test_check_holds_a_busy_cpu_bound_phase_to_its_cores() -> None:
 @pytest.mark.parametrize(("seconds", "shown"), [(0.0024, "0.0024"), (0.49, "0.49"), (0.774, "0.774"),
                                                 (9, "9"), (90, "90"), (1234.5, "1234")])  # fmt: skip
 def test_job_times_keep_their_precision(seconds: float, shown: str) -> None:
-    assert _secs(seconds) == shown
+    assert secs(seconds) == shown
