@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -87,6 +88,7 @@ class CheckRun:
     rows: list[dict[str, Any]]
     window: dict[str, Any]
     hosts: list[dict[str, Any]]
+    load: tuple[float, float]  # 1-minute load average at its start and at the check
 
 
 @dataclass
@@ -96,6 +98,7 @@ class WhatIfRun:
     after_planned: float
     after_measured: float
     note: str
+    load: float  # 1-minute load average at its end
 
 
 def levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -159,7 +162,7 @@ def check_run(server: Server, root: Path, count: int, record_to: Path | None) ->
     try:
         workers = sum(p.levers.workers for p in load_pipeline(project / "pipeline.yaml").spec.phases.values())
         wait(lambda: len(Worker.all(connection=server.connection)) >= workers, 300, "the workers", supervisor)
-        started = time.time()
+        started, load = time.time(), os.getloadavg()[0]
         levers(["submit", str(root / "docs")], project, env)
         wait(lambda: done_count(server.connection, PIPELINE, LAST_PHASE) >= count * CHECK_AT_SHARE, TIMEOUT_S,
              "a third of the documents", supervisor)  # fmt: skip
@@ -173,7 +176,9 @@ def check_run(server: Server, root: Path, count: int, record_to: Path | None) ->
     finally:
         stop_process(supervisor, timeout_s=120)
         levers(["down"], project, env)  # the graph phase's embedded FalkorDB
-    return CheckRun(count, at - started, data["check"], data["window"], data["hosts"])
+    return CheckRun(
+        count, at - started, data["check"], data["window"], data["hosts"], (load, os.getloadavg()[0])
+    )
 
 
 def rate_over(connection: redis.Redis, seconds: float) -> float:
@@ -219,7 +224,7 @@ def whatif_run(server: Server, root: Path) -> WhatIfRun:
     finally:
         stop_process(supervisor, timeout_s=120)
     return WhatIfRun(before_measured, path_rate(asked["base"]), path_rate(asked["plan"]), after_measured,
-                     notes[0].strip() if notes else "")  # fmt: skip
+                     notes[0].strip() if notes else "", os.getloadavg()[0])  # fmt: skip
 
 
 def render(checked: CheckRun, whatif: WhatIfRun) -> str:
@@ -246,8 +251,9 @@ def render(checked: CheckRun, whatif: WhatIfRun) -> str:
             [f"{BURN_WORKERS[1]} workers", _rate(whatif.after_planned), _rate(whatif.after_measured)],
         ]), "",
         f"Error of the what-if: {_error(error)} (without the cores, workers / job s would have said "
-        f"{_rate(whatif.before_planned * BURN_WORKERS[1] / BURN_WORKERS[0])}). Plan on a further doubling: "
-        f"\"{whatif.note}\"", "",
+        f"{_rate(whatif.before_planned * BURN_WORKERS[1] / BURN_WORKERS[0])})."
+        + (f" Plan on a further doubling: \"{whatif.note}\"" if whatif.note else ""), "",
+        f"Load average (1 min) at the start and the end: {checked.load[0]:.1f}, {whatif.load:.1f}.", "",
     ])  # fmt: skip
 
 
