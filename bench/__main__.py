@@ -12,6 +12,8 @@ a growing graph, in a section of its own.
 document's wait behind 1,000 low ones, in a section of its own.
 ``python -m bench footprint [--documents N] [--label TEXT]``: Redis held per 1,000 finished documents.
 ``python -m bench startup [--rounds N]``: read-only commands' start-up time against `rq info`.
+``python -m bench planning [--docs N] [--record DIR] [--output FILE]``: `levers plan` against a real
+run, in a section of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bench import (
     observability,
     outage,
     overhead,
+    planning,
     scale,
     startup,
     takeover,
@@ -86,6 +89,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "lanes": lanes.main,
     "footprint": footprint.main,
     "startup": startup.main,
+    "planning": planning.main,
 }
 
 
@@ -102,6 +106,7 @@ def _kept_alone(output: Path) -> str:
             lanes.SECTION,
             footprint.SECTION,
             startup.SECTION,
+            planning.SECTION,
         )
     )
 

@@ -127,3 +127,42 @@ def test_rq_worker_runs_levers_jobs_through_run_phase(tmp_path: Path, connection
     assert doc_field(connection, bad, "first:attempts") == "2"
     figures = metrics.read(connection, "toy", "first")
     assert (figures.done, figures.retried, figures.failed) == (2, 1, 1)
+
+
+BURNING_PHASE = """
+import threading
+import time
+
+def burn(seconds):
+    until = time.process_time() + seconds
+    while time.process_time() < until:
+        pass
+
+def first(doc, ctx):
+    helper = threading.Thread(target=burn, args=(0.15,))  # a handler's own thread counts too
+    helper.start()
+    time.sleep(0.3)  # waiting costs no CPU
+    helper.join()
+    return {"text": "burnt"}
+"""
+
+
+def test_a_job_records_the_cpu_its_worker_process_spent_on_it(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    make_project(tmp_path, docs=1)
+    (tmp_path / "burnphases.py").write_text(BURNING_PHASE)
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(spec.read_text().replace("toyphases:first", "burnphases:first"))
+    [outcome] = Submitter(load_pipeline(spec), connection).submit_paths([str(tmp_path / "docs")])
+    runtime = WorkerRuntime(PipelineWatcher.open(spec), connection, "redis://unused")
+    doc = outcome.doc_id
+    assert doc is not None
+    performed = perform_phase(runtime, start_phase(runtime, "first", doc))
+    complete_phase(runtime, performed)
+
+    assert performed.output == {"text": "burnt"}, performed.output
+    figures = metrics.read(connection, "toy", "first")
+    assert figures.done == 1
+    assert 0.15 <= figures.cpu_s < 0.3  # the helper thread's 0.15 s, not the 0.3 s of wall time
+    assert figures.busy_s >= 0.3

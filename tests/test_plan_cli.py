@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from levers.cli.app import app
+from tests.conftest import levers, make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "examples" / "seed-pipeline.yaml"
@@ -118,9 +119,16 @@ def test_markdown_rows_are_never_wrapped() -> None:
 def test_json_keys_are_stable(seed_copy: Path) -> None:
     plain = json.loads(plan("-f", str(seed_copy), "--json").stdout)
     compared = json.loads(plan("-f", str(seed_copy), "--set", "extraction.workers=6", "--json").stdout)
-    top = {"file", "changes", "burst", "rate", "plan", "base", "base_label", "diff"}
+    top = {"file", "changes", "burst", "rate", "plan", "base", "base_label", "diff"} | {
+        "window",
+        "hosts",
+        "check",
+    }
     assert set(plain) == set(compared) == top
     assert plain["diff"] is None and compared["diff"]["moved"] is True
+    assert plain["window"] is None and plain["check"] is None  # no Redis runs: nothing measured
+    [host] = plain["hosts"]
+    assert host["local"] is True and host["cores"] >= 1
     phase = plain["plan"]["phases"][0]
     assert set(phase) == {
         "phase", "workers", "semaphore", "threads", "job_seconds", "source", "docs_per_second",
@@ -177,3 +185,34 @@ def test_an_alias_bomb_as_the_base_is_one_located_line_and_exit_2(seed_copy: Pat
     assert result.exit_code == 2
     [line] = result.stderr.strip().splitlines()
     assert re.match(rf"error: {re.escape(str(bomb))}:\d+:\d+: alias \*a\d+ takes the file past", line), line
+
+
+def test_check_without_a_server_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    project = make_project(tmp_path)
+    result = plan("-f", str(project / "pipeline.yaml"), "--check")
+    assert result.exit_code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: pipeline.yaml: no job finished in the window (run the pipeline")
+    assert plan("-f", str(project / "pipeline.yaml"), "--check", "--no-measured").exit_code == 2
+
+
+@pytest.mark.e2e
+def test_check_compares_the_plan_with_a_run(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.05, docs=4)
+    assert levers("run", "docs", cwd=root).returncode == 0
+
+    spec = str(root / "pipeline.yaml")
+    data = json.loads(plan("-f", spec, "--check", "--json").stdout)
+    checked = {row["phase"]: row for row in data["check"]}
+    assert set(checked) == {"first", "second"}
+    assert checked["first"]["arrival"] is True  # an entry phase does what was submitted
+    assert checked["second"]["predicted"] == pytest.approx(checked["first"]["measured"])
+    assert data["window"]["minutes"] == 15 and data["window"]["jobs"] == {"first": 4, "second": 4}
+    [host] = data["hosts"]
+    assert host["cores"] >= 1 and host["local"] is True
+
+    shown = plan("-f", spec, "--check").stdout
+    assert "measured: the last 15 min, weighted (half-life 5 min), 8 jobs" in shown
+    assert "plan against what the pipeline did" in shown
+    assert re.search(r"│ first +│ .* │ what was submitted", shown), shown

@@ -1,8 +1,9 @@
 """Per-phase job metrics in Redis, bounded in size whatever the traffic.
 
 Each finished attempt adds to two places. Its phase's bucket for the current minute (jobs done,
-failed and retried, a duration histogram over fixed log-spaced bounds; its busy seconds go to the
-minutes it was busy) gives the recent figures `levers status` shows; buckets expire after
+failed and retried, a duration histogram over fixed log-spaced bounds, the CPU seconds of the done
+ones; its busy seconds go to the minutes it was busy) gives the recent figures `levers status`
+and `levers plan` show; buckets expire after
 ``RETENTION_MIN`` minutes. Its phase's
 running totals (a count per histogram bucket, the count and the sum of durations, never reset)
 are the cumulative histogram Prometheus takes rates of; one hash of fixed fields per phase.
@@ -40,6 +41,7 @@ class PhaseMetrics:
     busy_s: float
     histogram: tuple[int, ...]
     calls: int = 0
+    cpu_s: float = 0.0  # CPU seconds the done jobs' worker processes spent on them
 
     @property
     def calls_per_job(self) -> float:
@@ -84,15 +86,19 @@ def record(
     seconds: float,
     calls: int = 0,
     now: float | None = None,
+    cpu_s: float | None = None,
 ) -> None:
     """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried;
-    ``calls`` is how many calls it made through ctx.gather and ctx.map."""
+    ``calls`` is how many calls it made through ctx.gather and ctx.map; ``cpu_s`` the CPU seconds
+    its worker process spent on it, all threads counted (given for done attempts)."""
     ended = now if now is not None else time.time()
     key = keys.phase_metrics(pipeline, phase, int(ended // BUCKET_S))
     pipe.hincrby(key, outcome, 1)
     pipe.hincrby(key, f"h{bucket_index(seconds)}", 1)
     if calls:
         pipe.hincrby(key, "calls", calls)
+    if cpu_s is not None and math.isfinite(cpu_s) and cpu_s > 0:
+        pipe.hincrbyfloat(key, "cpu_s", cpu_s)
     pipe.expire(key, RETENTION_MIN * BUCKET_S)
     for minute, busy_s in busy_minutes(ended - seconds, ended):
         busy_key = keys.phase_metrics(pipeline, phase, minute)
@@ -122,15 +128,10 @@ def read(
     what has passed of them, so a figure per second does not count the rest of this minute."""
     at = now if now is not None else time.time()
     current = int(at // BUCKET_S)
-    with connection.pipeline(transaction=False) as pipe:
-        for minute in range(current - minutes + 1, current + 1):
-            pipe.hgetall(keys.phase_metrics(pipeline, phase, minute))
-        buckets = pipe.execute()
     totals: dict[str, float] = {}
-    for bucket in buckets:
-        for field, value in bucket.items():
-            name = field.decode() if isinstance(field, bytes) else field
-            totals[name] = totals.get(name, 0.0) + float(value)
+    for bucket in minute_buckets(connection, pipeline, phase, minutes, at).values():
+        for name, value in bucket.items():
+            totals[name] = totals.get(name, 0.0) + value
     histogram = tuple(int(totals.get(f"h{i}", 0)) for i in range(len(BUCKET_BOUNDS_S) + 1))
     return PhaseMetrics(
         span_s=(minutes - 1) * BUCKET_S + (at - current * BUCKET_S),
@@ -140,7 +141,34 @@ def read(
         busy_s=totals.get("busy_s", 0.0),
         histogram=histogram,
         calls=int(totals.get("calls", 0)),
+        cpu_s=totals.get("cpu_s", 0.0),
     )
+
+
+def minute_buckets(
+    connection: redis.Redis, pipeline: str, phase: str, minutes: int, now: float
+) -> dict[int, dict[str, float]]:
+    """The buckets of the current minute and the ``minutes - 1`` before it, by minute, each field
+    a number (a field that is not one, which levers never writes, reads as 0)."""
+    current = int(now // BUCKET_S)
+    span = range(current - minutes + 1, current + 1)
+    with connection.pipeline(transaction=False) as pipe:
+        for minute in span:
+            pipe.hgetall(keys.phase_metrics(pipeline, phase, minute))
+        raw = pipe.execute()
+    return {m: {_text(k): _number(v) for k, v in bucket.items()} for m, bucket in zip(span, raw, strict=True)}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _number(value: bytes | str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 @dataclass(frozen=True)
@@ -177,11 +205,3 @@ def _seconds(value: bytes | str | None) -> float:
     except ValueError:
         return 0.0
     return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
-
-
-def measured_job_seconds(
-    connection: redis.Redis, pipeline: str, phases: list[str], minutes: int = 60
-) -> dict[str, float]:
-    """Mean job time per phase over the last ``minutes``, for phases that ran any job then."""
-    means = {phase: read(connection, pipeline, phase, minutes).mean_s for phase in phases}
-    return {phase: mean for phase, mean in means.items() if mean is not None}

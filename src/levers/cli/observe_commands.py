@@ -85,22 +85,27 @@ def plan(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, or markdown for a PR comment.")] = "table",
     measured: Annotated[
-        bool, typer.Option(help="Use job times measured in the last hour where there are any.")
+        bool, typer.Option(help="Use job times and CPU measured in the last 15 minutes where there are any.")
     ] = True,
+    check: Annotated[
+        bool, typer.Option("--check", help="Compare the plan with what the pipeline measured, per phase.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Capacity per phase: throughput, bottleneck, latency, burst drain, CPU and RAM; what-ifs with --set."""
     from levers.planning.capacity import parse_rate
     from levers.planning.views import PlanFormat, render
-    from levers.planning.whatif import measured_times, plan_report
+    from levers.planning.whatif import observe, plan_report
     from levers.server.project import pipeline_path
 
     if fmt not in PlanFormat.__members__:
         raise UsageError(f"unknown format {fmt!r}", fix="use --format table or --format markdown")
+    if check and not measured:
+        raise UsageError("--check compares with measured figures", fix="leave out --no-measured")
     arrival = parse_rate(rate) if rate is not None else None
     path = pipeline_path(file)
-    times = measured_times(path) if measured else None
-    report = plan_report(path, assignments or [], base, burst, arrival, measured=times)
+    figures, hosts = observe(path, measured)
+    report = plan_report(path, assignments or [], base, burst, arrival, figures, hosts, check)
     if as_json:
         console.print_json(report.as_json())
     else:

@@ -1,14 +1,15 @@
 """What supervisors tell the rest of the pipeline through Redis: their reports and their leases.
 
-A supervisor publishes a report about once a second (per phase: workers desired, alive and
-retiring, health, restarts, pids, CPU and memory) and renews a lease on every tick (see
-levers.supervisor.leases). `levers status`, the exporter and `levers set` read both here, typed,
-without importing the supervisor or the worker.
+A supervisor publishes a report about once a second (its host's cores and memory; per phase:
+workers desired, alive and retiring, health, restarts, pids, CPU and memory) and renews a lease on
+every tick (see levers.supervisor.leases). `levers status`, `levers plan`, the exporter and
+`levers set` read both here, typed, without importing the supervisor or the worker.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -63,6 +64,8 @@ class SupervisorReport:
     memory_percent: float | None  # of its host
     phases: dict[str, PhaseReport] = field(default_factory=dict)
     cpu_percent: float | None = None  # of its host's cores together, over the last minute
+    cores: int | None = None  # its host's, as far as it may use them (`levers plan` caps by them)
+    memory_mb: float | None = None  # its host's total
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -81,6 +84,13 @@ class SupervisorReport:
 def _phase_report(figures: dict[str, Any]) -> PhaseReport:
     autoscale = figures.pop("autoscale", None)
     return PhaseReport(**figures, autoscale=AutoscaleReport(**autoscale) if autoscale is not None else None)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a CPU affinity or cpuset counts), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def live_reports(connection: redis.Redis, pipeline: str) -> list[SupervisorReport]:

@@ -4,9 +4,12 @@ A phase's job time comes from a measured duration when one is given, else from i
 block, else it is unknown and no number is made up for it. From job times:
 
 * capacity of a phase = workers / job time (documents per second); 0 workers is zero capacity;
+  with the CPU seconds a job costs (measured by the workers), at most what its hosts' cores
+  allow (levers.planning.hosts);
 * a path is the chain of phases a document travels from one entry phase to the end; its
   bottleneck is its lowest-capacity phase, and phases within ``TIE_TOLERANCE`` of that lowest
-  capacity are all bottlenecks (the seed's extraction and kg_ingest, 3/90 and 2/60, are both);
+  capacity are all bottlenecks (the seed's extraction and kg_ingest, 3/90 and 2/60, are both),
+  unless its hosts' cores, shared by all its phases at once, allow less: then they are;
 * latency of one document on an empty pipeline = the sum of the job times along its path;
 * a burst of N documents drains in N / the path's bottleneck capacity;
 * a steady rate keeps up when it is at most the path's bottleneck capacity.
@@ -14,18 +17,21 @@ block, else it is unknown and no number is made up for it. From job times:
 The model ignores queue waits, retries, shared ``limits:`` and the thread lever (threads change a
 job's time, which a measured duration or ``expect.seconds`` already includes), and it treats each
 path on its own: documents of two entry phases that share a downstream phase compete for it.
+A measured job time was taken with the host as busy as it was then: more workers of a CPU-bound
+phase do not shorten it, the cores cap what they add.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from levers.errors import UsageError
 from levers.pipeline.model import Phase, Pipeline
+from levers.planning.hosts import Demand, Host, demands, memory_short, path_cpu_cap, phase_cpu_cap
 
 # Capacities closer than this (relative) are a tie; float division would otherwise split them.
 TIE_TOLERANCE = 1e-9
@@ -45,12 +51,24 @@ class PhasePlan:
     source: Source
     cpu_per_worker: float | None
     ram_mb_per_worker: float | None
+    cpu_job_seconds: float | None = None  # CPU one job costs, as measured by the workers
+    cpu_cap: float | None = None  # documents/s the cores of its hosts allow it alone
 
     @property
     def docs_per_second(self) -> float | None:
         if self.job_seconds is None:
             return None
-        return self.workers / self.job_seconds
+        by_workers = self.workers / self.job_seconds
+        return by_workers if self.cpu_cap is None else min(by_workers, self.cpu_cap)
+
+    @property
+    def cpu_bound(self) -> bool:
+        """Whether its hosts' cores, not its workers, set its capacity."""
+        return (
+            self.job_seconds is not None
+            and self.cpu_cap is not None
+            and (self.cpu_cap < self.workers / self.job_seconds)
+        )
 
     @property
     def docs_per_hour(self) -> float | None:
@@ -81,10 +99,16 @@ class PathPlan:
     unknown: tuple[str, ...]
     stalled: tuple[str, ...]  # phases with 0 workers: documents reaching them wait forever
     latency_seconds: float | None  # None when a job time is unknown or the path is stalled
+    cpu_host: str | None = None  # the host whose cores, shared by the path's phases, set its pace
 
     @property
     def complete(self) -> bool:
         return not self.unknown
+
+    @property
+    def limited_by(self) -> tuple[str, ...]:
+        """What sets the path's pace: its bottleneck phases, or a host's cores."""
+        return (f"cores of {self.cpu_host}",) if self.cpu_host else self.bottleneck
 
 
 @dataclass(frozen=True)
@@ -100,6 +124,7 @@ class Totals:
 class Plan:
     phases: dict[str, PhasePlan]
     paths: tuple[PathPlan, ...]
+    hosts: tuple[Host, ...] = ()
 
     @property
     def bottleneck(self) -> tuple[str, ...]:
@@ -108,8 +133,9 @@ class Plan:
 
     @property
     def path_bottlenecks(self) -> frozenset[str]:
-        """Every phase that is the bottleneck of some path: the ones a view marks."""
-        return frozenset(name for path in self.paths for name in path.bottleneck)
+        """Every phase that is the bottleneck of some path its cores do not hold back: the ones a
+        view marks."""
+        return frozenset(name for path in self.paths if not path.cpu_host for name in path.bottleneck)
 
     def share(self, phase: str) -> float | None:
         """How busy ``phase`` is when the fastest path through it runs flat out: 1.0 for a bottleneck."""
@@ -135,7 +161,34 @@ class Plan:
         unknown = [p.name for p in self.phases.values() if p.job_seconds is None]
         if unknown:
             notes.append(f"no job time for {', '.join(unknown)}: add expect: or measure it")
+        notes += [_demand_note(d) for d in self.cpu_demands()]
+        ram = {p.name: p.ram_mb for p in self.phases.values() if p.ram_mb}
+        notes += [f"the workers need {need:.0f} MB RAM; {_host_label(host)} has {host.memory_mb:.0f} MB: "
+                  f"not all of them fit at once" for host, need in memory_short(self.hosts, ram)]  # fmt: skip
         return notes
+
+    def cpu_demands(self) -> list[Demand]:
+        """Hosts whose phases need more cores at the shown rates than the host has: measured CPU
+        per job x the shown rate, else the declared resources.cpu of the workers."""
+        need: dict[str, tuple[float, bool]] = {}
+        for p in self.phases.values():
+            if p.cpu_job_seconds is not None and p.docs_per_second is not None:
+                need[p.name] = (p.docs_per_second * p.cpu_job_seconds, False)
+            elif p.cpu is not None:
+                need[p.name] = (p.cpu, True)
+        return demands(self.hosts, need)
+
+
+def _host_label(host: Host) -> str:
+    return "this host" if host.local else f"host {host.name}"
+
+
+def _demand_note(demand: Demand) -> str:
+    names = list(demand.phases)
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    source = " (declared resources.cpu)" if demand.declared else ""
+    return (f"needs {demand.cpu:.1f} vCPU{source}; {_host_label(demand.host)} has {demand.host.cores:g}: "
+            f"{listed} will run at about {round(demand.fraction * 100)} % of the shown rate")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,20 +214,30 @@ def job_seconds(phase: Phase, measured: float | None = None) -> tuple[float | No
     return rounds * expect.call_seconds + expect.fixed_seconds, "expect"
 
 
-def build_plan(spec: Pipeline, measured: Mapping[str, float] | None = None) -> Plan:
-    """The plan of a valid pipeline.
+def build_plan(
+    spec: Pipeline,
+    measured: Mapping[str, float] | None = None,
+    cpu: Mapping[str, float] | None = None,
+    hosts: Sequence[Host] = (),
+) -> Plan:
+    """The plan of a valid pipeline on ``hosts`` (none: cores are not counted).
 
-    ``measured`` maps phase -> mean job seconds observed (the seam for metrics from Redis; the CLI
-    passes None for now). A measured time was taken at the levers running then, so it does not
-    follow a what-if on the semaphore: only ``expect.calls`` does.
+    ``measured`` maps phase -> job seconds observed, ``cpu`` phase -> CPU seconds per job observed.
+    A measured time was taken at the levers running then, so it does not follow a what-if on the
+    semaphore: only ``expect.calls`` does.
     """
-    measured = measured or {}
-    phases = {name: _phase_plan(name, phase, measured.get(name)) for name, phase in spec.phases.items()}
-    paths = tuple(_path_plan(entry, _chain(spec, entry), phases) for entry in spec.entry_phases())
-    return Plan(phases=phases, paths=paths)
+    measured, cpu = measured or {}, cpu or {}
+    phases = {
+        name: _phase_plan(name, phase, measured.get(name), cpu.get(name), hosts)
+        for name, phase in spec.phases.items()
+    }
+    paths = tuple(_path_plan(entry, _chain(spec, entry), phases, hosts) for entry in spec.entry_phases())
+    return Plan(phases=phases, paths=paths, hosts=tuple(hosts))
 
 
-def _phase_plan(name: str, phase: Phase, measured: float | None) -> PhasePlan:
+def _phase_plan(
+    name: str, phase: Phase, measured: float | None, cpu: float | None, hosts: Sequence[Host]
+) -> PhasePlan:
     seconds, source = job_seconds(phase, measured)
     resources = phase.resources
     return PhasePlan(
@@ -186,6 +249,8 @@ def _phase_plan(name: str, phase: Phase, measured: float | None) -> PhasePlan:
         source=source,
         cpu_per_worker=resources.cpu if resources else None,
         ram_mb_per_worker=resources.ram_mb if resources else None,
+        cpu_job_seconds=cpu,
+        cpu_cap=phase_cpu_cap(hosts, name, cpu),
     )
 
 
@@ -200,20 +265,28 @@ def _chain(spec: Pipeline, entry: str) -> tuple[str, ...]:
     return tuple(chain)
 
 
-def _path_plan(entry: str, chain: tuple[str, ...], phases: Mapping[str, PhasePlan]) -> PathPlan:
+def _path_plan(
+    entry: str, chain: tuple[str, ...], phases: Mapping[str, PhasePlan], hosts: Sequence[Host]
+) -> PathPlan:
     members = [phases[name] for name in chain]
     unknown = tuple(p.name for p in members if p.job_seconds is None)
     stalled = tuple(p.name for p in members if p.workers == 0)
     bottleneck = lowest(members)
     latency = None if unknown or stalled else sum(p.job_seconds or 0.0 for p in members)
+    pace = phases[bottleneck[0]].docs_per_second if bottleneck else None
+    cores = path_cpu_cap(hosts, chain, {p.name: p.cpu_job_seconds for p in members})
+    cpu_host = None
+    if pace is not None and cores is not None and cores[0] < pace * (1 - TIE_TOLERANCE):
+        pace, cpu_host = cores
     return PathPlan(
         entry=entry,
         phases=chain,
         bottleneck=bottleneck,
-        docs_per_second=phases[bottleneck[0]].docs_per_second if bottleneck else None,
+        docs_per_second=pace,
         unknown=unknown,
         stalled=stalled,
         latency_seconds=latency,
+        cpu_host=cpu_host,
     )
 
 
@@ -292,8 +365,8 @@ class PathChange:
     @property
     def moved(self) -> bool:
         """Whether the bottleneck is a different set of phases (a tie gained or lost counts)."""
-        old = set(self.before.bottleneck) if self.before else set()
-        new = set(self.after.bottleneck) if self.after else set()
+        old = set(self.before.limited_by) if self.before else set()
+        new = set(self.after.limited_by) if self.after else set()
         return old != new
 
 

@@ -10,7 +10,6 @@ names them joined by " = ".
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
@@ -20,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from levers.planning.capacity import PathPlan, PhaseChange, Plan, PlanDiff, Rate, drain_seconds, keeps_up
+from levers.planning.cells import BAR_WIDTH, bar, duration, num, opt, percent, secs, sig
 from levers.planning.whatif import PlanReport
 
 MARK = "◀ bottleneck"
@@ -27,8 +27,6 @@ LEGEND = (
     "docs/s = workers / job s. bottleneck share: how busy a phase is while its path runs at its "
     "bottleneck's pace. Tied phases are all marked."
 )
-BAR_WIDTH = 40
-_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 Rows = list[list[str]]
 
@@ -49,15 +47,20 @@ def render(report: PlanReport, fmt: PlanFormat = PlanFormat.table) -> Renderable
 
 
 def phase_rows(plan: Plan) -> tuple[list[str], Rows]:
-    headers = ["phase", "workers", "semaphore", "job s", "from", "docs/s", "docs/hour", "cpu", "ram MB",
-               "bottleneck share", ""]  # fmt: skip
+    headers = ["phase", "workers", "semaphore", "job s", "CPU s", "from", "docs/s", "docs/hour", "cpu",
+               "ram MB", "bottleneck share", ""]  # fmt: skip
     rows = []
     for p in plan.phases.values():
         share = plan.share(p.name)
+        cpu_s = (
+            "-"
+            if p.cpu_job_seconds is None
+            else secs(p.cpu_job_seconds) + (" (cores)" if p.cpu_bound else "")
+        )
         rows.append([
-            p.name, str(p.workers), str(p.semaphore), _opt(p.job_seconds, _num), p.source,
-            _opt(p.docs_per_second, _sig), _opt(p.docs_per_hour, _sig), _opt(p.cpu, _num),
-            _opt(p.ram_mb, _num), _opt(share, _percent), MARK if p.name in plan.path_bottlenecks else "",
+            p.name, str(p.workers), str(p.semaphore), opt(p.job_seconds, secs), cpu_s, p.source,
+            opt(p.docs_per_second, sig), opt(p.docs_per_hour, sig), opt(p.cpu, num),
+            opt(p.ram_mb, num), opt(share, percent), MARK if p.name in plan.path_bottlenecks else "",
         ])  # fmt: skip
     return headers, rows
 
@@ -65,7 +68,7 @@ def phase_rows(plan: Plan) -> tuple[list[str], Rows]:
 def path_rows(plan: Plan, burst: int | None, rate: Rate | None) -> tuple[list[str], Rows]:
     headers = ["path", "bottleneck", "docs/s", "latency of 1 doc"]
     headers += [f"{burst} docs drain in"] if burst is not None else []
-    headers += [f"{rate.text} = {_sig(rate.per_second)}/s"] if rate is not None else []
+    headers += [f"{rate.text} = {sig(rate.per_second)}/s"] if rate is not None else []
     rows = []
     for path in plan.paths:
         row = [" → ".join(path.phases), _bottleneck(path), _throughput(path), _latency(path)]
@@ -83,7 +86,7 @@ def totals_line(plan: Plan) -> str:
     missing = [name for name in plan.phases if name in {*totals.missing_cpu, *totals.missing_ram}]
     if missing and len(missing) == len([p for p in plan.phases.values() if p.workers > 0]):
         return f"{totals.workers} workers; CPU and RAM unknown: no phase with workers declares resources:"
-    line = (f"{totals.workers} workers need {_num(totals.cpu)} vCPU and {_num(totals.ram_mb)} MB RAM "
+    line = (f"{totals.workers} workers need {num(totals.cpu)} vCPU and {num(totals.ram_mb)} MB RAM "
             f"({totals.ram_mb / 1024:.1f} GB)")  # fmt: skip
     return line + (f", not counting {', '.join(missing)} (no resources: given)" if missing else "")
 
@@ -95,9 +98,9 @@ def bar_rows(plan: Plan) -> Rows:
     rows = []
     for p in plan.phases.values():
         rate = p.docs_per_second
-        label = "unknown" if rate is None else f"{_sig(p.docs_per_hour or 0.0)}/h"
-        bar = _bar(rate / top if rate is not None and top > 0 else 0.0)
-        rows.append([p.name, bar, label, MARK if p.name in plan.path_bottlenecks else ""])
+        label = "unknown" if rate is None else f"{sig(p.docs_per_hour or 0.0)}/h"
+        drawn = bar(rate / top if rate is not None and top > 0 else 0.0)
+        rows.append([p.name, drawn, label, MARK if p.name in plan.path_bottlenecks else ""])
     return rows
 
 
@@ -108,8 +111,8 @@ def diff_rows(diff: PlanDiff) -> tuple[list[str], Rows]:
         before = getattr(c.before, "docs_per_second", None)
         after = getattr(c.after, "docs_per_second", None)
         change = c.status if c.status in ("added", "removed") else _change(before, after)
-        cells = [_pair(c, "workers", str), _pair(c, "semaphore", str), _pair(c, "job_seconds", _num)]
-        rows.append([c.name, *cells, _pair(c, "docs_per_second", _sig), change])
+        cells = [_pair(c, "workers", str), _pair(c, "semaphore", str), _pair(c, "job_seconds", secs)]
+        rows.append([c.name, *cells, _pair(c, "docs_per_second", sig), change])
     return headers, rows
 
 
@@ -120,17 +123,34 @@ def diff_lines(diff: PlanDiff) -> list[str]:
         f"slowest phase of the pipeline: {_moved(diff.before.bottleneck, diff.after.bottleneck)}",
     ]
     for c in diff.paths:
-        old = c.before.bottleneck if c.before else ()
-        new = c.after.bottleneck if c.after else ()
+        old = c.before.limited_by if c.before else ()
+        new = c.after.limited_by if c.after else ()
         latency = _moved([_path_latency(c.before)], [_path_latency(c.after)])
         lines.append(f"path from {c.entry}: bottleneck {_moved(old, new)}; latency {latency}")
     old_t, new_t = diff.before.totals(), diff.after.totals()
-    lines.append(f"CPU {_moved([_num(old_t.cpu)], [_num(new_t.cpu)])} vCPU; "
-                 f"RAM {_moved([_num(old_t.ram_mb)], [_num(new_t.ram_mb)])} MB; "
+    lines.append(f"CPU {_moved([num(old_t.cpu)], [num(new_t.cpu)])} vCPU; "
+                 f"RAM {_moved([num(old_t.ram_mb)], [num(new_t.ram_mb)])} MB; "
                  f"workers {_moved([str(old_t.workers)], [str(new_t.workers)])}")  # fmt: skip
     lines += [f"{c.name}: the semaphore changed but not the job time; expect.calls would model it"
               for c in diff.phases if _semaphore_ignored(c)]  # fmt: skip
+    lines += [_no_gain(diff, c) for c in diff.phases if _more_workers_held_back(diff, c)]
     return lines
+
+
+def _more_workers_held_back(diff: PlanDiff, change: PhaseChange) -> bool:
+    """More workers for a phase that its hosts' cores hold back, alone or with the path's phases."""
+    b, a = change.before, change.after
+    if b is None or a is None or a.workers <= b.workers:
+        return False
+    return a.cpu_bound or any(change.name in p.phases and p.cpu_host for p in diff.after.paths)
+
+
+def _no_gain(diff: PlanDiff, change: PhaseChange) -> str:
+    after = change.after
+    assert after is not None and after.cpu_job_seconds is not None
+    hosts = ", ".join(f"{h.name} has {h.cores:g}" for h in diff.after.hosts)
+    return (f"{change.name}: more workers add little or nothing: its jobs cost "
+            f"{secs(after.cpu_job_seconds)} s of CPU each and the cores are all used ({hosts})")  # fmt: skip
 
 
 def _moved(before: Sequence[str], after: Sequence[str]) -> str:
@@ -152,6 +172,7 @@ def rich_view(report: PlanReport) -> Group:
     plan = report.plan
     parts: list[RenderableType] = [Text(_title(report), style="bold")]
     parts += [Text(f"{c.key}: {c.before} -> {c.after}") for c in report.changes]
+    parts += [Text(line, style="dim") for line in context_lines(report)]
     parts.append(_rich_table(*phase_rows(plan), marked=plan.path_bottlenecks))
     parts.append(Text(LEGEND, style="dim"))
     parts.append(Text("capacity, docs/hour", style="bold"))
@@ -165,6 +186,11 @@ def rich_view(report: PlanReport) -> Group:
         parts.append(_rich_table(*diff_rows(diff)))
         first, *rest = diff_lines(diff)
         parts += [Text(first, style="bold yellow" if diff.moved else "bold"), *(Text(line) for line in rest)]
+    if report.checked is not None:
+        parts.append(
+            Text("\nplan against what the pipeline did, as written, over the same window", style="bold")
+        )
+        parts.append(_rich_table(*check_rows(report)))
     return Group(*parts)
 
 
@@ -183,8 +209,8 @@ def _rich_bars(rows: Rows) -> Table:
     grid.add_column()
     grid.add_column(justify="right")
     grid.add_column(style="bold red")
-    for name, bar, label, mark in rows:
-        grid.add_row(name, Text(bar.ljust(BAR_WIDTH), style="red" if mark else "green"), label, mark)
+    for name, drawn, label, mark in rows:
+        grid.add_row(name, Text(drawn.ljust(BAR_WIDTH), style="red" if mark else "green"), label, mark)
     return grid
 
 
@@ -195,6 +221,7 @@ def markdown(report: PlanReport) -> str:
     plan = report.plan
     out = [f"### {_title(report)}", ""]
     out += [f"- `{c.key}`: {c.before} → {c.after}" for c in report.changes] + ([""] if report.changes else [])
+    out += [f"_{line}_" for line in context_lines(report)] + ([""] if context_lines(report) else [])
     out += _md_table(*phase_rows(plan), marked=plan.path_bottlenecks)
     out += ["", f"_{LEGEND}_", "", "Capacity, docs/hour:", ""]
     out += ["```text", *(_bar_line(row) for row in bar_rows(plan)), "```", ""]
@@ -207,6 +234,9 @@ def markdown(report: PlanReport) -> str:
         out += _md_table(*diff_rows(diff))
         first, *rest = diff_lines(diff)
         out += ["", f"**{first[0].upper()}{first[1:]}.**", "", *(f"- {line}" for line in rest)]
+    if report.checked is not None:
+        out += ["", "#### Plan against what the pipeline did, as written, over the same window", ""]
+        out += _md_table(*check_rows(report))
     return "\n".join(out) + "\n"
 
 
@@ -220,11 +250,38 @@ def _md_table(headers: Sequence[str], rows: Rows, marked: frozenset[str] = froze
 
 
 def _bar_line(row: list[str]) -> str:
-    name, bar, label, mark = row
-    return f"{name:<16} {bar.ljust(BAR_WIDTH)} {label:>9} {mark}".rstrip()
+    name, drawn, label, mark = row
+    return f"{name:<16} {drawn.ljust(BAR_WIDTH)} {label:>9} {mark}".rstrip()
 
 
 # ---- cells ----------------------------------------------------------------------------------
+
+
+def context_lines(report: PlanReport) -> list[str]:
+    """Where the figures come from: the window of measured ones, and the hosts."""
+    lines = []
+    if report.measured is not None and report.measured.phases:
+        jobs = sum(f.jobs for f in report.measured.phases.values())
+        lines.append(f"measured: {report.measured.window.describe()}, {jobs} jobs")
+    hosts = report.plan.hosts
+    if hosts:
+        source = (
+            "the local machine" if all(h.local and h.workers is None for h in hosts) else "supervisor reports"
+        )
+        each = [f"{h.name} {h.cores:g} cores" + (f", {h.memory_mb / 1024:.1f} GB" if h.memory_mb else "")
+                for h in hosts]  # fmt: skip
+        lines.append(f"hosts ({source}): {'; '.join(each)}")
+    return lines
+
+
+def check_rows(report: PlanReport) -> tuple[list[str], Rows]:
+    headers = ["phase", "plan docs/s", "measured docs/s", "error", ""]
+    rows = []
+    for c in report.checked or ():
+        error = "-" if c.error is None else f"{c.error:+.0%}"
+        note = "busy: its capacity" if c.loaded else "what was submitted" if c.arrival else "what reached it"
+        rows.append([c.phase, opt(c.predicted, sig), opt(c.measured, sig), error, note])
+    return headers, rows
 
 
 def _title(report: PlanReport) -> str:
@@ -233,6 +290,8 @@ def _title(report: PlanReport) -> str:
 
 
 def _bottleneck(path: PathPlan) -> str:
+    if path.cpu_host:
+        return f"cores of {path.cpu_host}, shared by its phases"
     if not path.bottleneck:
         return "unknown"
     tie = " (tie)" if len(path.bottleneck) > 1 else ""
@@ -243,7 +302,7 @@ def _bottleneck(path: PathPlan) -> str:
 def _throughput(path: PathPlan) -> str:
     if path.docs_per_second is None:
         return "unknown"
-    return ("" if path.complete else "≤ ") + _sig(path.docs_per_second)
+    return ("" if path.complete else "≤ ") + sig(path.docs_per_second)
 
 
 def _latency(path: PathPlan) -> str:
@@ -251,7 +310,7 @@ def _latency(path: PathPlan) -> str:
         return f"never ({', '.join(path.stalled)}: 0 workers)"
     if path.latency_seconds is None:
         return f"unknown (no job time for {', '.join(path.unknown)})"
-    return _duration(path.latency_seconds)
+    return duration(path.latency_seconds)
 
 
 def _path_latency(path: PathPlan | None) -> str:
@@ -262,7 +321,7 @@ def _drain(path: PathPlan, burst: int) -> str:
     if path.stalled:
         return "never"
     seconds = drain_seconds(path, burst)
-    return "unknown" if seconds is None else _duration(seconds)
+    return "unknown" if seconds is None else duration(seconds)
 
 
 def _verdict(path: PathPlan, rate: Rate) -> str:
@@ -271,7 +330,7 @@ def _verdict(path: PathPlan, rate: Rate) -> str:
         return "unknown"
     word = "keeps up" if verdict else "falls behind"
     capacity = path.docs_per_second or 0.0
-    return f"{word} ({_percent(rate.per_second / capacity)} of capacity)" if capacity else word
+    return f"{word} ({percent(rate.per_second / capacity)} of capacity)" if capacity else word
 
 
 def _names(names: Sequence[str]) -> str:
@@ -310,43 +369,3 @@ def _is_number(cell: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _opt(value: float | None, show: Callable[[float], str]) -> str:
-    return "unknown" if value is None else show(value)
-
-
-def _sig(value: float, digits: int = 2) -> str:
-    """At least ``digits`` significant digits, never an exponent: 0.033, 0.33, 120, 1200."""
-    if value == 0 or not math.isfinite(value):
-        return "0" if value == 0 else str(value)
-    magnitude = math.floor(math.log10(abs(value)))
-    return f"{value:.{max(0, digits - 1 - magnitude)}f}"
-
-
-def _num(value: float) -> str:
-    """A count or a time as written: 90, 9, 4.1, 2050, 0.25."""
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def _percent(value: float) -> str:
-    return f"{value:.0%}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{_num(seconds)} s"
-    if seconds < 2 * 3600:
-        return f"{seconds:.0f} s ({_sig(seconds / 60)} min)"
-    if seconds < 2 * 86400:
-        return f"{seconds:.0f} s ({_sig(seconds / 3600)} h)"
-    return f"{seconds:.0f} s ({_sig(seconds / 86400)} days)"
-
-
-def _bar(fraction: float) -> str:
-    """A bar of unicode eighth blocks; any capacity above zero shows at least a sliver."""
-    eighths = round(max(0.0, min(1.0, fraction)) * BAR_WIDTH * 8)
-    if fraction > 0 and eighths == 0:
-        eighths = 1
-    full, rest = divmod(eighths, 8)
-    return "█" * full + (_EIGHTHS[rest] if rest else "")

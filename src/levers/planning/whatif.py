@@ -7,15 +7,17 @@ a plan needs the numbers, not the code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from levers.errors import SpecError, UsageError
-from levers.metrics import measured_job_seconds
+from levers.errors import LeversError, SpecError, UsageError
+from levers.observing.reports import live_reports
 from levers.pipeline.editing import edit_text
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.pipeline.model import Pipeline
 from levers.planning.capacity import (
     PathChange,
     PathPlan,
@@ -29,6 +31,9 @@ from levers.planning.capacity import (
     drain_seconds,
     keeps_up,
 )
+from levers.planning.check import PhaseCheck, check
+from levers.planning.hosts import Host, hosts_from_reports, local_host
+from levers.planning.measured import Measured, read_measured
 from levers.server.connection import connect_if_running
 
 
@@ -56,6 +61,8 @@ class PlanReport:
     changes: tuple[WhatIf, ...] = ()
     burst: int | None = None
     rate: Rate | None = None
+    measured: Measured | None = None
+    checked: tuple[PhaseCheck, ...] | None = None  # with --check: the file's plan against the window
 
     @property
     def diff(self) -> PlanDiff | None:
@@ -76,8 +83,26 @@ class PlanReport:
                 "base": None if self.base is None else plan_json(self.base, self.burst, self.rate),
                 "base_label": self.base_label,
                 "diff": None if diff is None else diff_json(diff),
+                "window": None if self.measured is None else _window_json(self.measured),
+                "hosts": [_host_json(host) for host in self.plan.hosts],
+                "check": None if self.checked is None else [_check_json(c) for c in self.checked],
             }
         )
+
+
+def _window_json(measured: Measured) -> dict[str, Any]:
+    window = measured.window
+    return {"minutes": window.minutes, "half_life_min": window.half_life_min, "end": window.now,
+            "jobs": {name: figures.jobs for name, figures in measured.phases.items()}}  # fmt: skip
+
+
+def _host_json(host: Host) -> dict[str, Any]:
+    return {"name": host.name, "cores": host.cores, "memory_mb": host.memory_mb, "local": host.local}
+
+
+def _check_json(row: PhaseCheck) -> dict[str, Any]:
+    return {"phase": row.phase, "predicted": row.predicted, "measured": row.measured, "error": row.error,
+            "loaded": row.loaded, "arrival": row.arrival}  # fmt: skip
 
 
 def plan_report(
@@ -86,32 +111,55 @@ def plan_report(
     base_path: Path | None = None,
     burst: int | None = None,
     rate: Rate | None = None,
-    measured: Mapping[str, float] | None = None,
+    measured: Measured | None = None,
+    hosts: Sequence[Host] = (),
+    checking: bool = False,
 ) -> PlanReport:
-    """The report `levers plan` shows. ``measured`` (phase -> job seconds) is the seam for
-    durations measured in Redis; it applies to both sides of a comparison."""
+    """The report `levers plan` shows. ``measured`` (figures from Redis) and ``hosts`` apply to
+    both sides of a comparison; ``checking`` compares the file's plan as written with them."""
     current = load_pipeline(path)
     changes: tuple[WhatIf, ...] = ()
     after = current
     if assignments:
         after, applied = what_if(current, path.read_text(), assignments)
         changes = tuple(applied)
+
+    def planned(spec: Pipeline) -> Plan:
+        if measured is None:
+            return build_plan(spec, hosts=hosts)
+        return build_plan(spec, measured.job_seconds, measured.cpu_seconds, hosts)
+
     base, label = None, None
     if base_path is not None:
-        base, label = build_plan(load_pipeline(base_path).spec, measured), str(base_path)
+        base, label = planned(load_pipeline(base_path).spec), str(base_path)
     elif assignments:
-        base, label = build_plan(current.spec, measured), f"{path.name} as written"
-    plan = build_plan(after.spec, measured)
-    return PlanReport(path, plan, base, label, changes, burst, rate)
+        base, label = planned(current.spec), f"{path.name} as written"
+    checked = None
+    if checking:
+        if measured is None or not measured.phases:
+            raise LeversError(f"{path.name}: no job finished in {_window_text(measured)}",
+                              fix="run the pipeline (levers up), then check while it works")  # fmt: skip
+        checked = tuple(check(planned(current.spec), current.spec, measured))
+    plan = planned(after.spec)
+    return PlanReport(path, plan, base, label, changes, burst, rate, measured, checked)
 
 
-def measured_times(path: Path) -> dict[str, float] | None:
-    """Mean job times measured in the last hour, if the pipeline's Redis answers (never started)."""
+def observe(path: Path, measuring: bool = True) -> tuple[Measured | None, tuple[Host, ...]]:
+    """What the pipeline's Redis knows, if it answers: the recent window's figures (with
+    ``measuring``) and the hosts its live supervisors report; else the local machine alone."""
     loaded = load_pipeline(path)
     connection = connect_if_running(loaded)
     if connection is None:
-        return None
-    return measured_job_seconds(connection, loaded.spec.name, list(loaded.spec.phases)) or None
+        return None, (local_host(),)
+    spec = loaded.spec
+    hosts = hosts_from_reports(live_reports(connection, spec.name)) or (local_host(),)
+    if not measuring:
+        return None, hosts
+    return read_measured(connection, spec.name, list(spec.phases), time.time()), hosts
+
+
+def _window_text(measured: Measured | None) -> str:
+    return "the window" if measured is None else measured.window.describe()
 
 
 def what_if(

@@ -33,7 +33,7 @@ from levers.documents.retention import RetentionExpiry
 from levers.documents.routing import register_queues
 from levers.documents.store import apart_from_forks, project_store
 from levers.errors import ServerError, SupervisorFailed, UsageError
-from levers.observing.reports import PhaseReport
+from levers.observing.reports import PhaseReport, usable_cores
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.pipeline.watching import PipelineWatcher, lever_changes
 from levers.safe import log_to
@@ -456,12 +456,15 @@ class Reporter:
             phase: self._with_usage(figures, [s.pid for s in self.supervisor.slots if s.phase == phase])
             for phase, figures in report.phases.items()
         }
+        memory = psutil.virtual_memory()
         report = replace(
             report,
             updated=now,
-            memory_percent=psutil.virtual_memory().percent,
+            memory_percent=memory.percent,
             cpu_percent=self._host_cpu.percent(now),
             phases=phases,
+            cores=usable_cores(),
+            memory_mb=memory.total / 2**20,
         )
         try:
             self.connection.hset(self._key, self.id, report.to_json())

@@ -78,6 +78,9 @@ class PerformedPhase:
     output: Any
     calls: int
     seconds: float
+    # the worker process's CPU seconds while the handler ran, every thread counted: what the job
+    # costs its host (with the hand-off of the job before, which runs meanwhile)
+    cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,14 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
     settings = spec.phases.get(started.phase)
     if settings is None:
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     try:
         output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
     finally:
         if isinstance(started.doc.content, Path):  # a remote store's local copy goes
             runtime.store(spec).release(started.doc.content)
-    return PerformedPhase(started, spec, output, calls, time.perf_counter() - began)
+    seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
+    return PerformedPhase(started, spec, output, calls, seconds, cpu_s)
 
 
 def settle(
@@ -198,7 +202,7 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
         if spec.phases[started.phase].next not in spec.phases:  # the last phase: the document is done
             store_history(store, started.record, started.phase, performed.seconds)
 
-    _hand_off(runtime.connection, spec, started, performed.seconds, performed.calls, store_output)
+    _hand_off(runtime.connection, spec, started, performed, store_output)
     return {"document": started.record.id, "phase": started.phase, "seconds": round(performed.seconds, 4)}
 
 
@@ -324,7 +328,7 @@ def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str])
 
 
 def _hand_off(
-    connection: redis.Redis, spec: Pipeline, started: StartedPhase, seconds: float, calls: int,
+    connection: redis.Redis, spec: Pipeline, started: StartedPhase, performed: PerformedPhase,
     store_output: Callable[[], None],
 ) -> None:  # fmt: skip
     """Store the output, record the phase as finished and enqueue the next one, atomically and
@@ -345,7 +349,9 @@ def _hand_off(
             )
         else:
             pipe.multi()
-        ledger.finished(record.id, phase, seconds, calls, next_phase, pipe)
+        ledger.finished(
+            record.id, phase, performed.seconds, performed.calls, next_phase, pipe, performed.cpu_s
+        )
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))
