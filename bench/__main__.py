@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import (
+    adaptive,
     broken,
     efficiency,
     killstorm,
@@ -68,13 +69,15 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "killstorm": killstorm.main,
     "outage": outage.main,
     "broken": broken.main,
+    "adaptive": adaptive.main,
 }
 
 
 def _kept_alone(output: Path) -> str:
     """The sections of the benchmarks run on their own, as ``output`` holds them."""
     return "".join(
-        kept_section(output, section) for section in (killstorm.SECTION, outage.SECTION, broken.SECTION)
+        kept_section(output, section)
+        for section in (killstorm.SECTION, outage.SECTION, broken.SECTION, adaptive.SECTION)
     )
 
 
