@@ -3,8 +3,8 @@ figures, what share of requests the provider refuses meanwhile, and the throughp
 
 The provider is the local stand-in Anthropic API (tests/fake_anthropic.py) enforcing a real rate
 (a token bucket of ``RATE`` requests per ``WINDOW_S``) and ``CONCURRENCY`` requests at once,
-answering 429 with retry-after and Anthropic's rate-limit headers. Time is scaled down thirtyfold
-from the real API's (a 2 s window for a minute, 0.1 s per answer). `levers run` on a phase of 3
+answering 429 with retry-after and Anthropic's rate-limit headers. Time is scaled down fifteenfold
+from the real API's (a 4 s window for a minute, 0.1 s per answer). `levers run` on a phase of 3
 workers x semaphore 8 sends every document's calls through ``ctx.limit("anthropic")``, the SDK's
 own retries off. Variants, each on a flushed server, in one run:
 
@@ -53,8 +53,8 @@ from levers.pipeline.loading import load_pipeline
 from tests.fake_anthropic import FakeAnthropic
 
 SECTION = "## 10. A limit declared too high learns the provider's real rate"
-RATE = 16
-WINDOW_S = 2.0
+RATE = 32
+WINDOW_S = 4.0
 CONCURRENCY = 2
 LATENCY_S = 0.1
 DECLARED_FACTOR = 3
