@@ -14,8 +14,8 @@ import redis
 import redis.asyncio
 
 from levers import keys
-from levers.limits.adaptive import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER, Outcome, stated
-from levers.limits.shared import Lease, RateLimited, SharedLimit
+from levers.limits.adaptive import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER, Outcome, asked_wait, stated
+from levers.limits.shared import Lease, RateLimited, SharedLimit, retry_delay
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 
@@ -91,8 +91,9 @@ def test_a_burst_of_refusals_is_one_cut_and_its_retry_after_pauses_every_host(re
 
     assert admitted >= paused_until
     after = status(redis_url, DECLARED)
-    # four refusals of calls sent at the same figures: one cut to 0.7 of them, not four
-    assert (after["effective_concurrency"], after["effective_requests_per_minute"]) == (4, 21)
+    # four refusals of calls sent at the same figures: one cut of the rate to 0.7 of it, not four;
+    # the provider refused four of the six calls sent at once, so two remain
+    assert (after["effective_concurrency"], after["effective_requests_per_minute"]) == (2, 21)
     assert (after["rate_limited"], after["rate_limited_last_minute"]) == (4, 4)
 
 
@@ -268,3 +269,23 @@ def test_the_provider_s_rate_limit_headers_read(
     told = stated(headers, window_s, now=1_000_000)
     assert told.provider_rate == pytest.approx(expected.provider_rate)
     assert told.pause_s == pytest.approx(expected.pause_s, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "2.5"}, 2.5),
+        ({"Retry-After-Ms": "300", "retry-after": "9"}, 0.3),
+        ({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}, None),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after": "-1"}, None),
+    ],
+)
+def test_a_refusal_s_retry_after_read(headers: dict[str, str], expected: float | None) -> None:
+    assert asked_wait(headers) == expected
+
+
+def test_a_retry_after_longer_than_the_longest_pause_falls_back_to_backoff() -> None:
+    refused = RateLimited(retry_after=1e12)
+    assert retry_delay(refused, attempt=0, backoff_s=1.0) <= 1.0

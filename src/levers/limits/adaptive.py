@@ -77,6 +77,17 @@ def headers_of(answer: object) -> Mapping[str, Any] | None:
     return headers if isinstance(headers, Mapping) else None
 
 
+def asked_wait(headers: Mapping[str, Any] | None) -> float | None:
+    """The wait a refusal's headers ask for: retry-after-ms, else retry-after (seconds, as Anthropic
+    sends it; the rare HTTP-date form says nothing), when it is a number of seconds >= 0."""
+    if headers is None:
+        return None
+    milliseconds = _number(header(headers, "retry-after-ms"))
+    if milliseconds is not None:
+        return milliseconds / 1000
+    return _number(header(headers, "retry-after"))
+
+
 def stated(headers: Mapping[str, Any] | None, window_s: float, now: float) -> Outcome:
     """The provider's rate-limit headers, read: its rate per ``window_s``, and a pause when no
     request remains. ``now`` is this host's clock (time.time()), for the absolute reset time.

@@ -127,16 +127,26 @@ return 0
 
 # The adaptation when a call ends, shared by FINISH. A refusal cuts the figures once per
 # generation: the calls admitted before a cut and refused after it were sent at the old figures,
-# and do not cut again. A cut after a raise doubles the quiet period before the next raise; a raise
-# after a raise halves it. `a` is the adaptive key, `d` the declared figures and the quiet base.
+# and do not cut the rate again. Each of them takes one slot away from the concurrency the round
+# was sent at: the provider refused that many of the calls it was sent at once. A cut after a raise
+# doubles the quiet period before the next raise; a raise after a raise halves it. `a` is the
+# adaptive key, `d` the declared figures and the quiet base.
 ADAPT = f"""
 local function cut(a, d, generation, now)
-  local s = redis.call('HMGET', a, 'generation', 'rate', 'concurrency', 'provider_rate', 'raised', 'quiet')
+  local s = redis.call('HMGET', a, 'generation', 'rate', 'concurrency', 'provider_rate', 'raised', 'quiet',
+    'cut_from', 'cut_refused')
   local current = math.floor(bounded(s[1], 0, 2^52, 0))
+  local c = effective_concurrency(d.concurrency, s[3])
+  if generation == current - 1 and d.concurrency > 0 then
+    local refused = math.floor(bounded(s[8], 1, 2^31, 1)) + 1
+    local from = bounded(s[7], 1, d.concurrency, d.concurrency)
+    redis.call('HSET', a, 'cut_refused', refused, 'concurrency', math.max(1, math.min(c, from - refused)))
+    return
+  end
   if generation ~= current then return end
   if d.concurrency > 0 then
-    local c = effective_concurrency(d.concurrency, s[3])
-    redis.call('HSET', a, 'concurrency', math.max(1, c * {CUT_FACTOR}))
+    redis.call('HSET', a, 'concurrency', math.max(1, c * {CUT_FACTOR}), 'cut_from', math.floor(c),
+      'cut_refused', 1)
   end
   -- a rate the provider states is followed, not guessed: only concurrency is cut then
   if d.rate > 0 and not stated(s[4]) then

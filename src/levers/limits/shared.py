@@ -43,7 +43,7 @@ import redis.asyncio
 
 from levers import keys
 from levers.errors import UsageError
-from levers.limits.adaptive import Outcome, header, headers_of, stated
+from levers.limits.adaptive import MAX_PAUSE_S, Outcome, asked_wait, headers_of, stated
 from levers.limits.scripts import scripts_for
 from levers.pipeline.model import LimitSettings, Pipeline
 from levers.server.connection import CONNECT_TIMEOUT_S
@@ -309,7 +309,7 @@ class SharedLimit:
         starts a call (a refusal's retry-after, or until the provider has a request again)."""
         told = stated(headers_of(answer), self.settings.window_seconds, time.time())
         asked = retry_after_s(answer) if rate_limited and isinstance(answer, BaseException) else None
-        pauses = [p for p in (told.pause_s, asked) if p is not None and p > 0]
+        pauses = [p for p in (told.pause_s, asked) if p is not None and 0 < p <= MAX_PAUSE_S]
         return Outcome(pause_s=max(pauses, default=None), provider_rate=told.provider_rate)
 
 
@@ -380,24 +380,13 @@ def retry_after_s(exc: BaseException) -> float | None:
     response (Anthropic's and httpx's errors) or its own ``headers`` (Deepgram's)."""
     if isinstance(exc, RateLimited):
         return exc.retry_after
-    headers = headers_of(exc)
-    if headers is None:
-        return None
-    try:
-        return float(header(headers, "retry-after-ms")) / 1000
-    except (TypeError, ValueError):
-        pass
-    try:
-        # seconds, as Anthropic sends it; the rare HTTP-date form falls back to backoff
-        return float(header(headers, "retry-after"))
-    except (TypeError, ValueError):
-        return None
+    return asked_wait(headers_of(exc))
 
 
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
     """Seconds before retry ``attempt + 1``: the asked wait (up to 10 % more), else jittered backoff."""
     asked = retry_after_s(exc)
-    if asked is not None and asked >= 0:
+    if asked is not None and 0 <= asked <= MAX_PAUSE_S:
         return asked * random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER)
     return min(MAX_BACKOFF_S, backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
