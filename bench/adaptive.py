@@ -234,10 +234,10 @@ def render(outcomes: list[list[Outcome]], info: dict[str, str]) -> str:
             f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min; "
             f"{info['cpu']}; load {info['load']}.",
             "",
-            f"The stand-in allows {RATE} requests per {WINDOW_S:g} s ({RATE / WINDOW_S:g}/s) and {CONCURRENCY} "
-            f"at once, {LATENCY_S:g} s per answer; pipeline.yaml declares {DECLARED_FACTOR}x both (the "
-            f"baseline: exactly them). `levers run`, 3 workers x semaphore 8, {baselines[0].answered} calls "
-            f"per variant, {len(baselines)} repetitions.",
+            f"The stand-in allows {RATE} requests per {WINDOW_S:g} s ({RATE / WINDOW_S:g}/s) and "
+            f"{CONCURRENCY} at once, {LATENCY_S:g} s per answer; pipeline.yaml declares "
+            f"{DECLARED_FACTOR}x both (the baseline: exactly them). `levers run`, 3 workers x semaphore 8, "
+            f"{baselines[0].answered} calls per variant, {len(baselines)} repetitions.",
             "",
             md_table(header, [_row(runs, baselines) for runs in outcomes]),
             "",

@@ -17,6 +17,10 @@ server's clock (TIME), so the clocks of the hosts never matter:
   its slots come back by themselves within ``lease_ttl``. Without a cap, leases are still taken
   (uncapped) so that calls in flight can be counted.
 
+Both scripts hold calls to the effective figures, which the limit learns from its provider's
+answers and keeps at or below the declared ones (levers/limits/adaptive.py), and to a pause every
+caller honours (a refusal's retry-after).
+
 A call takes its concurrency slot first and its rate slot last, right before it starts. The
 other order would stamp a call into the window and then let it wait for a slot: stamps bunched
 in one window could then start together in a later one, breaking the provider's limit. Holding a
@@ -246,8 +250,8 @@ class SharedLimit:
             return None
         window_ms = _ms(self.settings.window_seconds)
         args: list[int | str] = [limit, window_ms, member, _ms(self.lease_ttl), _ms(RATE_POLL_S)]
+        keys_ = [self._window_key, self._adaptive_key]
         while True:
-            keys_ = [self._window_key, self._adaptive_key]
             wait_ms, generation, _ = await self._scripts.rate(keys=keys_, args=args)
             _raise_if_cancelled()  # acquire() takes an admitted call back out of the window
             if wait_ms == 0:
