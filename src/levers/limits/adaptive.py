@@ -6,7 +6,9 @@ server-side scripts (levers/limits/scripts.py):
 
 - A refusal (429 or 529) cuts the effective rate and concurrency to ``CUT_FACTOR`` of what they
   were, once per round: calls admitted before a cut and refused after it were sent at the old
-  figures and do not cut again, so a burst of refusals is one cut, not one per call.
+  figures and do not cut the rate again, so a burst of refusals is one cut, not one per call. Each
+  of them takes one slot off the concurrency the round was sent at instead: the provider refused
+  that many of the calls it received at once (6 sent, 4 refused: 2 remain).
 - A refusal's retry-after pauses every caller, not only the refused one: no call of the limit
   starts, on any host, until it has passed.
 - After a quiet period (one window) without a refusal, a figure that held calls back is raised by
