@@ -14,6 +14,8 @@ document's wait behind 1,000 low ones, in a section of its own.
 ``python -m bench startup [--rounds N]``: read-only commands' start-up time against `rq info`.
 ``python -m bench planning [--docs N] [--record DIR] [--output FILE]``: `levers plan` against a real
 run, in a section of its own.
+``python -m bench adaptive [--reps N] [--docs N] [--output FILE]``: a limit declared 3x too high
+learning the provider's rate, in a section of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import (
+    adaptive,
     autoscale,
     broken,
     efficiency,
@@ -90,6 +93,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "footprint": footprint.main,
     "startup": startup.main,
     "planning": planning.main,
+    "adaptive": adaptive.main,
 }
 
 
@@ -107,6 +111,7 @@ def _kept_alone(output: Path) -> str:
             footprint.SECTION,
             startup.SECTION,
             planning.SECTION,
+            adaptive.SECTION,
         )
     )
 

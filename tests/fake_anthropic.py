@@ -7,6 +7,14 @@ of the last user message>"), or a ``tool_use`` block when the request has ``tool
 every request, counts requests in flight (with the peak), waits ``latency_s`` before each answer,
 and fails the next requests on demand (``fail_next``) with 429, 529 or any other status.
 
+With ``rate`` (requests per ``window_s``) and ``concurrency``, it enforces the account's limits as
+the real API does: the rate is a token bucket (``rate`` tokens, refilled continuously over
+``window_s``; Anthropic documents its limits as one), and a request over either limit is answered
+429 at once, with a retry-after (the time until a token is back, or one latency for a slot) and
+the ``anthropic-ratelimit-requests-limit`` (per minute, as the API states it), ``-remaining`` and
+``-reset`` (RFC 3339, when the bucket is full again) headers the API sends on every answer
+(``rate_headers=False``: a provider that sends none).
+
     with FakeAnthropic(latency_s=0.1) as fake:
         client = anthropic.AsyncAnthropic(base_url=fake.url, api_key="test")
 """
@@ -14,10 +22,12 @@ and fails the next requests on demand (``fail_next``) with 429, 529 or any other
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -42,6 +52,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict[str, Any]
     at: float = 0.0  # time.monotonic() when the server received it
+    refused: bool = False  # answered 429 by the enforced rate or concurrency
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,25 @@ class _Failure:
 class FakeAnthropic:
     """The server, on 127.0.0.1 and a free port, served by a background thread while open."""
 
-    def __init__(self, latency_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        *,
+        rate: int | None = None,
+        window_s: float = 60.0,
+        concurrency: int | None = None,
+        rate_headers: bool = True,
+    ) -> None:
         self.latency_s = latency_s
+        self.rate = rate
+        self.window_s = window_s
+        self.concurrency = concurrency
+        self.rate_headers = rate_headers
+        self._tokens = float(rate or 0)
+        self._filled_at = time.monotonic()
+        # requests being answered (not refused), with the peak
+        self.serving = 0
+        self.peak_serving = 0
         # canned tool inputs by tool name, used instead of the schema's minimal object
         self.tool_inputs: dict[str, dict[str, Any]] = {}
         self.requests: list[RecordedRequest] = []
@@ -95,25 +123,65 @@ class FakeAnthropic:
     ) -> tuple[int, dict[str, str], Any]:
         """Status, headers and JSON body for one request; called by the handler's threads."""
         with self._lock:
-            self.requests.append(RecordedRequest(path, headers, body, time.monotonic()))
-            number = len(self.requests)
+            arrived = time.monotonic()
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             failure = self._failures.popleft() if self._failures and path == "/v1/messages" else None
-        reply_headers = {"request-id": f"req_fake{number:06d}"}
+            enforced = self._enforce(arrived) if failure is None and path == "/v1/messages" else None
+            self.requests.append(RecordedRequest(path, headers, body, arrived, refused=enforced is not None))
+            number = len(self.requests)
+            reply_headers = {"request-id": f"req_fake{number:06d}", **self._limit_headers()}
+        serving = path == "/v1/messages" and failure is None and enforced is None
         try:
             if path != "/v1/messages":
                 return 404, reply_headers, _error(404, f"no route {path}")
+            failure = failure or enforced
             if failure is not None:
                 # rate limits and overload are answered at once, as the real API does
                 if failure.retry_after is not None:
-                    reply_headers["retry-after"] = str(failure.retry_after)
+                    reply_headers["retry-after"] = f"{failure.retry_after:.3f}".rstrip("0").rstrip(".")
                 return failure.status, reply_headers, _error(failure.status, "fake failure on demand")
             time.sleep(self.latency_s)  # the simulated time the model takes
             return 200, reply_headers, self._message(body, number)
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.serving -= int(serving)
+
+    def _enforce(self, now: float) -> _Failure | None:
+        """Under the lock: a 429 when the request is over the rate or the concurrency, else None
+        (and the request takes its token and slot)."""
+        if self.rate is not None:
+            refill = (now - self._filled_at) * self.rate / self.window_s
+            self._tokens = min(float(self.rate), self._tokens + refill)
+            self._filled_at = now
+        if self.concurrency is not None and self.serving >= self.concurrency:
+            return _Failure(429, max(self.latency_s, 0.001))
+        if self.rate is not None and self._tokens < 1:
+            return _Failure(429, (1 - self._tokens) * self.window_s / self.rate)
+        if self.rate is not None:
+            self._tokens -= 1
+        self.serving += 1
+        self.peak_serving = max(self.peak_serving, self.serving)
+        return None
+
+    def _limit_headers(self) -> dict[str, str]:
+        """Under the lock: the rate-limit headers of an answer, when a rate is enforced."""
+        if self.rate is None or not self.rate_headers:
+            return {}
+        full_in_s = (self.rate - self._tokens) * self.window_s / self.rate
+        reset = datetime.fromtimestamp(time.time() + full_in_s, UTC).isoformat().replace("+00:00", "Z")
+        return {
+            "anthropic-ratelimit-requests-limit": str(round(self.rate * 60 / self.window_s)),
+            "anthropic-ratelimit-requests-remaining": str(math.floor(self._tokens)),
+            "anthropic-ratelimit-requests-reset": reset,
+        }
+
+    @property
+    def refused(self) -> int:
+        """Requests the enforced rate or concurrency refused."""
+        with self._lock:
+            return sum(1 for request in self.requests if request.refused)
 
     def _message(self, body: dict[str, Any], number: int) -> dict[str, Any]:
         content = _content(body, self.tool_inputs, number)

@@ -68,6 +68,23 @@ def test_429s_lower_the_declared_rate() -> None:
     assert finding.command == "levers set limits.anthropic.requests_per_minute=40"
 
 
+def test_learned_figures_are_proposed_for_pipeline_yaml() -> None:
+    limit = {
+        "name": "anthropic", "rate_limited": 9, "calls": 300, "requests_per_minute": 60, "concurrency": 8,
+        "effective_requests_per_minute": 20, "effective_concurrency": 2, "provider_requests_per_minute": 20.0,
+        "rate_limited_last_minute": 1,
+    }  # fmt: skip
+    finding = only(advise(status(HEALTHY, limits=[limit])))
+    assert (
+        finding.command == "levers set limits.anthropic.requests_per_minute=20 limits.anthropic.concurrency=2"
+    )
+    assert "requests_per_minute 20 of 60 declared, concurrency 2 of 8 declared" in finding.evidence
+    assert "rate-limit headers" in finding.evidence
+    # only what was lowered: a concurrency at its declared figure is left as it is
+    unchanged = only(advise(status(HEALTHY, limits=[limit | {"effective_concurrency": 8}])))
+    assert unchanged.command == "levers set limits.anthropic.requests_per_minute=20"
+
+
 def test_429s_without_a_declared_rate_halve_the_semaphore() -> None:
     limit = {"name": "anthropic", "rate_limited": 3, "calls": 30, "requests_per_minute": None}
     finding = only(advise(status(HEALTHY, limits=[limit])))

@@ -125,6 +125,16 @@ def limit_totals(pipeline: str, limit: str) -> str:
     return f"levers:{pipeline}:limit:{limit}:totals"
 
 
+def limit_adaptive(pipeline: str, limit: str) -> str:
+    """Hash: what a shared limit learned of the provider (effective rate and concurrency, pauses)."""
+    return f"levers:{pipeline}:limit:{limit}:adaptive"
+
+
+def limit_refusals(pipeline: str, limit: str) -> str:
+    """Sorted set: a shared limit's calls refused with 429/529 in the last minute, by server ms."""
+    return f"levers:{pipeline}:limit:{limit}:refusals"
+
+
 def phase_metrics(pipeline: str, phase: str, minute: int) -> str:
     """Hash: one phase's job counts, busy seconds and duration histogram for one minute."""
     return f"levers:{pipeline}:phase:{phase}:metrics:{minute}"

@@ -263,17 +263,29 @@ def _autoscale_table(phases: Sequence[PhaseStatus]) -> Table:
 
 
 def _limits_table(limits: Sequence[dict[str, Any]]) -> Table:
+    """Declared figures with what the limit learned of its provider: ``2 of 6`` is an effective
+    concurrency of 2 where 6 are declared."""
     table = Table(title="shared limits", title_justify="left")
-    for column in ("limit", "in flight", "peak", "concurrency", "in window", "per window", "calls", "429s"):
+    columns = ("limit", "in flight", "peak", "concurrency", "in window", "per window", "calls", "429s",
+               "429s/min", "paused")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "limit" else "right")
     for limit in limits:
+        rate = _learned(limit.get("effective_requests_per_minute"), limit["requests_per_minute"])
+        paused = limit.get("paused_s") or 0
         table.add_row(
             shown(limit["name"]), str(limit["in_flight"]), str(limit["peak_in_flight"]),
-            str(limit["concurrency"] or "-"), str(limit["calls_in_window"]),
-            f"{limit['requests_per_minute'] or '-'} / {limit['window_seconds']:g} s",
-            str(limit["calls"]), str(limit["rate_limited"]),
+            _learned(limit.get("effective_concurrency"), limit["concurrency"]), str(limit["calls_in_window"]),
+            f"{rate} / {limit['window_seconds']:g} s", str(limit["calls"]), str(limit["rate_limited"]),
+            str(limit.get("rate_limited_last_minute", 0)), f"{paused:.1f} s" if paused else "-",
         )  # fmt: skip
     return table
+
+
+def _learned(effective: int | None, declared: int | None) -> str:
+    if declared is None:
+        return "-"
+    return str(declared) if effective in (None, declared) else f"{effective} of {declared}"
 
 
 def _duration(seconds: float | None) -> str:

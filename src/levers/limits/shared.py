@@ -17,6 +17,10 @@ server's clock (TIME), so the clocks of the hosts never matter:
   its slots come back by themselves within ``lease_ttl``. Without a cap, leases are still taken
   (uncapped) so that calls in flight can be counted.
 
+Both scripts hold calls to the effective figures, which the limit learns from its provider's
+answers and keeps at or below the declared ones (levers/limits/adaptive.py), and to a pause every
+caller honours (a refusal's retry-after).
+
 A call takes its concurrency slot first and its rate slot last, right before it starts. The
 other order would stamp a call into the window and then let it wait for a slot: stamps bunched
 in one window could then start together in a later one, breaking the provider's limit. Holding a
@@ -32,7 +36,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 from uuid import uuid4
@@ -42,6 +47,7 @@ import redis.asyncio
 
 from levers import keys
 from levers.errors import UsageError
+from levers.limits.adaptive import MAX_PAUSE_S, Outcome, asked_wait, headers_of, stated
 from levers.limits.scripts import scripts_for
 from levers.pipeline.model import LimitSettings, Pipeline
 from levers.server.connection import CONNECT_TIMEOUT_S
@@ -104,6 +110,8 @@ class Lease:
     id: str
     renewal: asyncio.Task[None]
     released: bool = False
+    # the limit's round of adaptation when the call was admitted (see levers.limits.adaptive)
+    generation: int = 0
 
 
 class SharedLimit:
@@ -114,6 +122,11 @@ class SharedLimit:
     ``RateLimited``) or the provider fails (a 5xx status). The limit counts the requests it admits,
     so clients must not retry on their own: give SDK clients ``max_retries=0`` (an SDK retry is a
     request the window never saw).
+
+    The limit learns from the answers it sees (levers.limits.adaptive): refusals lower its effective
+    figures and their retry-after pauses every caller; the provider's rate-limit headers, on an
+    error or on what ``fn`` returns (a raw response, e.g. ``client.messages.with_raw_response.create``),
+    set its rate.
 
     One instance may serve many tasks of one event loop at once; its client must belong to that
     loop. A lease is renewed by a task of that loop, so a handler that blocks the loop longer than
@@ -142,6 +155,8 @@ class SharedLimit:
         self._window_key = keys.limit_window(pipeline, name)
         self._leases_key = keys.limit_leases(pipeline, name)
         self._totals_key = keys.limit_totals(pipeline, name)
+        self._adaptive_key = keys.limit_adaptive(pipeline, name)
+        self._refusals_key = keys.limit_refusals(pipeline, name)
         self._scripts = scripts_for(client)
         # the longest any entry can stay in the window: held in flight, then one window
         self._window_life_ms = _ms(settings.window_seconds) + _ms(lease_ttl)
@@ -159,7 +174,7 @@ class SharedLimit:
         lease = held.pop()
         if not held:
             del self._held[task]
-        await self.release(lease, rate_limited=exc is not None and is_rate_limited(exc))
+        await self.release(lease, rate_limited=exc is not None and is_rate_limited(exc), answer=exc)
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """``await fn(*args, **kwargs)`` inside the limit, retried while it is rate limited or the
@@ -175,16 +190,19 @@ class SharedLimit:
         while True:
             lease = await self.acquire()
             rate_limited = False
+            answer: object = None
             try:
-                return await fn(*args, **kwargs)
+                answer = await fn(*args, **kwargs)
+                return answer
             except Exception as exc:
+                answer = exc
                 rate_limited = is_rate_limited(exc)
                 if not (rate_limited or is_server_error(exc)) or attempt >= self.max_rate_retries:
                     raise
                 delay = retry_delay(exc, attempt, self.backoff_s)
                 reason = "rate limited" if rate_limited else f"server error {_status(exc)}"
             finally:
-                await self.release(lease, rate_limited=rate_limited)
+                await self.release(lease, rate_limited=rate_limited, answer=answer)
             attempt += 1
             log.info("limit %r: %s, retry %d in %.2f s", self.name, reason, attempt, delay)
             await asyncio.sleep(delay)
@@ -193,43 +211,51 @@ class SharedLimit:
         """Wait for a concurrency slot, then for room in the rate window; pair with ``release``."""
         lease = await self._take_lease()
         try:
-            await self._take_rate_slot(lease.id)
+            generation = await self._take_rate_slot(lease.id)
+            if generation is not None:
+                lease.generation = generation
         except BaseException:
             await self._end(lease, calls=False, rate_limited=False)
             raise
         return lease
 
-    async def release(self, lease: Lease, *, rate_limited: bool = False) -> None:
-        """Give the slot back and count the call (and whether the provider rate limited it)."""
-        await self._end(lease, calls=True, rate_limited=rate_limited)
+    async def release(self, lease: Lease, *, rate_limited: bool = False, answer: object = None) -> None:
+        """Give the slot back, count the call (and whether the provider rate limited it), and learn
+        from ``answer``, the call's result or error: its retry-after and rate-limit headers."""
+        await self._end(lease, calls=True, rate_limited=rate_limited, answer=answer)
 
     async def _take_lease(self) -> Lease:
         lease_id = uuid4().hex
-        args: list[int | str] = [self.settings.concurrency or 0, _ms(self.lease_ttl), lease_id]
+        rated = int(self.settings.requests_per_minute is not None)
+        args: list[int | str] = [self.settings.concurrency or 0, _ms(self.lease_ttl), lease_id, rated]
+        keys_ = [self._leases_key, self._totals_key, self._adaptive_key, self._window_key]
         while True:
             try:
-                wait_ms = await self._scripts.acquire(keys=[self._leases_key, self._totals_key], args=args)
+                wait_ms, generation, paused = await self._scripts.acquire(keys=keys_, args=args)
                 _raise_if_cancelled()
             except asyncio.CancelledError:
                 # the script may have run before the cancellation: do not leave the slot taken
                 await asyncio.shield(self._settle(lease_id, calls=False, rate_limited=False))
                 raise
             if wait_ms == 0:
-                return Lease(lease_id, asyncio.create_task(self._renew(lease_id)))
-            await asyncio.sleep(min(wait_ms / 1000, LEASE_POLL_S) + random.uniform(0, POLL_JITTER_S))
+                return Lease(lease_id, asyncio.create_task(self._renew(lease_id)), generation=generation)
+            # a pause is exact; a freed slot is not announced, so a slot is looked for again soon
+            wait_s = wait_ms / 1000 if paused else min(wait_ms / 1000, LEASE_POLL_S)
+            await asyncio.sleep(wait_s + random.uniform(0, POLL_JITTER_S))
 
-    async def _take_rate_slot(self, member: str) -> None:
+    async def _take_rate_slot(self, member: str) -> int | None:
+        """Wait for room in the window; the limit's generation at admission (None without a rate)."""
         limit = self.settings.requests_per_minute
         if limit is None:
-            return
+            return None
         window_ms = _ms(self.settings.window_seconds)
-        longest_wait_ms = _ms(RATE_POLL_S)
+        args: list[int | str] = [limit, window_ms, member, _ms(self.lease_ttl), _ms(RATE_POLL_S)]
+        keys_ = [self._window_key, self._adaptive_key]
         while True:
-            args: list[int | str] = [limit, window_ms, member, _ms(self.lease_ttl), longest_wait_ms]
-            wait_ms = await self._scripts.rate(keys=[self._window_key], args=args)
+            wait_ms, generation, _ = await self._scripts.rate(keys=keys_, args=args)
             _raise_if_cancelled()  # acquire() takes an admitted call back out of the window
             if wait_ms == 0:
-                return
+                return int(generation)
             await asyncio.sleep(wait_ms / 1000 + random.uniform(0, POLL_JITTER_S))
 
     async def _renew(self, lease_id: str) -> None:
@@ -252,23 +278,43 @@ class SharedLimit:
                             "no longer counts as in flight", self.name, self.lease_ttl)  # fmt: skip
                 return
 
-    async def _end(self, lease: Lease, *, calls: bool, rate_limited: bool) -> None:
+    async def _end(self, lease: Lease, *, calls: bool, rate_limited: bool, answer: object = None) -> None:
         if lease.released:
             return
         lease.released = True
         lease.renewal.cancel()
         await asyncio.wait([lease.renewal])
-        await self._settle(lease.id, calls=calls, rate_limited=rate_limited)
+        await self._settle(lease.id, calls=calls, rate_limited=rate_limited, generation=lease.generation,
+                          answer=answer)  # fmt: skip
 
-    async def _settle(self, lease_id: str, *, calls: bool, rate_limited: bool) -> None:
-        """End a call: stamp its end in the window, drop its lease, count it. Logs a failure rather
-        than raising it: raising would hide the call's own outcome, and the lease expires by itself."""
-        args: list[int | str] = [lease_id, self._window_life_ms, int(calls), int(rate_limited)]
+    async def _settle(
+        self, lease_id: str, *, calls: bool, rate_limited: bool, generation: int = 0, answer: object = None
+    ) -> None:
+        """End a call: stamp its end in the window, drop its lease, count it, learn from its answer.
+        Logs a failure rather than raising it: raising would hide the call's own outcome, and the
+        lease expires by itself."""
+        outcome = self._outcome(answer, rate_limited)
+        args: list[int | str | float] = [
+            lease_id, self._window_life_ms, int(calls), int(rate_limited), generation,
+            -1 if outcome.pause_s is None else _ms(outcome.pause_s),
+            -1 if outcome.provider_rate is None else outcome.provider_rate,
+            self.settings.requests_per_minute or 0, self.settings.concurrency or 0,
+            _ms(self.settings.window_seconds),
+        ]  # fmt: skip
+        keys_ = [self._window_key, self._leases_key, self._totals_key, self._adaptive_key, self._refusals_key]
         try:
-            await self._scripts.finish(keys=[self._window_key, self._leases_key, self._totals_key], args=args)
+            await self._scripts.finish(keys=keys_, args=args)
         except (redis.RedisError, OSError) as exc:
             log.warning("limit %r: could not release a lease (%s); it expires within %.1f s", self.name, exc,
                         self.lease_ttl)  # fmt: skip
+
+    def _outcome(self, answer: object, rate_limited: bool) -> Outcome:
+        """What ``answer`` tells every caller: the provider's stated rate, and how long nobody
+        starts a call (a refusal's retry-after, or until the provider has a request again)."""
+        told = stated(headers_of(answer), self.settings.window_seconds, time.time())
+        asked = retry_after_s(answer) if rate_limited and isinstance(answer, BaseException) else None
+        pauses = [p for p in (told.pause_s, asked) if p is not None and 0 < p <= MAX_PAUSE_S]
+        return Outcome(pause_s=max(pauses, default=None), provider_rate=told.provider_rate)
 
 
 def _raise_if_cancelled() -> None:
@@ -338,34 +384,13 @@ def retry_after_s(exc: BaseException) -> float | None:
     response (Anthropic's and httpx's errors) or its own ``headers`` (Deepgram's)."""
     if isinstance(exc, RateLimited):
         return exc.retry_after
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if headers is None:
-        headers = getattr(exc, "headers", None)
-    if not isinstance(headers, Mapping):
-        return None
-    try:
-        return float(_header(headers, "retry-after-ms")) / 1000
-    except (TypeError, ValueError):
-        pass
-    try:
-        # seconds, as Anthropic sends it; the rare HTTP-date form falls back to backoff
-        return float(_header(headers, "retry-after"))
-    except (TypeError, ValueError):
-        return None
-
-
-def _header(headers: Mapping[str, Any], name: str) -> Any:
-    """A header by its lower-case name, from a case-insensitive mapping or a plain dict."""
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if isinstance(k, str) and k.lower() == name), None)
-    return value
+    return asked_wait(headers_of(exc))
 
 
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float) -> float:
     """Seconds before retry ``attempt + 1``: the asked wait (up to 10 % more), else jittered backoff."""
     asked = retry_after_s(exc)
-    if asked is not None and asked >= 0:
+    if asked is not None and 0 <= asked <= MAX_PAUSE_S:
         return asked * random.uniform(1.0, 1.0 + RETRY_AFTER_JITTER)
     return min(MAX_BACKOFF_S, backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 

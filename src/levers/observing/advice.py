@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from levers.observing.status import (
     FAILED_SHARE_WARNING,
@@ -203,6 +204,10 @@ def _rate_limited(status: PipelineStatus) -> list[Finding]:
     findings = []
     callers = [p for p in status.phases if p.calls_per_job > 0 and p.semaphore > 1]
     for limit in status.limits:
+        learned = _learned(limit)
+        if learned is not None:
+            findings.append(learned)
+            continue
         if not limit["rate_limited"]:
             continue
         evidence = f"{limit['rate_limited']} of {limit['calls']} calls answered 429/529"
@@ -224,6 +229,34 @@ def _rate_limited(status: PipelineStatus) -> list[Finding]:
             Finding(str(limit["name"]), "rate limited by the provider", evidence, action, command)
         )
     return findings
+
+
+def _learned(limit: dict[str, Any]) -> Finding | None:
+    """A limit that learned its provider allows less than declared: write what it learned into
+    pipeline.yaml, so that it starts there instead of learning it again through refusals."""
+    name = limit["name"]
+    lowered = [
+        (key, declared, effective)
+        for key, declared, effective in (
+            ("requests_per_minute", limit["requests_per_minute"], limit.get("effective_requests_per_minute")),
+            ("concurrency", limit.get("concurrency"), limit.get("effective_concurrency")),
+        )
+        if declared is not None and effective is not None and effective < declared
+    ]
+    if not lowered:
+        return None
+    figures = ", ".join(f"{key} {effective} of {declared} declared" for key, declared, effective in lowered)
+    stated = limit.get("provider_requests_per_minute")
+    source = "the provider's rate-limit headers" if stated is not None else "its refusals"
+    evidence = (
+        f"effective {figures} (learned from {source}); {limit['rate_limited']} of {limit['calls']} calls "
+        f"answered 429/529, {limit.get('rate_limited_last_minute', 0)} in the last minute"
+    )
+    command = "levers set " + " ".join(f"limits.{name}.{key}={effective}" for key, _, effective in lowered)
+    action = (
+        "write the learned figures into pipeline.yaml: the limit starts there instead of learning them again"
+    )
+    return Finding(str(name), "the provider allows less than declared", evidence, action, command)
 
 
 def _memory_pressure(status: PipelineStatus) -> Finding | None:

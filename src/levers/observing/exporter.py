@@ -171,6 +171,34 @@ def _limit_metrics(pipeline: str, limits: list[dict[str, object]]) -> Iterator[M
         calls.add_metric(label, float(limit["calls"]))  # type: ignore[arg-type]
         limited.add_metric(label, float(limit["rate_limited"]))  # type: ignore[arg-type]
     yield from (in_flight, peak, calls, limited)
+    yield from _learned_metrics(pipeline, limits)
+
+
+def _learned_metrics(pipeline: str, limits: list[dict[str, object]]) -> Iterator[Metric]:
+    """Declared against effective figures (what the limit learned of its provider), and refusals."""
+    labels = ["pipeline", "limit", "figure"]
+    rate = GaugeMetricFamily(
+        "levers_limit_rate", "Calls allowed per window, as declared and as effective now.", labels=labels
+    )
+    concurrency = GaugeMetricFamily(
+        "levers_limit_concurrency", "Calls allowed at once, as declared and as effective now.", labels=labels
+    )
+    refused = GaugeMetricFamily(
+        "levers_limit_rate_limited_last_minute", "Calls answered 429/529 in the last minute.",
+        labels=["pipeline", "limit"],
+    )  # fmt: skip
+    for limit in limits:
+        name = str(limit["name"])
+        for family, declared, effective in (
+            (rate, limit["requests_per_minute"], limit.get("effective_requests_per_minute")),
+            (concurrency, limit["concurrency"], limit.get("effective_concurrency")),
+        ):
+            if declared is None:
+                continue  # not declared: no figure to show
+            family.add_metric([pipeline, name, "declared"], float(declared))  # type: ignore[arg-type]
+            family.add_metric([pipeline, name, "effective"], float(effective or declared))  # type: ignore[arg-type]
+        refused.add_metric([pipeline, name], float(limit.get("rate_limited_last_minute") or 0))  # type: ignore[arg-type]
+    yield from (rate, concurrency, refused)
 
 
 # Linux's prctl option: the signal a process receives when its parent dies.
