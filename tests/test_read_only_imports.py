@@ -42,7 +42,15 @@ NOT_USED = {
     "status": ("levers.documents.lookup", "levers.planning", "levers.pipeline.editing"),
     "get": ("rq", "levers.observing", "levers.documents", "levers.limits", "levers.planning"),
     "show": ("rq", "levers.observing", "levers.limits", "levers.planning"),
-    "plan": ("rq", "levers.observing", "levers.documents", "levers.limits"),
+    # plan reads the supervisors' reports (the hosts' cores), not the status or its advice
+    "plan": (
+        "rq",
+        "levers.observing.status",
+        "levers.observing.advice",
+        "levers.observing.exporter",
+        "levers.documents",
+        "levers.limits",
+    ),
 }
 # The embedded server: read-only commands find it running, they never start it.
 EMBEDDED = {"REDIS_URL": ""}
