@@ -32,7 +32,24 @@ def test_counts_busy_time_and_quantiles(connection: fakeredis.FakeRedis) -> None
     assert read.busy_s == pytest.approx(90 * 0.2 + 10 * 3.0 + 1.0)
     assert 0.1 < read.quantile(0.5) <= 0.25  # type: ignore[operator]
     assert 2.5 < read.quantile(0.95) <= 5  # type: ignore[operator]
-    assert read.throughput == pytest.approx(100 / 240)  # four whole minutes, and none of this one yet
+    # the jobs ran in the minute before this one (NOW is a minute's start): the rate is theirs
+    assert read.throughput == pytest.approx(100 / 60)
+
+
+def test_throughput_counts_from_the_first_minute_a_job_ran_in(connection: fakeredis.FakeRedis) -> None:
+    # a run that began 2 min 10 s ago and finished 130 documents, one a second
+    for second in range(130):
+        record(connection, "done", 0.5, at=NOW - 130 + second + 1)
+
+    read = metrics.read(connection, "p", "chunking", minutes=5, now=NOW + 10)
+
+    # from the start of its first minute (NOW - 180), not over all five minutes (130 / 250)
+    assert read.throughput == pytest.approx(130 / 190)
+    # a steady trickle through the whole window counts over the whole window
+    record(connection, "done", 0.5, at=NOW - 230)
+    assert metrics.read(connection, "p", "chunking", minutes=5, now=NOW + 10).throughput == pytest.approx(
+        131 / 250
+    )
 
 
 def test_only_recent_minutes_count(connection: fakeredis.FakeRedis) -> None:

@@ -42,16 +42,18 @@ class PhaseMetrics:
     histogram: tuple[int, ...]
     calls: int = 0
     cpu_s: float = 0.0  # CPU seconds the done jobs' worker processes spent on them
+    active_s: float = 0.0  # of span_s, from the start of the first minute a job ran in
+
+    @property
+    def throughput(self) -> float:
+        """Documents finished per second since the span's first minute with a job in it: a run
+        that began 70 s ago is not averaged over five minutes it was not running."""
+        return self.done / self.active_s if self.active_s else 0.0
 
     @property
     def calls_per_job(self) -> float:
         runs = self.done + self.failed + self.retried
         return self.calls / runs if runs else 0.0
-
-    @property
-    def throughput(self) -> float:
-        """Documents finished per second over the span."""
-        return self.done / self.span_s if self.span_s else 0.0
 
     @property
     def mean_s(self) -> float | None:
@@ -129,9 +131,11 @@ def read(
     at = now if now is not None else time.time()
     current = int(at // BUCKET_S)
     totals: dict[str, float] = {}
-    for bucket in minute_buckets(connection, pipeline, phase, minutes, at).values():
+    buckets = minute_buckets(connection, pipeline, phase, minutes, at)
+    for bucket in buckets.values():
         for name, value in bucket.items():
             totals[name] = totals.get(name, 0.0) + value
+    ran = [minute for minute, bucket in buckets.items() if any(bucket.get(f) for f in _ACTIVITY)]
     histogram = tuple(int(totals.get(f"h{i}", 0)) for i in range(len(BUCKET_BOUNDS_S) + 1))
     return PhaseMetrics(
         span_s=(minutes - 1) * BUCKET_S + (at - current * BUCKET_S),
@@ -142,7 +146,12 @@ def read(
         histogram=histogram,
         calls=int(totals.get("calls", 0)),
         cpu_s=totals.get("cpu_s", 0.0),
+        active_s=(current - min(ran)) * BUCKET_S + (at - current * BUCKET_S) if ran else 0.0,
     )
+
+
+# A minute with any of these had a job in it (busy_s: one that ran then, whenever it ended).
+_ACTIVITY = ("done", "failed", "retried", "busy_s")
 
 
 def minute_buckets(

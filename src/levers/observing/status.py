@@ -83,7 +83,7 @@ class PhaseStatus:
     semaphore: int
     threads: int
     oldest_wait_s: float | None
-    throughput: float  # documents finished per second over the last METRICS_MINUTES
+    throughput: float  # documents finished per second over the last METRICS_MINUTES (or since a run began)
     utilization: (
         float  # busy share of the alive workers' time over UTILIZATION_MINUTES, jobs running included
     )
