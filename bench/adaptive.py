@@ -24,7 +24,6 @@ figures are the median of the repetitions, the effective figures' changes those 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,10 +41,12 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     md_table,
     median,
     replace_section,
+    results_text,
 )
 from bench.report import git_state
 from levers.limits.status import limits_status
@@ -136,17 +137,15 @@ def main(argv: list[str]) -> int:
     with embedded_server() as server:
         runs = [[run_variant(server, variant, args.docs) for variant in VARIANTS] for _ in range(args.reps)]
     outcomes = [[rep[i] for rep in runs] for i in range(len(VARIANTS))]
-    load1, load5, _ = os.getloadavg()
     info = {
         "command": " ".join(["bin/bench", "adaptive", *argv]),
         "source": git_state(),
         "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": about["CPU"],
         "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": f"{about['load average at start']} at start, "
-        f"{load1:.2f} (1 min), {load5:.2f} (5 min) at the end",
+        "load": load_over_run(about),
     }
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, render(outcomes, info)))
     sys.stderr.write(f"adaptive: wrote {args.output}\n")
     return 0

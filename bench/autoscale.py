@@ -18,7 +18,6 @@ Reported: each variant's drain time and worker-seconds, and autoscale's as ratio
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,11 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     median,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -99,17 +100,15 @@ def main(argv: list[str]) -> int:
                     f"autoscale: {variant.name} {rep + 1}/{args.reps}: burst drained in "
                     f"{variant.drain_s[-1]:.1f} s, trace {variant.worker_s[-1]:.0f} worker-s\n"
                 )
-    load1, load5, _ = os.getloadavg()
     info = {
         "command": " ".join(["bin/bench", "autoscale", *argv]),
         "source": git_state(),
         "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": about["CPU"],
         "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": f"{about['load average at start']} at start, {load1:.2f} (1 min), "
-        f"{load5:.2f} (5 min) at the end",
+        "load": load_over_run(about),
     }
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, render(variants, info)))
     sys.stderr.write(f"autoscale: wrote {args.output}\n")
     return 0

@@ -14,7 +14,6 @@ the span from the first submission to the last failure, read off levers' ledger.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,11 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     median,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -85,17 +86,15 @@ def main(argv: list[str]) -> int:
     began = time.monotonic()
     with embedded_server() as server:
         variants = run(server, args.reps)
-    load1, load5, _ = os.getloadavg()
     info = {
         "command": " ".join(["bin/bench", "broken", *argv]),
         "source": git_state(),
         "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": about["CPU"],
         "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": f"{about['load average at start']} at start, {load1:.2f} (1 min), "
-        f"{load5:.2f} (5 min) at the end",
+        "load": load_over_run(about),
     }
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, render(variants, info)))
     sys.stderr.write(f"broken: wrote {args.output}\n")
     return 0

@@ -166,3 +166,14 @@ def kept_section(path: Path, heading: str) -> str:
         return ""
     end = text.find("\n## ", start + 1)
     return "\n" + text[start + 1 : end + 1 if end >= 0 else len(text)]
+
+
+def load_over_run(about: dict[str, str]) -> str:
+    """The load average at the start (from ``machine()``) and now, for a section's run header."""
+    load1, load5, _ = os.getloadavg()
+    return f"{about['load average at start']} at start, {load1:.2f} (1 min), {load5:.2f} (5 min) at the end"
+
+
+def results_text(output: Path) -> str:
+    """RESULTS.md as it stands, or the heading of a new one: a section is replaced in it."""
+    return output.read_text() if output.exists() else "# levers benchmarks: results\n"

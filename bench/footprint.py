@@ -40,6 +40,7 @@ from bench.common import (
     machine,
     md_table,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -281,7 +282,7 @@ def main(argv: list[str]) -> int:
         "load": about["load average at start"],
     }
     result = run(args.documents)
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     section = render(label, result, kept_rows(existing, label), info)
     args.output.write_text(replace_section(existing, SECTION, section))
     sys.stderr.write(section)

@@ -36,9 +36,11 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     md_table,
     replace_section,
+    results_text,
     stop_process,
 )
 from bench.report import git_state
@@ -283,13 +285,10 @@ def main(argv: list[str]) -> int:
         clean = run_once(server, root, root / "docs", args.docs, kills=False)
         sys.stderr.write(f"killstorm: {clean.seconds:.1f} s; again with a kill every 2-3 s\n")
         storm = run_once(server, root, root / "docs", args.docs, kills=True)
-    load1, load5, _ = os.getloadavg()
     info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = (
-        f"{about['load average at start']} at start, {load1:.2f} (1 min), {load5:.2f} (5 min) at the end"
-    )
+    info["load"] = load_over_run(about)
     section = render(clean, storm, info)
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, section))
     sys.stderr.write(f"killstorm: slowdown {storm.seconds / clean.seconds:.2f}x; wrote {args.output}\n")
     return 0

@@ -17,7 +17,6 @@ of RESULTS.md, replacing the one a previous run wrote, and leaves the other sect
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -34,10 +33,12 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     md_table,
     median,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -98,17 +99,15 @@ def main(argv: list[str]) -> int:
     began = time.monotonic()
     with embedded_server() as server:
         result = run(server, args.highs, args.job_ms / 1000, args.workers)
-    load1, load5, _ = os.getloadavg()
     info = {
         "command": " ".join(["bin/bench", "lanes", *argv]),
         "source": git_state(),
         "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "cpu": about["CPU"],
         "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": f"{about['load average at start']} at start, {load1:.2f} (1 min), "
-        f"{load5:.2f} (5 min) at the end",
+        "load": load_over_run(about),
     }
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, render(result, info)))
     sys.stderr.write(f"lanes: wrote {args.output}\n")
     return 0

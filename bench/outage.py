@@ -10,7 +10,6 @@ document that was running at the kill is done ("held"); and whether every docume
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -27,10 +26,12 @@ from bench.common import (
     PYTHON,
     ROOT,
     bench_env,
+    load_over_run,
     machine,
     md_table,
     median,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -87,12 +88,9 @@ def main(argv: list[str]) -> int:
         "cpu": about["CPU"],
     }
     results = run((5.0,) if args.quick else (5.0, 15.0, 30.0))
-    load1, load5, _ = os.getloadavg()
     info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = (
-        f"{about['load average at start']} at start, {load1:.2f} (1 min), {load5:.2f} (5 min) at the end"
-    )
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    info["load"] = load_over_run(about)
+    existing = results_text(args.output)
     args.output.write_text(replace_section(existing, SECTION, render(results, info)))
     sys.stderr.write(f"outage: wrote {args.output}\n")
     return 0

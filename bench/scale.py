@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -37,9 +36,11 @@ from bench.common import (
     Server,
     bench_env,
     embedded_server,
+    load_over_run,
     machine,
     md_table,
     replace_section,
+    results_text,
     stop_process,
     wait_until,
 )
@@ -340,12 +341,9 @@ def main(argv: list[str]) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="levers-bench-scale-") as tmp, embedded_server() as server:
         batches = run(Path(tmp), server, args.batches, size)
-    load1, load5, _ = os.getloadavg()
     info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = (
-        f"{about['load average at start']} at start, {load1:.2f} (1 min), {load5:.2f} (5 min) at the end"
-    )
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    info["load"] = load_over_run(about)
+    existing = results_text(args.output)
     section = render(existing, args.label, render_block(args.label, batches, info), info)
     args.output.write_text(replace_section(existing, SECTION, section))
     sys.stderr.write(

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import PYTHON, ROOT, bench_env, embedded_server, machine, md_table, median, replace_section
+from bench.common import (
+    PYTHON,
+    ROOT,
+    bench_env,
+    embedded_server,
+    machine,
+    md_table,
+    median,
+    replace_section,
+    results_text,
+)
 from bench.report import git_state
 
 SECTION = "## 14. Read-only commands: start-up time against `rq info`"
@@ -175,7 +185,7 @@ def main(argv: list[str]) -> int:
         "load": about["load average at start"],
     }
     result = run(args.rounds, args.compare)
-    existing = args.output.read_text() if args.output.exists() else "# levers benchmarks: results\n"
+    existing = results_text(args.output)
     section = render(result, info)
     args.output.write_text(replace_section(existing, SECTION, section))
     sys.stderr.write(section)
