@@ -18,7 +18,7 @@ import redis
 
 from levers import keys
 from levers.documents.ledger import DocStatus, DocumentRecord, Ledger
-from levers.documents.routing import ID_HEX_DIGITS, enqueue_phase
+from levers.documents.routing import enqueue_phase
 from levers.documents.store import ArtifactStore
 from levers.errors import UsageError
 from levers.pipeline.model import Pipeline
@@ -30,7 +30,6 @@ FORGET_BATCH = 500
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DOC_ID = re.compile(rf"[0-9a-f]{{{ID_HEX_DIGITS}}}")
 
 
 def parse_duration(text: str, option: str) -> float:
