@@ -45,7 +45,7 @@ from bench.common import (
 from bench.report import git_state
 from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
-from levers.documents.store import ArtifactStore
+from levers.documents.store import ArtifactStore, project_store
 from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
 
@@ -139,7 +139,7 @@ def run(server: Server, highs: int, job_s: float, workers: int) -> Result:
             after = _taken(server, state)
         finally:
             stop_process(up)
-        return _measured(server, loaded.store_dir, ids, workers, before, after)
+        return _measured(server, project_store(loaded), ids, workers, before, after)
 
 
 def _submit_highs(submitter: Submitter, highs: int, job_s: float) -> list[str]:
@@ -159,11 +159,10 @@ def _taken(server: Server, state: str) -> dict[str, int]:
 
 
 def _measured(
-    server: Server, store_dir: Path, ids: list[str], workers: int, before: dict[str, int],
+    server: Server, store: ArtifactStore, ids: list[str], workers: int, before: dict[str, int],
     after: dict[str, int],
 ) -> Result:  # fmt: skip
     ledger = Ledger(server.connection, PIPELINE)
-    store = ArtifactStore(store_dir)
     waits = []
     for record in ledger.get_many(ids):
         assert record is not None
