@@ -12,7 +12,7 @@ import pytest
 
 from levers.errors import LeversError
 from levers.observing.advice import advise
-from levers.observing.status import PhaseStatus, PipelineStatus
+from levers.observing.status import AutoscaleStatus, PhaseStatus, PipelineStatus
 from levers.pipeline.loading import load_pipeline
 
 HEALTHY = PhaseStatus(
@@ -101,6 +101,58 @@ def test_memory_pressure_trims_the_heaviest_phase() -> None:
     finding = only(advise(status(HEALTHY, heavy, memory=95)))
     assert finding.subject == "ingest_extract"
     assert finding.command == "levers set ingest_extract.workers=1"
+
+
+def autoscaled(
+    reason: str = "demand 6 (24 jobs / 4 per worker)", low: int = 1, high: int = 6
+) -> AutoscaleStatus:
+    return AutoscaleStatus(min=low, max=high, per_worker=4, scale_down_after=60, needed=6, reason=reason)
+
+
+# 500 queued at 9 s a job: 15 workers drain them in 5 min; the autoscaler runs 6 (its max)
+AUTOSCALED_BACKLOG = replace(
+    HEALTHY,
+    queued=500,
+    oldest_wait_s=600,
+    workers=2,
+    workers_desired=6,
+    workers_alive=6,
+    autoscale=autoscaled(),
+)
+
+
+def test_an_autoscaled_backlog_past_the_max_asks_for_a_higher_max_not_workers() -> None:
+    finding = only(advise(status(AUTOSCALED_BACKLOG)))
+    assert finding.command == "levers set chunking.autoscale.max=15"
+    assert "autoscale 1..6" in finding.evidence
+
+
+def test_an_autoscaled_backlog_held_by_a_cap_proposes_no_bound() -> None:
+    reason = "demand 126 (501 jobs / 4 per worker); limit cap 2 (api: 10 at once / semaphore 5)"
+    finding = only(advise(status(replace(AUTOSCALED_BACKLOG, autoscale=autoscaled(reason)))))
+    assert finding.command is None
+    assert "held back by its limit cap" in finding.action
+
+
+def test_an_autoscaled_backlog_within_the_bounds_asks_for_fewer_jobs_per_worker() -> None:
+    slow = replace(AUTOSCALED_BACKLOG, queued=100, p50_s=30.0, autoscale=autoscaled(high=20))
+    # 100 x 30 s / 300 s = 10 workers wanted, 101 jobs / 4 per worker asks for 26: on its way
+    assert advise(status(slow)) == []
+    lazy = replace(slow, autoscale=replace(autoscaled(high=20), per_worker=50))
+    assert only(advise(status(lazy))).command == "levers set chunking.autoscale.per_worker=10"
+
+
+def test_idle_autoscaled_workers_are_left_to_the_autoscaler_above_its_min() -> None:
+    idle = replace(HEALTHY, workers=6, workers_alive=6, workers_desired=6, utilization=0.2)
+    assert advise(status(replace(idle, autoscale=autoscaled(low=2)))) == []
+    finding = only(advise(status(replace(idle, autoscale=autoscaled(low=4)))))
+    assert finding.command == "levers set chunking.autoscale.min=2"
+
+
+def test_memory_pressure_caps_an_autoscaled_phase_s_max() -> None:
+    heavy = replace(HEALTHY, phase="ingest_extract", workers=3, rss_mb=300.0, autoscale=autoscaled())
+    finding = only(advise(status(HEALTHY, heavy, memory=95)))
+    assert finding.command == "levers set ingest_extract.autoscale.max=2"
 
 
 def test_failures_are_not_a_scaling_problem() -> None:

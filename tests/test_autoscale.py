@@ -51,6 +51,7 @@ class Replay:
         self.clock = FakeClock()
         self.jobs = 0  # queued + running now
         self.limits_used: frozenset[str] = frozenset()
+        self.learned: dict[str, int] = {}  # limit -> concurrency learned from refusals
         self.free_mb: float | None = None
         self.peers = peers
         self.processes: list[FakeProcess] = []
@@ -82,9 +83,8 @@ class Replay:
     def _observe(self, spec: object, phases: list[str]) -> Observed:
         running = min(self.jobs, len(self.alive()))
         load = Load(self.jobs - running, running)
-        return Observed(
-            {"work": load}, {"work": self.limits_used}, {"work": self.peers()}, self.free_mb, 4096
-        )
+        used, peers = {"work": self.limits_used}, {"work": self.peers()}
+        return Observed({"work": load}, used, peers, self.free_mb, 4096, self.learned)
 
     def tick(self) -> None:
         busy = self.busy()
@@ -248,6 +248,19 @@ def test_the_shared_limit_caps_the_workers_and_says_so(pipeline_file: Path) -> N
     # concurrency 10 / semaphore 5: 2 workers keep every slot busy
     assert replay.running() == 2
     assert "limit cap 2 (api: 10 at once / semaphore 5)" in replay.supervisor.decisions["work"].reason
+
+
+def test_the_limit_cap_follows_the_concurrency_the_limit_learned(pipeline_file: Path) -> None:
+    replay = Replay(pipeline_file)
+    replay.limits_used = frozenset({"api"})
+    replay.learned = {"api": 4}  # the provider refused beyond 4 calls at once, though 10 are declared
+    replay.jobs = 500
+    replay.tick()
+
+    # 4 calls at once / semaphore 5: one worker already asks for more than the provider takes
+    assert replay.running() == 1
+    reason = replay.supervisor.decisions["work"].reason
+    assert "limit cap 1 (api: 4 at once (learned) / semaphore 5)" in reason
 
 
 def test_the_host_memory_caps_the_workers_and_says_so(tmp_path: Path) -> None:

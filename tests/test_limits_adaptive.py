@@ -16,7 +16,7 @@ import redis.asyncio
 from levers import keys
 from levers.limits.adaptive import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER, Outcome, asked_wait, stated
 from levers.limits.shared import Lease, RateLimited, SharedLimit, retry_delay
-from levers.limits.status import limits_status
+from levers.limits.status import learned_concurrency, limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
 
 PIPELINE = "adaptive-test"
@@ -231,6 +231,25 @@ def test_hostile_values_in_the_learned_state_are_bounded(redis_url: str) -> None
     lowered = status(redis_url, DECLARED)
     # a value below one call counts as not learned: never a limit that admits nothing
     assert (lowered["effective_concurrency"], lowered["effective_requests_per_minute"]) == (6, 30)
+
+
+def test_the_concurrency_a_limit_learned_is_what_autoscaling_reads(redis_url: str) -> None:
+    spec = Pipeline(
+        name=PIPELINE,
+        phases={"only": Phase(handler="mod:fn", accepts=["*"])},
+        limits={"api": LimitSettings(**DECLARED), "open": LimitSettings(requests_per_minute=30)},
+    )
+    with redis.Redis.from_url(redis_url) as connection:
+        # nothing learned yet, a limit without concurrency, a name not declared: no cap but the declared
+        assert learned_concurrency(connection, spec, ["api", "open", "gone"]) == {}
+
+        async def body(limit: SharedLimit) -> None:
+            await refuse(limit, [await limit.acquire()])
+
+        run(redis_url, DECLARED, body)
+        assert learned_concurrency(connection, spec, ["api", "open"]) == {"api": 4}  # 6 cut to 70 %
+        connection.hset(keys.limit_adaptive(PIPELINE, "api"), "concurrency", "1e9")
+        assert learned_concurrency(connection, spec, ["api"]) == {}  # hostile: never above the declared
 
 
 def at(seconds_from_now: float) -> str:

@@ -138,6 +138,32 @@ def test_hosts_come_from_the_supervisors_reports() -> None:
     ]
 
 
+def test_the_cores_other_programs_keep_busy_are_not_the_workers() -> None:
+    def report(pid: int, busy: float | None, own: float | None, **alive: int) -> SupervisorReport:
+        phases = {p: PhaseReport(desired=n, alive=n, retiring=0, state="ok", restarts=0, pids=[])
+                  for p, n in alive.items()}  # fmt: skip
+        return SupervisorReport("h1", pid, NOW, "d", None, 50.0, phases, cores=2,
+                                busy_cores=busy, own_cores=own)  # fmt: skip
+
+    # two supervisors on one 2-core host: it was 1.9 cores busy, 0.4 of them their own processes
+    (host,) = hosts_from_reports([report(1, 1.9, 0.3, p=4), report(2, 1.8, 0.1, q=1)])
+    assert host.others == pytest.approx(1.5) and host.free_cores == pytest.approx(0.5)
+    # a supervisor that does not say what its processes took: nothing is taken off
+    assert hosts_from_reports([report(1, 1.9, 0.3, p=4), report(2, None, None, q=1)])[0].others == 0
+
+    # 4 workers, 0.2 s of CPU a job: the 2 cores would give 10 docs/s, the 0.5 left give 2.5
+    plan = build_plan(burning(4), {"p": 0.41}, {"p": 0.2}, (host,))
+    assert plan.paths[0].docs_per_second == pytest.approx(2.5)
+    more = build_plan(burning(8), {"p": 0.41}, {"p": 0.2}, (host,))
+    assert more.paths[0].docs_per_second == pytest.approx(2.5)
+    why = [line for line in diff_lines(diff_plans(plan, more)) if "more workers" in line]
+    assert why == ["p: more workers add little or nothing: its jobs cost 0.2 s of CPU each and the cores "
+                   "are all used (h1 has 2 (1.5 busy with other programs))"]  # fmt: skip
+    # a busy host that is busy with levers' own workers keeps its cores for them
+    (own,) = hosts_from_reports([report(1, 2.0, 1.95, p=4)])
+    assert own.free_cores == 2
+
+
 def window(**phases: tuple[float, float, float]) -> Measured:
     """Phase -> (job seconds, documents/s, busy workers)."""
     return Measured(Window(NOW), {name: PhaseWindow(600, job_s, None, rate, busy)

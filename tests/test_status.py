@@ -22,7 +22,7 @@ from rq import Queue, Worker
 
 from levers.observing.status import PhaseStatus, pipeline_status
 from levers.pipeline.loading import load_pipeline
-from levers.supervisor import processes
+from levers.supervisor import usage
 from tests.conftest import LEVERS, StartLevers, doc_field, levers, make_project, stop, submit, wait_until
 
 CpuTimes = namedtuple("CpuTimes", "user idle iowait")
@@ -185,7 +185,12 @@ def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str)
 def test_host_cpu_is_measured_over_the_last_minute(monkeypatch: pytest.MonkeyPatch) -> None:
     # seconds all cores spent (busy, idle) at 0, 30, 60, 90 and 120 s: half busy, then fully busy
     readings = [(0, 0), (30, 30), (60, 60), (120, 60), (180, 60)]
-    monkeypatch.setattr(processes.psutil, "cpu_times", lambda: CpuTimes(*readings.pop(0), iowait=0))
-    host = processes.HostCpu()
+    monkeypatch.setattr(usage.psutil, "cpu_times", lambda: CpuTimes(*readings.pop(0), iowait=0))
+    monkeypatch.setattr(usage.psutil, "cpu_count", lambda: 2)
+    host = usage.HostCpu()
+    # the supervisor's own processes: no CPU for a minute, then a whole core
+    own = {0: 0.0, 30: 0.0, 60: 0.0, 90: 30.0, 120: 60.0}
+    measured = [host.measure(float(t), own[t]) for t in (0, 30, 60, 90, 120)]
     # the first reading has nothing to compare with; then the last minute's share of busy time
-    assert [host.percent(float(t)) for t in (0, 30, 60, 90, 120)] == [None, 50.0, 50.0, 75.0, 100.0]
+    assert [m.percent if m else None for m in measured] == [None, 50.0, 50.0, 75.0, 100.0]
+    assert [(m.busy_cores, m.own_cores) for m in measured if m] == [(1, 0), (1, 0), (1.5, 0.5), (2, 1)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -51,6 +52,21 @@ def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dic
         "calls_in_window": in_window,
         **{field: int(counters.get(field, 0)) for field in ("calls", "rate_limited", "peak_in_flight")},
     }
+
+
+def learned_concurrency(connection: redis.Redis, pipeline: Pipeline, names: Iterable[str]) -> dict[str, int]:
+    """The limits among ``names`` whose learned concurrency is below the declared one, and that
+    concurrency: what they really let through at once. One pipelined round trip."""
+    declared: dict[str, int] = {}
+    for name in names:
+        if name in pipeline.limits and (concurrency := pipeline.limits[name].concurrency):
+            declared[name] = concurrency
+    with connection.pipeline(transaction=False) as pipe:
+        for name in declared:
+            pipe.hget(keys.limit_adaptive(pipeline.name, name), "concurrency")
+        answers = pipe.execute()
+    learned = {name: _effective(declared[name], value) for name, value in zip(declared, answers, strict=True)}
+    return {name: value for name, value in learned.items() if value is not None and value < declared[name]}
 
 
 def _text_keys(values: dict[Any, Any]) -> dict[str, Any]:

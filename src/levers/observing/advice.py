@@ -4,7 +4,9 @@ Each rule reads one symptom from a ``PipelineStatus`` and, when it holds, says w
 move, with the figures that show it and the exact `levers set` command. A lever a phase declares
 fixed (``fixed: [semaphore]``) is never proposed: a finding about that lever alone is dropped, and
 one with other ways out (a backlog, memory, a provider's 429s) keeps its evidence without the
-command. Pure: no I/O here.
+command. A phase with ``autoscale:`` sets its own worker count, so what is proposed for it is
+the bound that lets the autoscaler reach the count (``autoscale.max``, ``autoscale.min``,
+``autoscale.per_worker``), or nothing where it gets there by itself. Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from levers.observing.status import (
     FAILED_SHARE_WARNING,
     QUEUE_EMERGENCY,
     QUEUE_WARNING,
+    AutoscaleStatus,
     PhaseStatus,
     PipelineStatus,
 )
@@ -96,7 +99,7 @@ def _backing_up(p: PhaseStatus) -> Finding | None:
     stuck = p.queued > 0 and p.workers_alive == 0
     if p.queued <= QUEUE_WARNING and not waiting_long and not slow_to_drain and not stuck:
         return None
-    current = max(p.workers, 1)
+    current = max(p.workers if p.autoscale is None else p.workers_desired, 1)
     if p.p50_s:
         needed = math.ceil(p.queued * p.p50_s / DRAIN_TARGET_S)
         target = max(current + 1, min(needed, current * MAX_GROWTH))
@@ -110,13 +113,32 @@ def _backing_up(p: PhaseStatus) -> Finding | None:
     if stuck and p.workers_desired:
         action = "start the phase's workers (`levers up`) and look at why they are not running"
         return Finding(p.phase, "backlog with no worker alive", evidence, action, None)
-    return Finding(
-        p.phase,
-        "queue backing up",
-        evidence,
-        f"{urgency}more workers (lever 1), to drain the backlog in about {DRAIN_TARGET_S // 60} min",
-        _set(p.phase, "workers", target),
-    )
+    action = f"{urgency}more workers (lever 1), to drain the backlog in about {DRAIN_TARGET_S // 60} min"
+    if p.autoscale is None:
+        return Finding(p.phase, "queue backing up", evidence, action, _set(p.phase, "workers", target))
+    return _autoscaled_backlog(p, p.autoscale, evidence, action, target)
+
+
+def _autoscaled_backlog(
+    p: PhaseStatus, scaling: AutoscaleStatus, evidence: str, action: str, target: int
+) -> Finding | None:
+    """A backlog the autoscaler does not drain in time: held by a cap, no bound helps; past its
+    max, it needs a higher max; within its bounds, a smaller ``per_worker`` makes the demand ask
+    for ``target`` workers."""
+    evidence = f"{evidence}, autoscale {scaling.min}..{scaling.max}: {scaling.reason}"
+    capped = " and ".join(cap for cap in ("limit cap", "memory cap") if cap in scaling.reason)
+    if capped:
+        action = f"{action}: held back by its {capped}, which no autoscale bound lifts"
+        return Finding(p.phase, "queue backing up", evidence, action, None)
+    if target > scaling.max:
+        return Finding(p.phase, "queue backing up", evidence, f"{action}: raise the autoscaler's max",
+                       _set(p.phase, "autoscale.max", target))  # fmt: skip
+    per_worker = max(1, (p.queued + p.running) // target)
+    if per_worker >= scaling.per_worker:
+        return None  # the autoscaler already asks for that many: it is on its way
+    return Finding(p.phase, "queue backing up", evidence,
+                   f"{action}: let the autoscaler count fewer jobs per worker",
+                   _set(p.phase, "autoscale.per_worker", per_worker))  # fmt: skip
 
 
 def _idle(p: PhaseStatus) -> Finding | None:
@@ -129,6 +151,9 @@ def _idle(p: PhaseStatus) -> Finding | None:
     target = max(1, math.ceil(p.workers_alive * p.utilization / TARGET_UTILIZATION))
     if target >= p.workers:
         return None
+    if p.autoscale is not None and target >= p.autoscale.min:
+        return None  # the autoscaler takes the idle workers away itself, after its window
+    lever = "workers" if p.autoscale is None else "autoscale.min"
     busy = p.workers_alive * p.utilization / target
     return Finding(
         p.phase,
@@ -137,7 +162,7 @@ def _idle(p: PhaseStatus) -> Finding | None:
         f"{p.throughput * 60:.1f} documents/min",
         f"fewer workers (lever 1) free their memory; {target} would have been busy "
         f"{f'{busy:.0%}' if busy >= 0.01 else 'under 1%'} of the time",
-        _set(p.phase, "workers", target),
+        _set(p.phase, lever, target),
     )
 
 
@@ -272,5 +297,7 @@ def _memory_pressure(status: PipelineStatus) -> Finding | None:
         f"host memory {status.memory_percent:.0f}% used; {heaviest.phase} workers use "
         f"{heaviest.rss_mb:.0f} MB each x {heaviest.workers}",
         "fewer workers of the heaviest phase (lever 1), or more memory",
-        _set(heaviest.phase, "workers", heaviest.workers - 1),
+        _set(
+            heaviest.phase, "workers" if heaviest.autoscale is None else "autoscale.max", heaviest.workers - 1
+        ),
     )

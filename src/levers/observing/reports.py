@@ -66,6 +66,8 @@ class SupervisorReport:
     cpu_percent: float | None = None  # of its host's cores together, over the last minute
     cores: int | None = None  # its host's, as far as it may use them (`levers plan` caps by them)
     memory_mb: float | None = None  # its host's total
+    busy_cores: float | None = None  # its host's cores busy over the last minute, every program's work
+    own_cores: float | None = None  # of them, what this supervisor and its workers used
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

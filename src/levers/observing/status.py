@@ -24,7 +24,7 @@ from rq.worker import BaseWorker
 from levers import keys, metrics
 from levers.documents.failures import kept_failed
 from levers.documents.ledger import Ledger
-from levers.limits.status import limits_status
+from levers.limits.status import learned_concurrency, limits_status
 from levers.observing.reports import (
     PhaseReport,
     SupervisorLease,
@@ -59,7 +59,9 @@ class AutoscaleStatus:
     max: int
     per_worker: int
     scale_down_after: float
-    needed: int  # over all hosts: ceil((queued + running) / per_worker), capped by the shared limits it calls
+    # over all hosts: ceil((queued + running) / per_worker), capped by the shared limits it calls
+    # (at the concurrency they learned)
+    needed: int
     reason: str  # the demand, then every cap that bites (limit, memory, window), per host when several
 
 
@@ -249,10 +251,14 @@ def _autoscale(
     if settings is None:
         return None
     needed = math.ceil(jobs / settings.per_worker)
-    for limit in connection.smembers(keys.phase_limits(spec.name, name)):
-        declared = spec.limits.get(limit.decode(errors="replace") if isinstance(limit, bytes) else limit)
+    used = [limit.decode(errors="replace") if isinstance(limit, bytes) else limit
+            for limit in connection.smembers(keys.phase_limits(spec.name, name))]  # fmt: skip
+    learned = learned_concurrency(connection, spec, used)
+    for limit in used:
+        declared = spec.limits.get(limit)
         if declared is not None and declared.concurrency:
-            needed = min(needed, max(1, math.ceil(declared.concurrency / phase.levers.semaphore)))
+            concurrency = learned.get(limit, declared.concurrency)
+            needed = min(needed, max(1, math.ceil(concurrency / phase.levers.semaphore)))
     reasons = [
         (report.host, report.pid, figures.autoscale.reason)
         for report in reports

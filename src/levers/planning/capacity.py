@@ -187,8 +187,9 @@ def _demand_note(demand: Demand) -> str:
     names = list(demand.phases)
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     source = " (declared resources.cpu)" if demand.declared else ""
-    return (f"needs {demand.cpu:.1f} vCPU{source}; {_host_label(demand.host)} has {demand.host.cores:g}: "
-            f"{listed} will run at about {round(demand.fraction * 100)} % of the shown rate")  # fmt: skip
+    host = f"{_host_label(demand.host)} has {demand.host.describe_cores()}"
+    return (f"needs {demand.cpu:.1f} vCPU{source}; {host}: {listed} will run at about "
+            f"{round(demand.fraction * 100)} % of the shown rate")  # fmt: skip
 
 
 @dataclass(frozen=True)

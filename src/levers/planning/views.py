@@ -148,7 +148,7 @@ def _more_workers_held_back(diff: PlanDiff, change: PhaseChange) -> bool:
 def _no_gain(diff: PlanDiff, change: PhaseChange) -> str:
     after = change.after
     assert after is not None and after.cpu_job_seconds is not None
-    hosts = ", ".join(f"{h.name} has {h.cores:g}" for h in diff.after.hosts)
+    hosts = ", ".join(f"{h.name} has {h.describe_cores()}" for h in diff.after.hosts)
     return (f"{change.name}: more workers add little or nothing: its jobs cost "
             f"{secs(after.cpu_job_seconds)} s of CPU each and the cores are all used ({hosts})")  # fmt: skip
 
@@ -269,6 +269,7 @@ def context_lines(report: PlanReport) -> list[str]:
             "the local machine" if all(h.local and h.workers is None for h in hosts) else "supervisor reports"
         )
         each = [f"{h.name} {h.cores:g} cores" + (f", {h.memory_mb / 1024:.1f} GB" if h.memory_mb else "")
+                + (f", {h.others:.1f} busy with other programs" if h.others else "")
                 for h in hosts]  # fmt: skip
         lines.append(f"hosts ({source}): {'; '.join(each)}")
     return lines

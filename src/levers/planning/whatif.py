@@ -97,7 +97,8 @@ def _window_json(measured: Measured) -> dict[str, Any]:
 
 
 def _host_json(host: Host) -> dict[str, Any]:
-    return {"name": host.name, "cores": host.cores, "memory_mb": host.memory_mb, "local": host.local}
+    return {"name": host.name, "cores": host.cores, "others_cores": round(host.others, 2),
+            "memory_mb": host.memory_mb, "local": host.local}  # fmt: skip
 
 
 def _check_json(row: PhaseCheck) -> dict[str, Any]:

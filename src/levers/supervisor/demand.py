@@ -9,6 +9,7 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from levers import keys
+from levers.limits.status import learned_concurrency
 from levers.observing.reports import live_reports
 from levers.pipeline.model import Pipeline
 from levers.supervisor.scaling import Load, Observed, Peer
@@ -16,8 +17,9 @@ from levers.supervisor.scaling import Load, Observed, Peer
 
 def observe(connection: redis.Redis, spec: Pipeline, phases: list[str], me: str) -> Observed:
     """What autoscaled ``phases`` are decided from: their queued and running jobs (list and
-    registry lengths, on every host), the shared limits their jobs called lately, the other live
-    supervisors running them autoscaled, and this host's available memory."""
+    registry lengths, on every host), the shared limits their jobs called lately and the
+    concurrency those learned from refusals, the other live supervisors running them
+    autoscaled, and this host's available memory."""
     per_phase = 2 * len(keys.LANES) + 1
     with connection.pipeline(transaction=False) as pipe:
         for phase in phases:
@@ -38,5 +40,6 @@ def observe(connection: redis.Redis, spec: Pipeline, phases: list[str], me: str)
             if f"{report.host}:{report.pid}" != me and phase in peers and figures.autoscale is not None:
                 peers[phase].append(Peer(f"{report.host}:{report.pid}", figures.autoscale.ceiling))
     memory = psutil.virtual_memory()
+    learned = learned_concurrency(connection, spec, sorted(set().union(*used.values())))
     return Observed(loads, used, {phase: tuple(found) for phase, found in peers.items()},
-                    memory.available / 2**20, memory.total / 2**20)  # fmt: skip
+                    memory.available / 2**20, memory.total / 2**20, learned)  # fmt: skip

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.context import ForkProcess
@@ -33,7 +32,7 @@ from levers.documents.retention import RetentionExpiry
 from levers.documents.routing import register_queues
 from levers.documents.store import apart_from_forks, project_store
 from levers.errors import ServerError, SupervisorFailed, UsageError
-from levers.observing.reports import PhaseReport, usable_cores
+from levers.observing.reports import usable_cores
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.pipeline.watching import PipelineWatcher, lever_changes
 from levers.safe import log_to
@@ -43,6 +42,7 @@ from levers.server.project import Project, save_last_good
 from levers.supervisor.demand import observe
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
+from levers.supervisor.usage import HostCpu, ProcessUsage
 from levers.worker import rq_contract
 from levers.worker.process import StrandedJobs, WorkerLogs, recover_jobs, run_worker, worker_name
 from levers.worker.progress import WorkerProgress
@@ -408,29 +408,6 @@ def _give_up(supervisor: Supervisor) -> None:
             supervisor.seams.recover(slot)
 
 
-class HostCpu:
-    """The host's CPU use over the last minute, all cores together: a one-second sample is
-    noise, and the seed's "CPU consistently above 80 %" is about a sustained load."""
-
-    WINDOW_S = 60.0
-
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, float, float]] = deque()  # (when, busy s, total s)
-
-    def percent(self, now: float) -> float | None:
-        times = psutil.cpu_times()
-        idle = times.idle + getattr(times, "iowait", 0.0)
-        total = sum(times)
-        self._samples.append((now, total - idle, total))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
-            self._samples.popleft()
-        _, busy_then, total_then = self._samples[0]
-        elapsed = total - total_then
-        if elapsed <= 0:
-            return None
-        return round(100 * (total - idle - busy_then) / elapsed, 1)
-
-
 class Reporter:
     """Publishes the supervisor's report where `levers status` on any host can read it."""
 
@@ -439,7 +416,7 @@ class Reporter:
         self.supervisor = supervisor
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self._last = 0.0
-        self._processes: dict[int, psutil.Process] = {}
+        self._usage = ProcessUsage()
         self._host_cpu = HostCpu()
 
     @property
@@ -452,16 +429,19 @@ class Reporter:
             return
         self._last = now
         report = self.supervisor.report()
-        phases = {
-            phase: self._with_usage(figures, [s.pid for s in self.supervisor.slots if s.phase == phase])
-            for phase, figures in report.phases.items()
-        }
+        pids = {phase: [s.pid for s in self.supervisor.slots if s.phase == phase] for phase in report.phases}
+        phases = dict(report.phases)
+        for phase, (cpu_percent, rss_mb) in self._usage.sample(pids).items():
+            phases[phase] = replace(phases[phase], cpu_percent=cpu_percent, rss_mb=rss_mb)
         memory = psutil.virtual_memory()
+        cpu = self._host_cpu.measure(now, self._usage.cpu_s)
         report = replace(
             report,
             updated=now,
             memory_percent=memory.percent,
-            cpu_percent=self._host_cpu.percent(now),
+            cpu_percent=cpu.percent if cpu else None,
+            busy_cores=cpu.busy_cores if cpu else None,
+            own_cores=cpu.own_cores if cpu else None,
             phases=phases,
             cores=usable_cores(),
             memory_mb=memory.total / 2**20,
@@ -472,25 +452,6 @@ class Reporter:
             raise
         except redis.RedisError as exc:
             log.warning("could not publish status: %s", exc)
-
-    def _with_usage(self, figures: PhaseReport, pids: list[int]) -> PhaseReport:
-        """Mean CPU (% of one core, since the last report) and RSS (MB) of a phase's workers."""
-        cpu, rss = [], []
-        for pid in pids:
-            try:
-                process = self._processes.setdefault(pid, psutil.Process(pid))
-                with process.oneshot():
-                    cpu.append(process.cpu_percent(None))
-                    rss.append(process.memory_info().rss / 2**20)
-            except psutil.Error:
-                self._processes.pop(pid, None)
-        for gone in set(self._processes) - set(pids):
-            del self._processes[gone]
-        if not cpu:
-            return figures
-        return replace(
-            figures, cpu_percent=round(sum(cpu) / len(cpu), 1), rss_mb=round(sum(rss) / len(rss), 1)
-        )
 
     def withdraw(self) -> None:
         with contextlib.suppress(redis.RedisError):

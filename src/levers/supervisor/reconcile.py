@@ -255,9 +255,9 @@ class Supervisor:
             ram_mb = phase.resources.ram_mb if phase.resources else None
             cap = None if free_mb is None else memory_cap(current, free_mb, observed.total_mb, ram_mb)
             limits = tuple(
-                LimitUse(limit, concurrency)
+                LimitUse(limit, observed.learned.get(limit, declared), limit in observed.learned)
                 for limit in sorted(observed.limits_used.get(name, frozenset()))
-                if limit in spec.limits and (concurrency := spec.limits[limit].concurrency)
+                if limit in spec.limits and (declared := spec.limits[limit].concurrency)
             )
             inputs = Inputs(observed.loads.get(name, Load(0, 0)), phase.levers.semaphore, limits, cap,
                             observed.peers.get(name, ()))  # fmt: skip

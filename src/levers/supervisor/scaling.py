@@ -37,10 +37,12 @@ class Load:
 
 @dataclass(frozen=True)
 class LimitUse:
-    """A shared limit the phase's jobs call, and how many calls it allows at once."""
+    """A shared limit the phase's jobs call, and how many calls it allows at once: the
+    concurrency it learned from the provider's refusals where that is below the declared one."""
 
     name: str
     concurrency: int
+    learned: bool = False
 
     def workers(self, semaphore: int) -> int:
         """Workers that keep the limit's every slot busy, each making ``semaphore`` calls at once."""
@@ -64,6 +66,7 @@ class Observed:
     peers: dict[str, tuple[Peer, ...]]  # phase -> the other supervisors running it autoscaled
     free_mb: float | None = None  # this host's available memory; None: not known
     total_mb: float = 0.0
+    learned: dict[str, int] = field(default_factory=dict)  # limit -> concurrency learned below the declared
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class Scaler:
             desired = min(desired, limit.workers(inputs.semaphore))
             reasons.append(
                 f"limit cap {limit.workers(inputs.semaphore)} ({limit.name}: {limit.concurrency} at once"
-                f" / semaphore {inputs.semaphore})"
+                f"{' (learned)' if limit.learned else ''} / semaphore {inputs.semaphore})"
             )
         if inputs.memory_cap is not None and inputs.memory_cap < desired:
             desired = inputs.memory_cap
