@@ -167,7 +167,7 @@ def _measured(
     for record in ledger.get_many(ids):
         assert record is not None
         waits.append(float(store.output(record.id, PHASE)["started"]) - record.submitted)
-    members = cast(list[bytes], server.connection.zrange(keys.documents(PIPELINE), 0, -1))
+    members = cast(list[bytes], server.connection.zrange(keys.finished(PIPELINE), 0, -1))
     done = [member.decode() for member in members]
     records = [r for r in ledger.get_many(done) if r is not None and r.status is DocStatus.DONE]
     seconds = [r.phases[PHASE].seconds or 0.0 for r in records]

@@ -63,6 +63,22 @@ def test_cpu_per_job_is_the_done_jobs_cpu() -> None:
     assert weigh({MINUTE - 20: bucket(50, 20)}, Window(NOW)) is None  # older than the window
 
 
+def test_a_job_s_time_counts_what_taking_and_settling_it_cost_its_worker() -> None:
+    # one worker, jobs of 20 ms in the handler and 15 ms between them: 28.6 docs/s, not 50
+    minute = {"done": 1714, "busy_s": 34.3, "gap_s": 25.7, "gaps": 1714}
+    buckets = {MINUTE - 2: minute, MINUTE - 1: minute, MINUTE: {f: v / 2 for f, v in minute.items()}}
+    figures = weigh(buckets, Window(NOW))
+    assert figures is not None and figures.gap_seconds == pytest.approx(0.015, rel=0.01)
+    assert figures.job_seconds == pytest.approx(0.035, rel=0.01)
+    assert figures.busy_workers == pytest.approx(1.0)  # busy the whole minute, kept busy by its queue
+    plan = build_plan(pipeline(p={"levers": {"workers": 1}}), {"p": figures.job_seconds}, {}, TWO_CORES)
+    assert plan.phases["p"].docs_per_second == pytest.approx(1714 / 60, rel=0.01)
+    # a worker that measured no gap (an older levers): the handler's time alone
+    older = weigh({MINUTE - 1: {"done": 1714, "busy_s": 34.3}}, Window(NOW))
+    assert older is not None and older.gap_seconds is None
+    assert older.job_seconds == pytest.approx(0.02, rel=0.01)
+
+
 def burning(workers: int) -> Pipeline:
     return pipeline(p={"levers": {"workers": workers}})
 

@@ -19,6 +19,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from levers import metrics
 from levers.documents.store import LocalStore
 from levers.worker.courier import COURIER_NICENESS, Courier
 from levers.worker.process import REGISTER_GRACE_S, StrandedJobs
@@ -33,6 +34,10 @@ def held(connection: redis.Redis) -> int:
 
 def first_done(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
     return [d for d in doc_ids if doc_field(connection, d, "first:seconds") is not None]
+
+
+# How long a worker is left without work in a test of what it records between jobs.
+IDLE_S = 5.0
 
 
 def run_first_phase(
@@ -388,3 +393,24 @@ def test_the_last_sweep_waits_out_the_grace_period(connection: redis.Redis) -> N
     assert jobs.requeue_due(wait=True) == [job.id]  # the supervisor's last tick: nothing comes after
     assert slept == [pytest.approx(REGISTER_GRACE_S * 3 / 4)]
     assert queue.get_job_ids() == [job.id]
+
+
+def test_a_worker_records_what_taking_and_settling_cost_between_jobs_not_its_idle_time(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    make_project(tmp_path, workers=1, seconds=0.05, docs=6)
+    supervisor = start_levers("up", "--phase", "first", cwd=tmp_path)
+    try:
+        doc_ids = submit(tmp_path, "docs")
+        wait_until(lambda: len(first_done(connection, doc_ids)) == 6)
+        time.sleep(IDLE_S)  # the worker waits for work: not a cost of the next job
+        (tmp_path / "late").mkdir()
+        (tmp_path / "late" / "late.txt").write_text("one more, after a pause")
+        late = submit(tmp_path, "late")
+        wait_until(lambda: len(first_done(connection, late)) == 1)
+    finally:
+        stop(supervisor)
+    buckets = metrics.minute_buckets(connection, "toy", "first", 5, time.time())
+    gaps, gap_s = (sum(b.get(f, 0.0) for b in buckets.values()) for f in ("gaps", "gap_s"))
+    assert gaps == 6  # every job but the worker's first
+    assert 0 < gap_s < IDLE_S

@@ -89,10 +89,13 @@ def record(
     calls: int = 0,
     now: float | None = None,
     cpu_s: float | None = None,
+    gap_s: float | None = None,
 ) -> None:
     """Queue on ``pipe`` the counting of one attempt: ``outcome`` is done, failed or retried;
     ``calls`` is how many calls it made through ctx.gather and ctx.map; ``cpu_s`` the CPU seconds
-    its worker process spent on it, all threads counted (given for done attempts)."""
+    its worker process spent on it, all threads counted; ``gap_s`` its worker's time between the
+    job before and this one, not waiting for it (both given for done attempts; ``gaps`` counts
+    the attempts that gave one)."""
     ended = now if now is not None else time.time()
     key = keys.phase_metrics(pipeline, phase, int(ended // BUCKET_S))
     pipe.hincrby(key, outcome, 1)
@@ -101,6 +104,9 @@ def record(
         pipe.hincrby(key, "calls", calls)
     if cpu_s is not None and math.isfinite(cpu_s) and cpu_s > 0:
         pipe.hincrbyfloat(key, "cpu_s", cpu_s)
+    if gap_s is not None and math.isfinite(gap_s) and gap_s >= 0:
+        pipe.hincrbyfloat(key, "gap_s", gap_s)
+        pipe.hincrby(key, "gaps", 1)
     pipe.expire(key, RETENTION_MIN * BUCKET_S)
     for minute, busy_s in busy_minutes(ended - seconds, ended):
         busy_key = keys.phase_metrics(pipeline, phase, minute)

@@ -255,11 +255,12 @@ class Ledger:
 
     def finished(
         self, doc_id: str, phase: str, seconds: float, calls: int, next_phase: str | None,
-        pipe: redis.client.Pipeline, cpu_s: float | None = None,
+        pipe: redis.client.Pipeline, cpu_s: float | None = None, gap_s: float | None = None,
     ) -> None:  # fmt: skip
         """Queue the writes that mark a phase finished on ``pipe``, the caller executes it; ``calls``:
         how many the handler made through ctx.gather and ctx.map; ``cpu_s``: the CPU seconds the
-        worker process spent on it."""
+        worker process spent on it; ``gap_s``: its worker's time between the job before and this
+        one, not waiting for it."""
         fields: dict[Any, str | float] = {f"{phase}:seconds": round(seconds, 4)}
         if next_phase is None:
             now = time.time()
@@ -272,7 +273,7 @@ class Ledger:
         pipe.hset(self._key(doc_id), mapping=fields)
         pipe.hdel(self._key(doc_id), f"{phase}:error")
         pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
-        metrics.record(pipe, self.pipeline, phase, "done", seconds, calls, cpu_s=cpu_s)
+        metrics.record(pipe, self.pipeline, phase, "done", seconds, calls, cpu_s=cpu_s, gap_s=gap_s)
 
     def phase_finished(self, doc_id: str, phase: str) -> bool:
         """Whether an attempt of ``phase`` finished and handed the document on (or it is done)."""

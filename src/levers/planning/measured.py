@@ -5,6 +5,10 @@ minutes, each minute weighted down by half every ``HALF_LIFE_MIN`` minutes of ag
 a change of job times within minutes (an hour's mean lagged a run whose jobs grew slower), and
 one quiet minute does not erase it. The current minute counts for the part of it that has passed.
 
+A job's time is its handler's plus what taking and settling it cost its worker (the worker's
+time between two jobs, waiting for work left out): for jobs of a few milliseconds that is most
+of what a worker spends on each, and a plan of handler times alone promised twice the rate.
+
 A phase's throughput counts from the first minute of the window it was busy in; when the minute
 before that one was idle, the phase started part-way through it, so that minute is left out
 (unless it is the only one), else a run that began 50 s into a minute would read as slower than
@@ -51,10 +55,11 @@ class PhaseWindow:
     """One phase over the window. Means are weighted; ``jobs`` counts attempts, unweighted."""
 
     jobs: int
-    job_seconds: float | None  # wall time per attempt
+    job_seconds: float | None  # a worker's wall time per attempt: the handler's, then taking and settling it
     cpu_seconds: float | None  # CPU per done job, None when its workers recorded none
     docs_per_second: float  # done per second since it was first busy in the window
-    busy_workers: float  # workers busy on average over that span
+    busy_workers: float  # workers busy on average over that span (taking and settling jobs counted)
+    gap_seconds: float | None = None  # of job_seconds, taking and settling: None when not measured
 
 
 @dataclass(frozen=True)
@@ -81,18 +86,20 @@ def weigh(buckets: Buckets, window: Window) -> PhaseWindow | None:
     if total_runs <= 0:
         return None
     weighted = {f: sum(window.weight(m) * buckets.get(m, {}).get(f, 0.0) for m in minutes)
-                for f in ("done", "busy_s", "cpu_s")}  # fmt: skip
+                for f in ("done", "busy_s", "cpu_s", "gap_s", "gaps")}  # fmt: skip
     weighted_runs = sum(window.weight(m) * runs[m] for m in minutes)
+    gap_s = weighted["gap_s"] / weighted["gaps"] if weighted["gaps"] else None
     active = _active_minutes(buckets, minutes)
     span = sum(window.weight(m) * window.span(m) for m in active)
-    done_in_span = sum(window.weight(m) * buckets.get(m, {}).get("done", 0.0) for m in active)
-    busy_in_span = sum(window.weight(m) * buckets.get(m, {}).get("busy_s", 0.0) for m in active)
+    in_span = {f: sum(window.weight(m) * buckets.get(m, {}).get(f, 0.0) for m in active)
+               for f in ("done", "busy_s", "gap_s")}  # fmt: skip
     return PhaseWindow(
         jobs=int(total_runs),
-        job_seconds=weighted["busy_s"] / weighted_runs if weighted_runs else None,
+        job_seconds=weighted["busy_s"] / weighted_runs + (gap_s or 0.0) if weighted_runs else None,
         cpu_seconds=weighted["cpu_s"] / weighted["done"] if weighted["cpu_s"] and weighted["done"] else None,
-        docs_per_second=done_in_span / span if span else 0.0,
-        busy_workers=busy_in_span / span if span else 0.0,
+        docs_per_second=in_span["done"] / span if span else 0.0,
+        busy_workers=(in_span["busy_s"] + in_span["gap_s"]) / span if span else 0.0,
+        gap_seconds=gap_s,
     )
 
 

@@ -81,6 +81,9 @@ class PerformedPhase:
     # the worker process's CPU seconds while the handler ran, every thread counted: what the job
     # costs its host (with the hand-off of the job before, which runs meanwhile)
     cpu_s: float = 0.0
+    # the worker's time between the job before and this one, waiting for it left out: what
+    # taking and settling a job costs (None: not known)
+    gap_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -350,7 +353,14 @@ def _hand_off(
         else:
             pipe.multi()
         ledger.finished(
-            record.id, phase, performed.seconds, performed.calls, next_phase, pipe, performed.cpu_s
+            record.id,
+            phase,
+            performed.seconds,
+            performed.calls,
+            next_phase,
+            pipe,
+            performed.cpu_s,
+            performed.gap_s,
         )
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them

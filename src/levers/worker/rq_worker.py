@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -30,7 +31,7 @@ from levers.safe import escape_logs
 from levers.server.outage import UNREACHABLE
 from levers.worker.courier import Courier
 from levers.worker.guard import GuardedJob
-from levers.worker.jobs import Settled, gives_up, perform_phase, settle, superseded
+from levers.worker.jobs import PerformedPhase, Settled, gives_up, perform_phase, settle, superseded
 from levers.worker.progress import WorkerProgress
 from levers.worker.rq_take import Taken, TakingWorker
 from levers.worker.rq_timeout import JobTimeout
@@ -41,6 +42,8 @@ log = logging.getLogger("levers.worker.process")
 HEARTBEAT_MIN_INTERVAL_S = 1.0
 # A worker takes its next job while a handler runs only after a job shorter than this.
 PREFETCH_AFTER_S = 1.0
+# Time between two jobs beyond this is a pause (a suspension), not what a job costs its worker.
+MAX_GAP_S = 10.0
 
 
 class LeversWorker(TakingWorker):
@@ -98,6 +101,10 @@ class LeversWorker(TakingWorker):
         self._held: Taken | None = None  # a job collected from the courier that has not run yet
         self._outcome: Callable[[], None] | None = None  # the last job's settling, not yet handed over
         self._last_job_s = math.inf
+        # the time between jobs: since the last handler returned, and of that the time spent
+        # waiting for a job (what is left is what taking and settling a job cost this worker)
+        self._free_since: float | None = None
+        self._waited_s = 0.0
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # where RQ sets up its log handlers if nobody did
@@ -158,7 +165,11 @@ class LeversWorker(TakingWorker):
         if taken is not None:
             return taken.job, taken.queue
         self._hand_over_outcome()  # the courier found no job to take ahead
-        return self.wait_for_job(timeout)
+        waiting = time.monotonic()
+        try:
+            return self.wait_for_job(timeout)
+        finally:
+            self._waited_s += time.monotonic() - waiting
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         taken, self._held = self._held, None
@@ -276,6 +287,7 @@ class LeversWorker(TakingWorker):
             )
             return
         self.progress.started(job.id)
+        gap_s = self._gap_s()
         began = time.perf_counter()
         ran: Any
         try:
@@ -285,6 +297,8 @@ class LeversWorker(TakingWorker):
                 job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException, job_id=job.id
             ):
                 ran = self._perform(taken)
+            if isinstance(ran, PerformedPhase):
+                ran = replace(ran, gap_s=gap_s)
         except Exception as exc:
             ran = exc
         except BaseException:
@@ -294,9 +308,21 @@ class LeversWorker(TakingWorker):
                     self._release(taken, "a second stop signal cut it short")
             raise
         seconds = time.perf_counter() - began
+        self._free_since = time.monotonic()
         self.progress.ended()
         job.ended_at = now()
         self._after(taken, lambda again: self._settle(taken, ran, seconds, again))
+
+    def _gap_s(self) -> float | None:
+        """The time since the last job's handler returned that was not spent waiting for this
+        job; None for a worker's first job, or after a pause too long to be a job's cost (a
+        suspension)."""
+        free_since, waited_s = self._free_since, self._waited_s
+        self._free_since, self._waited_s = None, 0.0
+        if free_since is None:
+            return None
+        gap_s = time.monotonic() - free_since - waited_s
+        return gap_s if 0 <= gap_s <= MAX_GAP_S else None
 
     def _perform(self, taken: Taken) -> Any:
         assert taken.phase is not None  # a job taken without one carries the error _run raised
