@@ -11,6 +11,7 @@ import redis
 from rq import Queue, Worker
 
 from levers.cli.app import app
+from levers.supervisor.health import HealthFile
 from tests.conftest import StartLevers, free_port, levers, make_project, stop, submit, wait_until
 
 
@@ -77,6 +78,47 @@ def test_json_logs_are_one_object_per_line(
     assert {"time", "level", "logger", "pid", "message"} <= set(records[0])
     failed = [r for r in records if r["message"].startswith("job failed")]
     assert [(r["level"], r["phase"], r["queue"]) for r in failed] == [("warning", "first", "toy.first")] * 2
+
+
+def test_up_with_a_fixed_count_and_a_health_file_as_in_a_pod(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    """What `levers deploy k8s` runs: one worker whatever the file declares, and a heartbeat."""
+    root = make_project(tmp_path, workers=3, docs=2)
+    health = root / "health"
+    supervisor = start_levers(
+        "up", "--phase", "first", "--workers", "1", "--health-file", str(health), cwd=root
+    )
+    try:
+        wait_until(health.exists)
+        first_beat = health.stat().st_mtime
+        wait_until(lambda: health.stat().st_mtime > first_beat)  # touched again while it runs
+        wait_until(lambda: len(Worker.all(queue=Queue("toy.first", connection=connection))) == 1)
+        submit(root, "docs")
+        wait_until(lambda: connection.hget("levers:toy:phase:first:totals", "done") == b"2")
+        assert len(Worker.all(queue=Queue("toy.first", connection=connection))) == 1
+    finally:
+        output = stop(supervisor)
+    assert "started: phases first; 1 worker(s)" in output
+
+
+def test_a_heartbeat_left_by_an_earlier_run_is_removed_at_the_start(tmp_path: Path) -> None:
+    stale = tmp_path / "health"
+    stale.touch()
+    health = HealthFile(stale)  # a probe before the first beat must fail, as the loop has not run
+    assert not stale.exists()
+    health.beat()
+    assert stale.exists()
+
+
+def test_a_health_file_it_cannot_write_is_refused_at_once(tmp_path: Path) -> None:
+    root = make_project(tmp_path)
+    result = levers("up", "--health-file", str(root / "missing" / "health"), cwd=root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot write the health file {root / 'missing' / 'health'}: its directory is not "
+        "writable (give --health-file a path in a writable directory)"
+    ]
 
 
 def test_version(tmp_path: Path) -> None:

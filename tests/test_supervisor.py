@@ -28,6 +28,7 @@ from levers.supervisor.reconcile import (
     SlotState,
     Supervisor,
 )
+from levers.supervisor.scaling import Observed
 
 EXTRACT_TIMEOUT_S = 60
 CHUNK_TIMEOUT_S = 120
@@ -179,6 +180,28 @@ def test_only_restricts_the_phases_run(tmp_path: Path) -> None:
 
     assert [phase for phase, _, _ in only_chunk.spawned] == ["chunk"]
     assert list(only_chunk.supervisor.report().phases) == ["chunk"]
+
+
+def test_a_fixed_count_overrides_workers_and_autoscale(tmp_path: Path) -> None:
+    """`levers up --workers 1`: a platform's replicas carry the count, one worker per pod."""
+    path = tmp_path / "pipeline.yaml"
+    autoscaled = "    autoscale: {min: 3, max: 5}\n"
+    path.write_text(pipeline_text(extract_workers=4).replace("  chunk:\n", "  chunk:\n" + autoscaled))
+    fixed = Harness(path)
+    fixed.supervisor.workers = 1
+
+    def no_demand(spec: object, phases: list[str]) -> Observed:
+        raise AssertionError(f"autoscaling consulted for {phases}: the platform scales these")
+
+    fixed.supervisor.seams.observe = no_demand
+    fixed.tick()
+    fixed.tick()
+
+    assert len(fixed.spawned_for("extract")) == len(fixed.spawned_for("chunk")) == 1
+    assert {phase: r.desired for phase, r in fixed.supervisor.report().phases.items()} == {
+        "extract": 1,
+        "chunk": 1,
+    }
 
 
 # --- deaths and crashes --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""`levers validate`, `schema`, `procfile`, `set` and `get`: the pipeline file and what comes from it."""
+"""`levers validate`, `schema`, `procfile`, `deploy k8s`, `set` and `get`: the pipeline file and what
+comes from it."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -60,6 +62,56 @@ def procfile(
     from levers.server.project import pipeline_path
 
     sys.stdout.write(render_procfile(load_pipeline(pipeline_path(file)).spec, file, grace))
+
+
+deploy_app = typer.Typer(
+    help="Write what a platform needs to run the pipeline: Kubernetes manifests.", no_args_is_help=True
+)
+
+
+@deploy_app.command("k8s")
+@reports_errors
+def deploy_k8s(
+    file: FileOption = None,
+    image: Annotated[
+        str, typer.Option(metavar="IMAGE", help="The container image with levers and the project at /app.")
+    ] = "levers:latest",
+    namespace: Annotated[
+        str | None, typer.Option(metavar="NS", help="The namespace (default: kubectl's current one).")
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="The Secret holding REDIS_URL and the API keys (default: the pipeline's name).",
+        ),
+    ] = None,
+    keda: Annotated[
+        bool, typer.Option("--keda", help="Add a KEDA ScaledObject per phase, scaling its pods on its queue.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", metavar="DIR", help="Write one file per object into DIR (default: stdout)."
+        ),
+    ] = None,
+) -> None:
+    """Print Kubernetes manifests: a Deployment per phase (one worker per pod), the pipeline.yaml
+    ConfigMap, and with --keda a ScaledObject per phase."""
+    from levers.pipeline.kubernetes import Target, manifests, read_deployable, render, write_manifests
+    from levers.server.project import pipeline_path
+
+    spec, text = read_deployable(pipeline_path(file))
+    made = manifests(spec, text, Target(image, namespace, secret, keda))
+    if output is None:
+        sys.stdout.write(render(made.objects))
+    else:
+        write_manifests(made.objects, output)
+        console.note(f"wrote {len(made.objects)} manifests to {output}")
+    for note in made.notes:
+        console.note(note)
+    needed = "REDIS_URL, and REDIS_ADDRESS (host:port) and REDIS_PASSWORD for KEDA" if keda else "REDIS_URL"
+    console.note(f"the pods read Secret {made.secret!r}: create it with {needed}, and the phases' API keys")
 
 
 @reports_errors

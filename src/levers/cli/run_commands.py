@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,7 +13,7 @@ import typer
 from levers.cli import console
 from levers.cli.options import FileOption, JsonOption, Priority, PriorityOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
-from levers.pipeline.model import MAX_TIMEOUT_S
+from levers.pipeline.model import MAX_TIMEOUT_S, MAX_WORKERS
 
 
 class LogFormat(StrEnum):
@@ -55,11 +56,32 @@ def up(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log RQ's own lines too, one or more per job.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            max=MAX_WORKERS,
+            help="Run N workers of each phase, whatever pipeline.yaml's workers and autoscale say: "
+            "for platforms whose replicas carry the count (`levers deploy k8s` runs 1 per pod).",
+        ),
+    ] = None,
+    health_file: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PATH",
+            help="Touch PATH every second while the supervisor's loop runs (Redis outages too), "
+            "for a liveness probe that checks its age.",
+        ),
+    ] = None,
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
     from levers.server.embedded import start_recorded
     from levers.server.project import open_project
     from levers.supervisor import processes as pool
+    from levers.supervisor.health import HealthFile
+
+    health = HealthFile(health_file) if health_file is not None else None
 
     project = open_project(file, check_imports=True, start=True)
     only = frozenset(phase or [])
@@ -70,6 +92,7 @@ def up(
     start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
     logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
     supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
+    supervisor.workers = workers
     exporter = (
         pool.start_exporter(supervisor.watcher, project.target, metrics_host, metrics_port)
         if metrics_port
@@ -77,9 +100,14 @@ def up(
     )
     pool.SignalLatch(supervisor).install()
     metrics_at = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
-    pool.log_started(project, sorted(only) or list(project.loaded.spec.phases), metrics_at)
+    pool.log_started(project, supervisor, metrics_at)
     try:
-        pool.run(supervisor, project.connection, revive=pool.revive_embedded(project))
+        pool.run(
+            supervisor,
+            project.connection,
+            revive=pool.revive_embedded(project),
+            beat=health.beat if health is not None else lambda: None,
+        )
     finally:
         if exporter is not None:
             exporter.terminate()

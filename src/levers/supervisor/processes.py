@@ -253,9 +253,10 @@ def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: in
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def log_started(project: Project, phases: list[str], metrics_at: str | None) -> None:
+def log_started(project: Project, supervisor: Supervisor, metrics_at: str | None) -> None:
     """The line that says the service is up, and where to find it."""
-    workers = sum(project.loaded.spec.phases[phase].levers.workers for phase in phases)
+    desired = supervisor.desired()
+    phases, workers = list(desired), sum(desired.values())
     log.info(
         "started: phases %s; %d worker(s); Redis %s (levers url --show-password for rq info and "
         "rq-dashboard); %s; Ctrl-C to stop",
@@ -297,13 +298,14 @@ def configure_logging(logs: LogOptions) -> None:
 
 def run(
     supervisor: Supervisor, connection: redis.Redis, until: Callable[[], bool] = lambda: False,
-    revive: Callable[[], object] = lambda: None,
+    revive: Callable[[], object] = lambda: None, beat: Callable[[], object] = lambda: None,
 ) -> None:  # fmt: skip
     """Tick until a stop completes (or ``until()`` holds, then stop gracefully).
 
     While Redis cannot be reached, ticks go on with backoff: the workers wait for it too, and a
     dead worker's jobs are recovered once it answers. ``revive`` is called meanwhile: it starts the
-    embedded server again if its process is gone. What the supervisor cannot get past (Redis
+    embedded server again if its process is gone. ``beat`` is called on every pass, outages
+    included (levers.supervisor.health). What the supervisor cannot get past (Redis
     refusing its credentials, an error of its own) stops its workers and raises SupervisorFailed,
     so that the process exits non-zero and its platform starts it again.
     """
@@ -315,6 +317,7 @@ def run(
     retention = RetentionExpiry(connection)
     try:
         while not supervisor.finished():
+            beat()
             try:
                 supervisor.tick()
                 lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers

@@ -11,7 +11,8 @@ still running one: their jobs go back to their queues.
 
 A phase with ``autoscale:`` follows its queue instead (levers.supervisor.scaling): more workers
 start in the tick that sees the demand, and only idle ones stop, once the lower demand has lasted
-``scale_down_after`` seconds.
+``scale_down_after`` seconds. A supervisor given ``workers`` runs that many of each of its phases
+whatever the file says: on a platform whose replicas carry the count (one worker per pod).
 
 Side effects come in through seams (``spawn``, ``recover``, ``sweep``, ``is_busy``, ``observe``,
 ``clock``), so tests can replay a history of deaths, edits and demand without processes.
@@ -131,6 +132,7 @@ class Supervisor:
     id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     scalers: dict[str, Scaler] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
+    workers: int | None = None  # per phase, over the file's workers and autoscale: the platform scales
 
     def desired(self, loaded: LoadedPipeline | None = None) -> dict[str, int]:
         """Workers wanted per phase this host runs, from ``loaded`` (default: the current pipeline)."""
@@ -142,6 +144,8 @@ class Supervisor:
         }
 
     def _wanted(self, name: str, phase: Phase) -> int:
+        if self.workers is not None:
+            return self.workers
         if phase.autoscale is None:
             return phase.levers.workers
         decision = self.decisions.get(name)
@@ -239,7 +243,11 @@ class Supervisor:
     def _autoscale(self, spec: Pipeline) -> None:
         """Decide every autoscaled phase's workers from what ``observe`` reads. Phases decided
         first take their new workers' memory out of what the next ones may use."""
-        phases = [n for n, p in spec.phases.items() if p.autoscale and (not self.only or n in self.only)]
+        phases = [
+            n
+            for n, p in spec.phases.items()
+            if p.autoscale and self.workers is None and (not self.only or n in self.only)
+        ]
         for gone in set(self.scalers) - set(phases):
             del self.scalers[gone]
             self.decisions.pop(gone, None)
