@@ -16,6 +16,7 @@ import anthropic
 import pytest
 import redis
 
+from levers.documents.versions import DocumentVersion
 from levers.limits.shared import JobLimits, UnknownLimit
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
@@ -108,6 +109,32 @@ def test_add_episode_builds_the_graph_from_the_llm_and_reingests_idempotently(
     changed = ingest("ops", [TEXTS[0], "The PDF Parser now reads from the Redis Queue."], ctx)
     assert (changed["episodes"], changed["extracted"]) == (2, 1), "only the changed chunk is extracted"
     assert counts(state_dir, "llm")["episodes"] == 2, "the removed chunk's episode is gone"
+
+
+def test_a_new_version_replaces_what_graphiti_extracted_from_the_old_one(
+    fake: FakeAnthropic, state_dir: Path, executor: ThreadPoolExecutor
+) -> None:
+    ctx = context(state_dir, executor, group_id="llm_versions", anthropic_base_url=fake.url)
+
+    def version(doc_id: str, texts: list[str], number: int) -> dict[str, Any]:
+        doc = Document(doc_id, "ops.md", b"", input=chunks(texts), version=DocumentVersion("/ops.md", number))
+        return asyncio.run(ingest_graph(doc, ctx))
+
+    version("old", TEXTS, 1)
+    assert any("Workers wait" in r["text"] for r in search("Workers wait", state_dir, "llm_versions"))
+    changed = ["The Redis Queue hands each PDF Parser one file."]
+
+    assert version("new", changed, 2)["replaced"] == ["old"]
+
+    assert not any("Workers" in r["text"] for r in search("Workers wait", state_dir, "llm_versions"))
+    [fact] = [r for r in search("Redis Queue feeds", state_dir, "llm_versions") if r["kind"] == "fact"]
+    assert len(fact["episodes"]) == 1, "the fact lists the new version's episode alone"
+    ingest("new", changed, context(state_dir, executor, group_id="llm_alone", anthropic_base_url=fake.url))
+    assert counts(state_dir, "llm_versions") == counts(state_dir, "llm_alone")
+    assert version("old", TEXTS, 1) == {
+        "group_id": "llm_versions", "episodes": 0, "entities": 0, "edges": 0, "superseded": True
+    }, "an older version that finishes last writes nothing"  # fmt: skip
+    assert counts(state_dir, "llm_versions") == counts(state_dir, "llm_alone")
 
 
 def test_requests_carry_no_temperature_which_the_sdk_rejects(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from levers.documents.versions import DocumentVersion
     from levers.errors import ConnectionFailed, LeversError
     from levers.limits.shared import RateLimited, SharedLimit, UnknownLimit, is_rate_limited, retry_delay
     from levers.pipeline.options import PhaseOptions
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConnectionFailed",
     "Document",
+    "DocumentVersion",
     "EmbeddedServer",
     "Handler",
     "Levers",
@@ -41,6 +43,7 @@ __all__ = [
 _EXPORTS = {
     # a handler's inputs, its options model, and the error no retry can fix
     "Document": "levers.worker.phase_context",
+    "DocumentVersion": "levers.documents.versions",
     "Handler": "levers.worker.phase_context",
     "Levers": "levers.worker.phase_context",
     "PhaseContext": "levers.worker.phase_context",
@@ -67,18 +70,22 @@ def __getattr__(name: str) -> Any:
 
 
 def submit_bytes(
-    data: bytes, name: str, pipeline: str | Path | None = None, force: bool = False, priority: str = "normal"
-) -> str:
+    data: bytes, name: str, pipeline: str | Path | None = None, force: bool = False, priority: str = "normal",
+    keep_versions: bool = False,
+) -> str:  # fmt: skip
     """Submit a document held in memory (a web upload, say); returns its id.
 
     The bytes go to the entry phase declared ``input: bytes`` for the name's type and are kept in
     Redis, never written to disk. ``priority`` (high, normal or low) is the document's lane in
-    every phase. Raises ``levers.errors.LeversError`` on bad input.
+    every phase. Other content under a name submitted before is a new version of it, which
+    replaces what the older versions wrote unless ``keep_versions``. Raises
+    ``levers.errors.LeversError`` on bad input.
     """
     from levers.documents.submission import Submitter
     from levers.server.project import open_project
 
     project = open_project(Path(pipeline) if pipeline else None, start=True, last_good=True)
-    outcome = Submitter(project.loaded, project.connection).submit_bytes(data, name, force, priority=priority)
+    submitter = Submitter(project.loaded, project.connection)
+    outcome = submitter.submit_bytes(data, name, force, priority=priority, keep_versions=keep_versions)
     assert outcome.doc_id is not None
     return outcome.doc_id

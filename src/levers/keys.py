@@ -90,6 +90,16 @@ def blob(pipeline: str, doc_id: str) -> str:
     return f"levers:{pipeline}:blob:{doc_id}"
 
 
+def versions(pipeline: str, name_digest: str) -> str:
+    """Hash: the versions of one document name (``name_digest``: a hash of the name), by number."""
+    return f"levers:{pipeline}:versions:{name_digest}"
+
+
+def version_names(pipeline: str) -> str:
+    """Set: every document name with versions, for `levers show NAME`."""
+    return f"levers:{pipeline}:version-names"
+
+
 def phase_counter(pipeline: str, phase: str) -> str:
     """Hash: per-phase totals (done, failed, retried)."""
     return f"levers:{pipeline}:phase:{phase}:totals"

@@ -22,6 +22,7 @@ import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +41,7 @@ from graphiti_core.nodes import EpisodeType
 from graphiti_core.utils.maintenance.graph_data_operations import EPISODE_WINDOW_LEN
 
 from levers import PhaseContext, SharedLimit, is_rate_limited, retry_delay
-from phases import graph_store
+from phases import graph_store, graph_versions
 from phases.graph_plan import GraphPlan, LLMSettings, PlannedEpisode
 
 log = logging.getLogger("levers.phase.kg_ingest")
@@ -194,12 +195,17 @@ class LexicalReranker(CrossEncoderClient):
 
 async def write(
     driver: FalkorDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
-) -> dict[str, int]:
+) -> tuple[dict[str, int], graph_versions.Saved]:
     """Extract the plan's new and changed episodes with graphiti, every request through ``limit``
-    (when not None); delete the plan's removed episodes.
+    (when not None); delete the plan's removed episodes and, for a new version of a name, what
+    older versions wrote (``phases.graph_versions``).
 
-    Returns how many episodes were extracted and the distinct entities and edges they yielded.
+    Returns how many episodes were extracted and the distinct entities and edges they yielded,
+    and what the graph held of the document's other versions.
     """
+    before = await _replace_versions(driver, plan)
+    if before.superseded:
+        return {"extracted": 0, "entities": 0, "edges": 0}, before
     gate = RequestGate(ctx.levers.semaphore, limit)
     llm = LeversAnthropicClient(settings, gate)
     graphiti = Graphiti(
@@ -215,6 +221,7 @@ async def write(
         # new content if it changed); saving also clears the digest until extraction succeeds
         now = datetime.now(UTC)
         await ctx.gather(*(node.save(driver) for node in graph_store.episode_nodes(plan, todo, now)))
+        await graph_versions.tag(driver, plan)
         previous = _previous_episodes(plan)
 
         async def extract(episode: PlannedEpisode) -> AddEpisodeResults:
@@ -223,11 +230,26 @@ async def write(
         results = await ctx.map(extract, todo)
     finally:
         await llm.close()
-    return {
+    await graph_versions.tag(driver, plan)  # graphiti's saves during extraction dropped the tags
+    # a version submitted after this one may have been written meanwhile, or an older one
+    after = await _replace_versions(driver, plan)
+    found = replace(after, older=[*before.older, *after.older])
+    extracted = {
         "extracted": len(todo),
         "entities": len({node.uuid for result in results for node in result.nodes}),
         "edges": len({edge.uuid for result in results for edge in [*result.edges, *result.episodic_edges]}),
     }
+    return extracted, found
+
+
+async def _replace_versions(driver: FalkorDriver, plan: GraphPlan) -> graph_versions.Saved:
+    """Remove what older versions of the plan's name wrote (unless kept) or, when a newer version
+    replaced it, what the plan's document wrote; before extraction (so the graph does not answer
+    from a superseded text meanwhile) and after it (what was written in between)."""
+    async with graph_versions.name_lock(driver, plan):
+        found = await graph_versions.saved(driver, plan)
+        await graph_versions.remove(driver, found.own if found.superseded else found.older)
+    return found
 
 
 async def _extract(

@@ -30,6 +30,8 @@ MAX_ENTITY_WORDS = 6
 MAX_SENTENCE_ENTITIES = 6
 MAX_FACT_CHARS = 500
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "levers:kg")
+# A document's episodes carry this and its id as their source (graphiti's source_description).
+SOURCE_PREFIX = "levers document "
 
 _CAPITALISED = r"[A-Z][\w'’-]*"
 _ENTITY = re.compile(
@@ -89,11 +91,19 @@ class PlannedRelation:
 
 @dataclass
 class GraphPlan:
-    """Everything one document adds to graph ``group_id``; ``source`` tags its episodes."""
+    """Everything one document adds to graph ``group_id``; ``source`` tags its episodes.
+
+    ``version_of``: the name whose versions replace each other (None: a document with no versions),
+    ``version`` its number among them and ``keep_versions`` whether older ones stay (see
+    ``phases.graph_versions``).
+    """
 
     group_id: str
     document_id: str
     source: str
+    version_of: str | None = None
+    version: int = 0
+    keep_versions: bool = False
     episodes: list[PlannedEpisode] = field(default_factory=list)
     entities: list[PlannedEntity] = field(default_factory=list)
     mentions: list[PlannedMention] = field(default_factory=list)
@@ -101,10 +111,13 @@ class GraphPlan:
 
 
 def plan_document(
-    document_id: str, name: str, group_id: str, chunks: Sequence[Mapping[str, Any]]
-) -> GraphPlan:
+    document_id: str, name: str, group_id: str, chunks: Sequence[Mapping[str, Any]],
+    version_of: str | None = None, version: int = 0, keep_versions: bool = False,
+) -> GraphPlan:  # fmt: skip
     """The nodes and edges a document's chunks make; pure and deterministic."""
-    plan = GraphPlan(group_id, document_id, source=f"levers document {document_id}")
+    plan = GraphPlan(
+        group_id, document_id, f"{SOURCE_PREFIX}{document_id}", version_of, version, keep_versions
+    )
     entities: dict[str, PlannedEntity] = {}
     relations: dict[str, PlannedRelation] = {}
     for position, item in enumerate(chunks):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,9 @@ from graphiti_core.driver.falkordb_driver import FalkorDriver
 from graphiti_core.nodes import EpisodeType, EpisodicNode
 from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
+
+from phases import graph_versions
+from phases.graph_versions import ORPHANS, Saved, SavedEpisode
 
 if TYPE_CHECKING:
     from phases.graph_plan import GraphPlan, PlannedEpisode
@@ -59,6 +63,7 @@ async def connect(url: str, group_id: str) -> AsyncIterator[FalkorDriver]:
         if (url, group_id) not in _INDEXED:
             await driver.build_indices_and_constraints()
             await driver.execute_query(_SOURCE_INDEX)  # FalkorDriver ignores "already indexed"
+            await driver.execute_query(graph_versions.VERSION_INDEX)
             _INDEXED.add((url, group_id))
         yield driver
     finally:
@@ -78,47 +83,49 @@ async def graph_exists(url: str, group_id: str) -> bool:
         await client.aclose()
 
 
-async def write(driver: FalkorDriver, plan: GraphPlan) -> None:
-    """Save one document's plan, replacing what an earlier version of it wrote.
+async def write(driver: FalkorDriver, plan: GraphPlan) -> Saved:
+    """Save one document's plan, replacing what an earlier run of it wrote and, for a version of
+    a name, what older versions wrote (``phases.graph_versions``); returns what it found.
 
-    One read (the document's episodes as saved, found through an index) and one write query, so
-    the cost of a document does not depend on how large the graph is, and a worker that dies
-    between the two leaves the graph as it was: the write is applied whole or not at all.
-    Writing the same plan twice changes nothing.
+    Under the name's lock, one read (the episodes of the document and its name, found through an
+    index) and one write query, so the cost of a document does not depend on how large the graph
+    is, and a worker that dies between the two leaves the graph as it was: the write is applied
+    whole or not at all. Writing the same plan twice changes nothing.
     """
-    previous = await _saved_episodes(driver, plan)
-    await driver.execute_query(_WRITE, **_write_parameters(plan, previous, datetime.now(UTC)))
+    async with graph_versions.name_lock(driver, plan):
+        found = await graph_versions.saved(driver, plan)
+        written = graph_versions.emptied(plan) if found.superseded else plan
+        previous = [*found.own, *found.older]
+        if written.episodes or previous:
+            await driver.execute_query(_WRITE, **_write_parameters(written, previous, datetime.now(UTC)))
+    return found
 
 
-async def _saved_episodes(driver: FalkorDriver, plan: GraphPlan) -> dict[str, list[str]]:
-    """The document's saved episodes, each with the facts it stated (its ``entity_edges``)."""
-    records, _, _ = await driver.execute_query(
-        "MATCH (e:Episodic) WHERE e.source_description = $source "
-        "RETURN e.uuid AS uuid, e.entity_edges AS edges",
-        source=plan.source,
-    )
-    return {record["uuid"]: list(record["edges"] or []) for record in records}
-
-
-def _write_parameters(plan: GraphPlan, previous: Mapping[str, list[str]], now: datetime) -> dict[str, Any]:
-    """The write query's parameters: what to add, and what the document's previous version
-    stated that this one does not (its facts lose this document's weight)."""
+def _write_parameters(plan: GraphPlan, previous: Sequence[SavedEpisode], now: datetime) -> dict[str, Any]:
+    """The write query's parameters: what to add, and what the documents written before (an
+    earlier run of this one, older versions) stated that this one does not: their facts lose
+    their weight, one per document, and the entities they alone mentioned go."""
     stamp = now.isoformat()
     kept = {episode.uuid for episode in plan.episodes}
-    stated = {uuid for uuids in previous.values() for uuid in uuids}
+    by_document: dict[str, set[str]] = {}
+    for episode in previous:
+        by_document.setdefault(episode.source, set()).update(episode.edges)
+    stated = Counter(uuid for uuids in by_document.values() for uuid in uuids)
     relations = [
         {"uuid": r.uuid, "source": r.source, "target": r.target, "fact": r.fact,
-         "episodes": r.episodes[:MAX_FACT_EPISODES], "delta": 0 if r.uuid in stated else 1}
+         "episodes": r.episodes[:MAX_FACT_EPISODES], "delta": 1 - stated[r.uuid]}
         for r in plan.relations
     ]  # fmt: skip
+    planned = {r.uuid for r in plan.relations}
     return {
         "group_id": plan.group_id,
         "now": stamp,
         "name": RELATION_NAME,
         "max_episodes": MAX_FACT_EPISODES,
-        "gone": [uuid for uuid in previous if uuid not in kept],
-        "released": sorted(stated - {r.uuid for r in plan.relations}),
-        "document_episodes": sorted(kept | set(previous)),
+        "gone": [e.uuid for e in previous if e.uuid not in kept],
+        "released": [{"uuid": u, "documents": n} for u, n in sorted(stated.items()) if u not in planned],
+        "document_episodes": sorted(kept | {e.uuid for e in previous}),
+        "orphans": sorted({uuid for e in previous for uuid in e.entities}),
         "episodes": _episode_rows(plan, stamp),
         "entities": [{"uuid": e.uuid, "name": e.name} for e in plan.entities],
         "mentions": [{"uuid": m.uuid, "episode": m.episode, "entity": m.entity} for m in plan.mentions],
@@ -136,7 +143,8 @@ def _episode_rows(plan: GraphPlan, stamp: str) -> list[dict[str, Any]]:
     return [
         {"uuid": e.uuid, "name": e.name, "group_id": plan.group_id, "source_description": plan.source,
          "source": EpisodeType.text.value, "content": e.content,
-         "entity_edges": edge_uuids_by_episode.get(e.uuid, []), "created_at": stamp, "valid_at": stamp}
+         "entity_edges": edge_uuids_by_episode.get(e.uuid, []), "created_at": stamp, "valid_at": stamp,
+         **graph_versions.properties(plan)}
         for e in plan.episodes
     ]  # fmt: skip
 
@@ -149,13 +157,15 @@ _WRITE = "\nWITH count(*) AS _\n".join(
     [
         # the episodes the document no longer has, with their MENTIONS
         "UNWIND $gone AS uuid MATCH (e:Episodic) WHERE e.uuid = uuid DETACH DELETE e",
-        # facts the document no longer states: one document less; gone once none states them
-        "UNWIND $released AS uuid MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = uuid "
-        "SET r.weight = coalesce(r.weight, 1) - 1, "
+        # facts the documents written before stated and this one does not: one less per document
+        # that stated them; gone once none does
+        "UNWIND $released AS rel MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = rel.uuid "
+        "SET r.weight = coalesce(r.weight, rel.documents) - rel.documents, "
         "r.episodes = [x IN coalesce(r.episodes, []) WHERE NOT x IN $document_episodes]",
         # (a statement of its own: FalkorDB drops the SET above when `WITH r WHERE r.weight <= 0
         # DELETE r` follows it)
-        "UNWIND $released AS uuid MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = uuid AND r.weight <= 0 DELETE r",
+        "UNWIND $released AS rel MATCH ()-[r:RELATES_TO]->() WHERE r.uuid = rel.uuid AND r.weight <= 0 "
+        "DELETE r",
         "UNWIND $episodes AS ep MERGE (e:Episodic {uuid: ep.uuid}) SET e = ep "
         "WITH e MATCH (e)-[m:MENTIONS]->(:Entity) WHERE NOT m.uuid IN $mention_uuids DELETE m",
         # an entity keeps what it was created with (or what graphiti's LLM mode gave it)
@@ -168,12 +178,16 @@ _WRITE = "\nWITH count(*) AS _\n".join(
         "MERGE (a)-[r:RELATES_TO {uuid: re.uuid}]->(b) "
         "ON CREATE SET r.name = $name, r.group_id = $group_id, r.fact = re.fact, r.episodes = re.episodes, "
         "r.created_at = $now, r.weight = 1 "
-        "ON MATCH SET r.weight = coalesce(r.weight, 0) + re.delta, "
-        # graph_plan.fact_order: the shortest sentence, then the first alphabetically
-        "r.fact = CASE WHEN size(re.fact) < size(r.fact) "
-        "OR (size(re.fact) = size(r.fact) AND re.fact < r.fact) THEN re.fact ELSE r.fact END, "
+        # graph_plan.fact_order: the shortest sentence, then the first alphabetically; this
+        # document's when it alone states the fact (a sentence of a replaced version goes). Set
+        # before the weight, so it reads the weight as it was.
+        "ON MATCH SET r.fact = CASE WHEN coalesce(r.weight, 0) + re.delta <= 1 "
+        "OR size(re.fact) < size(r.fact) OR (size(re.fact) = size(r.fact) AND re.fact < r.fact) "
+        "THEN re.fact ELSE r.fact END, "
+        "r.weight = coalesce(r.weight, 0) + re.delta, "
         "r.episodes = ([x IN coalesce(r.episodes, []) WHERE NOT x IN $gone] "
         "+ [x IN re.episodes WHERE NOT x IN coalesce(r.episodes, [])])[0..$max_episodes]",
+        ORPHANS,
     ]
 )
 

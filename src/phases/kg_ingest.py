@@ -21,9 +21,15 @@ semaphore overlaps them, which is faster but lets two episodes in flight each cr
 both name (graphiti resolves names against what is already saved, and asks the LLM when
 candidates are ambiguous).
 
-Options (``Options``): ``group_id`` (graph name, default "levers"; letters, digits, "-" and "_")
-and ``falkordb_url``. The server is the one ``falkordb_url`` names, else env FALKORDB_URL, else an
-embedded FalkorDB in ``<state_dir>/falkordb`` shared by every process on the machine.
+A document that is a new version of a name (levers' ``Document.version``) replaces what older
+versions of the name wrote: their episodes go, with the facts and entities only they supported,
+unless option ``versions`` is ``keep`` or the document was submitted with --keep-versions (see
+``phases.graph_versions``, which also makes the newest version win when several are in flight).
+
+Options (``Options``): ``group_id`` (graph name, default "levers"; letters, digits, "-" and "_"),
+``versions`` (replace or keep) and ``falkordb_url``. The server is the one ``falkordb_url``
+names, else env FALKORDB_URL, else an embedded FalkorDB in ``<state_dir>/falkordb`` shared by
+every process on the machine.
 
 graphiti loads lazily (see ``phases.graph_store``), so importing this module stays fast.
 """
@@ -35,7 +41,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -49,7 +55,10 @@ from levers import (
     SharedLimit,
     UnknownLimit,
 )
-from phases.graph_plan import LLMSettings, plan_document
+from phases.graph_plan import SOURCE_PREFIX, LLMSettings, plan_document
+
+if TYPE_CHECKING:
+    from phases.graph_versions import Saved
 
 DEFAULT_GROUP_ID = "levers"
 DEFAULT_MODEL = "claude-haiku-4-5"
@@ -81,6 +90,11 @@ class Options(PhaseOptions):
         Field(description="The shared limit every request goes through, when pipeline.yaml declares "
               "it (an undeclared name set here is an error); null for none."),
     ] = DEFAULT_LIMIT  # fmt: skip
+    versions: Annotated[
+        Literal["replace", "keep"],
+        Field(description="What a new version of a document does to what older versions wrote: "
+              "replace it (their episodes, and facts and entities only they supported, go) or keep it."),
+    ] = "replace"  # fmt: skip
     falkordb_url: Annotated[
         str | None, Field(description="The FalkorDB server (else env FALKORDB_URL, else an embedded one).")
     ] = None
@@ -104,26 +118,45 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
         raise GraphIngestError("chunking produced no chunks to ingest")
     options = ctx.options
     group_id = options.group_id
-    plan = plan_document(doc.id, doc.name, group_id, chunks)
+    version = doc.version
+    plan = plan_document(
+        doc.id, doc.name, group_id, chunks,
+        version_of=version.name if version else None, version=version.number if version else 0,
+        keep_versions=options.versions == "keep" or bool(version and version.keep),
+    )  # fmt: skip
     url = await ctx.run_in_thread(server_url, ctx.state_dir, options.falkordb_url)
     from phases import graph_store
 
     # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
     # must not depend on whether an earlier job of this process imported it already
     settings = llm_settings(options)
+    written: dict[str, Any]
     async with graph_store.connect(url, group_id) as driver:
         if settings is not None:
             from phases import graph_llm
 
-            extracted = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
-            return {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes), **extracted}
-        await graph_store.write(driver, plan)
-    return {
-        "group_id": group_id,
-        "episodes": len(plan.episodes),
-        "entities": len(plan.entities),
-        "edges": len(plan.mentions) + len(plan.relations),
-    }
+            extracted, found = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
+            written = {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes)}
+            written |= extracted
+        else:
+            found = await graph_store.write(driver, plan)
+            written = {
+                "group_id": group_id,
+                "episodes": len(plan.episodes),
+                "entities": len(plan.entities),
+                "edges": len(plan.mentions) + len(plan.relations),
+            }
+    if found.superseded:  # a newer version is in the graph: this one wrote nothing
+        written = {"group_id": group_id, "episodes": 0, "entities": 0, "edges": 0}
+    return written | versions_outcome(found)
+
+
+def versions_outcome(found: Saved) -> dict[str, Any]:
+    """What the write did to other versions: the documents whose episodes it replaced, or that
+    a newer version in the graph superseded this one (which then wrote nothing)."""
+    if found.superseded:
+        return {"superseded": True}
+    return {"replaced": [s.removeprefix(SOURCE_PREFIX) for s in found.replaced]} if found.replaced else {}
 
 
 def llm_settings(options: Options, environ: Mapping[str, str] = os.environ) -> LLMSettings | None:

@@ -26,6 +26,7 @@ from levers.safe import shown
 if TYPE_CHECKING:
     from levers.documents.failures import FailedDocument, Retried
     from levers.documents.ledger import DocumentRecord
+    from levers.documents.lookup import NameVersions
     from levers.documents.submission import Outcome
     from levers.observing.reports import SupervisorLease
     from levers.observing.status import PhaseStatus, PipelineStatus
@@ -80,6 +81,8 @@ def explain(result: Outcome) -> None:
         note(f"{result.source}: already submitted as {result.doc_id} (use --force to run it again)")
     elif result.skipped:
         note(f"{result.source}: skipped, {result.reason}")
+    elif result.version and result.version > 1:
+        note(f"{result.source}: version {result.version} of this document (`levers show` lists them)")
 
 
 class DocumentProgress:
@@ -328,6 +331,9 @@ def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
     out.print(Text.assemble((shown(names), "bold"), f"  {record.id}  ", _status(record.status)))
     if record.name not in record.names:
         out.print(shown(f"read as {record.name}: its content is not what its extension says"))
+    if record.version:
+        kept = ", older versions kept" if record.version.keep else ""
+        out.print(shown(f"version {record.version.number} of {record.version.name}{kept}"))
     out.print(f"submitted {_clock(record.submitted)}" + (f", finished {_clock(record.finished)}"
               if record.finished else f", now at {record.phase}"))  # fmt: skip
     table = Table()
@@ -344,6 +350,28 @@ def document_timeline(record: DocumentRecord, outputs: dict[str, Any]) -> None:
         _time_spans(phase, output)
     if record.error:
         error(record.error)
+
+
+def name_versions(view: NameVersions, as_json: bool) -> None:
+    """The versions of a document name, oldest first."""
+    if as_json:
+        print_json({"name": view.name, "versions": [
+            {"version": row.entry.number, "id": row.entry.id, "hash": row.entry.hash,
+             "submitted": row.entry.submitted, "status": row.status, "keep_versions": row.entry.keep,
+             "replaced_by": row.replaced_by}
+            for row in view.versions
+        ]})  # fmt: skip
+        return
+    out.print(Text(shown(view.name), "bold"))
+    table = Table()
+    for column in ("version", "id", "content sha256", "submitted", "status", "replaced"):
+        table.add_column(column)
+    for row in view.versions:
+        kept = "-" if row.replaced_by is None else f"by version {row.replaced_by}"
+        status = _status(row.status) if row.status else Text("no record", "dim")
+        entry = row.entry
+        table.add_row(str(entry.number), entry.id, entry.hash, _clock(entry.submitted), status, kept)
+    out.print(table)
 
 
 # Items with a time span listed per output (chunks of a recording); the stored output has them all.

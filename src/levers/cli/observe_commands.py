@@ -55,14 +55,26 @@ def advise(file: FileOption = None, as_json: JsonOption = False) -> None:
 
 @reports_errors
 def show(
-    doc_id: Annotated[str, typer.Argument(metavar="ID", help="A document id (a unique prefix will do).")],
+    doc_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|NAME",
+            help="A document id (a unique prefix will do), or a document's name (its path, or file "
+            "name when unique) to list its versions.",
+        ),
+    ],
     file: FileOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """One document's timeline: each phase's start, time, attempts, errors and output."""
-    from levers.documents.lookup import document_view
+    """One document's timeline: each phase's start, time, attempts, errors and output; or the
+    versions of a name: each one's id, content hash, when it came and its status."""
+    from levers.documents.lookup import NameVersions, show_view
 
-    record, outputs = document_view(file, doc_id)
+    view = show_view(file, doc_id)
+    if isinstance(view, NameVersions):
+        console.name_versions(view, as_json)
+        return
+    record, outputs = view
     if as_json:
         console.print_json({"document": record.__dict__, "outputs": outputs})
     else:

@@ -36,6 +36,15 @@ PriorityOption = Annotated[
     ),
 ]
 
+KeepVersionsOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-versions",
+        help="A document that is a new version of a name submitted before leaves what the older "
+        "versions wrote (in the knowledge graph, say); by default it replaces it.",
+    ),
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

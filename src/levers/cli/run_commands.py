@@ -11,7 +11,14 @@ from typing import Annotated, Any
 import typer
 
 from levers.cli import console
-from levers.cli.options import FileOption, JsonOption, Priority, PriorityOption, reports_errors
+from levers.cli.options import (
+    FileOption,
+    JsonOption,
+    KeepVersionsOption,
+    Priority,
+    PriorityOption,
+    reports_errors,
+)
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S, MAX_WORKERS
 
@@ -155,6 +162,7 @@ def submit(
     force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
     wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
     priority: PriorityOption = Priority.NORMAL,
+    keep_versions: KeepVersionsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Feed documents into the pipeline; prints one id per document."""
@@ -169,11 +177,14 @@ def submit(
     if "-" in paths:
         if not name:
             raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
-        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force, priority=priority.value)]
+        data = sys.stdin.buffer.read()
+        results = [
+            submitter.submit_bytes(data, name, force, priority=priority.value, keep_versions=keep_versions)
+        ]
         paths = [p for p in paths if p != "-"]
     else:
         results = []
-    results += submitter.submit_paths(paths, force, priority.value)
+    results += submitter.submit_paths(paths, force, priority.value, keep_versions)
     console.outcomes(results, as_json)
     if wait:
         _wait_for(project, [r.doc_id for r in results if r.doc_id])
@@ -201,10 +212,11 @@ def run(
     file: FileOption = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
     priority: PriorityOption = Priority.NORMAL,
+    keep_versions: KeepVersionsOption = False,
 ) -> None:
     """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
     from levers.cli.run import run_documents
 
-    ok = run_documents(file, paths, force, priority.value)
+    ok = run_documents(file, paths, force, priority.value, keep_versions)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)

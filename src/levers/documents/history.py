@@ -14,6 +14,7 @@ from typing import Any
 
 from levers.documents.ledger import DocStatus, DocumentRecord, PhaseRecord
 from levers.documents.store import ArtifactStore
+from levers.documents.versions import DocumentVersion
 
 # Stored as if it were a phase's output: phase names start with a letter.
 HISTORY = ".record"
@@ -57,4 +58,5 @@ def _record(data: dict[str, Any]) -> DocumentRecord:
         error=None,
         phases=phases,
         names=names,
+        version=DocumentVersion(**data["version"]) if data.get("version") else None,
     )

@@ -2,7 +2,8 @@
 
 Fields: name (the one phases see), names (JSON: every name the content was submitted under), input
 (files|bytes), priority (its lane in every phase: high|normal|low), status, phase, submitted,
-finished, error, and per phase
+finished, error, version_of, version and keep_versions (which version of which name it runs as,
+levers.documents.versions), and per phase
 ``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``, ``<phase>:lost``
 (the last host lost while it ran this phase).
 
@@ -39,6 +40,7 @@ import redis
 from redis.commands.core import Script
 
 from levers import keys, metrics
+from levers.documents.versions import DocumentVersion
 
 # KEYS: the document's hash. ARGV: phase, time, the running status. Marks an attempt started and
 # returns the hash (HGETALL's flat list); nil, writing nothing, when the document is unknown; 0,
@@ -135,6 +137,7 @@ class DocumentRecord:
     phases: dict[str, PhaseRecord] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # every name it was submitted under, first first
     priority: str = keys.NORMAL  # the lane its jobs take in every phase
+    version: DocumentVersion | None = None  # the version of a name it runs as
     expired: bool = False  # done, its record expired (retention): only its id is known
 
 
@@ -149,13 +152,15 @@ class Ledger:
     def add(
         self, doc_id: str, name: str, input_kind: str, phase: str, force: bool,
         submitted_as: str | None = None, priority: str = keys.NORMAL,
+        version: DocumentVersion | None = None,
     ) -> bool:  # fmt: skip
         """Add a submitted document, with the lane of ``priority``; False when it is already in
         the pipeline or done (its priority then stays what it was).
 
         A document that failed may always be submitted again. ``name`` is what phases see (the
         name with its content's real extension); ``submitted_as`` (default ``name``) joins the
-        names the content was submitted under, whether it runs again or not.
+        names the content was submitted under, whether it runs again or not. ``version``: the
+        version of a name it runs as, recorded when it runs.
         """
         key = self._key(doc_id)
         status, was_at, names, was_named = self.connection.hmget(key, "status", "phase", "names", "name")
@@ -166,14 +171,16 @@ class Ledger:
         if status is None and not force and self.connection.sismember(keys.expired(self.pipeline), doc_id):
             return False  # done, and its record expired: the content is known all the same
         now = time.time()
+        fields: dict[Any, str | float] = {
+            "name": name, "names": json.dumps(known), "input": input_kind, "status": DocStatus.QUEUED,
+            "phase": phase, "submitted": now, "priority": priority,
+        }  # fmt: skip
+        if version is not None:
+            keep = int(version.keep)
+            fields |= {"version_of": version.name, "version": version.number, "keep_versions": keep}
         with self.connection.pipeline() as pipe:
             pipe.delete(key)
-            pipe.hset(
-                key,
-                mapping={"name": name, "names": json.dumps(known), "input": input_kind,
-                         "status": DocStatus.QUEUED, "phase": phase, "submitted": now,
-                         "priority": priority},
-            )  # fmt: skip
+            pipe.hset(key, mapping=fields)
             pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
             pipe.zrem(keys.finished(self.pipeline), doc_id)
             pipe.srem(keys.expired(self.pipeline), doc_id)
@@ -394,6 +401,14 @@ def _names(stored: bytes | str | None, name: str) -> list[str]:
     return kept or ([name] if name else [])
 
 
+def _version(fields: dict[str, str]) -> DocumentVersion | None:
+    """The version a record names; None when it names none or not a valid one."""
+    number = fields.get("version", "")
+    if "version_of" not in fields or not number.isdigit():
+        return None
+    return DocumentVersion(fields["version_of"], int(number), fields.get("keep_versions") == "1")
+
+
 def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
     fields = {_text(k): _text(v) for k, v in raw.items()}
     phases: dict[str, dict[str, str]] = {}
@@ -412,6 +427,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
         error=fields.get("error"),
         names=_names(fields.get("names"), fields.get("name", "")),
         priority=keys.stored_priority(fields.get("priority")),
+        version=_version(fields),
         phases={
             name: PhaseRecord(
                 started=float(p["started"]) if "started" in p else None,

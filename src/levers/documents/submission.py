@@ -1,7 +1,8 @@
 """Feeding documents in: paths to files, files to ids, ids to the entry phase's queue.
 
 A document's id is a hash of its content, so the same content submitted twice is processed
-once (unless forced), and every name it came under is kept. A name whose extension lies about the
+once (unless forced), and every name it came under is kept. Other content under a name seen
+before is a new version of it (levers.documents.versions). A name whose extension lies about the
 content (HTML saved as .pdf) is routed by what the content is. Problems with one path never stop
 the others: each outcome is reported.
 """
@@ -25,6 +26,7 @@ from levers.documents.ledger import Ledger
 from levers.documents.routing import ID_HEX_DIGITS, accepted_by_entry, enqueue_phase, entry_phase
 from levers.documents.sniffing import routed_name
 from levers.documents.store import project_store
+from levers.documents.versions import DocumentVersion, Versions, content_hash, version_name
 from levers.errors import DocumentError, LeversError, StoreError
 from levers.pipeline.loading import LoadedPipeline
 
@@ -43,6 +45,7 @@ class Outcome:
     skipped: bool = False
     error: str | None = None
     reason: str | None = None
+    version: int | None = None  # its number among the versions of its name
 
     @property
     def ok(self) -> bool:
@@ -189,12 +192,15 @@ class Submitter:
         self.connection = connection
         self.store = project_store(loaded)
         self.ledger = Ledger(connection, loaded.spec.name)
+        self.versions = Versions(connection, loaded.spec.name)
 
     def submit_paths(
-        self, paths: Iterable[str], force: bool = False, priority: str = keys.NORMAL
-    ) -> list[Outcome]:
+        self, paths: Iterable[str], force: bool = False, priority: str = keys.NORMAL,
+        keep_versions: bool = False,
+    ) -> list[Outcome]:  # fmt: skip
         """Submit the files ``paths`` name; their documents take the lane of ``priority``
-        (high, normal or low) through every phase."""
+        (high, normal or low) through every phase. ``keep_versions``: what older versions of
+        their names wrote stays (else phases remove it)."""
         checked_priority(priority)
         outcomes = []
         for found in expand(paths):
@@ -205,7 +211,7 @@ class Submitter:
                 )
                 continue
             try:
-                outcomes.append(self._submit_file(source, found.path, force, priority))
+                outcomes.append(self._submit_file(source, found.path, force, priority, keep_versions))
             except OSError as exc:
                 outcomes.append(Outcome(source, error=f"{source}: cannot read ({exc.strerror})"))
             except StoreError:
@@ -214,28 +220,45 @@ class Submitter:
                 outcomes.append(Outcome(source, error=str(exc)))
         return outcomes
 
-    def _submit_file(self, source: str, path: Path, force: bool, priority: str) -> Outcome:
+    def _submit_file(self, source: str, path: Path, force: bool, priority: str, keep: bool) -> Outcome:
         name = Path(source).name  # as the user named it (``path`` is where a symlink led)
         entry_phase(self.spec, name, "files")  # an unsupported type is refused before it is read
         data = read_document(source, path)
         working = routed_name(name, data, lambda suffix: accepted_by_entry(self.spec, suffix))
         phase = entry_phase(self.spec, working, "files")
         if self.spec.phases[phase].input == "bytes":
-            return self.submit_bytes(data, name, force, source=source, priority=priority)
+            return self.submit_bytes(
+                data, name, force, source=source, priority=priority, keep_versions=keep,
+                version_of=version_name(source, in_memory=False),
+            )  # fmt: skip
         doc_id = document_id(data)
         # stored before it is recorded: a store that fails leaves no record that would make a
         # second submission a duplicate of a document whose bytes are missing
         self.store.put_document(doc_id, working, data)
-        if not self.ledger.add(doc_id, working, "files", phase, force, submitted_as=name, priority=priority):
-            return Outcome(source, doc_id, phase, skipped=True)
+        version, force = self._version(version_name(source, in_memory=False), doc_id, data, keep, force)
+        if not self.ledger.add(
+            doc_id, working, "files", phase, force, submitted_as=name, priority=priority, version=version
+        ):
+            return Outcome(source, doc_id, phase, skipped=True, version=version.number)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working, priority=priority)
-        return Outcome(source, doc_id, phase)
+        return Outcome(source, doc_id, phase, version=version.number)
+
+    def _version(
+        self, name: str, doc_id: str, data: bytes, keep: bool, force: bool
+    ) -> tuple[DocumentVersion, bool]:
+        """The version of ``name`` the document is, and whether it runs even if known: a new
+        version runs though its content was an older version's (or is known under another name),
+        so that it replaces the version before it."""
+        version, new = self.versions.add(name, doc_id, content_hash(data), keep)
+        return version, force or (new and version.number > 1)
 
     def submit_bytes(
-        self, data: bytes, name: str, force: bool = False, source: str = "-", priority: str = keys.NORMAL
-    ) -> Outcome:
+        self, data: bytes, name: str, force: bool = False, source: str = "-", priority: str = keys.NORMAL,
+        keep_versions: bool = False, version_of: str | None = None,
+    ) -> Outcome:  # fmt: skip
         """Submit a document held in memory; it is kept in Redis, never written to disk. It takes
-        the lane of ``priority`` (high, normal or low) through every phase."""
+        the lane of ``priority`` (high, normal or low) through every phase, as a version of
+        ``version_of`` (default: ``name``), older versions' output kept with ``keep_versions``."""
         checked_priority(priority)
         if not data:
             raise DocumentError(f"{name}: empty document, nothing to process", fix="submit one with content")
@@ -247,9 +270,12 @@ class Submitter:
         kind = "bytes" if as_bytes else "files"
         if not as_bytes:
             self.store.put_document(doc_id, working, data)  # before the record, as for a file
-        if not self.ledger.add(doc_id, working, kind, phase, force, submitted_as=name, priority=priority):
-            return Outcome(source, doc_id, phase, skipped=True)
+        version, force = self._version(version_of or name, doc_id, data, keep_versions, force)
+        if not self.ledger.add(
+            doc_id, working, kind, phase, force, submitted_as=name, priority=priority, version=version
+        ):
+            return Outcome(source, doc_id, phase, skipped=True, version=version.number)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working, priority=priority)
-        return Outcome(source, doc_id, phase)
+        return Outcome(source, doc_id, phase, version=version.number)

@@ -315,7 +315,7 @@ def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: Docume
         content = store.document_file(record.id, record.name)
     came_from = _came_from(store, record, feeders)
     prior = store.output(record.id, came_from) if came_from is not None else None
-    return Document(id=record.id, name=record.name, content=content, input=prior)
+    return Document(id=record.id, name=record.name, content=content, input=prior, version=record.version)
 
 
 def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str]) -> str | None:

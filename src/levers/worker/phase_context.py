@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from levers.documents.store import ArtifactStore
+    from levers.documents.versions import DocumentVersion
     from levers.limits.shared import SharedLimit
 
 T = TypeVar("T")
@@ -46,7 +47,9 @@ class Document:
 
     ``content`` is a path for documents kept in the artifact store and bytes for documents that
     arrived in memory; ``read_bytes`` gives bytes either way. ``input`` is the previous phase's
-    output (None for an entry phase).
+    output (None for an entry phase). ``version``: which version of which name the document is
+    (levers.documents.versions); a phase that keeps what documents say removes what older
+    versions wrote unless ``version.keep``; None for a document submitted before versions were.
     """
 
     id: str
@@ -54,6 +57,7 @@ class Document:
     content: bytes | Path
     input: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    version: DocumentVersion | None = None
 
     @property
     def suffix(self) -> str:
