@@ -16,6 +16,8 @@ document's wait behind 1,000 low ones, in a section of its own.
 run, in a section of its own.
 ``python -m bench adaptive [--reps N] [--docs N] [--output FILE]``: a limit declared 3x too high
 learning the provider's rate, in a section of its own.
+``python -m bench store [--reps N] [--copies N] [--output FILE]``: documents/s with the artifact store
+in S3 (moto's server) against the local store, in a section of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from bench import (
     planning,
     scale,
     startup,
+    store,
     takeover,
     transcription,
 )
@@ -94,6 +97,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "startup": startup.main,
     "planning": planning.main,
     "adaptive": adaptive.main,
+    "store": store.main,
 }
 
 
@@ -112,6 +116,7 @@ def _kept_alone(output: Path) -> str:
             startup.SECTION,
             planning.SECTION,
             adaptive.SECTION,
+            store.SECTION,
         )
     )
 

@@ -10,15 +10,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
+import psutil
 import pytest
+import redis
 from moto.server import ThreadedMotoServer
 
 from levers.documents.object_store import ObjectStore
-from tests.conftest import free_port, levers, make_project
+from tests.conftest import StartLevers, doc_field, free_port, levers, make_project, stop, submit, wait_until
 
 ROOT = Path(__file__).parent.parent
 BUCKET = "levers-test"
@@ -158,3 +162,101 @@ def test_a_store_that_cannot_be_written_is_one_line_and_records_nothing(
     s3.client.create_bucket(Bucket="no-such-bucket")
     again = levers("submit", "docs/doc0.txt", cwd=root, env={"AWS_ENDPOINT_URL": s3.endpoint})
     assert again.returncode == 0 and "skipped" not in again.stdout, again.stdout + again.stderr
+
+
+def test_refused_credentials_are_one_line_and_record_nothing(s3: S3, tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path)
+    store = f"s3://{BUCKET}/p"
+    (root / "pipeline.yaml").write_text(f"store: {store}\n" + (root / "pipeline.yaml").read_text())
+    _moto_authenticates(s3, True)  # from now on, moto checks every request's key against its IAM
+    try:
+        refused = levers("submit", "docs/doc0.txt", cwd=root)
+    finally:
+        _moto_authenticates(s3, False)
+
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"error: artifact store {store}: cannot write "), line
+    assert "the credentials were refused" in line, line
+    assert "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in line, line
+    assert "not-shown-anywhere" not in refused.stdout + refused.stderr
+    again = levers("submit", "docs/doc0.txt", cwd=root)
+    assert again.returncode == 0 and "skipped" not in again.stdout, again.stdout + again.stderr
+
+
+def _moto_authenticates(s3: S3, on: bool) -> None:
+    """moto's own switch (its server's /moto-api/reset-auth): the number of requests it lets through
+    before it authenticates them. It is global to the process the server runs in, so it is reset."""
+    request = urllib.request.Request(
+        f"{s3.endpoint}/moto-api/reset-auth",
+        data=b"0" if on else b"inf",
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # a form's body would be parsed away
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
+SHARED = "s3://{bucket}/shared"
+
+
+def shared_project(root: Path, files: dict[str, str]) -> Path:
+    """The toy pipeline (same name, so the same queues) on the shared bucket, with its own files."""
+    root.mkdir()
+    make_project(root, docs=0)
+    (root / "pipeline.yaml").write_text(
+        f"store: {SHARED.format(bucket=BUCKET)}\n" + (root / "pipeline.yaml").read_text()
+    )
+    for name, text in files.items():
+        (root / "docs" / name).write_text(text)
+    return root
+
+
+def workers_of(supervisor: subprocess.Popen[str]) -> set[int]:
+    return {child.pid for child in psutil.Process(supervisor.pid).children(recursive=True)}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_two_supervisors_in_two_directories_share_the_bucket_and_one_redis(
+    s3: S3, tmp_path: Path, redis_url: str, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    # every write becomes a version of its own: "written twice" is two versions of one key
+    s3.client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    here = shared_project(tmp_path / "here", {f"h{i}.txt": f"here {i} has some words" for i in range(4)})
+    there = shared_project(tmp_path / "there", {f"t{i}.txt": f"there {i} has more words" for i in range(4)})
+    (there / "docs" / "same.txt").write_text((here / "docs" / "h0.txt").read_text())
+
+    # only `there` runs a supervisor: what `here` submits is done by its workers
+    up_there = start_levers("up", cwd=there)
+    from_here = submit(here, "docs")
+    wait_until(lambda: all(doc_field(connection, d, "status") == "done" for d in from_here), timeout_s=120)
+    assert {_output(s3, d, "first")["pid"] for d in from_here} <= workers_of(up_there)
+
+    # both run; each drains what the other submitted
+    up_here = start_levers("up", cwd=here)
+    wait_until(lambda: workers_of(up_here), timeout_s=60)
+    from_there = levers("submit", "docs", "--json", cwd=there)
+    assert from_there.returncode == 0, from_there.stdout + from_there.stderr
+    outcomes = json.loads(from_there.stdout)
+    [known] = [o["doc_id"] for o in outcomes if o["skipped"]]
+    assert known in from_here  # same.txt, the bytes of h0.txt: already submitted, not stored again
+    ids = [o["doc_id"] for o in outcomes if not o["skipped"]]
+    assert len(ids) == 4
+    wait_until(lambda: all(doc_field(connection, d, "status") == "done" for d in ids), timeout_s=120)
+    said = [stop(up) for up in (up_here, up_there)]  # both stop cleanly, their workers drained
+    assert (up_here.returncode, up_there.returncode) == (0, 0), said
+
+    versions = s3.client.list_object_versions(Bucket=BUCKET, Prefix="shared/").get("Versions", [])
+    keys = [version["Key"] for version in versions]
+    assert sorted(keys) == sorted(set(keys)), "a key was written twice"
+    for doc in (*from_here, *ids):
+        assert {f"shared/{doc}/first.json", f"shared/{doc}/second.json"} <= set(keys)
+    assert {key.split("/")[1] for key in keys if "/source/" in key} == {*from_here, *ids}
+    for root in (here, there):
+        assert not (root / ".levers" / "artifacts").exists()
+
+
+def _output(s3: S3, doc_id: str, phase: str) -> Any:
+    stored = s3.client.get_object(Bucket=BUCKET, Key=f"shared/{doc_id}/{phase}.json")
+    return json.loads(stored["Body"].read())

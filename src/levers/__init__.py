@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from levers.errors import ConnectionFailed, LeversError
     from levers.limits.shared import RateLimited, SharedLimit, UnknownLimit, is_rate_limited, retry_delay
     from levers.pipeline.options import PhaseOptions
+    from levers.server.connection import masked
     from levers.server.embedded import EmbeddedServer
     from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext
 
@@ -34,6 +35,7 @@ __all__ = [
     "SharedLimit",
     "UnknownLimit",
     "is_rate_limited",
+    "masked",
     "retry_delay",
     "submit_bytes",
 ]
@@ -60,6 +62,8 @@ _EXPORTS = {
     # errors the CLI reports as one line (ConnectionFailed: a server that does not answer, exit 1)
     "LeversError": "levers.errors",
     "ConnectionFailed": "levers.errors",
+    # a URL fit to print: its password replaced by ***
+    "masked": "levers.server.connection",
 }
 
 

@@ -31,7 +31,7 @@ os.environ["GRAPHITI_TELEMETRY_ENABLED"] = "false"  # offline: must precede grap
 import anthropic
 from graphiti_core import Graphiti
 from graphiti_core.cross_encoder.client import CrossEncoderClient
-from graphiti_core.driver.falkordb_driver import FalkorDriver
+from graphiti_core.driver.driver import GraphDriver
 from graphiti_core.embedder.client import EMBEDDING_DIM, EmbedderClient
 from graphiti_core.graphiti import AddEpisodeResults
 from graphiti_core.llm_client import LLMConfig
@@ -194,7 +194,7 @@ class LexicalReranker(CrossEncoderClient):
 
 
 async def write(
-    driver: FalkorDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
+    driver: GraphDriver, plan: GraphPlan, settings: LLMSettings, limit: SharedLimit | None, ctx: PhaseContext
 ) -> tuple[dict[str, int], graph_versions.Saved]:
     """Extract the plan's new and changed episodes with graphiti, every request through ``limit``
     (when not None); delete the plan's removed episodes and, for a new version of a name, what
@@ -242,7 +242,7 @@ async def write(
     return extracted, found
 
 
-async def _replace_versions(driver: FalkorDriver, plan: GraphPlan) -> graph_versions.Saved:
+async def _replace_versions(driver: GraphDriver, plan: GraphPlan) -> graph_versions.Saved:
     """Remove what older versions of the plan's name wrote (unless kept) or, when a newer version
     replaced it, what the plan's document wrote; before extraction (so the graph does not answer
     from a superseded text meanwhile) and after it (what was written in between)."""
@@ -253,7 +253,7 @@ async def _replace_versions(driver: FalkorDriver, plan: GraphPlan) -> graph_vers
 
 
 async def _extract(
-    graphiti: Graphiti, driver: FalkorDriver, plan: GraphPlan, episode: PlannedEpisode, previous: list[str]
+    graphiti: Graphiti, driver: GraphDriver, plan: GraphPlan, episode: PlannedEpisode, previous: list[str]
 ) -> AddEpisodeResults:
     result = await graphiti.add_episode(
         name=episode.name,

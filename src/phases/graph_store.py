@@ -1,4 +1,5 @@
-"""The knowledge graph in FalkorDB, written and read through graphiti-core with no LLM or embedder.
+"""The knowledge graph in FalkorDB or Neo4j, written and read through graphiti-core with no LLM or
+embedder.
 
 Nodes and edges have graphiti's labels and properties (Episodic, Entity, MENTIONS, RELATES_TO), so
 graphiti's BM25 fulltext search works on them and the LLM mode (``phases.graph_llm``, graphiti's
@@ -7,6 +8,10 @@ its own rather than through graphiti's per-object saves (a round trip each). Emb
 unset; graphiti's fulltext search does not use them. An offline fact (RELATES_TO named
 MENTIONED_WITH) is one edge per pair of entities: ``weight`` counts the documents that state it,
 ``episodes`` lists the first ``MAX_FACT_EPISODES`` chunks that do.
+
+The database is the one the URL names (``phases.graph_db``), through graphiti's own driver for it:
+in FalkorDB each group id is a graph of its own; in Neo4j every group shares one database and
+is told apart by its nodes' and edges' ``group_id``, which every query here filters on.
 
 Importing this module imports graphiti, which takes one to two seconds; ``kg_ingest`` imports
 it only when it needs the graph. At import graphiti calls python-dotenv's ``load_dotenv()``,
@@ -20,20 +25,26 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 os.environ["GRAPHITI_TELEMETRY_ENABLED"] = "false"  # offline: must precede graphiti's import
 
+import neo4j.exceptions
+import redis.exceptions
 from falkordb.asyncio import FalkorDB
+from graphiti_core.driver.driver import GraphDriver, GraphProvider
 from graphiti_core.driver.falkordb_driver import FalkorDriver
+from graphiti_core.driver.neo4j_driver import Neo4jDriver
 from graphiti_core.nodes import EpisodeType, EpisodicNode
 from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
 
-from phases import graph_versions
+from levers import ConnectionFailed, masked
+from phases import graph_db, graph_versions
 from phases.graph_versions import ORPHANS, Saved, SavedEpisode
 
 if TYPE_CHECKING:
@@ -44,8 +55,25 @@ RELATION_NAME = "MENTIONED_WITH"
 # first ones only, so a fact that thousands of documents state stays small.
 MAX_FACT_EPISODES = 10
 # A document's episodes are found by their source (see ``write``); graphiti indexes it for
-# fulltext search only, which an equality lookup does not use.
-_SOURCE_INDEX = "CREATE INDEX FOR (n:Episodic) ON (n.source_description)"
+# fulltext search only, which an equality lookup does not use. (FalkorDB has no IF NOT EXISTS;
+# its driver ignores "already indexed".)
+_SOURCE_INDEX = {
+    GraphProvider.FALKORDB: "CREATE INDEX FOR (n:Episodic) ON (n.source_description)",
+    GraphProvider.NEO4J: "CREATE INDEX episode_source IF NOT EXISTS "
+    "FOR (n:Episodic) ON (n.source_description)",
+}
+_VERSION_INDEX = {
+    GraphProvider.FALKORDB: f"CREATE INDEX FOR (n:Episodic) ON (n.{graph_versions.VERSION_OF})",
+    GraphProvider.NEO4J: "CREATE INDEX episode_version_of IF NOT EXISTS "
+    f"FOR (n:Episodic) ON (n.{graph_versions.VERSION_OF})",
+}
+# A server that does not answer within this long is reported (a worker's job is retried later).
+CONNECT_TIMEOUT_S = 10
+# The client libraries' errors for a database that cannot be reached or refuses the credentials.
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired,
+                neo4j.exceptions.AuthError)  # fmt: skip
+_REFUSED = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password")
 
 # (server url, graph) pairs whose indices this process has built: graphiti's index creation is
 # idempotent but costs a round trip per index, so it runs once per graph per process.
@@ -53,37 +81,85 @@ _INDEXED: set[tuple[str, str]] = set()
 
 
 @asynccontextmanager
-async def connect(url: str, group_id: str) -> AsyncIterator[FalkorDriver]:
-    """A driver on graph ``group_id`` at ``url``, its indices built, closed on exit."""
-    # Built on a thread: FalkorDB's client makes a blocking call (cluster detection) when created,
-    # and FalkorDriver schedules an index build of its own when created inside a running loop,
-    # which would defeat the once-per-graph build below.
-    driver = await asyncio.to_thread(_new_driver, url, group_id)
-    try:
-        if (url, group_id) not in _INDEXED:
-            await driver.build_indices_and_constraints()
-            await driver.execute_query(_SOURCE_INDEX)  # FalkorDriver ignores "already indexed"
-            await driver.execute_query(graph_versions.VERSION_INDEX)
-            _INDEXED.add((url, group_id))
-        yield driver
-    finally:
-        await driver.close()
+async def connect(url: str, group_id: str) -> AsyncIterator[GraphDriver]:
+    """A driver on graph ``group_id`` at ``url``, its indices built, closed on exit. A database
+    that cannot be reached or refuses, now or during the work, is one ConnectionFailed line."""
+    with unreachable_as_connection_failed(url):
+        # Built on a thread: FalkorDB's client makes a blocking call (cluster detection) when
+        # created, and graphiti's drivers schedule an index build of their own when created inside
+        # a running loop, which would defeat the once-per-graph build below.
+        driver = await asyncio.to_thread(new_driver, url, group_id)
+        try:
+            if isinstance(driver, Neo4jDriver):  # one attempt, where a query retries for 30 s
+                await driver.client.verify_connectivity()
+            if (url, group_id) not in _INDEXED:
+                await driver.build_indices_and_constraints()
+                await driver.execute_query(_SOURCE_INDEX[driver.provider])
+                await driver.execute_query(_VERSION_INDEX[driver.provider])
+                _INDEXED.add((url, group_id))
+            yield driver
+        finally:
+            await driver.close()
 
 
-def _new_driver(url: str, group_id: str) -> FalkorDriver:
+def new_driver(url: str, group_id: str) -> GraphDriver:
+    """graphiti's driver for the database ``url`` names (phases.graph_db)."""
+    if graph_db.kind(url) == "neo4j":
+        user, password, database = graph_db.neo4j_auth()
+        return Neo4jDriver(url, user, password, database=database)
+    client = FalkorDB.from_url(graph_db.falkordb_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S)
     # database= names the graph; without it graphiti clones a driver per group id.
-    return FalkorDriver(falkor_db=FalkorDB.from_url(url), database=group_id)
+    return FalkorDriver(falkor_db=client, database=group_id)
+
+
+@contextmanager
+def unreachable_as_connection_failed(url: str) -> Iterator[None]:
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        raise connection_failed(url, exc) from None
+    except (redis.exceptions.ResponseError, neo4j.exceptions.ClientError) as exc:
+        if not any(word in str(exc) for word in _REFUSED):
+            raise
+        raise connection_failed(url, exc) from None
+
+
+def connection_failed(url: str, exc: BaseException) -> ConnectionFailed:
+    """One line naming the database (its password masked), what went wrong and the fix."""
+    text = str(exc)
+    if isinstance(exc, neo4j.exceptions.AuthError) or any(word in text for word in _REFUSED):
+        reason = "the credentials were refused"
+    else:
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        reason = f"cannot connect ({first})"
+    for secret in (graph_db.neo4j_auth()[1], _password(url)):
+        if secret:
+            reason = reason.replace(secret, "***")
+    return ConnectionFailed(f"graph database {masked(url)}: {reason}", fix=graph_db.fix_for(url))
+
+
+def _password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
 
 
 async def graph_exists(url: str, group_id: str) -> bool:
-    client = await asyncio.to_thread(FalkorDB.from_url, url)
-    try:
-        return group_id in await client.list_graphs()
-    finally:
-        await client.aclose()
+    """Whether graph ``group_id`` holds anything at ``url``, without creating it."""
+    if graph_db.kind(url) == "neo4j":
+        return True  # every group shares the database: an empty group counts zeros
+    with unreachable_as_connection_failed(url):
+        client = await asyncio.to_thread(
+            FalkorDB.from_url, graph_db.falkordb_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S
+        )
+        try:
+            return group_id in await client.list_graphs()
+        finally:
+            await client.aclose()
 
 
-async def write(driver: FalkorDriver, plan: GraphPlan) -> Saved:
+async def write(driver: GraphDriver, plan: GraphPlan) -> Saved:
     """Save one document's plan, replacing what an earlier run of it wrote and, for a version of
     a name, what older versions wrote (``phases.graph_versions``); returns what it found.
 
@@ -153,7 +229,7 @@ def _episode_rows(plan: GraphPlan, stamp: str) -> list[dict[str, Any]]:
 # index on uuid; a fact is one edge per pair of entities, so MERGE expands only the edges between
 # two nodes, never a hub's. Statements are chained with an aggregate, which yields a row even
 # when the list before it was empty.
-_WRITE = "\nWITH count(*) AS _\n".join(
+_WRITE = "\nWITH count(*) AS chained\n".join(
     [
         # the episodes the document no longer has, with their MENTIONS
         "UNWIND $gone AS uuid MATCH (e:Episodic) WHERE e.uuid = uuid DETACH DELETE e",
@@ -209,20 +285,22 @@ def episode_nodes(plan: GraphPlan, planned: Iterable[PlannedEpisode], now: datet
     ]
 
 
-async def remove_stale(driver: FalkorDriver, plan: GraphPlan) -> None:
+async def remove_stale(driver: GraphDriver, plan: GraphPlan) -> None:
     """Delete the document's episodes that this version no longer has (found through an index).
 
     Entities stay: other documents may mention them, and deleting one here could race another
     worker that is about to link to it.
     """
     await driver.execute_query(
-        "MATCH (e:Episodic) WHERE e.source_description = $source AND NOT e.uuid IN $keep DETACH DELETE e",
+        "MATCH (e:Episodic) WHERE e.source_description = $source AND e.group_id = $group_id "
+        "AND NOT e.uuid IN $keep DETACH DELETE e",
         source=plan.source,
+        group_id=plan.group_id,
         keep=[episode.uuid for episode in plan.episodes],
     )
 
 
-async def episode_properties(driver: FalkorDriver, uuids: list[str], name: str) -> dict[str, Any]:
+async def episode_properties(driver: GraphDriver, uuids: list[str], name: str) -> dict[str, Any]:
     """Property ``name`` of each existing episode among ``uuids`` (None where unset).
 
     ``name`` is spliced into the query (Cypher takes no property key as a parameter): callers pass
@@ -234,12 +312,12 @@ async def episode_properties(driver: FalkorDriver, uuids: list[str], name: str) 
     return {record["uuid"]: record["value"] for record in records}
 
 
-async def set_episode_property(driver: FalkorDriver, uuid: str, name: str, value: Any) -> None:
+async def set_episode_property(driver: GraphDriver, uuid: str, name: str, value: Any) -> None:
     query = f"MATCH (e:Episodic {{uuid: $uuid}}) SET e.{name} = $value"
     await driver.execute_query(query, uuid=uuid, value=value)
 
 
-async def search(driver: FalkorDriver, group_id: str, query: str, limit: int) -> list[dict[str, Any]]:
+async def search(driver: GraphDriver, group_id: str, query: str, limit: int) -> list[dict[str, Any]]:
     """Episodes and facts matching ``query`` by BM25, interleaved best first, at most ``limit``."""
     facts = await edge_fulltext_search(driver, query, SearchFilters(), [group_id], limit)
     episodes = await episode_fulltext_search(driver, query, SearchFilters(), [group_id], limit)
@@ -260,7 +338,7 @@ async def search(driver: FalkorDriver, group_id: str, query: str, limit: int) ->
     return merged[:limit]
 
 
-async def counts(driver: FalkorDriver, group_id: str) -> dict[str, int]:
+async def counts(driver: GraphDriver, group_id: str) -> dict[str, int]:
     """Episodes, entities and edges (MENTIONS and RELATES_TO) in graph ``group_id``."""
     queries = {
         "episodes": "MATCH (n:Episodic {group_id: $group_id}) RETURN count(n) AS n",

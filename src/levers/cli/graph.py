@@ -46,7 +46,8 @@ def call_graph_phase(
     options = phases[name].options
     group_id = group or options.get("group_id")
     extra = {"group_id": group_id} if group_id else {}
-    extra |= {"url": options["falkordb_url"]} if options.get("falkordb_url") else {}
+    url = options.get("graph") or options.get("falkordb_url")  # the bundled phase's (older) names
+    extra |= {"url": url} if url else {}
     try:
         return call(state_dir=loaded.state_dir, **extra, **kwargs)
     except ValueError as exc:  # the phase's word for bad input, such as a malformed group id
