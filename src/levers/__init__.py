@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from levers.limits.shared import RateLimited, SharedLimit, UnknownLimit, is_rate_limited, retry_delay
     from levers.pipeline.options import PhaseOptions
     from levers.server.embedded import EmbeddedServer
-    from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext
+    from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext, batch_handler
 
 __all__ = [
     "ConnectionFailed",
@@ -31,6 +31,7 @@ __all__ = [
     "RateLimited",
     "SharedLimit",
     "UnknownLimit",
+    "batch_handler",
     "is_rate_limited",
     "retry_delay",
     "submit_bytes",
@@ -46,6 +47,7 @@ _EXPORTS = {
     "PhaseContext": "levers.worker.phase_context",
     "PhaseOptions": "levers.pipeline.options",
     "Permanent": "levers.worker.phase_context",
+    "batch_handler": "levers.worker.phase_context",
     # shared limits (ctx.limit) and retrying a provider that says "too many requests"
     "SharedLimit": "levers.limits.shared",
     "UnknownLimit": "levers.limits.shared",
