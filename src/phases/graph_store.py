@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 os.environ["GRAPHITI_TELEMETRY_ENABLED"] = "false"  # offline: must precede graphiti's import
 
 from falkordb.asyncio import FalkorDB
-from graphiti_core.driver.falkordb_driver import FalkorDriver
+from graphiti_core.driver.falkordb_driver import FalkorDriver, _strip_nul_bytes
 from graphiti_core.nodes import EpisodeType, EpisodicNode
 from graphiti_core.search.search_filters import SearchFilters
 from graphiti_core.search.search_utils import edge_fulltext_search, episode_fulltext_search
@@ -88,6 +88,34 @@ async def write(driver: FalkorDriver, plan: GraphPlan) -> None:
     """
     previous = await _saved_episodes(driver, plan)
     await driver.execute_query(_WRITE, **_write_parameters(plan, previous, datetime.now(UTC)))
+
+
+async def write_many(driver: FalkorDriver, plans: Sequence[GraphPlan]) -> list[Exception | None]:
+    """``write`` for several documents (of one graph, each once) in two round trips: one read
+    query for all their saved episodes, then each document's write query, in order, in one
+    transaction (MULTI/EXEC). Each write is applied whole or not at all, and one that fails (its
+    error in its place, None for the others) leaves the others applied."""
+    if not plans:
+        return []
+    records, _, _ = await driver.execute_query(
+        "MATCH (e:Episodic) WHERE e.source_description IN $sources "
+        "RETURN e.source_description AS source, e.uuid AS uuid, e.entity_edges AS edges",
+        sources=[plan.source for plan in plans],
+    )
+    previous: dict[str, dict[str, list[str]]] = {plan.source: {} for plan in plans}
+    for record in records:
+        previous[record["source"]][record["uuid"]] = list(record["edges"] or [])
+    # graphiti's driver has no transaction of several queries: they go on its client's connection,
+    # built as its own queries are (parameters header, NUL bytes stripped)
+    graph = driver._get_graph(None)
+    now = datetime.now(UTC)
+    async with driver.client.connection.pipeline(transaction=True) as pipe:
+        for plan in plans:
+            parameters = _strip_nul_bytes(_write_parameters(plan, previous[plan.source], now))
+            query = graph._build_params_header(parameters) + _WRITE
+            pipe.execute_command("GRAPH.QUERY", graph.name, query)
+        replies = await pipe.execute(raise_on_error=False)
+    return [reply if isinstance(reply, Exception) else None for reply in replies]
 
 
 async def _saved_episodes(driver: FalkorDriver, plan: GraphPlan) -> dict[str, list[str]]:

@@ -25,6 +25,9 @@ Options (``Options``): ``group_id`` (graph name, default "levers"; letters, digi
 and ``falkordb_url``. The server is the one ``falkordb_url`` names, else env FALKORDB_URL, else an
 embedded FalkorDB in ``<state_dir>/falkordb`` shared by every process on the machine.
 
+``ingest_graphs`` is the same phase as a batch handler (a phase's ``batch:``): offline, a batch's
+documents are read in one query and written in one FalkorDB transaction.
+
 graphiti loads lazily (see ``phases.graph_store``), so importing this module stays fast.
 """
 
@@ -48,8 +51,9 @@ from levers import (
     PhaseOptions,
     SharedLimit,
     UnknownLimit,
+    batch_handler,
 )
-from phases.graph_plan import LLMSettings, plan_document
+from phases.graph_plan import GraphPlan, LLMSettings, plan_document
 
 DEFAULT_GROUP_ID = "levers"
 DEFAULT_MODEL = "claude-haiku-4-5"
@@ -97,29 +101,80 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
     document, how many were extracted this time (new or changed ones), and the entities and edges
     those extractions produced.
     """
+    plan = _plan(doc, ctx.options.group_id)
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, ctx.options.falkordb_url)
+    from phases import graph_store
+
+    # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
+    # must not depend on whether an earlier job of this process imported it already
+    settings = llm_settings(ctx.options)
+    async with graph_store.connect(url, plan.group_id) as driver:
+        if settings is not None:
+            return await _extract(driver, plan, settings, ctx)
+        await graph_store.write(driver, plan)
+    return _offline_result(plan)
+
+
+@batch_handler
+async def ingest_graphs(docs: list[Document], ctx: PhaseContext[Options]) -> list[dict[str, Any] | Exception]:
+    """Batch handler (``batch:`` in pipeline.yaml): ``ingest_graph`` for several documents on one
+    connection. Offline, their saved episodes are read in one query and their writes go in one
+    FalkorDB transaction, one round trip for the batch, each document's write applied whole; a
+    document whose input or write fails fails alone. With an LLM, graphiti extracts them one
+    document after another."""
+    group_id = ctx.options.group_id
+    plans: list[GraphPlan | Exception] = []
+    for doc in docs:
+        try:
+            plans.append(_plan(doc, group_id))
+        except Exception as exc:  # this document's input: it fails alone
+            plans.append(exc)
+    # each document written once: a second write in the same round would count its facts twice
+    ready = list({plan.source: plan for plan in plans if isinstance(plan, GraphPlan)}.values())
+    if not ready:
+        return [plan for plan in plans if isinstance(plan, Exception)]
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, ctx.options.falkordb_url)
+    from phases import graph_store
+
+    settings = llm_settings(ctx.options)  # after graphiti's import: see ingest_graph
+    done: dict[str, dict[str, Any] | Exception] = {}
+    async with graph_store.connect(url, group_id) as driver:
+        if settings is not None:
+            for plan in ready:
+                try:
+                    done[plan.source] = await _extract(driver, plan, settings, ctx)
+                except Exception as exc:
+                    done[plan.source] = exc
+        else:
+            failures = await graph_store.write_many(driver, ready)
+            done = {
+                plan.source: error or _offline_result(plan)
+                for plan, error in zip(ready, failures, strict=True)
+            }
+    return [done[plan.source] if isinstance(plan, GraphPlan) else plan for plan in plans]
+
+
+def _plan(doc: Document, group_id: str) -> GraphPlan:
     chunks = doc.input.get("chunks") if isinstance(doc.input, dict) else None
     if not isinstance(chunks, list):
         raise GraphIngestError("kg_ingest needs chunking output with a 'chunks' list as its input")
     if not chunks:
         raise GraphIngestError("chunking produced no chunks to ingest")
-    options = ctx.options
-    group_id = options.group_id
-    plan = plan_document(doc.id, doc.name, group_id, chunks)
-    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.falkordb_url)
-    from phases import graph_store
+    return plan_document(doc.id, doc.name, group_id, chunks)
 
-    # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
-    # must not depend on whether an earlier job of this process imported it already
-    settings = llm_settings(options)
-    async with graph_store.connect(url, group_id) as driver:
-        if settings is not None:
-            from phases import graph_llm
 
-            extracted = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
-            return {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes), **extracted}
-        await graph_store.write(driver, plan)
+async def _extract(
+    driver: Any, plan: GraphPlan, settings: LLMSettings, ctx: PhaseContext[Options]
+) -> dict[str, Any]:
+    from phases import graph_llm
+
+    extracted = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
+    return {"group_id": plan.group_id, "llm": settings.model, "episodes": len(plan.episodes), **extracted}
+
+
+def _offline_result(plan: GraphPlan) -> dict[str, Any]:
     return {
-        "group_id": group_id,
+        "group_id": plan.group_id,
         "episodes": len(plan.episodes),
         "entities": len(plan.entities),
         "edges": len(plan.mentions) + len(plan.relations),
