@@ -16,6 +16,8 @@ document's wait behind 1,000 low ones, in a section of its own.
 run, in a section of its own.
 ``python -m bench adaptive [--reps N] [--docs N] [--output FILE]``: a limit declared 3x too high
 learning the provider's rate, in a section of its own.
+``python -m bench batching [--documents N] [--rounds R] [--output FILE]``: small documents one at a
+time against batches of 10, in a section of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from bench import (
     adaptive,
     autoscale,
+    batching,
     broken,
     efficiency,
     footprint,
@@ -94,6 +97,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "startup": startup.main,
     "planning": planning.main,
     "adaptive": adaptive.main,
+    "batching": batching.main,
 }
 
 
@@ -112,6 +116,7 @@ def _kept_alone(output: Path) -> str:
             startup.SECTION,
             planning.SECTION,
             adaptive.SECTION,
+            batching.SECTION,
         )
     )
 
