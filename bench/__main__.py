@@ -18,6 +18,8 @@ run, in a section of its own.
 learning the provider's rate, in a section of its own.
 ``python -m bench store [--reps N] [--copies N] [--output FILE]``: documents/s with the artifact store
 in S3 (moto's server) against the local store, in a section of its own.
+``python -m bench batching [--documents N] [--rounds R] [--output FILE]``: small documents one at a
+time against batches of 10, in a section of its own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from bench import (
     adaptive,
     autoscale,
+    batching,
     broken,
     efficiency,
     footprint,
@@ -98,6 +101,7 @@ RUN_ALONE: dict[str, Callable[[list[str]], int]] = {
     "planning": planning.main,
     "adaptive": adaptive.main,
     "store": store.main,
+    "batching": batching.main,
 }
 
 
@@ -117,6 +121,7 @@ def _kept_alone(output: Path) -> str:
             planning.SECTION,
             adaptive.SECTION,
             store.SECTION,
+            batching.SECTION,
         )
     )
 

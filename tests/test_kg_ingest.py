@@ -20,7 +20,7 @@ from phases import graph_store
 from phases.chunking import chunk
 from phases.extraction import extract_bytes
 from phases.graph_plan import entity_name, plan_document
-from phases.kg_ingest import GraphIngestError, counts, embedded_server, ingest_graph, search
+from phases.kg_ingest import GraphIngestError, counts, embedded_server, ingest_graph, ingest_graphs, search
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "docs"
 PEOPLE = [
@@ -274,3 +274,32 @@ def test_plan_is_deterministic_with_shared_entity_ids() -> None:
 )
 def test_entity_names(candidate: str, name: str | None) -> None:
     assert entity_name(candidate) == name
+
+
+def test_a_batch_writes_what_its_documents_write_one_by_one_and_a_bad_one_fails_alone(
+    state_dir: Path, executor: ThreadPoolExecutor
+) -> None:
+    people = {"chunks": [{"index": i, "context": "From 'People'.", "text": t} for i, t in enumerate(PEOPLE)]}
+    fewer = {"chunks": people["chunks"][1:]}
+    docx = chunked("concurrency-levers.docx", state_dir, executor, chunk_tokens=120)
+    versions = [
+        [("one", people), ("bad", None), ("two", people), ("levers", docx)],
+        [("one", people), ("two", fewer)],  # two's new version states less: it releases facts
+    ]
+    single = context("kg_ingest", state_dir, executor, group_id="single")
+    batched = context("kg_ingest", state_dir, executor, group_id="batched")
+    for docs in versions:
+        documents = [Document(doc_id, f"{doc_id}.md", b"", input=chunks) for doc_id, chunks in docs]
+        results = asyncio.run(ingest_graphs(documents, batched))
+        for document, result in zip(documents, results, strict=True):
+            if document.input is None:
+                assert isinstance(result, GraphIngestError)
+                continue
+            assert result == {**asyncio.run(ingest_graph(document, single)), "group_id": "batched"}
+
+    assert counts(state_dir, "batched") == counts(state_dir, "single")
+    assert counts(state_dir, "single")["episodes"] == len(people["chunks"]) + len(fewer["chunks"]) + len(
+        docx["chunks"]
+    )
+    weights = [sorted(weight for weight, _ in facts(state_dir, g).values()) for g in ("batched", "single")]
+    assert weights[0] == weights[1] and 1 in weights[0] and 2 in weights[0]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from levers.pipeline.options import PhaseOptions
     from levers.server.connection import masked
     from levers.server.embedded import EmbeddedServer
-    from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext
+    from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext, batch_handler
 
 __all__ = [
     "ConnectionFailed",
@@ -34,6 +34,7 @@ __all__ = [
     "RateLimited",
     "SharedLimit",
     "UnknownLimit",
+    "batch_handler",
     "is_rate_limited",
     "masked",
     "retry_delay",
@@ -51,6 +52,7 @@ _EXPORTS = {
     "PhaseContext": "levers.worker.phase_context",
     "PhaseOptions": "levers.pipeline.options",
     "Permanent": "levers.worker.phase_context",
+    "batch_handler": "levers.worker.phase_context",
     # shared limits (ctx.limit) and retrying a provider that says "too many requests"
     "SharedLimit": "levers.limits.shared",
     "UnknownLimit": "levers.limits.shared",

@@ -33,6 +33,9 @@ database is the one ``graph`` names (a FalkorDB server, ``falkor://``, or Neo4j,
 ``<state_dir>/falkordb`` shared by every process on the machine. One that cannot be reached is
 ``ConnectionFailed``, which a worker retries.
 
+``ingest_graphs`` is the same phase as a batch handler (a phase's ``batch:``): a batch's
+documents go through one connection to the graph database, one after another.
+
 graphiti loads lazily (see ``phases.graph_store``), so importing this module stays fast.
 """
 
@@ -57,9 +60,10 @@ from levers import (
     PhaseOptions,
     SharedLimit,
     UnknownLimit,
+    batch_handler,
 )
 from phases import graph_db
-from phases.graph_plan import SOURCE_PREFIX, LLMSettings, plan_document
+from phases.graph_plan import SOURCE_PREFIX, GraphPlan, LLMSettings, plan_document
 
 if TYPE_CHECKING:
     from phases.graph_versions import Saved
@@ -127,46 +131,91 @@ async def ingest_graph(doc: Document, ctx: PhaseContext[Options]) -> dict[str, A
 
     Offline, returns what the document's plan holds. With an LLM, returns the episodes of the
     document, how many were extracted this time (new or changed ones), and the entities and edges
-    those extractions produced.
+    those extractions produced. Either way, the older versions it replaced (or that a newer
+    version in the graph superseded it, and it wrote nothing).
     """
+    plan = _plan(doc, ctx.options)
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, ctx.options.graph)
+    from phases import graph_store
+
+    # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
+    # must not depend on whether an earlier job of this process imported it already
+    settings = llm_settings(ctx.options)
+    async with graph_store.connect(url, plan.group_id) as driver:
+        return await _ingest(driver, plan, settings, ctx)
+
+
+@batch_handler
+async def ingest_graphs(docs: list[Document], ctx: PhaseContext[Options]) -> list[dict[str, Any] | Exception]:
+    """Batch handler (``batch:`` in pipeline.yaml): ``ingest_graph`` for several documents on one
+    connection, one after another (each under its name's lock, as versions need); a document
+    whose input or write fails fails alone."""
+    plans: list[GraphPlan | Exception] = []
+    for doc in docs:
+        try:
+            plans.append(_plan(doc, ctx.options))
+        except Exception as exc:  # this document's input: it fails alone
+            plans.append(exc)
+    if not any(isinstance(plan, GraphPlan) for plan in plans):
+        return [plan for plan in plans if isinstance(plan, Exception)]
+    url = await ctx.run_in_thread(server_url, ctx.state_dir, ctx.options.graph)
+    from phases import graph_store
+
+    settings = llm_settings(ctx.options)  # after graphiti's import: see ingest_graph
+    done: list[dict[str, Any] | Exception] = []
+    async with graph_store.connect(url, ctx.options.group_id) as driver:
+        for plan in plans:
+            if isinstance(plan, Exception):
+                done.append(plan)
+                continue
+            try:
+                done.append(await _ingest(driver, plan, settings, ctx))
+            except Exception as exc:
+                done.append(exc)
+    return done
+
+
+async def _ingest(
+    driver: Any, plan: GraphPlan, settings: LLMSettings | None, ctx: PhaseContext[Options]
+) -> dict[str, Any]:
+    from phases import graph_store
+
+    written: dict[str, Any]
+    if settings is not None:
+        from phases import graph_llm
+
+        extracted, found = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
+        written = {
+            "group_id": plan.group_id,
+            "llm": settings.model,
+            "episodes": len(plan.episodes),
+            **extracted,
+        }
+    else:
+        found = await graph_store.write(driver, plan)
+        written = {
+            "group_id": plan.group_id,
+            "episodes": len(plan.episodes),
+            "entities": len(plan.entities),
+            "edges": len(plan.mentions) + len(plan.relations),
+        }
+    if found.superseded:  # a newer version is in the graph: this one wrote nothing
+        written = {"group_id": plan.group_id, "episodes": 0, "entities": 0, "edges": 0}
+    return written | versions_outcome(found)
+
+
+def _plan(doc: Document, options: Options) -> GraphPlan:
     chunks = doc.input.get("chunks") if isinstance(doc.input, dict) else None
     if not isinstance(chunks, list):
         raise GraphIngestError("kg_ingest needs chunking output with a 'chunks' list as its input")
     if not chunks:
         raise GraphIngestError("chunking produced no chunks to ingest")
-    options = ctx.options
-    group_id = options.group_id
     version = doc.version
-    plan = plan_document(
-        doc.id, doc.name, group_id, chunks,
+    return plan_document(
+        doc.id, doc.name, options.group_id, chunks,
         version_of=version.name if version else None, version=version.number if version else 0,
         keep_versions=options.versions == "keep" or bool(version and version.keep),
     )  # fmt: skip
-    url = await ctx.run_in_thread(server_url, ctx.state_dir, options.graph)
-    from phases import graph_store
-
-    # decided after graphiti's import, whose load_dotenv may supply ANTHROPIC_API_KEY: the choice
-    # must not depend on whether an earlier job of this process imported it already
-    settings = llm_settings(options)
-    written: dict[str, Any]
-    async with graph_store.connect(url, group_id) as driver:
-        if settings is not None:
-            from phases import graph_llm
-
-            extracted, found = await graph_llm.write(driver, plan, settings, shared_limit(ctx), ctx)
-            written = {"group_id": group_id, "llm": settings.model, "episodes": len(plan.episodes)}
-            written |= extracted
-        else:
-            found = await graph_store.write(driver, plan)
-            written = {
-                "group_id": group_id,
-                "episodes": len(plan.episodes),
-                "entities": len(plan.entities),
-                "edges": len(plan.mentions) + len(plan.relations),
-            }
-    if found.superseded:  # a newer version is in the graph: this one wrote nothing
-        written = {"group_id": group_id, "episodes": 0, "entities": 0, "edges": 0}
-    return written | versions_outcome(found)
 
 
 def versions_outcome(found: Saved) -> dict[str, Any]:

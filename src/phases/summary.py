@@ -34,8 +34,8 @@ def describe(documents: list[dict[str, Any]], pipeline: dict[str, Any], state_di
 
 
 def _graph_counts(pipeline: dict[str, Any], state_dir: Path) -> str:
-    handler = "phases.kg_ingest:ingest_graph"
-    kg = next((p for p in pipeline["phases"].values() if p["handler"] == handler), None)
+    handlers = ("phases.kg_ingest:ingest_graph", "phases.kg_ingest:ingest_graphs")
+    kg = next((p for p in pipeline["phases"].values() if p["handler"] in handlers), None)
     if kg is None:
         return ""
     from phases import kg_ingest

@@ -16,8 +16,10 @@ from levers.cli import console
 from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import LeversError, UsageError
 
-# The bundled pipeline's graph phase, found by default.
+# The bundled pipeline's graph phase, found by default: it runs either handler (one document at a
+# time, or batches).
 GRAPH_HANDLER = "phases.kg_ingest:ingest_graph"
+GRAPH_HANDLERS = (GRAPH_HANDLER, "phases.kg_ingest:ingest_graphs")
 
 
 def call_graph_phase(
@@ -29,7 +31,7 @@ def call_graph_phase(
 
     loaded = load_pipeline(pipeline_path(file))
     phases = loaded.spec.phases
-    name = phase or next((n for n, p in phases.items() if p.handler == GRAPH_HANDLER), None)
+    name = phase or next((n for n, p in phases.items() if p.handler in GRAPH_HANDLERS), None)
     if name not in phases:
         wanted = f"named {phase!r}" if phase else f"runs {GRAPH_HANDLER}"
         raise UsageError(

@@ -59,6 +59,12 @@ MAX_WINDOW_S = 24 * 3600
 # Jobs one autoscaled worker is expected to keep up with: past a million, a queue is not "per worker".
 MAX_PER_WORKER = 1_000_000
 
+# A batch is moved off its queue by one script and registered by one worker, and its documents
+# are held (not run) while it fills: a thousand is past any provider's batch API, and a batch
+# waits at most ten seconds to fill.
+MAX_BATCH_SIZE = 1000
+MAX_BATCH_WAIT_MS = 10_000
+
 # A lower priority lane's minimum share of a phase's dequeues while it has work: 5 % by default,
 # at most half, past which the lanes would no longer be an order of priority.
 DEFAULT_MIN_LANE_SHARE = 0.05
@@ -193,6 +199,25 @@ class Autoscale(Strict):
         return self
 
 
+class BatchSettings(Strict):
+    """How many jobs of a phase one worker takes at once, and how long it waits for them."""
+
+    size: Annotated[
+        Whole,
+        Field(
+            ge=1, le=MAX_BATCH_SIZE, description="Jobs a worker takes and runs together (1: one at a time)."
+        ),
+    ] = 1
+    wait_ms: Annotated[
+        Whole,
+        Field(
+            ge=0,
+            le=MAX_BATCH_WAIT_MS,
+            description="Milliseconds a worker waits for a batch to fill before it runs what it has.",
+        ),
+    ] = 0
+
+
 class Phase(Strict):
     """One phase: the handler that does its work, where documents go next, and its levers."""
 
@@ -249,6 +274,13 @@ class Phase(Strict):
     resources: Annotated[
         Resources | None, Field(description="CPU and RAM of one worker, for the totals of `levers plan`.")
     ] = None
+    batch: Annotated[
+        BatchSettings,
+        Field(
+            description="Take up to size jobs at once (waiting wait_ms for them) for a batch handler, "
+            "or to run a per-document handler on each under one set-up."
+        ),
+    ] = BatchSettings()
 
     @property
     def most_workers(self) -> int:

@@ -20,6 +20,7 @@ BUNDLED_HANDLERS = (
     "phases.transcription:transcribe",
     "phases.chunking:chunk",
     "phases.kg_ingest:ingest_graph",
+    "phases.kg_ingest:ingest_graphs",
 )
 
 

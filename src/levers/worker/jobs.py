@@ -255,21 +255,29 @@ def _call_handler(
 ) -> tuple[Any, int]:
     """The handler's output, and how many calls it made through ctx.gather and ctx.map."""
     handler = runtime.handler(settings.handler)
-    lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
     limits = JobLimits(spec, runtime.url)
-    executor = runtime.executor(lever_values.threads)
-    options = runtime.options(phase, settings)
     used: set[str] = set()
-    ctx = PhaseContext(phase, lever_values, options, runtime.state_dir, executor, _noting(limits, used),
-                       runtime.store(spec))  # fmt: skip
+    ctx = new_context(runtime, spec, phase, settings, limits, used)
     try:
         if inspect.iscoroutinefunction(handler):
             output = runtime.run_async(_run_async(handler, doc, ctx, limits))
         else:
             output = handler(doc, ctx)
     finally:
-        _note_limits_used(runtime.connection, spec.name, phase, used)
+        note_limits_used(runtime.connection, spec.name, phase, used)
     return output, ctx.calls
+
+
+def new_context(
+    runtime: WorkerRuntime, spec: Pipeline, phase: str, settings: Phase, limits: JobLimits, used: set[str]
+) -> PhaseContext[Any]:
+    """The ``ctx`` of a job of ``phase`` (or of a batch of them): its levers and options, the
+    process's pool and store, and ``limits``, noting in ``used`` the names it gives out."""
+    lever_values = Levers(settings.levers.workers, settings.levers.semaphore, settings.levers.threads)
+    executor = runtime.executor(lever_values.threads)
+    options = runtime.options(phase, settings)
+    return PhaseContext(phase, lever_values, options, runtime.state_dir, executor, _noting(limits, used),
+                        runtime.store(spec))  # fmt: skip
 
 
 def _noting(limits: JobLimits, used: set[str]) -> Callable[[str], SharedLimit]:
@@ -281,7 +289,7 @@ def _noting(limits: JobLimits, used: set[str]) -> Callable[[str], SharedLimit]:
     return limit
 
 
-def _note_limits_used(connection: redis.Redis, pipeline: str, phase: str, used: set[str]) -> None:
+def note_limits_used(connection: redis.Redis, pipeline: str, phase: str, used: set[str]) -> None:
     """Tell the supervisors which shared limits the phase calls: they cap its autoscaling. Kept
     for LIMITS_USED_TTL_S after the last such job; losing a note only loosens the cap a while."""
     if not used:

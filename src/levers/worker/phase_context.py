@@ -161,3 +161,22 @@ class Handler(Protocol):
     """A phase handler: sync or async, ``(doc, ctx) -> output``."""
 
     def __call__(self, doc: Document, ctx: PhaseContext[Any]) -> Any: ...
+
+
+# The attribute ``batch_handler`` sets: levers calls such a handler with a list of documents.
+BATCH_ATTRIBUTE = "__levers_batch__"
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def batch_handler(handler: H) -> H:
+    """Mark ``handler`` as taking a batch: ``handler(docs, ctx)`` (sync or async) gets the list of
+    documents a worker took together (the phase's ``batch: {size, wait_ms}``, one at a time
+    without it) and returns one result per document, in order. A result that is an exception
+    fails that document alone (``Permanent`` without its retries); raising fails every document
+    of the batch, each retried per the phase's ``retries``."""
+    setattr(handler, BATCH_ATTRIBUTE, True)
+    return handler
+
+
+def is_batch_handler(handler: Callable[..., Any]) -> bool:
+    return bool(getattr(handler, BATCH_ATTRIBUTE, False))

@@ -22,10 +22,11 @@ from rq.job import Job
 from rq.utils import now
 
 from levers import keys
+from levers.pipeline.model import BatchSettings
 from levers.server.outage import UNREACHABLE, reason
 from levers.worker.guard import refusal, refuse
 from levers.worker.jobs import SETTINGS_MAX_AGE_S, StartedPhase, start_phase, take_back_start
-from levers.worker.lane_take import group, take_any
+from levers.worker.lane_take import Lanes, Took, group, take_some
 from levers.worker.requeue import put_back
 from levers.worker.rq_reconnect import ReconnectingWorker
 from levers.worker.runtime import WorkerRuntime, runtime_from_environment
@@ -61,6 +62,7 @@ class TakingWorker(ReconnectingWorker):
         self._runtime = runtime
         self._for_share = False  # the last job dequeued was taken for a lower lane's share
         self._high_pushed = float("-inf")  # when a job last entered a served high lane (monotonic)
+        self._more: list[Took] = []  # jobs the last dequeue took besides the one it returned (a batch)
 
     def subscribe(self) -> None:
         """RQ's subscription to this worker's command channel, and to its phases' high-lane pushes."""
@@ -89,23 +91,73 @@ class TakingWorker(ReconnectingWorker):
 
     def dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
         """The next job of the highest lane (but for a lower lane's share), moved to its lane's
-        holding list in the same atomic step (levers.worker.lane_take)."""
+        holding list in the same atomic step (levers.worker.lane_take); for a phase that batches,
+        up to its batch size of jobs in that step, the others kept for ``take_rest``."""
         spec = self.runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
         served = group(self.queues)
+        counts = {lanes.base: self.batch_settings(lanes.queues[0]).size for lanes in served}
         while True:
             try:
-                took = take_any(self.connection, served, spec.lanes.min_share, timeout)
+                took = take_some(self.connection, served, spec.lanes.min_share, timeout, counts)
             except DequeueTimeout:
                 if timeout is None:
                     return None
                 raise
-            self._for_share = took.for_share
-            found = self.queue_class._fetch_dequeued_job(
-                self.connection, took.queue.key, took.job_id, job_class=self.job_class,
-                serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-            )  # fmt: skip
+            self._for_share = took[0].for_share
+            self._more.extend(took[1:])
+            found = self._fetch(took[0])
             if found is not None:  # else the job's hash is gone; the supervisor clears its id
                 return found
+
+    def _fetch(self, took: Took) -> tuple[Job, Queue] | None:
+        return self.queue_class._fetch_dequeued_job(
+            self.connection, took.queue.key, took.job_id, job_class=self.job_class,
+            serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+        )  # fmt: skip
+
+    def batch_settings(self, queue: Queue) -> BatchSettings:
+        """The ``batch:`` of the phase whose lane ``queue`` is (one at a time for another queue)."""
+        spec = self.runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
+        base = keys.lane_of(queue.name)[0]
+        phase = next((p for p in spec.phases if keys.queue_name(spec.name, p) == base), None)
+        return spec.phases[phase].batch if phase is not None else BatchSettings()
+
+    def batching(self, first: Taken) -> bool:
+        """Whether ``first`` leads a batch: its phase batches, or jobs were taken with it."""
+        return bool(self._more) or self.batch_settings(first.queue).size > 1
+
+    def take_rest(self, first: Taken) -> list[Taken]:
+        """The rest of the batch ``first`` leads, each registered as this worker's: the jobs taken
+        with it, then more of its phase's as they come, until the batch is full or its
+        ``wait_ms`` is over. Each take moves its jobs to their holding lists in one step, and each
+        job is registered at once, so a worker killed meanwhile loses none."""
+        settings = self.batch_settings(first.queue)
+        more, self._more = self._more, []
+        rest = [t for took in more if (t := self._take_took(took)) is not None]
+        lanes = next(g for g in group(self.queues) if first.queue in g.queues)
+        deadline = time.monotonic() + settings.wait_ms / 1000
+        while len(rest) + 1 < settings.size and not self._stop_requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for took in self._fill(lanes, settings.size - 1 - len(rest), left):
+                if (taken := self._take_took(took)) is not None:
+                    rest.append(taken)
+        return rest
+
+    def _fill(self, lanes: Lanes, count: int, left: float) -> list[Took]:
+        spec = self.runtime.watcher.current(SETTINGS_MAX_AGE_S).spec
+        try:
+            return take_some(self.connection, [lanes], spec.lanes.min_share, left, {lanes.base: count})
+        except DequeueTimeout:
+            return []
+        except UNREACHABLE as exc:
+            self.outage.wait(exc)  # a job the lost reply moved goes back by the supervisor's look
+            return []
+
+    def _take_took(self, took: Took) -> Taken | None:
+        found = self.outage.call(self._fetch, took)
+        return self._take(*found) if found is not None else None
 
     def _take(self, job: Job, queue: Queue) -> Taken | None:
         """Register ``job`` as this worker's and record its start in the ledger. None when the job

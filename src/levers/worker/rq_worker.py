@@ -29,6 +29,7 @@ from levers.documents.lanes import LaneQueue
 from levers.documents.ledger import Superseded
 from levers.safe import escape_logs
 from levers.server.outage import UNREACHABLE
+from levers.worker.batching import run_batch
 from levers.worker.courier import Courier
 from levers.worker.guard import GuardedJob
 from levers.worker.jobs import PerformedPhase, Settled, gives_up, perform_phase, settle, superseded
@@ -180,6 +181,9 @@ class LeversWorker(TakingWorker):
         if taken is None:  # refused, or it went back to its queue
             self._hand_over_outcome()
             return
+        if self.batching(taken):
+            self._run_batch([taken, *self.take_rest(taken)])
+            return
         if self.overlap and not self._stop_requested and self._last_job_s < PREFETCH_AFTER_S:
             # one hand-over for settling the last job and taking the next: each wakes the courier
             outcome, self._outcome = self._outcome, None
@@ -323,6 +327,56 @@ class LeversWorker(TakingWorker):
             return None
         gap_s = time.monotonic() - free_since - waited_s
         return gap_s if 0 <= gap_s <= MAX_GAP_S else None
+
+    def _run_batch(self, batch: list[Taken]) -> None:
+        """Run a batch's handler calls here (levers.worker.batching); settling them goes to the
+        courier, which records the last batch while this one runs and this one while the next
+        batch is taken."""
+        self._hand_over_outcome()
+        runnable = []
+        for taken in batch:
+            if isinstance(taken.error, Superseded):
+                self._run(taken)  # a copy of a job that ran already finishes at once
+                self._hand_over_outcome()
+            else:
+                taken.job.started_at = now()
+                runnable.append(taken)
+        gap_s = self._gap_s()
+        began = time.perf_counter()
+        try:
+            outcomes = run_batch(self.runtime, runnable, self.death_penalty_class, self.progress)
+        except BaseException:
+            self.progress.ended()
+            if self._cold_stop:
+                for taken in runnable:
+                    with contextlib.suppress(Exception):  # what stays registered, the supervisor requeues
+                        self._release(taken, "a second stop signal cut it short")
+            raise
+        self.progress.ended()
+        self._free_since = time.monotonic()
+        seconds = (time.perf_counter() - began) / max(1, len(runnable))
+        if gap_s is not None:  # taking the batch was the cost of each of its jobs in part
+            outcomes = [replace(o, gap_s=gap_s / len(runnable)) if isinstance(o, PerformedPhase) else o
+                        for o in outcomes]  # fmt: skip
+
+        def settle(taken: Taken, ran: Any) -> None:
+            try:
+                self._deliver(taken, lambda again: self._settle(taken, ran, seconds, again))
+            except Exception:
+                log.exception("recording the outcome of job %s failed", taken.job.id)
+
+        def settle_all() -> None:
+            for taken, ran in zip(runnable, outcomes, strict=True):
+                settle(taken, ran)
+
+        for taken in runnable:
+            taken.job.ended_at = now()
+        # RQ runs callbacks under a SIGALRM timeout, which only the main thread can set
+        if self.overlap and not any(t.job.success_callback or t.job.failure_callback for t in runnable):
+            self._outcome = settle_all
+        else:
+            settle_all()
+        self.set_state(WorkerStatus.IDLE)
 
     def _perform(self, taken: Taken) -> Any:
         assert taken.phase is not None  # a job taken without one carries the error _run raised
