@@ -128,14 +128,17 @@ def run_summary(
         table.add_row(shown(named(record)), record.id[:12], _status(record.status), *cells)
     out.print(table)
     totals = Table(title="phases", title_justify="left")
-    for column in ("phase", "documents", "mean s", "max s", "attempts"):
+    for column in ("phase", "documents", "reused", "mean s", "max s", "attempts"):
         totals.add_column(column, justify="left" if column == "phase" else "right")
     for phase in phases:
         runs = [r.phases[p] for r in records for p in [phase] if p in r.phases]
-        times = [run.seconds for run in runs if run.seconds is not None]
+        # a reused result took no time of the phase's own: the times are those of the jobs that ran
+        times = [run.seconds for run in runs if run.seconds is not None and not run.reused]
+        reused = sum(run.reused for run in runs)
         mean = f"{sum(times) / len(times):.3f}" if times else "-"
         longest = f"{max(times):.3f}" if times else "-"
-        totals.add_row(phase, str(len(times)), mean, longest, str(sum(run.attempts for run in runs)))
+        totals.add_row(phase, str(len(times) + reused), str(reused), mean, longest,
+                       str(sum(run.attempts for run in runs)))  # fmt: skip
     out.print(totals)
     for record in records:
         if record.status == FAILED:
@@ -176,6 +179,8 @@ def _status(status: str) -> Text:
 
 
 def _seconds(run: Any) -> str:
+    if run is not None and getattr(run, "reused", False):
+        return "reused"
     return f"{run.seconds:.3f}" if run is not None and run.seconds is not None else "-"
 
 
@@ -191,7 +196,7 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     from levers.observing.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING
 
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
-    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed",
+    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "reused", "failed",
                "workers", "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state",
                "alerts")  # fmt: skip
     for column in columns:
@@ -206,7 +211,7 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
             name, Text(_queued(p.queued, p.lanes), style=queued_colour), _duration(p.oldest_wait_s),
             f"{p.running}+{p.claimed_ahead}" if p.claimed_ahead else str(p.running),
             Text(str(p.stranded), style="red" if p.stranded else "default"), str(p.waiting_retry),
-            str(p.done), Text(str(p.failed), style=failed_colour),
+            str(p.done), str(p.reused), Text(str(p.failed), style=failed_colour),
             f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",
             f"{p.throughput:.3f}", _number(p.p50_s), _number(p.p95_s), str(p.semaphore), str(p.threads),
             p.state, "; ".join(p.alerts),

@@ -20,9 +20,12 @@ from levers.server.project import Project, open_project
 from levers.supervisor import processes as pool
 
 
-def run_documents(file: Path | None, paths: list[str], force: bool, priority: str = "normal") -> bool:
-    """Process ``paths`` end to end, in the lane of ``priority``; True when every document
-    finished without failing."""
+def run_documents(
+    file: Path | None, paths: list[str], force: bool, priority: str = "normal", reuse: bool = True
+) -> bool:
+    """Process ``paths`` end to end, in the lane of ``priority`` (without ``reuse``: every phase
+    does the work, as Submitter.submit_paths says); True when every document finished without
+    failing."""
     project = open_project(file, check_imports=True, start=True)
     # servers that phases start during the run (a graph database, say) are stopped at its end,
     # as is levers' own embedded Redis when this run started it
@@ -30,7 +33,7 @@ def run_documents(file: Path | None, paths: list[str], force: bool, priority: st
     try:
         submitter = Submitter(project.loaded, project.connection)
         outcomes = apart_from_forks(
-            project.loaded.spec.store, lambda: submitter.submit_paths(paths, force, priority)
+            project.loaded.spec.store, lambda: submitter.submit_paths(paths, force, priority, reuse)
         )
         for outcome in outcomes:
             if outcome.error or (outcome.skipped and not outcome.doc_id):

@@ -10,7 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from levers.cli import console
-from levers.cli.options import FileOption, JsonOption, Priority, PriorityOption, reports_errors
+from levers.cli.options import (
+    FileOption,
+    JsonOption,
+    NoReuseOption,
+    Priority,
+    PriorityOption,
+    reports_errors,
+)
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S
 
@@ -125,6 +132,7 @@ def submit(
     file: FileOption = None,
     name: Annotated[str | None, typer.Option(help="The document's name when reading stdin.")] = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
+    no_reuse: NoReuseOption = False,
     wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
     priority: PriorityOption = Priority.NORMAL,
     as_json: JsonOption = False,
@@ -141,11 +149,12 @@ def submit(
     if "-" in paths:
         if not name:
             raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
-        results = [submitter.submit_bytes(sys.stdin.buffer.read(), name, force, priority=priority.value)]
+        data = sys.stdin.buffer.read()
+        results = [submitter.submit_bytes(data, name, force, priority=priority.value, reuse=not no_reuse)]
         paths = [p for p in paths if p != "-"]
     else:
         results = []
-    results += submitter.submit_paths(paths, force, priority.value)
+    results += submitter.submit_paths(paths, force, priority.value, reuse=not no_reuse)
     console.outcomes(results, as_json)
     if wait:
         _wait_for(project, [r.doc_id for r in results if r.doc_id])
@@ -172,11 +181,12 @@ def run(
     paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive) or globs.")],
     file: FileOption = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
+    no_reuse: NoReuseOption = False,
     priority: PriorityOption = Priority.NORMAL,
 ) -> None:
     """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
     from levers.cli.run import run_documents
 
-    ok = run_documents(file, paths, force, priority.value)
+    ok = run_documents(file, paths, force, priority.value, reuse=not no_reuse)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)

@@ -191,10 +191,11 @@ class Submitter:
         self.ledger = Ledger(connection, loaded.spec.name)
 
     def submit_paths(
-        self, paths: Iterable[str], force: bool = False, priority: str = keys.NORMAL
+        self, paths: Iterable[str], force: bool = False, priority: str = keys.NORMAL, reuse: bool = True
     ) -> list[Outcome]:
         """Submit the files ``paths`` name; their documents take the lane of ``priority``
-        (high, normal or low) through every phase."""
+        (high, normal or low) through every phase. Without ``reuse``, every phase does the work
+        even where a stored result would do, and documents already done run again (``force``)."""
         checked_priority(priority)
         outcomes = []
         for found in expand(paths):
@@ -205,7 +206,7 @@ class Submitter:
                 )
                 continue
             try:
-                outcomes.append(self._submit_file(source, found.path, force, priority))
+                outcomes.append(self._submit_file(source, found.path, force, priority, reuse))
             except OSError as exc:
                 outcomes.append(Outcome(source, error=f"{source}: cannot read ({exc.strerror})"))
             except StoreError:
@@ -214,28 +215,32 @@ class Submitter:
                 outcomes.append(Outcome(source, error=str(exc)))
         return outcomes
 
-    def _submit_file(self, source: str, path: Path, force: bool, priority: str) -> Outcome:
+    def _submit_file(self, source: str, path: Path, force: bool, priority: str, reuse: bool) -> Outcome:
         name = Path(source).name  # as the user named it (``path`` is where a symlink led)
         entry_phase(self.spec, name, "files")  # an unsupported type is refused before it is read
         data = read_document(source, path)
         working = routed_name(name, data, lambda suffix: accepted_by_entry(self.spec, suffix))
         phase = entry_phase(self.spec, working, "files")
         if self.spec.phases[phase].input == "bytes":
-            return self.submit_bytes(data, name, force, source=source, priority=priority)
+            return self.submit_bytes(data, name, force, source=source, priority=priority, reuse=reuse)
         doc_id = document_id(data)
         # stored before it is recorded: a store that fails leaves no record that would make a
         # second submission a duplicate of a document whose bytes are missing
         self.store.put_document(doc_id, working, data)
-        if not self.ledger.add(doc_id, working, "files", phase, force, submitted_as=name, priority=priority):
+        added = self.ledger.add(doc_id, working, "files", phase, force or not reuse, submitted_as=name,
+                                priority=priority, reuse=reuse)  # fmt: skip
+        if not added:
             return Outcome(source, doc_id, phase, skipped=True)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working, priority=priority)
         return Outcome(source, doc_id, phase)
 
     def submit_bytes(
-        self, data: bytes, name: str, force: bool = False, source: str = "-", priority: str = keys.NORMAL
-    ) -> Outcome:
+        self, data: bytes, name: str, force: bool = False, source: str = "-", priority: str = keys.NORMAL,
+        reuse: bool = True,
+    ) -> Outcome:  # fmt: skip
         """Submit a document held in memory; it is kept in Redis, never written to disk. It takes
-        the lane of ``priority`` (high, normal or low) through every phase."""
+        the lane of ``priority`` (high, normal or low) through every phase; ``reuse`` as for
+        ``submit_paths``."""
         checked_priority(priority)
         if not data:
             raise DocumentError(f"{name}: empty document, nothing to process", fix="submit one with content")
@@ -247,7 +252,9 @@ class Submitter:
         kind = "bytes" if as_bytes else "files"
         if not as_bytes:
             self.store.put_document(doc_id, working, data)  # before the record, as for a file
-        if not self.ledger.add(doc_id, working, kind, phase, force, submitted_as=name, priority=priority):
+        added = self.ledger.add(doc_id, working, kind, phase, force or not reuse, submitted_as=name,
+                                priority=priority, reuse=reuse)  # fmt: skip
+        if not added:
             return Outcome(source, doc_id, phase, skipped=True)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)
