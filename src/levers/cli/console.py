@@ -196,7 +196,7 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     from levers.observing.status import FAILED_SHARE_WARNING, QUEUE_EMERGENCY, QUEUE_WARNING
 
     table = Table(title=f"pipeline {status.pipeline}", title_justify="left")
-    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "reused", "failed",
+    columns = ("phase", "queued", "oldest", "running", "stranded", "retry", "done", "failed",
                "workers", "busy", "util", "docs/s", "p50 s", "p95 s", "sem", "thr", "state",
                "alerts")  # fmt: skip
     for column in columns:
@@ -211,7 +211,7 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
             name, Text(_queued(p.queued, p.lanes), style=queued_colour), _duration(p.oldest_wait_s),
             f"{p.running}+{p.claimed_ahead}" if p.claimed_ahead else str(p.running),
             Text(str(p.stranded), style="red" if p.stranded else "default"), str(p.waiting_retry),
-            str(p.done), str(p.reused), Text(str(p.failed), style=failed_colour),
+            str(p.done), Text(str(p.failed), style=failed_colour),
             f"{p.workers_alive}/{p.workers_desired}", str(p.workers_busy), f"{p.utilization:.0%}",
             f"{p.throughput:.3f}", _number(p.p50_s), _number(p.p95_s), str(p.semaphore), str(p.threads),
             p.state, "; ".join(p.alerts),
@@ -219,6 +219,9 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     parts: list[Any] = [table]
     if any(p.bottleneck for p in status.phases):
         parts.append(Text("◀ the bottleneck: the longest backlog to drain, else the busiest phase"))
+    if any(p.reused for p in status.phases):
+        counts = ", ".join(f"{p.phase} {p.reused}" for p in status.phases if p.reused)
+        parts.append(Text(f"reused (stored results taken, no handler run; not in done): {counts}"))
     if any(p.autoscale for p in status.phases):
         parts.append(_autoscale_table(status.phases))
     if status.limits:
