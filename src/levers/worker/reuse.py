@@ -42,7 +42,7 @@ from levers.worker.phase_context import Document
 log = logging.getLogger("levers.worker")
 
 # An entry is dropped this long after it was last written or used: reuse pays for a re-run within
-# weeks (a changed setting, a resubmitted batch), and Redis holds about 150 bytes per entry.
+# weeks (a changed setting, a resubmitted batch), and Redis holds about 210 bytes per entry.
 REUSE_TTL_S = 30 * 86400
 NAMESPACE = "reuse"
 # Part of every key: a change to what goes into a key (or how results are stored) changes it.
