@@ -46,10 +46,10 @@ def record(connection: redis.Redis, doc_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in connection.hgetall(f"levers:kept:doc:{doc_id}").items()}
 
 
-def done_counts(root: Path) -> dict[str, int]:
+def done_counts(root: Path, field: str = "done") -> dict[str, int]:
     result = levers("status", "--json", cwd=root)
     assert result.returncode == 0, result.stderr
-    return {p["phase"]: p["done"] for p in json.loads(result.stdout)["phases"]}
+    return {p["phase"]: p[field] for p in json.loads(result.stdout)["phases"]}
 
 
 def test_a_done_document_keeps_its_record_and_nothing_of_its_jobs(
@@ -101,7 +101,8 @@ def test_past_retention_only_the_id_stays_and_the_same_content_is_still_skipped(
     rerun = forced.stdout.strip()
     wait_until(lambda: record(connection, rerun).get("status") == "done")
     assert not connection.sismember("levers:kept:expired", rerun)
-    assert done_counts(root) == {"first": 4, "second": 4}
+    assert done_counts(root) == {"first": 3, "second": 3}
+    assert done_counts(root, "reused") == {"first": 1, "second": 1}  # same content, code and settings
     assert levers("failed", cwd=root).returncode == 0
 
 

@@ -83,6 +83,26 @@ def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: 
     assert {p["source"] for p in declared["plan"]["phases"]} == {"unknown"}
 
 
+@pytest.mark.e2e
+def test_reused_results_are_counted_apart_and_plan_measures_only_the_jobs_that_ran(
+    tmp_path: Path, redis_url: str
+) -> None:
+    root = make_project(tmp_path, workers=1, seconds=0.05, docs=2)
+    assert levers("run", "docs", cwd=root).returncode == 0
+    rerun = levers("run", "docs", "--force", cwd=root)  # the same content, code and settings
+    assert rerun.returncode == 0, rerun.stderr
+
+    status = json.loads(levers("status", "--json", cwd=root).stdout)
+    measured = json.loads(levers("plan", "--json", cwd=root).stdout)
+
+    counts = [(phase(status, p)["done"], phase(status, p)["reused"]) for p in ("first", "second")]
+    assert counts == [(2, 2), (2, 2)]
+    assert measured["window"]["jobs"] == {"first": 2, "second": 2}
+    first = next(p for p in measured["plan"]["phases"] if p["phase"] == "first")
+    assert first["job_seconds"] >= 0.05  # the handler sleeps 0.05 s: no reused result's 0 s in the mean
+    assert "reused" in rerun.stdout
+
+
 def test_a_dead_workers_job_is_stranded_not_running(
     tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
 ) -> None:

@@ -78,20 +78,24 @@ def __getattr__(name: str) -> Any:
 def submit_bytes(
     data: bytes, name: str, pipeline: str | Path | None = None, force: bool = False, priority: str = "normal",
     keep_versions: bool = False,
+    reuse: bool = True,
 ) -> str:  # fmt: skip
     """Submit a document held in memory (a web upload, say); returns its id.
 
     The bytes go to the entry phase declared ``input: bytes`` for the name's type and are kept in
     Redis, never written to disk. ``priority`` (high, normal or low) is the document's lane in
     every phase. Other content under a name submitted before is a new version of it, which
-    replaces what the older versions wrote unless ``keep_versions``. Raises
-    ``levers.errors.LeversError`` on bad input.
+    replaces what the older versions wrote unless ``keep_versions``. Without ``reuse`` every
+    phase does the work even where a stored result of the same input, code and settings would
+    do. Raises ``levers.errors.LeversError`` on bad input.
     """
     from levers.documents.submission import Submitter
     from levers.server.project import open_project
 
     project = open_project(Path(pipeline) if pipeline else None, start=True, last_good=True)
     submitter = Submitter(project.loaded, project.connection)
-    outcome = submitter.submit_bytes(data, name, force, priority=priority, keep_versions=keep_versions)
+    outcome = submitter.submit_bytes(
+        data, name, force, priority=priority, keep_versions=keep_versions, reuse=reuse
+    )
     assert outcome.doc_id is not None
     return outcome.doc_id

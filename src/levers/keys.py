@@ -184,3 +184,9 @@ def takeover(pipeline: str, supervisor: str) -> str:
 def phase_limits(pipeline: str, phase: str) -> str:
     """Set, expiring: the shared limits one phase's jobs called lately, which cap its autoscaling."""
     return f"levers:{pipeline}:phase:{phase}:limits"
+
+
+def reuse(pipeline: str, phase: str, key: str) -> str:
+    """String, expiring: the digest of the result a phase's job stored under reuse key ``key``
+    (levers.worker.reuse); the result itself is in the artifact store."""
+    return f"levers:{pipeline}:reuse:{phase}:{key}"

@@ -221,10 +221,22 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{second}" if hours else f"{minutes}:{second}"
 
 
+def reuse_provider(options: Options) -> str:
+    """Who writes the contexts, for levers' reuse key: what ``auto`` picks depends on the
+    environment, and another model writes other contexts."""
+    name = _provider_name(options.context_provider)
+    return f"anthropic:{options.model}" if name == "anthropic" else name
+
+
+def _provider_name(name: str) -> str:
+    if name == "auto":
+        return "anthropic" if os.environ.get(API_KEY_ENV, "").strip() else "local"
+    return name
+
+
 def _provider(name: str) -> ContextProvider:
     """The chosen provider; checked before any splitting, so that a missing key fails at once."""
-    if name == "auto":
-        name = "anthropic" if os.environ.get(API_KEY_ENV, "").strip() else "local"
+    name = _provider_name(name)
     if name == "anthropic":
         require_api_key()  # chosen explicitly without a key: a one-line ContextError
     return PROVIDERS[name]()

@@ -226,6 +226,14 @@ def versions_outcome(found: Saved) -> dict[str, Any]:
     return {"replaced": [s.removeprefix(SOURCE_PREFIX) for s in found.replaced]} if found.replaced else {}
 
 
+def reuse_provider(options: Options) -> str:
+    """Who extracts, and into which server, for levers' reuse key: a result stands for graph
+    writes made there (``llm: auto`` and the server may come from the environment)."""
+    settings = llm_settings(options)
+    server = options.graph or os.environ.get("FALKORDB_URL") or "embedded"
+    return f"{'none' if settings is None else 'anthropic:' + settings.model}@{server}"
+
+
 def llm_settings(options: Options, environ: Mapping[str, str] = os.environ) -> LLMSettings | None:
     """The LLM that option ``llm`` asks for; None for offline extraction."""
     if options.llm == "none" or (options.llm == "auto" and not environ.get("ANTHROPIC_API_KEY")):

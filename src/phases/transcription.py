@@ -106,6 +106,11 @@ def cache_key(audio_sha256: str, endpoint: str | None, params: dict[str, Any]) -
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
+def reuse_provider(options: Options) -> str:
+    """The endpoint transcripts come from, for levers' reuse key (the environment may name it)."""
+    return f"deepgram:{base_url(options.base_url) or 'deepgram'}"
+
+
 async def transcribe(doc: Document, ctx: PhaseContext[Options]) -> dict[str, Any]:
     """Handler: transcribe one recording, from the cache when it was transcribed before."""
     settings = ctx.options

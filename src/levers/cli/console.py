@@ -131,14 +131,17 @@ def run_summary(
         table.add_row(shown(named(record)), record.id[:12], _status(record.status), *cells)
     out.print(table)
     totals = Table(title="phases", title_justify="left")
-    for column in ("phase", "documents", "mean s", "max s", "attempts"):
+    for column in ("phase", "documents", "reused", "mean s", "max s", "attempts"):
         totals.add_column(column, justify="left" if column == "phase" else "right")
     for phase in phases:
         runs = [r.phases[p] for r in records for p in [phase] if p in r.phases]
-        times = [run.seconds for run in runs if run.seconds is not None]
+        # a reused result took no time of the phase's own: the times are those of the jobs that ran
+        times = [run.seconds for run in runs if run.seconds is not None and not run.reused]
+        reused = sum(run.reused for run in runs)
         mean = f"{sum(times) / len(times):.3f}" if times else "-"
         longest = f"{max(times):.3f}" if times else "-"
-        totals.add_row(phase, str(len(times)), mean, longest, str(sum(run.attempts for run in runs)))
+        totals.add_row(phase, str(len(times) + reused), str(reused), mean, longest,
+                       str(sum(run.attempts for run in runs)))  # fmt: skip
     out.print(totals)
     for record in records:
         if record.status == FAILED:
@@ -179,6 +182,8 @@ def _status(status: str) -> Text:
 
 
 def _seconds(run: Any) -> str:
+    if run is not None and getattr(run, "reused", False):
+        return "reused"
     return f"{run.seconds:.3f}" if run is not None and run.seconds is not None else "-"
 
 
@@ -217,6 +222,9 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     parts: list[Any] = [table]
     if any(p.bottleneck for p in status.phases):
         parts.append(Text("◀ the bottleneck: the longest backlog to drain, else the busiest phase"))
+    if any(p.reused for p in status.phases):
+        counts = ", ".join(f"{p.phase} {p.reused}" for p in status.phases if p.reused)
+        parts.append(Text(f"reused (stored results taken, no handler run; not in done): {counts}"))
     if any(p.autoscale for p in status.phases):
         parts.append(_autoscale_table(status.phases))
     if status.limits:

@@ -45,6 +45,15 @@ KeepVersionsOption = Annotated[
     ),
 ]
 
+NoReuseOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-reuse",
+        help="Every phase does the work, even where a stored result of the same input, code and "
+        "settings would do (documents already done run again).",
+    ),
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -21,10 +21,16 @@ from levers.supervisor import processes as pool
 
 
 def run_documents(
-    file: Path | None, paths: list[str], force: bool, priority: str = "normal", keep_versions: bool = False
+    file: Path | None,
+    paths: list[str],
+    force: bool,
+    priority: str = "normal",
+    keep_versions: bool = False,
+    reuse: bool = True,
 ) -> bool:
     """Process ``paths`` end to end, in the lane of ``priority``, older versions' output kept with
-    ``keep_versions``; True when every document finished without failing."""
+    ``keep_versions`` (without ``reuse``: every phase does the work, as Submitter.submit_paths
+    says); True when every document finished without failing."""
     project = open_project(file, check_imports=True, start=True)
     # servers that phases start during the run (a graph database, say) are stopped at its end,
     # as is levers' own embedded Redis when this run started it
@@ -32,7 +38,8 @@ def run_documents(
     try:
         submitter = Submitter(project.loaded, project.connection)
         outcomes = apart_from_forks(
-            project.loaded.spec.store, lambda: submitter.submit_paths(paths, force, priority, keep_versions)
+            project.loaded.spec.store,
+            lambda: submitter.submit_paths(paths, force, priority, keep_versions=keep_versions, reuse=reuse),
         )
         for outcome in outcomes:
             if outcome.error or (outcome.skipped and not outcome.doc_id):

@@ -15,6 +15,7 @@ from levers.cli.options import (
     FileOption,
     JsonOption,
     KeepVersionsOption,
+    NoReuseOption,
     Priority,
     PriorityOption,
     reports_errors,
@@ -160,6 +161,7 @@ def submit(
     file: FileOption = None,
     name: Annotated[str | None, typer.Option(help="The document's name when reading stdin.")] = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already submitted.")] = False,
+    no_reuse: NoReuseOption = False,
     wait: Annotated[bool, typer.Option(help="Show progress until every document is done or failed.")] = False,
     priority: PriorityOption = Priority.NORMAL,
     keep_versions: KeepVersionsOption = False,
@@ -178,13 +180,14 @@ def submit(
         if not name:
             raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
         data = sys.stdin.buffer.read()
-        results = [
-            submitter.submit_bytes(data, name, force, priority=priority.value, keep_versions=keep_versions)
-        ]
+        submitted = {"priority": priority.value, "keep_versions": keep_versions, "reuse": not no_reuse}
+        results = [submitter.submit_bytes(data, name, force, **submitted)]
         paths = [p for p in paths if p != "-"]
     else:
         results = []
-    results += submitter.submit_paths(paths, force, priority.value, keep_versions)
+    results += submitter.submit_paths(
+        paths, force, priority.value, keep_versions=keep_versions, reuse=not no_reuse
+    )
     console.outcomes(results, as_json)
     if wait:
         _wait_for(project, [r.doc_id for r in results if r.doc_id])
@@ -211,12 +214,13 @@ def run(
     paths: Annotated[list[str], typer.Argument(help="Files, directories (recursive) or globs.")],
     file: FileOption = None,
     force: Annotated[bool, typer.Option(help="Process documents again even if already done.")] = False,
+    no_reuse: NoReuseOption = False,
     priority: PriorityOption = Priority.NORMAL,
     keep_versions: KeepVersionsOption = False,
 ) -> None:
     """Process documents end to end: server, workers, submit, wait, summary, then a clean stop."""
     from levers.cli.run import run_documents
 
-    ok = run_documents(file, paths, force, priority.value, keep_versions)
+    ok = run_documents(file, paths, force, priority.value, keep_versions, reuse=not no_reuse)
     if not ok:
         raise typer.Exit(EXIT_FAILURE)

@@ -20,12 +20,14 @@ from levers.documents.versions import DocumentVersion
 HISTORY = ".record"
 
 
-def store_history(store: ArtifactStore, record: DocumentRecord, phase: str, seconds: float) -> None:
+def store_history(
+    store: ArtifactStore, record: DocumentRecord, phase: str, seconds: float, reused: bool = False
+) -> None:
     """Store the history of ``record`` (as its attempt of ``phase``, the last, started) once that
-    phase finished in ``seconds``."""
+    phase finished in ``seconds`` (``reused``: with a stored result)."""
     phases = dict(record.phases)
     ran = phases.get(phase, PhaseRecord(None, None, 0, None))
-    phases[phase] = replace(ran, seconds=round(seconds, 4), error=None)
+    phases[phase] = replace(ran, seconds=round(seconds, 4), error=None, reused=reused)
     done = replace(record, status=DocStatus.DONE, finished=time.time(), phases=phases)
     store.put_output(record.id, HISTORY, asdict(done))
 

@@ -1,11 +1,12 @@
 """Where each document stands: one Redis hash per document, written by submitters and workers.
 
 Fields: name (the one phases see), names (JSON: every name the content was submitted under), input
-(files|bytes), priority (its lane in every phase: high|normal|low), status, phase, submitted,
-finished, error, version_of, version and keep_versions (which version of which name it runs as,
-levers.documents.versions), and per phase
+(files|bytes), priority (its lane in every phase: high|normal|low), reuse (``no`` when submitted
+with ``--no-reuse``: its jobs do the work even where a stored result would do), status, phase,
+submitted, finished, error, version_of, version and keep_versions (which version of which name
+it runs as, levers.documents.versions), and per phase
 ``<phase>:started``, ``<phase>:seconds``, ``<phase>:attempts``, ``<phase>:error``, ``<phase>:lost``
-(the last host lost while it ran this phase).
+(the last host lost while it ran this phase), ``<phase>:reused`` (its result was a stored one).
 
 An attempt is the document's current one while the document is at its phase, running, with the
 attempt count it started with. Only the current attempt may record its outcome: a worker cut off
@@ -122,6 +123,7 @@ class PhaseRecord:
     attempts: int
     error: str | None
     lost: str | None = None  # the last host lost while it ran this phase
+    reused: bool = False  # the phase's result was a stored one (levers.worker.reuse): no handler ran
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class DocumentRecord:
     priority: str = keys.NORMAL  # the lane its jobs take in every phase
     version: DocumentVersion | None = None  # the version of a name it runs as
     expired: bool = False  # done, its record expired (retention): only its id is known
+    reuse: bool = True  # its jobs may take stored results (False: submitted with --no-reuse)
 
 
 class Ledger:
@@ -152,10 +155,11 @@ class Ledger:
     def add(
         self, doc_id: str, name: str, input_kind: str, phase: str, force: bool,
         submitted_as: str | None = None, priority: str = keys.NORMAL,
-        version: DocumentVersion | None = None,
+        version: DocumentVersion | None = None, reuse: bool = True,
     ) -> bool:  # fmt: skip
         """Add a submitted document, with the lane of ``priority``; False when it is already in
-        the pipeline or done (its priority then stays what it was).
+        the pipeline or done (its priority then stays what it was). Without ``reuse``, its jobs
+        do the work even where a stored result would do.
 
         A document that failed may always be submitted again. ``name`` is what phases see (the
         name with its content's real extension); ``submitted_as`` (default ``name``) joins the
@@ -180,7 +184,7 @@ class Ledger:
             fields |= {"version_of": version.name, "version": version.number, "keep_versions": keep}
         with self.connection.pipeline() as pipe:
             pipe.delete(key)
-            pipe.hset(key, mapping=fields)
+            pipe.hset(key, mapping=fields if reuse else fields | {"reuse": "no"})
             pipe.zadd(keys.documents(self.pipeline), {doc_id: now})
             pipe.zrem(keys.finished(self.pipeline), doc_id)
             pipe.srem(keys.expired(self.pipeline), doc_id)
@@ -263,12 +267,16 @@ class Ledger:
     def finished(
         self, doc_id: str, phase: str, seconds: float, calls: int, next_phase: str | None,
         pipe: redis.client.Pipeline, cpu_s: float | None = None, gap_s: float | None = None,
+        reused: bool = False,
     ) -> None:  # fmt: skip
         """Queue the writes that mark a phase finished on ``pipe``, the caller executes it; ``calls``:
         how many the handler made through ctx.gather and ctx.map; ``cpu_s``: the CPU seconds the
         worker process spent on it; ``gap_s``: its worker's time between the job before and this
-        one, not waiting for it."""
+        one, not waiting for it. A ``reused`` result counts as reused, not done, and adds nothing
+        to the job metrics: `levers plan` measures the jobs that ran."""
         fields: dict[Any, str | float] = {f"{phase}:seconds": round(seconds, 4)}
+        if reused:
+            fields[f"{phase}:reused"] = 1
         if next_phase is None:
             now = time.time()
             fields.update(status=DocStatus.DONE, finished=now)
@@ -278,9 +286,10 @@ class Ledger:
         else:
             fields.update(status=DocStatus.QUEUED, phase=next_phase)
         pipe.hset(self._key(doc_id), mapping=fields)
-        pipe.hdel(self._key(doc_id), f"{phase}:error")
-        pipe.hincrby(keys.phase_counter(self.pipeline, phase), "done", 1)
-        metrics.record(pipe, self.pipeline, phase, "done", seconds, calls, cpu_s=cpu_s, gap_s=gap_s)
+        pipe.hdel(self._key(doc_id), f"{phase}:error", *([] if reused else [f"{phase}:reused"]))
+        pipe.hincrby(keys.phase_counter(self.pipeline, phase), "reused" if reused else "done", 1)
+        if not reused:
+            metrics.record(pipe, self.pipeline, phase, "done", seconds, calls, cpu_s=cpu_s, gap_s=gap_s)
 
     def phase_finished(self, doc_id: str, phase: str) -> bool:
         """Whether an attempt of ``phase`` finished and handed the document on (or it is done)."""
@@ -428,6 +437,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
         names=_names(fields.get("names"), fields.get("name", "")),
         priority=keys.stored_priority(fields.get("priority")),
         version=_version(fields),
+        reuse=fields.get("reuse") != "no",
         phases={
             name: PhaseRecord(
                 started=float(p["started"]) if "started" in p else None,
@@ -435,6 +445,7 @@ def _record(doc_id: str, raw: dict[bytes | str, bytes | str]) -> DocumentRecord:
                 attempts=int(p.get("attempts", 0)),
                 error=p.get("error"),
                 lost=p.get("lost"),
+                reused=p.get("reused") == "1",
             )
             for name, p in phases.items()
         },

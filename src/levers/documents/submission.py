@@ -196,11 +196,13 @@ class Submitter:
 
     def submit_paths(
         self, paths: Iterable[str], force: bool = False, priority: str = keys.NORMAL,
-        keep_versions: bool = False,
+        keep_versions: bool = False, reuse: bool = True,
     ) -> list[Outcome]:  # fmt: skip
         """Submit the files ``paths`` name; their documents take the lane of ``priority``
         (high, normal or low) through every phase. ``keep_versions``: what older versions of
-        their names wrote stays (else phases remove it)."""
+        their names wrote stays (else phases remove it). Without ``reuse``, every phase does the
+        work even where a stored result would do, and documents already done run again
+        (``force``)."""
         checked_priority(priority)
         outcomes = []
         for found in expand(paths):
@@ -211,7 +213,7 @@ class Submitter:
                 )
                 continue
             try:
-                outcomes.append(self._submit_file(source, found.path, force, priority, keep_versions))
+                outcomes.append(self._submit_file(source, found.path, force, priority, keep_versions, reuse))
             except OSError as exc:
                 outcomes.append(Outcome(source, error=f"{source}: cannot read ({exc.strerror})"))
             except StoreError:
@@ -220,7 +222,9 @@ class Submitter:
                 outcomes.append(Outcome(source, error=str(exc)))
         return outcomes
 
-    def _submit_file(self, source: str, path: Path, force: bool, priority: str, keep: bool) -> Outcome:
+    def _submit_file(
+        self, source: str, path: Path, force: bool, priority: str, keep: bool, reuse: bool
+    ) -> Outcome:
         name = Path(source).name  # as the user named it (``path`` is where a symlink led)
         entry_phase(self.spec, name, "files")  # an unsupported type is refused before it is read
         data = read_document(source, path)
@@ -229,7 +233,7 @@ class Submitter:
         if self.spec.phases[phase].input == "bytes":
             return self.submit_bytes(
                 data, name, force, source=source, priority=priority, keep_versions=keep,
-                version_of=version_name(source, in_memory=False),
+                version_of=version_name(source, in_memory=False), reuse=reuse,
             )  # fmt: skip
         doc_id = document_id(data)
         # stored before it is recorded: a store that fails leaves no record that would make a
@@ -237,8 +241,9 @@ class Submitter:
         self.store.put_document(doc_id, working, data)
         version, force = self._version(version_name(source, in_memory=False), doc_id, data, keep, force)
         if not self.ledger.add(
-            doc_id, working, "files", phase, force, submitted_as=name, priority=priority, version=version
-        ):
+            doc_id, working, "files", phase, force or not reuse, submitted_as=name, priority=priority,
+            version=version, reuse=reuse,
+        ):  # fmt: skip
             return Outcome(source, doc_id, phase, skipped=True, version=version.number)
         enqueue_phase(self.connection, self.spec, phase, doc_id, working, priority=priority)
         return Outcome(source, doc_id, phase, version=version.number)
@@ -254,11 +259,12 @@ class Submitter:
 
     def submit_bytes(
         self, data: bytes, name: str, force: bool = False, source: str = "-", priority: str = keys.NORMAL,
-        keep_versions: bool = False, version_of: str | None = None,
+        keep_versions: bool = False, version_of: str | None = None, reuse: bool = True,
     ) -> Outcome:  # fmt: skip
         """Submit a document held in memory; it is kept in Redis, never written to disk. It takes
         the lane of ``priority`` (high, normal or low) through every phase, as a version of
-        ``version_of`` (default: ``name``), older versions' output kept with ``keep_versions``."""
+        ``version_of`` (default: ``name``), older versions' output kept with ``keep_versions``;
+        ``reuse`` as for ``submit_paths``."""
         checked_priority(priority)
         if not data:
             raise DocumentError(f"{name}: empty document, nothing to process", fix="submit one with content")
@@ -272,8 +278,9 @@ class Submitter:
             self.store.put_document(doc_id, working, data)  # before the record, as for a file
         version, force = self._version(version_of or name, doc_id, data, keep_versions, force)
         if not self.ledger.add(
-            doc_id, working, kind, phase, force, submitted_as=name, priority=priority, version=version
-        ):
+            doc_id, working, kind, phase, force or not reuse, submitted_as=name, priority=priority,
+            version=version, reuse=reuse,
+        ):  # fmt: skip
             return Outcome(source, doc_id, phase, skipped=True, version=version.number)
         if as_bytes:
             self.connection.set(keys.blob(self.spec.name, doc_id), data, ex=BLOB_TTL_S)

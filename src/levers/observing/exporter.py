@@ -152,7 +152,8 @@ def _job_totals(pipeline: str, phases: list[PhaseStatus]) -> Metric:
     family = CounterMetricFamily("levers_jobs", "Job attempts by outcome.", labels=[*LABELS, "outcome"])
     for phase in phases:
         # a counter: failed attempts, not the failed documents kept (a purge lowers those)
-        outcomes = {"done": phase.done, "failed": phase.failed_attempts, "retried": phase.retried}
+        outcomes = {"done": phase.done, "failed": phase.failed_attempts, "retried": phase.retried,
+                    "reused": phase.reused}  # fmt: skip
         for outcome, count in outcomes.items():
             family.add_metric([pipeline, phase.phase, outcome], float(count))
     return family

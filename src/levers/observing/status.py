@@ -98,6 +98,7 @@ class PhaseStatus:
     fixed: tuple[str, ...] = ()  # levers the phase declares fixed: advice leaves them alone
     autoscale: AutoscaleStatus | None = None  # for a phase with autoscale: (workers_desired: its count)
     lanes: dict[str, int] = field(default_factory=dict)  # queued per priority lane (``queued``: their sum)
+    reused: int = 0  # jobs that took a stored result (levers.worker.reuse), ever; not in ``done``
 
     @property
     def drain_s(self) -> float | None:
@@ -240,6 +241,7 @@ def _phase_status(
         fixed=tuple(spec.phases[name].fixed),
         autoscale=_autoscale(connection, spec, name, reports, sum(queued.values()) + len(held)),
         lanes=queued,
+        reused=totals.get("reused", 0),
     )
 
 

@@ -6,6 +6,10 @@ document to ``next`` (in the document's priority lane) in the same Redis transac
 the phase as finished. That
 transaction commits only while the job's attempt is the document's current one, so a job run
 twice (its host lost, then back) hands the document on once.
+
+A job whose reuse key (levers.worker.reuse) has a stored result takes it instead of calling the
+handler, unless the document was submitted with ``--no-reuse``; a job that calls it keeps its
+result for the next one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from levers.documents.store import ArtifactStore
 from levers.limits.shared import JobLimits, SharedLimit
 from levers.pipeline.model import Phase, Pipeline
 from levers.server.outage import UNREACHABLE
+from levers.worker import reuse
 from levers.worker.phase_context import Document, Levers, Permanent, PhaseContext
 from levers.worker.runtime import WorkerRuntime, runtime_from_environment
 
@@ -84,6 +89,8 @@ class PerformedPhase:
     # the worker's time between the job before and this one, waiting for it left out: what
     # taking and settling a job costs (None: not known)
     gap_s: float | None = None
+    reuse_key: str | None = None  # the job's key (levers.worker.reuse); None: its result is not kept
+    reused: bool = False  # ``output`` is a stored result: no handler ran
 
 
 @dataclass(frozen=True)
@@ -158,12 +165,29 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
     began, cpu_began = time.perf_counter(), time.process_time()
     try:
-        output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
+        key, reused, output = _stored(runtime, spec, started, settings, started.doc)
+        calls = 0
+        if not reused:
+            output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
     finally:
         if isinstance(started.doc.content, Path):  # a remote store's local copy goes
             runtime.store(spec).release(started.doc.content)
     seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
-    return PerformedPhase(started, spec, output, calls, seconds, cpu_s)
+    return PerformedPhase(started, spec, output, calls, seconds, cpu_s, key, reused)
+
+
+def _stored(
+    runtime: WorkerRuntime, spec: Pipeline, started: StartedPhase, settings: Phase, doc: Document
+) -> tuple[str | None, bool, Any]:
+    """The job's reuse key, whether a stored result stands in for the handler's, and that result
+    (a document submitted with --no-reuse takes none, but its jobs' results are kept all the same)."""
+    options = runtime.options(started.phase, settings)
+    key = reuse.reuse_key(runtime.handler(settings.handler), settings.handler, options, doc)
+    if key is None or not started.record.reuse:
+        return key, False, None
+    store = runtime.store(spec)
+    found, output = reuse.stored_result(runtime.connection, store, spec.name, started.phase, key)
+    return key, found, output
 
 
 def settle(
@@ -195,7 +219,7 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
     storing and handing off nothing, when the job's attempt was taken over meanwhile."""
     started, spec = performed.started, performed.spec
 
-    def store_output() -> None:
+    def store_output() -> str | None:
         store = runtime.store(spec)
         try:
             store.put_output(started.record.id, started.phase, performed.output)
@@ -203,7 +227,10 @@ def complete_phase(runtime: WorkerRuntime, performed: PerformedPhase) -> dict[st
             handler = spec.phases[started.phase].handler
             raise TypeError(f"the output of {handler} is not JSON-serialisable: {exc}") from None
         if spec.phases[started.phase].next not in spec.phases:  # the last phase: the document is done
-            store_history(store, started.record, started.phase, performed.seconds)
+            store_history(store, started.record, started.phase, performed.seconds, performed.reused)
+        if performed.reuse_key is None or performed.reused:
+            return None
+        return reuse.keep_result(store, started.phase, performed.output)
 
     _hand_off(runtime.connection, spec, started, performed, store_output)
     return {"document": started.record.id, "phase": started.phase, "seconds": round(performed.seconds, 4)}
@@ -340,10 +367,11 @@ def _came_from(store: ArtifactStore, record: DocumentRecord, feeders: list[str])
 
 def _hand_off(
     connection: redis.Redis, spec: Pipeline, started: StartedPhase, performed: PerformedPhase,
-    store_output: Callable[[], None],
+    store_output: Callable[[], str | None],
 ) -> None:  # fmt: skip
     """Store the output, record the phase as finished and enqueue the next one, atomically and
-    only while the job's attempt is the document's current one (else Superseded)."""
+    only while the job's attempt is the document's current one (else Superseded). ``store_output``
+    returns the hash of the result it kept for reuse, which the same transaction indexes."""
     phase, record = started.phase, started.record
     next_phase = spec.phases[phase].next
     if next_phase not in spec.phases:
@@ -352,7 +380,7 @@ def _hand_off(
 
     def write(pipe: redis.client.Pipeline) -> None:
         # after the check: a superseded attempt must not overwrite the output the next phase reads
-        store_output()
+        kept = store_output()
         # RQ opens the transaction (MULTI) itself, so its enqueue must come first
         if next_phase is not None:
             enqueue_phase(
@@ -361,15 +389,11 @@ def _hand_off(
         else:
             pipe.multi()
         ledger.finished(
-            record.id,
-            phase,
-            performed.seconds,
-            performed.calls,
-            next_phase,
-            pipe,
-            performed.cpu_s,
-            performed.gap_s,
-        )
+            record.id, phase, performed.seconds, performed.calls, next_phase, pipe, performed.cpu_s,
+            performed.gap_s, reused=performed.reused,
+        )  # fmt: skip
+        if kept is not None and performed.reuse_key is not None:
+            reuse.index_result(pipe, spec.name, phase, performed.reuse_key, kept)
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))
