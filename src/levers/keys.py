@@ -174,3 +174,17 @@ def takeover(pipeline: str, supervisor: str) -> str:
 def phase_limits(pipeline: str, phase: str) -> str:
     """Set, expiring: the shared limits one phase's jobs called lately, which cap its autoscaling."""
     return f"levers:{pipeline}:phase:{phase}:limits"
+
+
+def published_pipeline(pipeline: str) -> str:
+    """Hash: the newest published version of the pipeline file (number, digest, text, by)."""
+    return f"levers:{pipeline}:pipeline"
+
+
+def published_versions(pipeline: str) -> str:
+    """Sorted set: the digests of the versions published lately, scored by their number."""
+    return f"levers:{pipeline}:pipeline-versions"
+
+
+# Set: the names of the pipelines published on this server (for a `levers set` without a file).
+PUBLISHED_PIPELINES = "levers:pipelines"

@@ -71,9 +71,7 @@ def up(
     logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
     supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
     exporter = (
-        pool.start_exporter(supervisor.watcher, project.target, metrics_host, metrics_port)
-        if metrics_port
-        else None
+        pool.start_exporter(supervisor, project.target, metrics_host, metrics_port) if metrics_port else None
     )
     pool.SignalLatch(supervisor).install()
     metrics_at = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None

@@ -66,6 +66,7 @@ class SupervisorReport:
     cpu_percent: float | None = None  # of its host's cores together, over the last minute
     cores: int | None = None  # its host's, as far as it may use them (`levers plan` caps by them)
     memory_mb: float | None = None  # its host's total
+    version: int | None = None  # the number of the published pipeline version it runs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
