@@ -96,6 +96,7 @@ def test_a_set_in_one_directory_reaches_the_supervisor_and_workers_of_another(
         assert set(versions["supervisors"].values()) == {versions["live"]}
         shown = levers("status", cwd=b).stdout
         assert "drift: first.semaphore: 1 in pipeline.yaml, 7 live" in shown
+        assert shown.count(versions["live"]) == 3  # the live version, and each supervisor's
 
         # a bad value is refused where it is set, and nothing changes anywhere
         refused = levers("set", "first.semaphore=0", cwd=b)

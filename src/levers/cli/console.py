@@ -247,8 +247,9 @@ def _supervisors_table(supervisors: Sequence[SupervisorLease], versions: Version
         age = "-" if s.lease_age_s is None else _duration(s.lease_age_s)
         lease = Text(f"lapsed (renewed {age} ago)", style="red") if s.lapsed else f"renewed {age} ago"
         # host names, phases and versions come from Redis: shown as written
-        version = running.get(s.id, s.version)
-        drifted = live is not None and s.id in running and version != live
+        # reports name a supervisor by host and pid, leases by an id of their own
+        version = running.get(f"{s.host}:{s.pid}", s.version)
+        drifted = live is not None and f"{s.host}:{s.pid}" in running and version != live
         table.add_row(
             shown(s.host), str(s.pid), shown(", ".join(s.phases)), str(s.workers), lease,
             Text(shown(version), style="yellow" if drifted else "default"),
