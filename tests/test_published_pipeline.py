@@ -154,7 +154,7 @@ def test_a_start_publishes_a_new_file_and_follows_the_newest_version_over_an_old
     store = tmp_path / "store"
     a, b = host(tmp_path / "a", store), host(tmp_path / "b", store)
     first = follower(a, connection)
-    first.start()
+    first.tick()
     assert first.version is not None and first.version.number == 1
 
     set_in_file(a / "pipeline.yaml", ["first.semaphore=15"], connection, "test")
@@ -163,7 +163,7 @@ def test_a_start_publishes_a_new_file_and_follows_the_newest_version_over_an_old
     # b deploys the file as it was before the set: an older copy follows the newest version
     with caplog.at_level(logging.INFO, logger="levers.supervisor.reconcile"):
         stale = follower(b, connection)
-        stale.start()
+        stale.tick()
     assert stale.version == live_version(connection, "toy")
     assert stale.watcher.current().spec.phases["first"].levers.semaphore == 15
     assert "pipeline.yaml here is the published v1; following the newest, v2" in caplog.text
@@ -173,7 +173,7 @@ def test_a_start_publishes_a_new_file_and_follows_the_newest_version_over_an_old
     # b deploys a changed file: it is published, and a follows it
     (b / "pipeline.yaml").write_text(PIPELINE.format(store=store).replace("{workers: 1}", "{workers: 3}", 1))
     deployed = follower(b, connection)
-    deployed.start()
+    deployed.tick()
     assert deployed.version is not None and deployed.version.number == 3
     first.tick()
     assert first.version == deployed.version
@@ -183,7 +183,7 @@ def test_a_start_publishes_a_new_file_and_follows_the_newest_version_over_an_old
 def test_a_set_on_an_older_copy_builds_on_the_newest_version(tmp_path: Path, connection: redis.Redis) -> None:
     store = tmp_path / "store"
     a, b = host(tmp_path / "a", store), host(tmp_path / "b", store)
-    follower(a, connection).start()
+    follower(a, connection).tick()
     set_in_file(a / "pipeline.yaml", ["first.semaphore=15"], connection, "test")
 
     outcome = set_in_file(b / "pipeline.yaml", ["first.workers=4"], connection, "test")
@@ -212,7 +212,7 @@ def test_a_set_does_not_publish_over_a_version_it_did_not_start_from(
 
 def test_a_set_without_a_file_edits_the_published_version(tmp_path: Path, connection: redis.Redis) -> None:
     a = host(tmp_path / "a", tmp_path / "store")
-    follower(a, connection).start()
+    follower(a, connection).tick()
     laptop = tmp_path / "laptop"
     laptop.mkdir()
 

@@ -52,8 +52,8 @@ class PipelineWatcher:
             return cls(load_pipeline(path, check_options=True))
         try:
             raw = read_capped(source)
-        except OSError:  # the supervisor's copy is gone (it stopped): the file itself, then
-            return cls(load_pipeline(path, check_options=True))
+        except OSError:  # no copy (yet, or any more): the file itself until one is there
+            return cls(load_pipeline(path, check_options=True), source=source)
         return cls(parse_pipeline(raw, path, check_options=True), source=source)
 
     def adopt(self, loaded: LoadedPipeline) -> None:

@@ -71,17 +71,9 @@ class Follower:
     def name(self) -> str:
         return self.watcher.current().spec.name
 
-    def start(self) -> None:
-        """Before the first worker starts: publish the file, or follow the newest version."""
-        _remove_stale_copies(self.copy.parent)
-        try:
-            self._start()
-        except redis.RedisError as exc:  # the ticks try again, and wait Redis out
-            log.warning("could not read the published pipeline yet: %s", exc)
-        self.keep_copy()
-
     def tick(self) -> None:
-        """Publish an edit of the file; take up a newer published version. While Redis does not
+        """The first: publish the file, or follow the newest version, before any worker starts.
+        Then: publish an edit of the file; take up a newer published version. While Redis does not
         answer the supervisor runs on (its lease says so in the log); any other refusal of Redis's
         is a warning. The next tick tries again."""
         try:
@@ -129,6 +121,7 @@ class Follower:
         self.copy.unlink(missing_ok=True)
 
     def _start(self) -> None:
+        _remove_stale_copies(self.copy.parent)
         self._publish(self.watcher.current(), edited=False)
         self._started = True
 

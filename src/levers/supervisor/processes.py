@@ -124,8 +124,9 @@ def build_supervisor(
     watcher = PipelineWatcher(project.loaded, on_change=taking.file_changed)
     copy = copy_path(project.state_dir, os.getpid())
     by = f"{socket.gethostname()}:{os.getpid()}"
+    # its first tick publishes the file or follows the newest version: a start that fails before
+    # (a metrics address taken, say) publishes nothing
     follower = Follower(project.connection, watcher, copy, by, took_up=taking.followed)
-    follower.start()
     supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, logs, copy), only)
     supervisor.grace_s = grace_s
     supervisor.follower = follower
