@@ -190,3 +190,17 @@ def reuse(pipeline: str, phase: str, key: str) -> str:
     """String, expiring: the digest of the result a phase's job stored under reuse key ``key``
     (levers.worker.reuse); the result itself is in the artifact store."""
     return f"levers:{pipeline}:reuse:{phase}:{key}"
+
+
+def published_pipeline(pipeline: str) -> str:
+    """Hash: the newest published version of the pipeline file (number, digest, text, by)."""
+    return f"levers:{pipeline}:pipeline"
+
+
+def published_versions(pipeline: str) -> str:
+    """Sorted set: the digests of the versions published lately, scored by their number."""
+    return f"levers:{pipeline}:pipeline-versions"
+
+
+# Set: the names of the pipelines published on this server (for a `levers set` without a file).
+PUBLISHED_PIPELINES = "levers:pipelines"

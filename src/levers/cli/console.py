@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from levers.documents.submission import Outcome
     from levers.observing.reports import SupervisorLease
     from levers.observing.status import PhaseStatus, PipelineStatus
+    from levers.observing.versions import VersionStatus
 
 # What DocStatus calls a document done or failed (levers.documents.ledger, not imported for them).
 DONE, FAILED = "done", "failed"
@@ -232,7 +233,9 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     if server is not None:
         parts.append(Text(f"server: {server} (for rq info and rq-dashboard: levers url --show-password)"))
     if status.supervisors:
-        parts.append(_supervisors_table(status.supervisors))
+        parts.append(_supervisors_table(status.supervisors, status.versions))
+    if status.versions is not None:
+        parts += _version_lines(status.versions)
     if any(s.lapsed for s in status.supervisors):
         parts.append(
             Text("a lapsed lease's jobs go back to their queues once a live supervisor takes it over")
@@ -245,18 +248,37 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
     return Group(*parts)
 
 
-def _supervisors_table(supervisors: Sequence[SupervisorLease]) -> Table:
+def _supervisors_table(supervisors: Sequence[SupervisorLease], versions: VersionStatus | None) -> Table:
     table = Table(title="supervisors", title_justify="left")
     for column in ("host", "pid", "phases", "workers", "lease", "pipeline version"):
         table.add_column(column, justify="right" if column in ("pid", "workers") else "left")
+    running = versions.supervisors if versions is not None else {}
+    live = versions.live if versions is not None else None
     for s in supervisors:
         age = "-" if s.lease_age_s is None else _duration(s.lease_age_s)
         lease = Text(f"lapsed (renewed {age} ago)", style="red") if s.lapsed else f"renewed {age} ago"
         # host names, phases and versions come from Redis: shown as written
+        # reports name a supervisor by host and pid, leases by an id of their own
+        version = running.get(f"{s.host}:{s.pid}", s.version)
+        drifted = live is not None and f"{s.host}:{s.pid}" in running and version != live
         table.add_row(
-            shown(s.host), str(s.pid), shown(", ".join(s.phases)), str(s.workers), lease, shown(s.version)
-        )
+            shown(s.host), str(s.pid), shown(", ".join(s.phases)), str(s.workers), lease,
+            Text(shown(version), style="yellow" if drifted else "default"),
+        )  # fmt: skip
     return table
+
+
+def _version_lines(versions: VersionStatus) -> list[Text]:
+    """The live version, and every drift from it: a supervisor on another, a setting the local
+    pipeline.yaml holds differently."""
+    if versions.live is None:
+        return [Text("pipeline version: none published yet (a supervisor publishes its file as it starts)")]
+    lines = [Text(shown(f"pipeline version {versions.live}, published by {versions.published_by}"))]
+    lines += [Text(shown(f"drift: {line}"), style="yellow") for line in versions.drift]
+    if any(" in pipeline.yaml, " in line for line in versions.drift):
+        lines.append(Text("this pipeline.yaml lacks changes the live version has: a `levers set` here "
+                          "writes them into it with its own"))  # fmt: skip
+    return lines
 
 
 def _autoscale_table(phases: Sequence[PhaseStatus]) -> Table:
@@ -474,6 +496,12 @@ def applied(result: Any) -> None:
     """Whether running supervisors took up an edit (None: no server to ask)."""
     if result is None or result.supervisors == 0:
         note("no supervisor is running; the change applies when one starts")
+        return
+    for reason in result.refused:
+        error(reason)
+    if result.refused:
+        refused = len(result.refused)
+        note(f"{refused} of {result.supervisors} supervisor(s) refused it and run the version before")
     elif result.applied == result.supervisors:
         workers = ", ".join(f"{p} {alive}/{desired}" for p, (alive, desired) in result.workers.items())
         note(f"applied by {result.supervisors} supervisor(s); workers alive/desired: {workers}")

@@ -28,7 +28,8 @@ def status(
     watcher = PipelineWatcher(project.loaded, error=project.file_error)
 
     def read() -> PipelineStatus:
-        return pipeline_status(project.connection, watcher.current().spec, watcher.error)
+        loaded = watcher.current()
+        return pipeline_status(project.connection, loaded.spec, watcher.error, file=loaded)
 
     if as_json:
         console.print_json(read().as_json())

@@ -121,18 +121,30 @@ def set_levers(
         typer.Argument(metavar="KEY=VALUE...", help="e.g. chunking.semaphore=15 extraction.workers=5"),
     ],
     file: FileOption = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Without a pipeline file: which pipeline published on REDIS_URL."),
+    ] = None,
 ) -> None:
-    """Change settings in pipeline.yaml, keeping its comments and layout; running workers follow."""
+    """Change settings in pipeline.yaml, keeping its comments and layout, and publish them: every
+    supervisor on every host follows, and their workers."""
     from levers.observing.applying import await_supervisors
-    from levers.pipeline.editing import set_values
-    from levers.server.project import pipeline_path
+    from levers.server.setting import set_anywhere
 
-    updated, changes = set_values(pipeline_path(file), assignments)
-    if not changes:
+    outcome, connection = set_anywhere(file, assignments, pipeline)
+    if outcome.caught_up is not None:
+        console.note(f"pipeline.yaml was an older version: brought up to the published "
+                     f"{outcome.caught_up.label} first ({'; '.join(outcome.behind)})")  # fmt: skip
+    if not outcome.changes:
         console.note("nothing changed")
         return
-    console.changes(changes)
-    console.applied(await_supervisors(updated))
+    console.changes(outcome.changes)
+    publication = outcome.publication
+    if publication is None:
+        console.note("not published: the pipeline's Redis does not answer; this file alone has the change")
+        return
+    console.note(f"published as version {publication.version.label}")
+    console.applied(await_supervisors(outcome.updated, connection))
 
 
 @reports_errors

@@ -102,9 +102,7 @@ def up(
     supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
     supervisor.workers = workers
     exporter = (
-        pool.start_exporter(supervisor.watcher, project.target, metrics_host, metrics_port)
-        if metrics_port
-        else None
+        pool.start_exporter(supervisor, project.target, metrics_host, metrics_port) if metrics_port else None
     )
     pool.SignalLatch(supervisor).install()
     metrics_at = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
@@ -180,8 +178,11 @@ def submit(
         if not name:
             raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
         data = sys.stdin.buffer.read()
-        submitted = {"priority": priority.value, "keep_versions": keep_versions, "reuse": not no_reuse}
-        results = [submitter.submit_bytes(data, name, force, **submitted)]
+        results = [
+            submitter.submit_bytes(
+                data, name, force, priority=priority.value, keep_versions=keep_versions, reuse=not no_reuse
+            )
+        ]
         paths = [p for p in paths if p != "-"]
     else:
         results = []

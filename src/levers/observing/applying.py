@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import redis
+
 from levers.observing.reports import SupervisorReport, live_reports
 from levers.pipeline.loading import LoadedPipeline
 from levers.server.connection import connect_if_running
@@ -19,19 +21,26 @@ class Applied:
     supervisors: int  # live supervisors found
     applied: int  # of which run the new version
     workers: dict[str, tuple[int, int]]  # phase -> (alive, desired), summed over supervisors
+    refused: list[str]  # why supervisors refused the new version (its handlers' options, say)
 
 
-def await_supervisors(updated: LoadedPipeline, timeout_s: float = APPLY_TIMEOUT_S) -> Applied | None:
-    """Wait for live supervisors to report the new file's digest; None when no server is reachable."""
-    connection = connect_if_running(updated)
+def await_supervisors(
+    updated: LoadedPipeline, connection: redis.Redis | None = None, timeout_s: float = APPLY_TIMEOUT_S
+) -> Applied | None:
+    """Wait for live supervisors to report the new version's digest (on ``connection``, default:
+    the pipeline's Redis if it runs); None when no server is reachable."""
+    connection = connection or connect_if_running(updated)
     if connection is None:
         return None
     deadline = time.monotonic() + timeout_s
     while True:
         reports = live_reports(connection, updated.spec.name)
         current = [r for r in reports if r.digest == updated.digest and _settled(r)]
-        if len(current) == len(reports) or time.monotonic() >= deadline:
-            return Applied(len(reports), len(current), _workers(reports))
+        # a supervisor that refused the version names it, by its digest's first characters
+        refused = [r.config_error for r in reports if r.digest != updated.digest and r.config_error
+                   and updated.digest[:8] in r.config_error]  # fmt: skip
+        if len(current) + len(refused) == len(reports) or time.monotonic() >= deadline:
+            return Applied(len(reports), len(current), _workers(reports), refused)
         time.sleep(POLL_S)
 
 

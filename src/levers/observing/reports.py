@@ -68,6 +68,7 @@ class SupervisorReport:
     memory_mb: float | None = None  # its host's total
     busy_cores: float | None = None  # its host's cores busy over the last minute, every program's work
     own_cores: float | None = None  # of them, what this supervisor and its workers used
+    version: int | None = None  # the number of the published pipeline version it runs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

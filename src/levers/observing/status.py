@@ -32,6 +32,8 @@ from levers.observing.reports import (
     live_reports,
     supervisor_leases,
 )
+from levers.observing.versions import VersionStatus, version_status
+from levers.pipeline.loading import LoadedPipeline
 from levers.pipeline.model import Pipeline
 
 # Queue depths past these call for more workers, then for them at once (the seed's thresholds).
@@ -139,10 +141,12 @@ class PipelineStatus:
     limits: list[dict[str, Any]]
     memory_percent: float | None  # the fullest supervisor host's memory use
     cpu_percent: float | None = None  # the busiest supervisor host's CPU use over the last minute
+    versions: VersionStatus | None = None  # the published version, and who runs another
 
     def as_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
+            "pipeline_version": self.versions.as_json() if self.versions else None,
             "supervisors": [asdict(s) for s in self.supervisors],
             "config_error": self.config_error,
             "limits": self.limits,
@@ -153,9 +157,16 @@ class PipelineStatus:
         }  # fmt: skip
 
 
-def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | None = None) -> PipelineStatus:
-    """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version."""
+def pipeline_status(
+    connection: redis.Redis, spec: Pipeline, file_error: str | None = None, file: LoadedPipeline | None = None
+) -> PipelineStatus:
+    """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version.
+    With ``file`` (the local pipeline.yaml), the published version is compared with it and with
+    each supervisor's, and the phases are shown with the live version's levers."""
     reports = live_reports(connection, spec.name)
+    versions = version_status(connection, file, reports) if file is not None else None
+    if versions is not None and versions.live_spec is not None:
+        spec = versions.live_spec
     ledger = Ledger(connection, spec.name)
     phases = _mark_bottleneck(
         [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
@@ -167,7 +178,7 @@ def pipeline_status(connection: redis.Redis, spec: Pipeline, file_error: str | N
     cpu = max((r.cpu_percent for r in reports if r.cpu_percent is not None), default=None)
     supervisors = supervisor_leases(connection, spec.name)
     error = errors[0] if errors else None
-    return PipelineStatus(spec.name, phases, supervisors, error, limits, memory, cpu)
+    return PipelineStatus(spec.name, phases, supervisors, error, limits, memory, cpu, versions)
 
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:

@@ -88,7 +88,7 @@ def get_value(loaded: LoadedPipeline, dotted: str) -> Any:
 
 def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, list[Change]]:
     """Apply ``KEY=VALUE`` assignments to the file; nothing is written unless all of them are valid."""
-    with _locked(path):
+    with file_lock(path):
         current = load_pipeline(path)
         text = path.read_text()
         new_text, changes = edit_text(path, text, list(current.spec.phases), assignments)
@@ -150,7 +150,8 @@ def _mapping_indent(text: str) -> int:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Held while a pipeline file is edited: edits one after another lose no update."""
     # in the state directory, which its .gitignore keeps out of version control
     lock_path = make_state_dir(state_dir_of(path)) / f"{path.name}.lock"
     with lock_path.open("w") as handle:

@@ -11,7 +11,7 @@ import importlib
 import sys
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -32,11 +32,13 @@ Loc = Sequence[str | int]
 
 @dataclass(frozen=True)
 class LoadedPipeline:
-    """A valid pipeline and where it came from. ``digest`` changes whenever the file's bytes do."""
+    """A valid pipeline and where it came from. ``digest`` changes whenever the file's bytes do;
+    ``text`` is those bytes (None for a version kept as JSON: the last good one)."""
 
     path: Path
     spec: Pipeline
     digest: str
+    text: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def project_dir(self) -> Path:
@@ -88,7 +90,7 @@ def parse_pipeline(
             problems += _options_problems(tree, shown, phase_options)
     if problems:
         raise SpecError(_in_file_order(problems))
-    return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest())
+    return LoadedPipeline(path=path.resolve(), spec=spec, digest=hashlib.sha256(raw).hexdigest(), text=raw)
 
 
 def read_tree(text: str, path: Path, yaml: YAML) -> CommentedMap:

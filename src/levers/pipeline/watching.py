@@ -4,6 +4,10 @@
 the file's bytes changed, and never hands out a pipeline that failed validation, phase options
 included (checked against the models of the handlers' modules, which a watcher imports). A watcher may be
 shared by threads: at worst two of them read the same edit.
+
+A supervisor's watcher may also ``adopt`` a version published by another host: it is handed out
+until the file's own content changes. A worker's watcher reads its supervisor's copy of the
+version it runs (``source``), named and anchored as pipeline.yaml.
 """
 
 from __future__ import annotations
@@ -21,25 +25,41 @@ from levers.pipeline.safe_yaml import read_capped
 
 
 class PipelineWatcher:
-    """``on_change`` is called with each new valid version (not with the first); ``error`` is the
-    file's own when it is invalid and ``loaded`` is its last good version."""
+    """``on_change`` is called with each new valid version of the file (not with the first);
+    ``error`` is the file's own when it is invalid and ``loaded`` is its last good version."""
 
     def __init__(
         self,
         loaded: LoadedPipeline,
         on_change: Callable[[LoadedPipeline], None] | None = None,
         error: str | None = None,
+        source: Path | None = None,
     ) -> None:
         self.path = loaded.path
+        self.source = source or self.path  # the file read: pipeline.yaml, or a supervisor's copy
         self._good = loaded
         self._on_change = on_change
-        self._stamp = _stamp(self.path)
+        self._stamp = _stamp(self.source)
         self._looked = time.monotonic()
         self.error = error
+        self.file_digest = loaded.digest  # of the file's content last read, valid or not
+        self._unreadable: str | None = None  # the error of the last read that failed
 
     @classmethod
-    def open(cls, path: Path) -> PipelineWatcher:
-        return cls(load_pipeline(path, check_options=True))
+    def open(cls, path: Path, source: Path | None = None) -> PipelineWatcher:
+        """A watcher of ``source`` (default: ``path``), read as the pipeline file ``path``."""
+        if source is None:
+            return cls(load_pipeline(path, check_options=True))
+        try:
+            raw = read_capped(source)
+        except OSError:  # no copy (yet, or any more): the file itself until one is there
+            return cls(load_pipeline(path, check_options=True), source=source)
+        return cls(parse_pipeline(raw, path, check_options=True), source=source)
+
+    def adopt(self, loaded: LoadedPipeline) -> None:
+        """Hand out ``loaded``, a valid version from elsewhere (published by another host), until
+        the file's content changes. ``on_change`` is the file's: the caller says what it took up."""
+        self._good = loaded
 
     def current(self, max_age_s: float = 0.0) -> LoadedPipeline:
         """The newest valid version of the file (the last good one while the file is invalid);
@@ -48,16 +68,23 @@ class PipelineWatcher:
         if now - self._looked < max_age_s:
             return self._good
         self._looked = now
-        stamp = _stamp(self.path)
+        stamp = _stamp(self.source)
         if stamp == self._stamp and not _racy(stamp):
             return self._good
         self._stamp = stamp
         try:
-            raw = read_capped(self.path)  # a file grown past the limit is refused, not read whole
+            raw = read_capped(self.source)  # a file grown past the limit is refused, not read whole
         except OSError as exc:
-            self.error = f"{self.path}: {exc.strerror}"
+            self.error = self._unreadable = f"{self.source}: {exc.strerror}"
             return self._good
-        if hashlib.sha256(raw).hexdigest() == self._good.digest:
+        digest = hashlib.sha256(raw).hexdigest()
+        # the content did not change: an adopted version stays, and so does an invalid edit's error
+        if digest == self.file_digest:
+            if self.error is not None and self.error == self._unreadable:
+                self.error = None
+            return self._good
+        self.file_digest = digest
+        if digest == self._good.digest:
             self.error = None
             return self._good
         try:

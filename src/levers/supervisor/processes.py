@@ -40,6 +40,7 @@ from levers.server.connection import Target, embedded_server
 from levers.server.outage import REFUSED, UNREACHABLE, Outage, no_resend, reason, where
 from levers.server.project import Project, save_last_good
 from levers.supervisor.demand import observe
+from levers.supervisor.following import Follower, copy_path
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
 from levers.supervisor.usage import HostCpu, ProcessUsage
@@ -69,6 +70,7 @@ class LogOptions:
 class PoolOptions:
     target: Target
     logs: LogOptions = LogOptions()
+    copy: Path | None = None  # the bytes of the version the supervisor runs, which its workers follow
 
 
 class WorkerProcess(ForkProcess):
@@ -118,9 +120,16 @@ def build_supervisor(
     save_last_good(project.loaded)
     register_queues(project.connection, project.loaded.spec)
     configure_logging(logs)
-    watcher = PipelineWatcher(project.loaded, on_change=_took_up(project.connection, project.loaded))
-    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, logs), only)
+    taking = TakingUp(project.connection, project.loaded)
+    watcher = PipelineWatcher(project.loaded, on_change=taking.file_changed)
+    copy = copy_path(project.state_dir, os.getpid())
+    by = f"{socket.gethostname()}:{os.getpid()}"
+    # its first tick publishes the file or follows the newest version: a start that fails before
+    # (a metrics address taken, say) publishes nothing
+    follower = Follower(project.connection, watcher, copy, by, took_up=taking.followed)
+    supervisor = make_supervisor(watcher, project.connection, PoolOptions(project.target, logs, copy), only)
     supervisor.grace_s = grace_s
+    supervisor.follower = follower
     return supervisor
 
 
@@ -140,25 +149,30 @@ def revive_embedded(project: Project) -> Callable[[], object]:
     return revive
 
 
-def _took_up(connection: redis.Redis, first: LoadedPipeline) -> Callable[[LoadedPipeline], None]:
-    """What follows a new valid pipeline.yaml: say which levers moved, keep it as the last good
-    version and register its queues. Neither is worth a supervisor: a failure is a warning, and
-    the next edit tries again."""
-    last = [first]
+class TakingUp:
+    """What follows a new valid version, of the file or published by another host: keep it as
+    the last good version and register its queues; for the file, say which levers moved."""
 
-    def took_up(loaded: LoadedPipeline) -> None:
-        log.info("pipeline.yaml changed: %s", lever_changes(last[0].spec, loaded.spec) or "no lever moved")
-        last[0] = loaded
+    def __init__(self, connection: redis.Redis, first: LoadedPipeline) -> None:
+        self.connection = connection
+        self.running = first
+
+    def file_changed(self, loaded: LoadedPipeline) -> None:
+        moved = lever_changes(self.running.spec, loaded.spec) or "no lever moved"
+        log.info("pipeline.yaml changed: %s", moved)
+        self.followed(loaded)
+
+    def followed(self, loaded: LoadedPipeline) -> None:
+        """Neither step is worth a supervisor: a failure is a warning, and the next version tries again."""
+        self.running = loaded
         try:
             save_last_good(loaded)
         except OSError as exc:
             log.warning("could not keep the last good pipeline: %s", exc)
         try:
-            register_queues(connection, loaded.spec)
+            register_queues(self.connection, loaded.spec)
         except redis.RedisError as exc:
             log.warning("could not register the queues of the new pipeline: %s", exc)
-
-    return took_up
 
 
 def make_supervisor(
@@ -228,11 +242,11 @@ def _worker_main(
             os.dup2(log_file.fileno(), 2)
     run_worker(
         path, phase, options.target.url, options.target.embedded, progress, supervisor_pid,
-        WorkerLogs(verbose=logs.verbose, json=logs.json),
+        WorkerLogs(verbose=logs.verbose, json=logs.json), options.copy,
     )  # fmt: skip
 
 
-def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: int) -> BaseProcess:
+def start_exporter(supervisor: Supervisor, target: Target, host: str, port: int) -> BaseProcess:
     """Serve /metrics from a process of its own; the address is checked here, so a clash is one line."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -243,8 +257,11 @@ def start_exporter(watcher: PipelineWatcher, target: Target, host: str, port: in
         raise UsageError(message, fix="pick another --metrics-host or --metrics-port") from None
     from levers.observing.exporter import serve
 
-    # a watcher of its own: taking up an edit (and saying so) is the supervisor's
-    args = (PipelineWatcher(watcher.current(), error=watcher.error), target, host, port, os.getpid())
+    # a watcher of its own, of the version the supervisor runs: taking up an edit (and saying so)
+    # is the supervisor's
+    watcher, copy = supervisor.watcher, supervisor.follower.copy if supervisor.follower else None
+    own = PipelineWatcher(watcher.current(), error=watcher.error, source=copy)
+    args = (own, target, host, port, os.getpid())
     process = _fork.Process(target=serve, args=args, name="levers-metrics", daemon=True)
     process.start()
     return process
@@ -359,6 +376,8 @@ def run(
         reporter.withdraw()
         if supervisor.finished():  # else the lease lapses, and another supervisor takes the jobs over
             lease.release()
+            if supervisor.follower is not None:
+                supervisor.follower.close()
 
 
 def _revive(revive: Callable[[], object]) -> None:

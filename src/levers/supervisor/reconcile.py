@@ -1,7 +1,8 @@
 """The supervisor: keeps each phase at its declared number of workers by reconciling, tick by tick.
 
-Each tick: follow pipeline.yaml, reap the dead (recovering the jobs they were running), then
-grow or shrink every phase toward its ``workers`` lever. A worker that dies soon after its start
+Each tick: follow pipeline.yaml and the version published in Redis (levers.supervisor.following),
+reap the dead (recovering the jobs they were running), then grow or shrink every phase toward its
+``workers`` lever. A worker that dies soon after its start
 without having started a job is crashing: it comes back with exponential backoff, and a phase
 whose workers keep crashing is marked failing. One that started jobs was killed (out of memory,
 kill -9, or by its job, which then fails after ``retries`` such deaths): it is replaced at once.
@@ -27,13 +28,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from levers.observing.reports import AutoscaleReport, PhaseReport, SupervisorReport
 from levers.pipeline.loading import LoadedPipeline
 from levers.pipeline.model import Phase, Pipeline
 from levers.pipeline.watching import PipelineWatcher
 from levers.supervisor.scaling import Decision, Inputs, LimitUse, Load, Observed, Scaler, memory_cap
+
+if TYPE_CHECKING:
+    from levers.supervisor.following import Follower
 
 log = logging.getLogger("levers.supervisor.reconcile")
 
@@ -133,6 +137,8 @@ class Supervisor:
     scalers: dict[str, Scaler] = field(default_factory=dict)
     decisions: dict[str, Decision] = field(default_factory=dict)
     workers: int | None = None  # per phase, over the file's workers and autoscale: the platform scales
+    # the published pipeline it follows (None: the file alone, as in tests of the loop)
+    follower: Follower | None = None
 
     def desired(self, loaded: LoadedPipeline | None = None) -> dict[str, int]:
         """Workers wanted per phase this host runs, from ``loaded`` (default: the current pipeline)."""
@@ -158,6 +164,8 @@ class Supervisor:
 
         A seam that raises ends the pass; the next one takes up where it stopped (a dead worker
         stays in ``slots``, not replaced, until its jobs are recovered)."""
+        if self.follower is not None and not self.stopping:
+            self.follower.tick()
         loaded = self.watcher.current()
         if self.stopping:
             self._enforce_stop_deadline()  # first: a stop must end even while recovery cannot
@@ -229,9 +237,10 @@ class Supervisor:
             pid=os.getpid(),
             updated=time.time(),
             digest=self.watcher.current().digest,
-            config_error=self.watcher.error,
+            config_error=self.watcher.error or (self.follower.error if self.follower else None),
             memory_percent=None,
             phases=phases,
+            version=self.follower.version.number if self.follower and self.follower.version else None,
         )
 
     def _autoscale_report(self, phase: str) -> AutoscaleReport | None:

@@ -173,7 +173,7 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
         if isinstance(started.doc.content, Path):  # a remote store's local copy goes
             runtime.store(spec).release(started.doc.content)
     seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
-    return PerformedPhase(started, spec, output, calls, seconds, cpu_s, key, reused)
+    return PerformedPhase(started, spec, output, calls, seconds, cpu_s, reuse_key=key, reused=reused)
 
 
 def _stored(

@@ -71,16 +71,17 @@ class WorkerLogs:
 def run_worker(
     pipeline_path: Path, phase: str, target_url: str, embedded: bool,
     progress: WorkerProgress | None = None, supervisor_pid: int | None = None,
-    logs: WorkerLogs = WorkerLogs(),
+    logs: WorkerLogs = WorkerLogs(), copy: Path | None = None,
 ) -> None:  # fmt: skip
     """Body of a worker process: serve ``phase``'s queue until told to stop, or until the
-    supervisor (default: the parent process) is gone; ``progress`` is shared with it."""
+    supervisor (default: the parent process) is gone; ``progress`` is shared with it. ``copy``
+    holds the version of the pipeline the supervisor runs (default: the file itself)."""
     supervisor_pid = supervisor_pid or os.getppid()
     # the supervisor handles the terminal's signals; a worker hears only what the supervisor sends
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    watcher = PipelineWatcher.open(pipeline_path)
+    watcher = PipelineWatcher.open(pipeline_path, copy)
     spec = watcher.current().spec
     # not connected yet: with the server away, the worker waits for it as it registers
     connection = no_resend(client(Target(url=target_url, embedded=embedded)))
