@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from levers import keys
 from levers.limits.adaptive import MAX_PAUSE_S, MAX_PROVIDER_RATE
-from levers.limits.shared import limit_settings
-from levers.pipeline.model import Pipeline
+
+if TYPE_CHECKING:
+    from levers.pipeline.model import LimitSettings, Pipeline
 
 # The span of the refusal count.
 REFUSALS_SPAN_MS = 60_000
@@ -22,7 +23,7 @@ def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dic
 
     Costs one TIME and one pipelined round trip, whatever the traffic.
     """
-    settings = limit_settings(pipeline, name)
+    settings = _declared(pipeline, name)
     seconds, micros = connection.time()
     now_ms = seconds * 1000 + micros // 1000
     window_start_ms = now_ms - round(settings.window_seconds * 1000)
@@ -51,6 +52,15 @@ def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dic
         "calls_in_window": in_window,
         **{field: int(counters.get(field, 0)) for field in ("calls", "rate_limited", "peak_in_flight")},
     }
+
+
+def _declared(pipeline: Pipeline, name: str) -> LimitSettings:
+    if name in pipeline.limits:
+        return pipeline.limits[name]
+    # the limits' own module (asyncio, its scripts), which `levers status` does without, says why not
+    from levers.limits.shared import limit_settings
+
+    return limit_settings(pipeline, name)
 
 
 def _text_keys(values: dict[Any, Any]) -> dict[str, Any]:
