@@ -82,8 +82,12 @@ def commands(url: str, doc_id: str) -> dict[str, list[str]]:
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
     began = time.perf_counter()
-    subprocess.run(argv, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - began
+    done = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)  # fmt: skip
+    took = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return took
 
 
 def with_source(env: dict[str, str], source: Path | None) -> dict[str, str]:
