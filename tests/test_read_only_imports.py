@@ -57,6 +57,7 @@ NOT_USED = {
         "levers.observing.exporter",
         "levers.documents",
         "levers.limits",
+        "rich",
     ),
 }
 # The embedded server: read-only commands find it running, they never start it.

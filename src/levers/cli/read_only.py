@@ -81,9 +81,8 @@ def plan(
     as_json: bool = False,
 ) -> None:
     """Capacity per phase: throughput, bottleneck, latency, burst drain, CPU and RAM; what-ifs with --set."""
-    from levers.cli import console
     from levers.planning.capacity import parse_rate
-    from levers.planning.views import PlanFormat, render
+    from levers.planning.cells import PlanFormat
     from levers.planning.whatif import observe, plan_report
     from levers.server.project import pipeline_path
 
@@ -98,5 +97,8 @@ def plan(
     if as_json:
         print_json(report.as_json())
     else:
+        from levers.cli import console
+        from levers.planning.views import render
+
         # soft wrap: a markdown table row must stay one line, however wide the terminal
         console.out.print(render(report, PlanFormat(fmt)), soft_wrap=fmt == PlanFormat.markdown)
