@@ -82,8 +82,12 @@ def commands(url: str, doc_id: str) -> dict[str, list[str]]:
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
     began = time.perf_counter()
-    subprocess.run(argv, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - began
+    done = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)  # fmt: skip
+    took = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return took
 
 
 def with_source(env: dict[str, str], source: Path | None) -> dict[str, str]:
@@ -128,11 +132,13 @@ def run(rounds: int, compare: Path | None) -> Startup:
             label: (argv, env) for label, argv in commands(server.url, submitted.stdout.split()[0]).items()
         }
         if compare is not None:
-            argvs[f"levers status --json ({compare})"] = (
-                argvs["levers status --json"][0],
-                with_source(env, compare),
-            )
-        for argv, argv_env in argvs.values():  # once each first: files cached, bytecode compiled
+            # through `python -m levers`, as the other checkout's console script may differ: this
+            # one's the same way, for a like-for-like pair
+            module = [PYTHON, "-m", "levers", "status", "--json"]
+            argvs["python -m levers status --json"] = (module, env)
+            argvs[f"python -m levers status --json ({compare})"] = (module, with_source(env, compare))
+        # once each first: files cached, bytecode compiled, pipeline.yaml validated and recorded
+        for argv, argv_env in argvs.values():
             timed(argv, root, argv_env)
         seconds: dict[str, list[float]] = {label: [] for label in argvs}
         for _ in range(rounds):
@@ -147,6 +153,12 @@ def render(result: Startup, info: dict[str, str]) -> str:
          f"{result.ratio(label):.2f}"]
         for label, times in result.seconds.items()
     ]  # fmt: skip
+    compared = (
+        "\nThe `python -m levers` rows run the module, this checkout's and the compared one's (whose console"
+        "\nscript may differ), for a like-for-like pair."
+        if any(label.startswith("python -m levers status --json (") for label in result.seconds)
+        else ""
+    )
     imports = md_table(["module (imported by `levers status --json`)", "ms, with its imports"],
                        [[name, f"{us / 1000:.0f}"] for name, us in result.imports])  # fmt: skip
     return f"""{SECTION}
@@ -154,7 +166,7 @@ def render(result: Startup, info: dict[str, str]) -> str:
 `{info["command"]}` at {info["source"]}, {info["started"]}, on {info["cpu"]}, load {info["load"]}.
 Each command a fresh process through its console script, against one embedded server holding
 {DOCUMENTS} queued documents of a three-phase pipeline, in turns, {result.rounds} rounds: wall
-time from start to exit, median and range; "x rq info": the median of the per-round ratios.
+time from start to exit, median and range; "x rq info": the median of the per-round ratios.{compared}
 
 {md_table(["command", "ms (median)", "range", "x rq info"], rows)}
 
@@ -170,7 +182,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="runs of each command (default 15)")
     parser.add_argument(
         "--compare", type=Path, default=None,
-        help="another checkout's src directory: its `levers status --json` timed in the same rounds",
+        help="another checkout's src directory: its `python -m levers status --json` timed in the same "
+        "rounds, beside this one's",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)

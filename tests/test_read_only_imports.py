@@ -16,17 +16,20 @@ import pytest
 
 from tests.conftest import levers, make_project
 
-# Runs the levers command given as arguments, then writes sys.modules to the file named first.
+# Runs the levers command given as arguments, as its console script does, then writes
+# sys.modules to the file named first.
 HARNESS = """
 import atexit, json, sys
 out = sys.argv.pop(1)
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
-from levers.cli.app import app
-app(prog_name="levers")
+from levers.cli.entry import main
+main()
 """
 
 # No read-only command needs these: the worker's and supervisor's code, submitting, the embedded
-# server's package (it imports a Redis client of its own), progress bars and live displays.
+# server's package (it imports a Redis client of its own), progress bars and live displays; nor
+# the Typer app (its common forms are parsed without it), nor the YAML parser once the file's
+# bytes have been validated (the pipeline is read from its record).
 NEVER = (
     "levers.worker",
     "levers.supervisor",
@@ -36,12 +39,16 @@ NEVER = (
     "valkey",
     "rich.progress",
     "rich.live",
+    "typer",
+    "click",
+    "levers.cli.app",
+    "ruamel",
 )
-# What each command does not use on top of that.
+# What each command does not use on top of that; with --json, nothing is drawn in the terminal.
 NOT_USED = {
-    "status": ("levers.documents.lookup", "levers.planning", "levers.pipeline.editing"),
+    "status": ("levers.documents.lookup", "levers.planning", "levers.pipeline.editing", "rich"),
     "get": ("rq", "levers.observing", "levers.documents", "levers.limits", "levers.planning"),
-    "show": ("rq", "levers.observing", "levers.limits", "levers.planning"),
+    "show": ("rq", "levers.observing", "levers.limits", "levers.planning", "rich"),
     # plan reads the supervisors' reports (the hosts' cores), not the status or its advice
     "plan": (
         "rq",
@@ -50,6 +57,7 @@ NOT_USED = {
         "levers.observing.exporter",
         "levers.documents",
         "levers.limits",
+        "rich",
     ),
 }
 # The embedded server: read-only commands find it running, they never start it.
@@ -69,11 +77,13 @@ def loaded_modules(root: Path, *args: str, env: dict[str, str] = EMBEDDED) -> li
 
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A project whose embedded server runs (`levers submit` started it) with a document queued."""
+    """A project whose embedded server runs (`levers submit` started it) with a document queued,
+    its pipeline file read by a command before (so validated and recorded)."""
     root = make_project(tmp_path, docs=1)
     submitted = levers("submit", "docs", cwd=root, env=EMBEDDED)
     try:
         assert submitted.returncode == 0, submitted.stderr
+        assert levers("get", "name", cwd=root, env=EMBEDDED).returncode == 0
         yield root, submitted.stdout.split()[0]
     finally:
         levers("down", cwd=root, env=EMBEDDED)
@@ -85,7 +95,7 @@ def test_a_read_only_command_imports_only_what_it_uses(project: tuple[Path, str]
     args = {
         "status": ["status", "--json"],
         "get": ["get", "phases.first.levers.workers"],
-        "show": ["show", doc_id[:10]],
+        "show": ["show", doc_id[:10], "--json"],
         "plan": ["plan", "--json"],
     }[command]
     modules = loaded_modules(root, *args)

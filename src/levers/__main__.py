@@ -1,3 +1,3 @@
-from levers.cli.app import app
+from levers.cli.entry import main
 
-app(prog_name="levers")
+main()

@@ -4,12 +4,12 @@ Names, errors and outputs come from outside: every such text goes through ``safe
 markup and emoji codes are off, so ``[red]`` or ``:x:`` in a name is shown as written.
 
 Every command imports this module, so it imports levers' other modules only where a function needs
-them: a read-only command (`levers status --json`) loads what it reads and nothing more.
+them: a read-only command loads what it reads and nothing more. JSON output (``print_json``) lives
+in ``levers.cli.json_out``, which a command answering in JSON imports without this module.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -20,6 +20,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from levers.cli.json_out import print_json
 from levers.errors import LeversError, SpecError
 from levers.safe import shown
 
@@ -57,10 +58,6 @@ def note(text: str) -> None:
 def text_block(text: str) -> None:
     """Text of several lines on stdout (a pipeline's summary of its results)."""
     out.print(shown(text, keep_newlines=True), soft_wrap=True)
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def outcomes(results: Sequence[Outcome], as_json: bool) -> None:

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from levers.cli import console
+from levers.cli import console, read_only
 from levers.cli.options import FileOption, JsonOption, reports_errors
-from levers.errors import UsageError
 
 
 @reports_errors
@@ -19,24 +18,7 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second.")] = False,
 ) -> None:
     """Per phase: queued, running, done, failed, and workers alive/desired."""
-    from levers.observing.status import PipelineStatus, pipeline_status
-    from levers.pipeline.watching import PipelineWatcher
-    from levers.server.project import open_project
-
-    project = open_project(file, last_good=True)
-    # each refresh of --watch reads the file again: a `levers set` shows at the next one
-    watcher = PipelineWatcher(project.loaded, error=project.file_error)
-
-    def read() -> PipelineStatus:
-        loaded = watcher.current()
-        return pipeline_status(project.connection, loaded.spec, watcher.error, file=loaded)
-
-    if as_json:
-        console.print_json(read().as_json())
-    elif watch:
-        console.watch_status(read, project.target.masked)
-    else:
-        console.status_table(read(), project.target.masked)
+    read_only.status(file, as_json, watch)
 
 
 @reports_errors
@@ -69,17 +51,7 @@ def show(
 ) -> None:
     """One document's timeline: each phase's start, time, attempts, errors and output; or the
     versions of a name: each one's id, content hash, when it came and its status."""
-    from levers.documents.lookup import NameVersions, show_view
-
-    view = show_view(file, doc_id)
-    if isinstance(view, NameVersions):
-        console.name_versions(view, as_json)
-        return
-    record, outputs = view
-    if as_json:
-        console.print_json({"document": record.__dict__, "outputs": outputs})
-    else:
-        console.document_timeline(record, outputs)
+    read_only.show(doc_id, file, as_json)
 
 
 @reports_errors
@@ -106,21 +78,4 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Capacity per phase: throughput, bottleneck, latency, burst drain, CPU and RAM; what-ifs with --set."""
-    from levers.planning.capacity import parse_rate
-    from levers.planning.views import PlanFormat, render
-    from levers.planning.whatif import observe, plan_report
-    from levers.server.project import pipeline_path
-
-    if fmt not in PlanFormat.__members__:
-        raise UsageError(f"unknown format {fmt!r}", fix="use --format table or --format markdown")
-    if check and not measured:
-        raise UsageError("--check compares with measured figures", fix="leave out --no-measured")
-    arrival = parse_rate(rate) if rate is not None else None
-    path = pipeline_path(file)
-    figures, hosts = observe(path, measured)
-    report = plan_report(path, assignments or [], base, burst, arrival, figures, hosts, check)
-    if as_json:
-        console.print_json(report.as_json())
-    else:
-        # soft wrap: a markdown table row must stay one line, however wide the terminal
-        console.out.print(render(report, PlanFormat(fmt)), soft_wrap=fmt == PlanFormat.markdown)
+    read_only.plan(file, assignments or (), base, burst, rate, fmt, measured, check, as_json)

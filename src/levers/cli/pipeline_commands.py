@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from levers.cli import console
+from levers.cli import console, read_only
 from levers.cli.options import FileOption, JsonOption, reports_errors
 from levers.errors import EXIT_BAD_INPUT, SpecError
 from levers.pipeline.model import MAX_TIMEOUT_S
@@ -153,10 +153,4 @@ def get(
     file: FileOption = None,
 ) -> None:
     """Print one setting's effective value (defaults included)."""
-    from levers.pipeline.editing import get_value
-    from levers.pipeline.loading import load_pipeline
-    from levers.server.connection import masked_values
-    from levers.server.project import pipeline_path
-
-    value = masked_values(get_value(load_pipeline(pipeline_path(file)), key))
-    console.print_json(value) if isinstance(value, (dict, list)) else console.out.print(str(value))
+    read_only.get(key, file)

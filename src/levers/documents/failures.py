@@ -13,15 +13,17 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
 from levers import keys
 from levers.documents.ledger import DocStatus, DocumentRecord, Ledger
-from levers.documents.routing import enqueue_phase
-from levers.documents.store import ArtifactStore
 from levers.errors import UsageError
-from levers.pipeline.model import Pipeline
+
+if TYPE_CHECKING:
+    from levers.documents.store import ArtifactStore
+    from levers.pipeline.model import Pipeline
 
 # How often a supervisor looks for failed documents past failed_ttl.
 EXPIRY_EVERY_S = 60.0
@@ -189,6 +191,9 @@ class Failures:
         return None
 
     def _requeue(self, pipe: redis.client.Pipeline, record: DocumentRecord) -> None:
+        # routing (RQ's jobs) only here: `levers status` counts failed documents with this module
+        from levers.documents.routing import enqueue_phase
+
         # RQ's enqueue opens the transaction (MULTI) itself, so it comes first
         enqueue_phase(
             self.connection, self.spec, record.phase, record.id, record.name, pipeline=pipe,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from levers import keys
 from levers.limits.adaptive import MAX_PAUSE_S, MAX_PROVIDER_RATE
-from levers.limits.shared import limit_settings
-from levers.pipeline.model import Pipeline
+
+if TYPE_CHECKING:
+    from levers.pipeline.model import LimitSettings, Pipeline
 
 # The span of the refusal count.
 REFUSALS_SPAN_MS = 60_000
@@ -23,7 +24,7 @@ def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dic
 
     Costs one TIME and one pipelined round trip, whatever the traffic.
     """
-    settings = limit_settings(pipeline, name)
+    settings = _declared(pipeline, name)
     seconds, micros = connection.time()
     now_ms = seconds * 1000 + micros // 1000
     window_start_ms = now_ms - round(settings.window_seconds * 1000)
@@ -67,6 +68,15 @@ def learned_concurrency(connection: redis.Redis, pipeline: Pipeline, names: Iter
         answers = pipe.execute()
     learned = {name: _effective(declared[name], value) for name, value in zip(declared, answers, strict=True)}
     return {name: value for name, value in learned.items() if value is not None and value < declared[name]}
+
+
+def _declared(pipeline: Pipeline, name: str) -> LimitSettings:
+    if name in pipeline.limits:
+        return pipeline.limits[name]
+    # the limits' own module (asyncio, its scripts), which `levers status` does without, says why not
+    from levers.limits.shared import limit_settings
+
+    return limit_settings(pipeline, name)
 
 
 def _text_keys(values: dict[Any, Any]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 An edit keeps the file's comments, key order, quoting, blank lines and indentation (ruamel.yaml
 round trip), so its diff is exactly the values that changed. It is validated with the same model
 as every load before anything is written, written atomically (temporary file, then rename) and
-made under an exclusive lock, so two concurrent edits lose no update.
+made under an exclusive lock, so two concurrent edits lose no update. ruamel.yaml is imported by
+the functions that edit: `levers get` reads the validated pipeline and needs no parser.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.util import load_yaml_guess_indent
+from typing import TYPE_CHECKING, Any
 
 from levers.errors import UsageError
 from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree, state_dir_of
 from levers.pipeline.model import LeverSettings, Phase, Pipeline, did_you_mean
-from levers.pipeline.safe_yaml import round_trip_yaml
+
+if TYPE_CHECKING:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
 
 LEVER_NAMES = tuple(LeverSettings.model_fields)
 PHASE_KEYS = tuple(Phase.model_fields)
@@ -66,6 +66,8 @@ def resolve_path(dotted: str, phases: Sequence[str]) -> tuple[str, ...]:
 
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as YAML (15 is a number, true a boolean, [a, b] a list)."""
+    from ruamel.yaml import YAML
+
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UsageError(f"{text!r} is not KEY=VALUE", fix="e.g. levers set chunking.semaphore=15")
@@ -104,6 +106,8 @@ def edit_text(
 ) -> tuple[str, list[Change]]:
     """``text`` of the pipeline file ``path`` with ``KEY=VALUE`` assignments applied, layout kept.
     Loaded within the budgets of every load (SpecError past them), but not validated."""
+    from levers.pipeline.safe_yaml import round_trip_yaml
+
     parsed = [parse_assignment(a) for a in assignments]
     yaml = round_trip_yaml()
     yaml.preserve_quotes = True  # before the load: the loaded strings remember their quotes
@@ -116,6 +120,8 @@ def edit_text(
 
 
 def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:
+    from ruamel.yaml.comments import CommentedMap
+
     node: Any = tree
     for part in path[:-1]:
         child = node.get(part)
@@ -132,6 +138,8 @@ def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:
 def _keep_layout(yaml: YAML, text: str) -> None:
     """Set ``yaml`` up to write ``text`` back with its own indentation. ``text`` must have loaded
     within the budgets: ruamel's guess of the indentation loads it once more."""
+    from ruamel.yaml.util import load_yaml_guess_indent
+
     yaml.width = 4096  # never re-wrap a long line the user wrote
     mapping = _mapping_indent(text)
     _, sequence, offset = load_yaml_guess_indent(text)

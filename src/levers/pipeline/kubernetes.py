@@ -38,9 +38,8 @@ from ruamel.yaml.scalarstring import LiteralScalarString
 from levers.errors import UsageError
 from levers.files import write_atomically
 from levers.pipeline import keda
-from levers.pipeline.loading import load_pipeline, parse_pipeline
+from levers.pipeline.loading import load_pipeline, parse_pipeline, read_capped
 from levers.pipeline.model import Phase, Pipeline
-from levers.pipeline.safe_yaml import read_capped
 
 # Where the image holds the project (the README's Dockerfile); pipeline.yaml is mounted over its copy.
 WORKDIR = "/app"

@@ -1,7 +1,9 @@
 """Reading pipeline.yaml into a validated ``Pipeline``, with every problem located at FILE:LINE:COL.
 
 Loading is all-or-nothing: a caller gets a whole valid pipeline or a ``SpecError`` listing every
-problem, so a broken file is never half-applied.
+problem, so a broken file is never half-applied. Bytes validated before are read back from their
+record (levers.pipeline.validated): the parser (ruamel.yaml) is imported only to parse, and a
+command that reads an unchanged file does not load it.
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
-
-from pydantic import BaseModel, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
-from ruamel.yaml.reader import ReaderError
-from ruamel.yaml.scalarbool import ScalarBoolean
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 from levers.errors import SpecError, SpecProblem, UsageError
-from levers.pipeline.model import Pipeline, cross_checks, did_you_mean
-from levers.pipeline.options import RefusedOptions, refused_options
-from levers.pipeline.safe_yaml import BudgetExceeded, read_capped, round_trip_yaml, too_big
+from levers.pipeline import validated
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.reader import ReaderError
+
+    from levers.pipeline.model import Pipeline
+    from levers.pipeline.options import RefusedOptions
 
 Loc = Sequence[str | int]
+
+# A pipeline file is a few KB; 256 phases with every key spelt out stay under 100 KB. The size is
+# checked before parsing, so a huge file costs one read of this many bytes.
+MAX_FILE_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -54,17 +60,41 @@ def state_dir_of(pipeline_path: Path) -> Path:
     return pipeline_path.resolve().parent / ".levers"
 
 
+def read_capped(path: Path) -> bytes:
+    """The file's bytes, but no more than one past ``MAX_FILE_BYTES``: enough to tell it is too big.
+    Raises OSError."""
+    with path.open("rb") as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def too_big(raw: bytes) -> str | None:
+    """Why ``raw`` is refused before parsing, or None."""
+    if len(raw) <= MAX_FILE_BYTES:
+        return None
+    return f"the file is larger than {MAX_FILE_BYTES:,} bytes, the most a pipeline file may be"
+
+
 def load_pipeline(path: Path, check_imports: bool = False, check_options: bool = False) -> LoadedPipeline:
     """Read, parse and validate ``path``; with ``check_imports``, import every handler too; with
     ``check_options`` (implied by ``check_imports``), check each phase's options against the
-    model its handler's module declares, importing the handlers' modules."""
+    model its handler's module declares, importing the handlers' modules.
+
+    Without either, bytes validated before are read from their record instead of parsed again."""
     try:
         raw = read_capped(path)
     except FileNotFoundError:
         raise UsageError(f"no pipeline file at {path}", fix="create one or pass -f FILE") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_pipeline(raw, path, check_imports, check_options)
+    if check_imports or check_options:
+        return parse_pipeline(raw, path, check_imports, check_options)
+    resolved, digest = path.resolve(), hashlib.sha256(raw).hexdigest()
+    spec = validated.recall(state_dir_of(resolved), resolved, digest)
+    if spec is not None:
+        return LoadedPipeline(path=resolved, spec=spec, digest=digest)
+    loaded = parse_pipeline(raw, path)
+    validated.keep(loaded.state_dir, loaded.path, loaded.digest, loaded.spec)
+    return loaded
 
 
 def parse_pipeline(
@@ -72,6 +102,11 @@ def parse_pipeline(
 ) -> LoadedPipeline:
     """Validate the bytes of a pipeline file; ``path`` names it in errors and anchors relative paths.
     ``check_imports`` and ``check_options`` as for ``load_pipeline``."""
+    from pydantic import ValidationError
+
+    from levers.pipeline.model import Pipeline, cross_checks
+    from levers.pipeline.options import refused_options
+
     shown = _shown_name(path)
     refused = too_big(raw)
     if refused:
@@ -145,6 +180,12 @@ def _shown_name(path: Path) -> str:
 
 
 def _parse_yaml(raw: bytes | str, shown: str, yaml: YAML | None = None) -> CommentedMap:
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import MarkedYAMLError
+    from ruamel.yaml.reader import ReaderError
+
+    from levers.pipeline.safe_yaml import BudgetExceeded, round_trip_yaml
+
     try:
         tree = (yaml or round_trip_yaml()).load(raw)
     except BudgetExceeded as exc:
@@ -187,6 +228,8 @@ def _reader_position(raw: bytes | str, exc: ReaderError) -> tuple[int, int]:
 
 
 def _plain(node: Any) -> Any:
+    from ruamel.yaml.scalarbool import ScalarBoolean
+
     if isinstance(node, ScalarBoolean):  # an anchored true: an int to Python, a boolean to YAML
         return bool(node)
     if isinstance(node, dict):
@@ -205,9 +248,10 @@ def _options_problems(tree: CommentedMap, shown: str, refused: RefusedOptions) -
 
 
 def _locate(
-    tree: CommentedMap, shown: str, err: Any, root: type[BaseModel] = Pipeline, prefix: Loc = ()
+    tree: CommentedMap, shown: str, err: Any, root: type[BaseModel] | None = None, prefix: Loc = ()
 ) -> SpecProblem:
-    """``err`` of validating ``root`` against the part of the file at ``prefix``, as a problem."""
+    """``err`` of validating ``root`` (the pipeline's model by default) against the part of the
+    file at ``prefix``, as a problem."""
     inner = [part for part in err["loc"] if part != "[key]"]
     loc = [*prefix, *inner]
     at_value = err["type"] not in _AT_KEY and "[key]" not in err["loc"]
@@ -222,6 +266,8 @@ _AT_KEY = ("extra_forbidden", "missing", "too_long", "workers_total")
 
 def _message(err: Any, loc: list[str | int], allowed: list[str]) -> str:
     """One line for one of pydantic's errors; ``allowed`` are the keys an unknown key may mean."""
+    from levers.pipeline.model import did_you_mean
+
     where = ".".join(str(p) for p in loc) or "pipeline"
     if err["type"] == "extra_forbidden":
         return f"unknown key {where!r}{did_you_mean(str(loc[-1]), allowed)}"
@@ -275,6 +321,8 @@ def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int
 
     ``at_value`` points at the value of the last key rather than at the key itself.
     """
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
     node: Any = tree
     line, col = 1, 1
     for index, part in enumerate(loc):
@@ -294,9 +342,14 @@ def _position(tree: CommentedMap, loc: Loc, at_value: bool = False) -> tuple[int
     return line, col
 
 
-def _allowed_keys(loc: Loc, root: type[BaseModel] = Pipeline) -> list[str]:
-    """The keys ``root`` allows in the mapping at ``loc`` (for did-you-mean)."""
-    current: Any = root
+def _allowed_keys(loc: Loc, root: type[BaseModel] | None = None) -> list[str]:
+    """The keys ``root`` (the pipeline's model by default) allows in the mapping at ``loc`` (for
+    did-you-mean)."""
+    from pydantic import BaseModel
+
+    from levers.pipeline.model import Pipeline
+
+    current: Any = root or Pipeline
     for part in loc:
         current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):

@@ -10,7 +10,6 @@ the budget. Every load of a pipeline file (validation, `levers set`, the supervi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NoReturn
 
 from ruamel.yaml import YAML
@@ -20,9 +19,9 @@ from ruamel.yaml.events import AliasEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode
 from ruamel.yaml.scanner import RoundTripScanner
 
-# A pipeline file is a few KB; 256 phases with every key spelt out stay under 100 KB. The size is
-# checked before parsing, so a huge file costs one read of this many bytes.
-MAX_FILE_BYTES = 1_000_000
+# The file's size is checked before parsing, as it is read (levers.pipeline.loading)
+from levers.pipeline.loading import MAX_FILE_BYTES
+
 # Nodes (keys, values, mappings, lists) of the document with every alias expanded. The bundled
 # pipeline has 44 nodes a phase, so 256 such phases about 11,000. ruamel's round-trip parser
 # spends about 0.1 ms and 1 KB on a node: the parse stops within a few seconds and ~30 MB.
@@ -50,20 +49,6 @@ def round_trip_yaml() -> YAML:
     yaml.Scanner = FlowDepthScanner
     yaml.Composer = BudgetComposer
     return yaml
-
-
-def read_capped(path: Path) -> bytes:
-    """The file's bytes, but no more than one past ``MAX_FILE_BYTES``: enough to tell it is too big.
-    Raises OSError."""
-    with path.open("rb") as handle:
-        return handle.read(MAX_FILE_BYTES + 1)
-
-
-def too_big(raw: bytes) -> str | None:
-    """Why ``raw`` is refused before parsing, or None."""
-    if len(raw) <= MAX_FILE_BYTES:
-        return None
-    return f"the file is larger than {MAX_FILE_BYTES:,} bytes, the most a pipeline file may be"
 
 
 class FlowDepthScanner(RoundTripScanner):

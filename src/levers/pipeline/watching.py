@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from levers.errors import LeversError
-from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline
+from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_capped
 from levers.pipeline.model import Autoscale, Pipeline
-from levers.pipeline.safe_yaml import read_capped
 
 
 class PipelineWatcher:

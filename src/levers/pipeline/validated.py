@@ -1,0 +1,105 @@
+"""A validated pipeline kept beside its file, so that commands which only read it skip the parse.
+
+Parsing pipeline.yaml (ruamel.yaml's round-trip parser, every problem located at FILE:LINE:COL)
+costs more than `levers status` does with the result. A load that validates the file keeps the
+pipeline it got in ``.levers/validated/<file name>.json``, with the SHA-256 of the file's bytes and
+of the model's source. A later load of the same bytes under the same model reads that record.
+
+The record is levers' own state, as trusted as the rest of ``.levers/`` and checked all the same:
+it counts only if it is a regular file of this user's that nobody else may write, no larger than a
+pipeline could make it, its digests match the bytes read now and the model in use, and what it
+holds passes the model's validation and the checks across phases again. Anything else is a miss:
+the file is parsed and validated in full, its errors reported as always. Only a valid file is
+kept, and only where ``.levers/`` already exists (a command that reads creates no state dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from levers.files import write_atomically
+
+if TYPE_CHECKING:
+    from levers.pipeline.model import Pipeline
+
+RECORDS = "validated"
+# A pipeline file is at most 1 MB (safe_yaml.MAX_FILE_BYTES); its defaults spelt out stay well
+# within a few times that. A larger record is not one levers wrote.
+MAX_RECORD_BYTES = 8_000_000
+
+
+@functools.cache
+def model_digest() -> str | None:
+    """SHA-256 of the model's source (None where it is not there to read: no record is kept)."""
+    try:
+        return hashlib.sha256(Path(__file__).with_name("model.py").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def record_path(state_dir: Path, pipeline: Path) -> Path:
+    return state_dir / RECORDS / f"{pipeline.name}.json"
+
+
+def recall(state_dir: Path, pipeline: Path, digest: str) -> Pipeline | None:
+    """The pipeline validated from bytes of SHA-256 ``digest``, if a sound record of it is kept."""
+    model = model_digest()
+    saved = _read_own(record_path(state_dir, pipeline))
+    if model is None or not isinstance(saved, dict):
+        return None
+    if saved.get("digest") != digest or saved.get("model") != model:
+        return None
+    from pydantic import ValidationError
+
+    from levers.pipeline.model import Pipeline, cross_checks
+
+    try:
+        spec = Pipeline.model_validate(saved.get("spec"))
+    except ValidationError:
+        return None
+    return None if cross_checks(spec) else spec
+
+
+def keep(state_dir: Path, pipeline: Path, digest: str, spec: Pipeline) -> None:
+    """Record ``spec``, validated from bytes of SHA-256 ``digest``, if it reads back as itself;
+    never fails a load."""
+    model = model_digest()
+    if model is None or not state_dir.is_dir():
+        return
+    # what the file set, as it set it: validated again, it gives the same defaults, and the same
+    # fields counted as given (an expect: with seconds alone stays valid)
+    try:
+        given = json.loads(json.dumps(spec.model_dump(mode="json", exclude_unset=True)))
+        if type(spec).model_validate(given) != spec:
+            return  # options JSON cannot say as they are (a YAML date, say): parsed each time
+    except ValueError:  # pydantic's ValidationError among them
+        return
+    record = {"digest": digest, "model": model, "spec": given}
+    with contextlib.suppress(OSError):  # a read-only checkout, a full disk: loads just parse again
+        write_atomically(record_path(state_dir, pipeline), json.dumps(record).encode())
+
+
+def _read_own(path: Path) -> Any:
+    """The JSON of ``path`` if it is a regular file of this user's that nobody else may write."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        mine = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+        if not mine or st.st_size > MAX_RECORD_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return json.loads(handle.read(MAX_RECORD_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
