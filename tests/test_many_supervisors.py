@@ -94,4 +94,7 @@ def test_processes_saving_the_last_good_pipeline_at_once_never_fail(tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / ".levers").iterdir()) == [
         ".gitignore",
         "last-good-pipeline.json",
+        "validated",
     ]
+    # no temporary file left behind by the savers, in the validated records either
+    assert [p.suffix for p in (tmp_path / ".levers" / "validated").iterdir()] == [".json"]

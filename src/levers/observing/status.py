@@ -162,10 +162,12 @@ def pipeline_status(
 ) -> PipelineStatus:
     """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version.
     With ``file`` (the local pipeline.yaml), the published version is compared with it and with
-    each supervisor's, and the phases are shown with the live version's levers."""
+    each supervisor's, and while supervisors run, the phases are shown with the live version's
+    levers (with none running, the file is what the next one publishes, and what `levers failed`
+    reads)."""
     reports = live_reports(connection, spec.name)
     versions = version_status(connection, file, reports) if file is not None else None
-    if versions is not None and versions.live_spec is not None:
+    if versions is not None and versions.live_spec is not None and reports:
         spec = versions.live_spec
     ledger = Ledger(connection, spec.name)
     phases = _mark_bottleneck(

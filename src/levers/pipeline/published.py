@@ -18,9 +18,8 @@ import redis
 
 from levers import keys
 from levers.errors import UsageError
-from levers.pipeline.loading import LoadedPipeline, parse_pipeline
+from levers.pipeline.loading import MAX_FILE_BYTES, LoadedPipeline, parse_pipeline
 from levers.pipeline.model import Pipeline
-from levers.pipeline.safe_yaml import MAX_FILE_BYTES
 
 # Digests remembered, to tell an older copy of the file from a new one (about 100 bytes each).
 KEPT_VERSIONS = 1000
