@@ -209,3 +209,25 @@ def test_batch_settings_are_checked_and_levers_set_changes_them(tmp_path: Path) 
     assert levers("set", "first.batch.size=10", "first.batch.wait_ms=50", cwd=root).returncode == 0
     assert levers("get", "first.batch.size", cwd=root).stdout.strip() == "10"
     assert "batch: {size: 10, wait_ms: 50}" in (root / "pipeline.yaml").read_text()
+
+
+def test_a_batch_takes_stored_results_and_calls_the_handler_for_the_rest_only(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    root = batch_project(tmp_path, "together", [f"document {i} has five words" for i in range(4)])
+    doc_ids = submit(root, "docs")
+    supervisor = start_levers("up", cwd=root)
+    try:
+        wait_until(lambda: settled(connection, doc_ids), timeout_s=60)
+        before = len(calls(root))
+        (root / "docs" / "new.txt").write_text("a document the batch has not seen")
+        again = submit(root, "docs", "--force")  # the four known ones, and one new
+        [new] = [d for d in again if d not in doc_ids]
+        wait_until(lambda: doc_field(connection, new, "status") == "done", timeout_s=60)
+        wait_until(lambda: settled(connection, again), timeout_s=60)
+    finally:
+        stop(supervisor)
+
+    assert [d for batch in calls(root)[before:] for d in batch] == [new]  # type: ignore[union-attr]
+    for doc_id in doc_ids:
+        assert doc_field(connection, doc_id, "first:reused") == "1"

@@ -14,6 +14,7 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from levers.worker.jobs import (
     StartedPhase,
     new_context,
     note_limits_used,
+    stored_result,
 )
 from levers.worker.phase_context import PhaseContext, is_batch_handler
 from levers.worker.progress import WorkerProgress
@@ -87,6 +89,15 @@ def perform_batch(runtime: WorkerRuntime, batch: Sequence[StartedPhase], guard: 
         for s in batch
     ]
     readable = [i for i, outcome in enumerate(ran) if outcome is None]
+    # stored results stand in for handler calls, as for a job run alone (levers.worker.reuse)
+    reuse_keys: dict[int, str | None] = {}
+    for i in readable:
+        doc = batch[i].doc
+        assert doc is not None
+        reuse_keys[i], found, output = stored_result(runtime, spec, batch[i], settings, doc)
+        if found:
+            ran[i] = PerformedPhase(batch[i], spec, output, 0, 0.0, 0.0, reuse_key=reuse_keys[i], reused=True)
+    readable = [i for i in readable if ran[i] is None]
     try:
         if readable:
             calls = _Calls(runtime, spec, phase, settings)
@@ -96,6 +107,8 @@ def perform_batch(runtime: WorkerRuntime, batch: Sequence[StartedPhase], guard: 
             finally:
                 calls.close()
             for i, outcome in zip(readable, outcomes, strict=True):
+                if isinstance(outcome, PerformedPhase):  # its result is kept under its key
+                    outcome = replace(outcome, reuse_key=reuse_keys[i])
                 ran[i] = outcome
     finally:
         for started in batch:

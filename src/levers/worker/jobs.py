@@ -165,7 +165,7 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
     began, cpu_began = time.perf_counter(), time.process_time()
     try:
-        key, reused, output = _stored(runtime, spec, started, settings, started.doc)
+        key, reused, output = stored_result(runtime, spec, started, settings, started.doc)
         calls = 0
         if not reused:
             output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
@@ -176,7 +176,7 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
     return PerformedPhase(started, spec, output, calls, seconds, cpu_s, reuse_key=key, reused=reused)
 
 
-def _stored(
+def stored_result(
     runtime: WorkerRuntime, spec: Pipeline, started: StartedPhase, settings: Phase, doc: Document
 ) -> tuple[str | None, bool, Any]:
     """The job's reuse key, whether a stored result stands in for the handler's, and that result
