@@ -98,3 +98,12 @@ def test_processes_saving_the_last_good_pipeline_at_once_never_fail(tmp_path: Pa
     ]
     # no temporary file left behind by the savers, in the validated records either
     assert [p.suffix for p in (tmp_path / ".levers" / "validated").iterdir()] == [".json"]
+
+
+def test_the_bundled_pipeline_reads_back_as_the_last_good_one(tmp_path: Path) -> None:
+    # its expect: blocks hold seconds or calls, not both, as a dump of every field would
+    bundled = Path(__file__).resolve().parent.parent / "pipeline.yaml"
+    (tmp_path / "pipeline.yaml").write_text(bundled.read_text())
+    loaded = load_pipeline(tmp_path / "pipeline.yaml")
+    save_last_good(loaded)
+    assert read_last_good(tmp_path / "pipeline.yaml") == loaded

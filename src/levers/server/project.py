@@ -71,7 +71,9 @@ def last_good_path(pipeline: Path) -> Path:
 
 def save_last_good(loaded: LoadedPipeline) -> None:
     """Keep the version a supervisor applies, for commands run while the file is invalid."""
-    saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json")}
+    # what the file gave only: a dump of every field does not validate again (``expect`` holds
+    # either seconds or calls, and a full dump has both)
+    saved = {"digest": loaded.digest, "spec": loaded.spec.model_dump(mode="json", exclude_unset=True)}
     make_state_dir(loaded.state_dir)
     write_atomically(last_good_path(loaded.path), json.dumps(saved).encode())
 
