@@ -190,16 +190,24 @@ def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str)
         return [cell.strip() for cell in rows[-1].split("│")] if rows else []
 
     try:
-        wait_until(lambda: "0/2" in first_row())  # workers: alive/desired, from the file when none runs
+        # workers: alive/desired, from the file when none runs (a first screen on a loaded machine
+        # waits for the process's start)
+        wait_until(lambda: "0/2" in first_row(), timeout_s=60)
         before = first_row()
         sem = before.index("1")
         assert levers("set", "first.semaphore=12", "first.workers=5", cwd=root).returncode == 0
-        wait_until(lambda: (row := first_row()) and row[sem] == "12" and "0/5" in row)
+        wait_until(lambda: (row := first_row()) and row[sem] == "12" and "0/5" in row, timeout_s=60)
         assert "12" not in before
     finally:
         watch.send_signal(signal.SIGINT)
-        watch.wait(timeout=10)
-        os.close(leader)
+        try:
+            watch.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            watch.kill()  # nothing left running, whatever the test found
+            watch.wait()
+            raise AssertionError("levers status --watch did not stop on Ctrl-C within 30 s") from None
+        finally:
+            os.close(leader)
 
 
 def test_host_cpu_is_measured_over_the_last_minute(monkeypatch: pytest.MonkeyPatch) -> None:
