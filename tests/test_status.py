@@ -170,6 +170,9 @@ def test_utilization_agrees_with_busy_workers_during_a_burst(
 
 def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path, docs=0)
+    # a pipeline of its own: the server is the session's, where other tests published theirs
+    spec = root / "pipeline.yaml"
+    spec.write_text(spec.read_text().replace("name: toy", "name: watched", 1))
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
     env = {**os.environ, "COLUMNS": "250", "LINES": "50"}
