@@ -254,7 +254,11 @@ def _levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def _document_ids(connection: redis.Redis) -> list[str]:
-    members = cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1))
+    """Every document the pipeline holds: a done one has left the not-done set for the finished one."""
+    members = [
+        *cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1)),
+        *cast(list[bytes], connection.zrange(keys.finished(PIPELINE), 0, -1)),
+    ]
     return [m.decode() for m in members]
 
 
