@@ -51,6 +51,7 @@ from bench.common import (
 from bench.report import git_state
 from levers.limits.status import limits_status
 from levers.pipeline.loading import load_pipeline
+from levers.pipeline.outline import outline_of
 from tests.fake_anthropic import FakeAnthropic
 
 SECTION = "## 16. A limit declared too high learns the provider's real rate"
@@ -201,7 +202,7 @@ def _sample(
         while not done.wait(SAMPLE_S):
             if not stand_in.requests:
                 continue
-            figures = limits_status(connection, spec, "anthropic")
+            figures = limits_status(connection, outline_of(spec), "anthropic")
             since = time.monotonic() - stand_in.requests[0].at
             outcome.samples.append(
                 (since, figures["effective_requests_per_minute"], figures["effective_concurrency"])

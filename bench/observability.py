@@ -26,6 +26,7 @@ from bench.common import Server
 from levers import keys, metrics
 from levers.observing.status import pipeline_status
 from levers.pipeline.loading import load_pipeline
+from levers.pipeline.outline import outline_of
 
 PIPELINE = """
 name: watched
@@ -91,7 +92,7 @@ def _status_cost(server: Server, path: Path, jobs: int, repetitions: int) -> Sta
     queries = []
     for _ in range(repetitions * 5):
         started = time.perf_counter()
-        pipeline_status(server.connection, spec)
+        pipeline_status(server.connection, outline_of(spec))
         queries.append((time.perf_counter() - started) * 1000)
     commands = []
     for _ in range(repetitions):

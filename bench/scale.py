@@ -254,12 +254,13 @@ def _levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def _document_ids(connection: redis.Redis) -> list[str]:
-    """Every document the pipeline holds: a done one has left the not-done set for the finished one."""
+    """Every document the pipeline holds, once: a done one leaves the not-done set for the finished
+    one (and may be read in both while it moves)."""
     members = [
         *cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1)),
         *cast(list[bytes], connection.zrange(keys.finished(PIPELINE), 0, -1)),
     ]
-    return [m.decode() for m in members]
+    return list(dict.fromkeys(m.decode() for m in members))
 
 
 def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:

@@ -120,6 +120,8 @@ def run(rounds: int, compare: Path | None) -> Startup:
         for i in range(DOCUMENTS):
             (root / "docs" / f"note-{i:03}.txt").write_text(f"note {i}: queued, never run\n")
         env = bench_env(REDIS_URL=server.url)
+        # as installed: modules load from bytecode written once, not compiled again in every process
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         submitted = subprocess.run(
             [str(BIN / "levers"), "submit", "docs"],
             cwd=root,

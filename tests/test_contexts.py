@@ -20,6 +20,7 @@ import redis
 from levers.limits.shared import JobLimits
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.pipeline.outline import outline_of
 from levers.worker.jobs import one_line
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.chunking import Options, chunk
@@ -169,7 +170,7 @@ def test_rate_limits_and_server_errors_are_retried_by_the_shared_limit_honouring
     # the SDK never retried on its own: every retry was the limit's, and counted by it
     assert {request.headers["x-stainless-retry-count"] for request in fake.requests} == {"0"}
     with redis.Redis.from_url(redis_url) as connection:
-        totals = limits_status(connection, pipeline, "anthropic")
+        totals = limits_status(connection, outline_of(pipeline), "anthropic")
     assert (totals["calls"], totals["rate_limited"], totals["in_flight"]) == (12, rate_limited, 0)
     assert fake.peak_in_flight <= 3
 

@@ -20,6 +20,7 @@ from levers.documents.versions import DocumentVersion
 from levers.limits.shared import JobLimits, UnknownLimit
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.pipeline.outline import outline_of
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.graph_plan import LLMSettings
 from phases.kg_ingest import (
@@ -204,7 +205,7 @@ def test_requests_go_through_the_shared_limit_when_declared(
 
     assert asyncio.run(run())["extracted"] == 3
     with redis.Redis.from_url(redis_url) as connection:
-        status = limits_status(connection, spec, "anthropic")
+        status = limits_status(connection, outline_of(spec), "anthropic")
     assert (status["calls"], status["rate_limited"]) == (len(fake.requests), 1)
     assert fake.peak_in_flight == 1, "the limit's concurrency 1 binds below the semaphore of 3"
 

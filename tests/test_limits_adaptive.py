@@ -18,6 +18,7 @@ from levers.limits.adaptive import LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER,
 from levers.limits.shared import Lease, RateLimited, SharedLimit, retry_delay
 from levers.limits.status import learned_concurrency, limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.pipeline.outline import outline_of
 
 PIPELINE = "adaptive-test"
 DECLARED = {"requests_per_minute": 30, "concurrency": 6, "window_seconds": 1.0}
@@ -32,7 +33,7 @@ def status(url: str, settings: dict[str, Any]) -> dict[str, Any]:
         limits={"api": LimitSettings(**settings)},
     )
     with redis.Redis.from_url(url) as connection:
-        return limits_status(connection, spec, "api")
+        return limits_status(connection, outline_of(spec), "api")
 
 
 def run(url: str, settings: dict[str, Any], body: Callable[..., Awaitable[Any]], clients: int = 1) -> Any:
@@ -234,10 +235,12 @@ def test_hostile_values_in_the_learned_state_are_bounded(redis_url: str) -> None
 
 
 def test_the_concurrency_a_limit_learned_is_what_autoscaling_reads(redis_url: str) -> None:
-    spec = Pipeline(
-        name=PIPELINE,
-        phases={"only": Phase(handler="mod:fn", accepts=["*"])},
-        limits={"api": LimitSettings(**DECLARED), "open": LimitSettings(requests_per_minute=30)},
+    spec = outline_of(
+        Pipeline(
+            name=PIPELINE,
+            phases={"only": Phase(handler="mod:fn", accepts=["*"])},
+            limits={"api": LimitSettings(**DECLARED), "open": LimitSettings(requests_per_minute=30)},
+        )
     )
     with redis.Redis.from_url(redis_url) as connection:
         # nothing learned yet, a limit without concurrency, a name not declared: no cap but the declared

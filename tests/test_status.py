@@ -129,8 +129,8 @@ def test_a_dead_workers_job_is_stranded_not_running(
 
 
 def read_status(root: Path, connection: redis.Redis) -> dict[str, PhaseStatus]:
-    spec = load_pipeline(root / "pipeline.yaml").spec
-    return {p.phase: p for p in pipeline_status(connection, spec).phases}
+    outline = load_pipeline(root / "pipeline.yaml").outline
+    return {p.phase: p for p in pipeline_status(connection, outline).phases}
 
 
 def test_running_counts_what_runs_and_claimed_ahead_is_its_own(

@@ -22,6 +22,7 @@ from levers.documents.store import ArtifactStore, LocalStore
 from levers.limits.shared import JobLimits
 from levers.limits.status import limits_status
 from levers.pipeline.model import LimitSettings, Phase, Pipeline
+from levers.pipeline.outline import outline_of
 from levers.worker.phase_context import Document, Levers, PhaseContext
 from phases.audio import NotAudio
 from phases.deepgram_api import TranscriptionError
@@ -237,7 +238,7 @@ def test_server_errors_and_429s_are_retried_under_the_shared_limit(
     assert out["text"] == "Third time lucky."
     assert len(fake.requests) == 4
     with redis.Redis.from_url(redis_url) as connection:
-        totals = limits_status(connection, deepgram_limit(), "deepgram")
+        totals = limits_status(connection, outline_of(deepgram_limit()), "deepgram")
     assert (totals["calls"], totals["rate_limited"], totals["in_flight"]) == (4, 1, 0)
 
 

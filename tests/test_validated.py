@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from levers.errors import SpecError
-from levers.pipeline import loading
+from levers.pipeline import loading, validated
 from levers.pipeline.loading import load_pipeline
+from levers.pipeline.outline import outline_of
 from levers.pipeline.validated import record_path
 from tests.conftest import TOY_PIPELINE
 
@@ -47,6 +48,15 @@ def unparsed(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the file was parsed")
 
     monkeypatch.setattr(loading, "parse_pipeline", refuse)
+
+
+def unvalidated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, validating a record with the model fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the record was validated")
+
+    monkeypatch.setattr(validated, "spec_of", refuse)
 
 
 def tamper(pipeline: Path, change: Tamper, mode: int = 0o600) -> None:
@@ -168,3 +178,44 @@ def test_options_json_cannot_hold_as_they_are_are_parsed_each_time(
     assert not record_of(pipeline).exists()
 
     assert load_pipeline(pipeline) == first
+
+
+def test_the_same_bytes_give_their_outline_without_the_model(
+    pipeline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `levers status` reads comes from the record alone: no parse, no validation."""
+    expected = outline_of(load_pipeline(pipeline).spec)
+    unparsed(monkeypatch)
+    unvalidated(monkeypatch)
+
+    outline = load_pipeline(pipeline).outline
+
+    assert outline == expected
+    assert outline.phases["first"].workers == 2
+
+
+def workers_of(record: dict[str, Any]) -> dict[str, Any]:
+    return record["outline"]["phases"]["first"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: workers_of(r).update(workers="5"),
+        lambda r: workers_of(r).update(workers=True),
+        lambda r: workers_of(r).update(fixed="workers"),
+        lambda r: workers_of(r).pop("semaphore"),
+        lambda r: r["outline"].update(phases=[]),
+        lambda r: r.pop("outline"),  # kept before outlines were
+    ],
+    ids=["text", "boolean", "fixed not a list", "missing lever", "phases not a mapping", "none"],
+)
+def test_an_outline_that_is_not_one_is_taken_from_the_model(pipeline: Path, change: Tamper) -> None:
+    load_pipeline(pipeline)
+    tamper(pipeline, change)
+
+    outline = load_pipeline(pipeline).outline
+
+    assert outline.phases["first"].workers == 2
+    assert outline.phases["first"].semaphore == 1
+    assert outline.phases["first"].fixed == ()

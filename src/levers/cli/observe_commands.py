@@ -29,7 +29,7 @@ def advise(file: FileOption = None, as_json: JsonOption = False) -> None:
     from levers.server.project import open_project
 
     project = open_project(file, last_good=True)
-    findings = find(pipeline_status(project.connection, project.loaded.spec, project.file_error))
+    findings = find(pipeline_status(project.connection, project.loaded.outline, project.file_error))
     if as_json:
         console.print_json([finding.__dict__ for finding in findings])
     else:

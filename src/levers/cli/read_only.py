@@ -28,7 +28,7 @@ def status(file: Path | None = None, as_json: bool = False, watch: bool = False)
 
     def read() -> PipelineStatus:
         loaded = watcher.current()
-        return pipeline_status(project.connection, loaded.spec, watcher.error, file=loaded)
+        return pipeline_status(project.connection, loaded.outline, watcher.error, file=loaded)
 
     if as_json:
         print_json(read().as_json())

@@ -12,19 +12,19 @@ from levers import keys
 from levers.limits.adaptive import MAX_PAUSE_S, MAX_PROVIDER_RATE
 
 if TYPE_CHECKING:
-    from levers.pipeline.model import LimitSettings, Pipeline
+    from levers.pipeline.outline import PipelineOutline
 
 # The span of the refusal count.
 REFUSALS_SPAN_MS = 60_000
 
 
-def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dict[str, Any]:
-    """Limit ``name`` now: its declared and effective figures, calls in flight and in the current
-    window, refusals in the last minute, and its totals.
+def limits_status(connection: redis.Redis, pipeline: PipelineOutline, name: str) -> dict[str, Any]:
+    """Limit ``name``, declared in ``pipeline``, now: its declared and effective figures, calls in
+    flight and in the current window, refusals in the last minute, and its totals.
 
     Costs one TIME and one pipelined round trip, whatever the traffic.
     """
-    settings = _declared(pipeline, name)
+    settings = pipeline.limits[name]
     seconds, micros = connection.time()
     now_ms = seconds * 1000 + micros // 1000
     window_start_ms = now_ms - round(settings.window_seconds * 1000)
@@ -55,7 +55,9 @@ def limits_status(connection: redis.Redis, pipeline: Pipeline, name: str) -> dic
     }
 
 
-def learned_concurrency(connection: redis.Redis, pipeline: Pipeline, names: Iterable[str]) -> dict[str, int]:
+def learned_concurrency(
+    connection: redis.Redis, pipeline: PipelineOutline, names: Iterable[str]
+) -> dict[str, int]:
     """The limits among ``names`` whose learned concurrency is below the declared one, and that
     concurrency: what they really let through at once. One pipelined round trip."""
     declared: dict[str, int] = {}
@@ -68,15 +70,6 @@ def learned_concurrency(connection: redis.Redis, pipeline: Pipeline, names: Iter
         answers = pipe.execute()
     learned = {name: _effective(declared[name], value) for name, value in zip(declared, answers, strict=True)}
     return {name: value for name, value in learned.items() if value is not None and value < declared[name]}
-
-
-def _declared(pipeline: Pipeline, name: str) -> LimitSettings:
-    if name in pipeline.limits:
-        return pipeline.limits[name]
-    # the limits' own module (asyncio, its scripts), which `levers status` does without, says why not
-    from levers.limits.shared import limit_settings
-
-    return limit_settings(pipeline, name)
 
 
 def _text_keys(values: dict[Any, Any]) -> dict[str, Any]:

@@ -87,10 +87,11 @@ class StatusCollector(Collector):
         self.supervisor_pid = supervisor_pid
 
     def collect(self) -> Iterator[Metric]:
-        spec = self.watcher.current().spec
+        loaded = self.watcher.current()
+        spec = loaded.spec
         leases = supervisor_leases(self.connection, spec.name)
         served = share(leases, self.host, self.supervisor_pid, list(spec.phases))
-        status = pipeline_status(self.connection, spec)
+        status = pipeline_status(self.connection, loaded.outline)
         phases = [p for p in status.phases if p.phase in served.phases]
         yield from _phase_gauges(spec.name, phases)
         yield from _autoscale_gauges(spec.name, phases)

@@ -34,7 +34,7 @@ from levers.observing.reports import (
 )
 from levers.observing.versions import VersionStatus, version_status
 from levers.pipeline.loading import LoadedPipeline
-from levers.pipeline.model import Pipeline
+from levers.pipeline.outline import PipelineOutline
 
 # Queue depths past these call for more workers, then for them at once (the seed's thresholds).
 QUEUE_WARNING = 100
@@ -158,7 +158,10 @@ class PipelineStatus:
 
 
 def pipeline_status(
-    connection: redis.Redis, spec: Pipeline, file_error: str | None = None, file: LoadedPipeline | None = None
+    connection: redis.Redis,
+    spec: PipelineOutline,
+    file_error: str | None = None,
+    file: LoadedPipeline | None = None,
 ) -> PipelineStatus:
     """``file_error``: the file's own error when it is invalid and ``spec`` is its last good version.
     With ``file`` (the local pipeline.yaml), the published version is compared with it and with
@@ -167,8 +170,8 @@ def pipeline_status(
     reads)."""
     reports = live_reports(connection, spec.name)
     versions = version_status(connection, file, reports) if file is not None else None
-    if versions is not None and versions.live_spec is not None and reports:
-        spec = versions.live_spec
+    if versions is not None and versions.live_outline is not None and reports:
+        spec = versions.live_outline
     ledger = Ledger(connection, spec.name)
     phases = _mark_bottleneck(
         [_phase_status(connection, spec, name, ledger, reports) for name in spec.phases]
@@ -209,7 +212,7 @@ def _oldest_wait_s(queues: list[Queue]) -> float | None:
 
 
 def _phase_status(
-    connection: redis.Redis, spec: Pipeline, name: str, ledger: Ledger, reports: list[SupervisorReport]
+    connection: redis.Redis, spec: PipelineOutline, name: str, ledger: Ledger, reports: list[SupervisorReport]
 ) -> PhaseStatus:
     lanes = {
         lane: Queue(keys.queue_name(spec.name, name, lane), connection=connection, serializer=JSONSerializer)
@@ -223,7 +226,7 @@ def _phase_status(
     running_since = _running_since(held, alive)
     reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
     totals = ledger.totals(name)
-    levers = spec.phases[name].levers
+    phase = spec.phases[name]
     recent = metrics.read(connection, spec.name, name, METRICS_MINUTES)
     return PhaseStatus(
         phase=name,
@@ -233,16 +236,16 @@ def _phase_status(
         stranded=sum(holder not in alive for holder, _ in held),
         waiting_retry=sum(ScheduledJobRegistry(queue=q).count for q in lanes.values()),
         done=totals.get("done", 0),
-        failed=kept_failed(connection, spec, name),
+        failed=kept_failed(connection, spec.name, spec.failed_ttl, name),
         failed_attempts=totals.get("failed", 0),
         retried=totals.get("retried", 0),
-        workers_desired=sum(r.desired for r in reported) if reported else levers.workers,
+        workers_desired=sum(r.desired for r in reported) if reported else phase.workers,
         workers_alive=len(workers),
         workers_busy=sum(w.state == "busy" for w in workers),
         state=_worst([r.state for r in reported]) if reported else "no supervisor",
-        workers=levers.workers,
-        semaphore=levers.semaphore,
-        threads=levers.threads,
+        workers=phase.workers,
+        semaphore=phase.semaphore,
+        threads=phase.threads,
         oldest_wait_s=_oldest_wait_s(list(lanes.values())),
         throughput=recent.throughput,
         utilization=_utilization(connection, spec.name, name, workers, list(running_since.values())),
@@ -251,7 +254,7 @@ def _phase_status(
         calls_per_job=round(recent.calls_per_job, 2),
         cpu_percent=_mean([r.cpu_percent for r in reported if r.cpu_percent is not None]),
         rss_mb=_mean([r.rss_mb for r in reported if r.rss_mb is not None]),
-        fixed=tuple(spec.phases[name].fixed),
+        fixed=phase.fixed,
         autoscale=_autoscale(connection, spec, name, reports, sum(queued.values()) + len(held)),
         lanes=queued,
         reused=totals.get("reused", 0),
@@ -259,7 +262,7 @@ def _phase_status(
 
 
 def _autoscale(
-    connection: redis.Redis, spec: Pipeline, name: str, reports: list[SupervisorReport], jobs: int
+    connection: redis.Redis, spec: PipelineOutline, name: str, reports: list[SupervisorReport], jobs: int
 ) -> AutoscaleStatus | None:
     phase = spec.phases[name]
     settings = phase.autoscale
@@ -273,7 +276,7 @@ def _autoscale(
         declared = spec.limits.get(limit)
         if declared is not None and declared.concurrency:
             concurrency = learned.get(limit, declared.concurrency)
-            needed = min(needed, max(1, math.ceil(concurrency / phase.levers.semaphore)))
+            needed = min(needed, max(1, math.ceil(concurrency / phase.semaphore)))
     reasons = [
         (report.host, report.pid, figures.autoscale.reason)
         for report in reports

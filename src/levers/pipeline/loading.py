@@ -8,12 +8,12 @@ command that reads an unchanged file does not load it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import sys
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from levers.pipeline.model import Pipeline
     from levers.pipeline.options import RefusedOptions
+    from levers.pipeline.outline import PipelineOutline
 
 Loc = Sequence[str | int]
 
@@ -36,15 +37,51 @@ Loc = Sequence[str | int]
 MAX_FILE_BYTES = 1_000_000
 
 
-@dataclass(frozen=True)
 class LoadedPipeline:
     """A valid pipeline and where it came from. ``digest`` changes whenever the file's bytes do;
-    ``text`` is those bytes (None for a version kept as JSON: the last good one)."""
+    ``text`` is those bytes (None for a version kept as JSON: the last good one).
 
-    path: Path
-    spec: Pipeline
-    digest: str
-    text: bytes | None = field(default=None, repr=False, compare=False)
+    Read back from its validated record, the pipeline is validated with the model when ``spec`` is
+    first asked for, and ``outline`` (all `levers status` reads) comes without the model."""
+
+    def __init__(
+        self,
+        path: Path,
+        digest: str,
+        spec: Pipeline | None = None,
+        text: bytes | None = None,
+        record: validated.Record | None = None,
+    ) -> None:
+        assert spec is not None or (record is not None and text is not None), "a pipeline or its record"
+        self.path, self.digest, self.text = path, digest, text
+        self._spec, self._record = spec, record
+
+    def __repr__(self) -> str:
+        return f"LoadedPipeline(path={self.path!r}, digest={self.digest[:12]!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LoadedPipeline):
+            return NotImplemented
+        return (self.path, self.digest) == (other.path, other.digest) and self.spec == other.spec
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.digest))
+
+    @functools.cached_property
+    def spec(self) -> Pipeline:
+        if self._spec is not None:
+            return self._spec
+        assert self._record is not None and self.text is not None
+        # a record that no longer validates (it is checked as a stranger's would be) is a miss: the
+        # bytes it was made from validated, and validate again
+        return validated.spec_of(self._record) or parse_pipeline(self.text, self.path).spec
+
+    @functools.cached_property
+    def outline(self) -> PipelineOutline:
+        from levers.pipeline.outline import outline_of
+
+        recorded = self._record.outline if self._record is not None else None
+        return recorded or outline_of(self.spec)
 
     @property
     def project_dir(self) -> Path:
@@ -89,9 +126,9 @@ def load_pipeline(path: Path, check_imports: bool = False, check_options: bool =
     if check_imports or check_options:
         return parse_pipeline(raw, path, check_imports, check_options)
     resolved, digest = path.resolve(), hashlib.sha256(raw).hexdigest()
-    spec = validated.recall(state_dir_of(resolved), resolved, digest)
-    if spec is not None:
-        return LoadedPipeline(path=resolved, spec=spec, digest=digest)
+    record = validated.recall(state_dir_of(resolved), resolved, digest)
+    if record is not None:
+        return LoadedPipeline(path=resolved, digest=digest, text=raw, record=record)
     loaded = parse_pipeline(raw, path)
     validated.keep(loaded.state_dir, loaded.path, loaded.digest, loaded.spec)
     return loaded

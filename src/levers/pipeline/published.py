@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
 from levers import keys
 from levers.errors import UsageError
 from levers.pipeline.loading import MAX_FILE_BYTES, LoadedPipeline, parse_pipeline
-from levers.pipeline.model import Pipeline
+
+if TYPE_CHECKING:
+    from levers.pipeline.model import Pipeline
 
 # Digests remembered, to tell an older copy of the file from a new one (about 100 bytes each).
 KEPT_VERSIONS = 1000

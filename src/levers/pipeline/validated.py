@@ -3,12 +3,15 @@
 Parsing pipeline.yaml (ruamel.yaml's round-trip parser, every problem located at FILE:LINE:COL)
 costs more than `levers status` does with the result. A load that validates the file keeps the
 pipeline it got in ``.levers/validated/<file name>.json``, with the SHA-256 of the file's bytes and
-of the model's source. A later load of the same bytes under the same model reads that record.
+of the model's source, and the pipeline's outline (levers.pipeline.outline). A later load of the
+same bytes under the same model reads that record, and validates what it holds only when the
+pipeline itself is asked for: `levers status` reads the outline alone.
 
 The record is levers' own state, as trusted as the rest of ``.levers/`` and checked all the same:
 it counts only if it is a regular file of this user's that nobody else may write, no larger than a
-pipeline could make it, its digests match the bytes read now and the model in use, and what it
-holds passes the model's validation and the checks across phases again. Anything else is a miss:
+pipeline could make it, and its digests match the bytes read now and the model in use; what it
+holds must pass the model's validation and the checks across phases again (the pipeline), or be
+an outline field by field. Anything else is a miss:
 the file is parsed and validated in full, its errors reported as always. Only a valid file is
 kept, and only where ``.levers/`` already exists (a command that reads creates no state dir).
 """
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +32,7 @@ from levers.files import write_atomically
 
 if TYPE_CHECKING:
     from levers.pipeline.model import Pipeline
+    from levers.pipeline.outline import PipelineOutline
 
 RECORDS = "validated"
 # A pipeline file is at most 1 MB (safe_yaml.MAX_FILE_BYTES); its defaults spelt out stay well
@@ -37,31 +42,50 @@ MAX_RECORD_BYTES = 8_000_000
 
 @functools.cache
 def model_digest() -> str | None:
-    """SHA-256 of the model's source (None where it is not there to read: no record is kept)."""
+    """SHA-256 of the sources of the model and of the outline (None where they are not there to
+    read: no record is kept)."""
     try:
-        return hashlib.sha256(Path(__file__).with_name("model.py").read_bytes()).hexdigest()
+        sources = [Path(__file__).with_name(name).read_bytes() for name in ("model.py", "outline.py")]
     except OSError:
         return None
+    return hashlib.sha256(b"\0".join(sources)).hexdigest()
 
 
 def record_path(state_dir: Path, pipeline: Path) -> Path:
     return state_dir / RECORDS / f"{pipeline.name}.json"
 
 
-def recall(state_dir: Path, pipeline: Path, digest: str) -> Pipeline | None:
-    """The pipeline validated from bytes of SHA-256 ``digest``, if a sound record of it is kept."""
+@dataclass(frozen=True)
+class Record:
+    """A record that matches the bytes read now and the model in use: what the file gave (``given``,
+    validated only when the pipeline is asked for) and its outline (None: not a sound one)."""
+
+    given: Any
+    outline: PipelineOutline | None
+
+
+def recall(state_dir: Path, pipeline: Path, digest: str) -> Record | None:
+    """The record of bytes of SHA-256 ``digest``, if one of this user's is kept for this model."""
     model = model_digest()
     saved = _read_own(record_path(state_dir, pipeline))
     if model is None or not isinstance(saved, dict):
         return None
     if saved.get("digest") != digest or saved.get("model") != model:
         return None
+    from levers.pipeline.outline import outline_from_json
+
+    return Record(saved.get("spec"), outline_from_json(saved.get("outline")))
+
+
+def spec_of(record: Record) -> Pipeline | None:
+    """The pipeline ``record`` holds, if it passes the model's validation and the checks across
+    phases again; None otherwise."""
     from pydantic import ValidationError
 
     from levers.pipeline.model import Pipeline, cross_checks
 
     try:
-        spec = Pipeline.model_validate(saved.get("spec"))
+        spec = Pipeline.model_validate(record.given)
     except ValidationError:
         return None
     return None if cross_checks(spec) else spec
@@ -81,7 +105,9 @@ def keep(state_dir: Path, pipeline: Path, digest: str, spec: Pipeline) -> None:
             return  # options JSON cannot say as they are (a YAML date, say): parsed each time
     except ValueError:  # pydantic's ValidationError among them
         return
-    record = {"digest": digest, "model": model, "spec": given}
+    from levers.pipeline.outline import outline_json, outline_of
+
+    record = {"digest": digest, "model": model, "spec": given, "outline": outline_json(outline_of(spec))}
     with contextlib.suppress(OSError):  # a read-only checkout, a full disk: loads just parse again
         write_atomically(record_path(state_dir, pipeline), json.dumps(record).encode())
 

@@ -17,10 +17,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from levers.errors import LeversError
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_capped
-from levers.pipeline.model import Autoscale, Pipeline
+
+if TYPE_CHECKING:
+    from levers.pipeline.model import Autoscale, Pipeline
 
 
 class PipelineWatcher:

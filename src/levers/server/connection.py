@@ -57,7 +57,7 @@ def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.envir
     if environ.get("REDIS_URL"):
         url, source = environ["REDIS_URL"], "REDIS_URL"
     else:
-        url, source = expand_env(loaded.spec.redis or "", environ), f"redis: in {loaded.path.name}"
+        url, source = expand_env(loaded.outline.redis or "", environ), f"redis: in {loaded.path.name}"
     if not url:
         return None
     problem = url_problem(url)

@@ -16,7 +16,6 @@ import redis
 from levers.errors import SpecError
 from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
-from levers.pipeline.model import Pipeline
 from levers.server.connection import Target, connect, embedded_server, resolve
 
 DEFAULT_FILE = "pipeline.yaml"
@@ -79,6 +78,8 @@ def save_last_good(loaded: LoadedPipeline) -> None:
 
 
 def read_last_good(pipeline: Path) -> LoadedPipeline | None:
+    from levers.pipeline.model import Pipeline
+
     try:
         saved = json.loads(last_good_path(pipeline).read_text())
         spec = Pipeline.model_validate(saved["spec"])

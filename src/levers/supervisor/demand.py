@@ -12,6 +12,7 @@ from levers import keys
 from levers.limits.status import learned_concurrency
 from levers.observing.reports import live_reports
 from levers.pipeline.model import Pipeline
+from levers.pipeline.outline import outline_of
 from levers.supervisor.scaling import Load, Observed, Peer
 
 
@@ -40,6 +41,6 @@ def observe(connection: redis.Redis, spec: Pipeline, phases: list[str], me: str)
             if f"{report.host}:{report.pid}" != me and phase in peers and figures.autoscale is not None:
                 peers[phase].append(Peer(f"{report.host}:{report.pid}", figures.autoscale.ceiling))
     memory = psutil.virtual_memory()
-    learned = learned_concurrency(connection, spec, sorted(set().union(*used.values())))
+    learned = learned_concurrency(connection, outline_of(spec), sorted(set().union(*used.values())))
     return Observed(loads, used, {phase: tuple(found) for phase, found in peers.items()},
                     memory.available / 2**20, memory.total / 2**20, learned)  # fmt: skip
