@@ -8,9 +8,10 @@ document is done and no job is held any more, the server's `used_memory` and key
 again: the difference, per 1,000 documents, is what finished documents keep. Keys are grouped by
 kind, each group's bytes summed with MEMORY USAGE.
 
-Then, where the code has `retention:`, every finished document is expired as the supervisor's
-pass does it once `retention` has gone by (the same call, its clock moved past the retention) and
-the figures are read a third time: what dedup's index keeps.
+Then, where the code has `retention:` (7 days here), every finished document is expired as the
+supervisor's pass does it once `retention` has gone by (the same call, its clock moved past the
+retention), keys that expire by themselves within the retention are dropped as they will be by
+then, and the figures are read a third time: what dedup's index and the versions' numbering keep.
 
 `--label` names the row (run it on another checkout with that checkout's `src` first on
 PYTHONPATH for a "before" row); rows of other labels already in RESULTS.md are kept.
@@ -65,6 +66,7 @@ def kg_ingest(doc, ctx):
 '''
 
 PIPELINE = """name: footprint
+retention: 7
 phases:
   extraction:
     handler: footprintphases:extraction
@@ -109,6 +111,10 @@ def kind_of(key: str) -> str:
         (f"levers:{PIPELINE_NAME}:doc:", "ledger records"),
         (f"levers:{PIPELINE_NAME}:finished", "finished set (ids by finish time)"),
         (f"levers:{PIPELINE_NAME}:expired", "expired set (deduplication's index)"),
+        (f"levers:{PIPELINE_NAME}:reuse:", "reuse index (an entry per phase)"),
+        (f"levers:{PIPELINE_NAME}:versions:", "versions (a hash per name)"),
+        (f"levers:{PIPELINE_NAME}:version-names", "names with versions (a set)"),
+        (f"levers:{PIPELINE_NAME}:version-latest", "latest version of expired names (a hash)"),
         ("rq:job:", "RQ job hashes"),
         ("rq:results:", "RQ results"),
         ("rq:execution", "RQ executions"),
@@ -168,6 +174,10 @@ def expire_all(root: Path, connection: redis.Redis) -> Reading | None:
 
     spec = load_pipeline(root / "pipeline.yaml").spec
     Retention(connection, spec).expire(retention_s=0.0)
+    # what expires by itself within the retention (reuse entries) is gone by then too
+    for name in list(connection.scan_iter(f"levers:{PIPELINE_NAME}:*", count=1000)):
+        if 0 < int(connection.ttl(name)) <= (spec.retention or 0) * 86400:
+            connection.delete(name)
     return read(connection)
 
 

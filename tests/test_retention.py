@@ -86,6 +86,11 @@ def test_past_retention_only_the_id_stays_and_the_same_content_is_still_skipped(
     wait_until(lambda: connection.scard("levers:kept:expired") == 3)
     assert not any(connection.exists(f"levers:kept:doc:{d}") for d in doc_ids)
     assert done_counts(root) == counts
+    # of each name's versions only its latest number stays; reuse entries lived no longer
+    assert list(connection.scan_iter("levers:kept:versions:*")) == []
+    assert connection.scard("levers:kept:version-names") == 0
+    assert sorted(v.split(b":")[0] for v in connection.hvals("levers:kept:version-latest")) == [b"1"] * 3
+    assert list(connection.scan_iter("levers:kept:reuse:*")) == []
 
     shown = levers("show", doc_ids[0][:8], cwd=root)
     assert shown.returncode == 0, shown.stderr
@@ -101,8 +106,15 @@ def test_past_retention_only_the_id_stays_and_the_same_content_is_still_skipped(
     rerun = forced.stdout.strip()
     wait_until(lambda: record(connection, rerun).get("status") == "done")
     assert not connection.sismember("levers:kept:expired", rerun)
-    assert done_counts(root) == {"first": 3, "second": 3}
-    assert done_counts(root, "reused") == {"first": 1, "second": 1}  # same content, code and settings
+    assert done_counts(root) == {"first": 4, "second": 4}  # its stored results expired with it
+    assert record(connection, rerun)["version"] == "1"  # the same content: still its name's latest
+
+    (root / "docs" / "doc1.txt").write_text("document number 1 now says something else")
+    changed = levers("submit", "docs/doc1.txt", cwd=root)
+    assert changed.returncode == 0, changed.stderr
+    wait_until(lambda: record(connection, changed.stdout.strip()).get("status") == "done")
+    assert record(connection, changed.stdout.strip())["version"] == "2"  # numbered on from the latest
+    assert connection.hlen("levers:kept:version-latest") == 2  # doc1's name has its versions again
     assert levers("failed", cwd=root).returncode == 0
 
 

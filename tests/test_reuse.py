@@ -90,13 +90,22 @@ def test_a_provider_hook_that_raises_means_no_reuse() -> None:
         del sys.modules[__name__].reuse_provider  # type: ignore[attr-defined]
 
 
-def kept(connection: redis.Redis, store: LocalStore, output: Any, key: str = "k" * 64) -> str:
+def kept(
+    connection: redis.Redis,
+    store: LocalStore,
+    output: Any,
+    key: str = "k" * 64,
+    ttl_s: int = reuse.REUSE_TTL_S,
+) -> str:
     result = reuse.keep_result(store, "chunking", output)
     assert result is not None
     with connection.pipeline() as pipe:
-        reuse.index_result(pipe, PIPELINE, "chunking", key, result)
+        reuse.index_result(pipe, PIPELINE, "chunking", key, result, ttl_s)
         pipe.execute()
     return result
+
+
+TTL_S = reuse.REUSE_TTL_S
 
 
 def test_a_kept_result_is_found_and_its_entry_renewed(connection: redis.Redis, tmp_path: Path) -> None:
@@ -105,11 +114,11 @@ def test_a_kept_result_is_found_and_its_entry_renewed(connection: redis.Redis, t
     kept(connection, store, output)
     connection.expire(keys.reuse(PIPELINE, "chunking", "k" * 64), 10)
 
-    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "k" * 64) == (True, output)
+    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "k" * 64, TTL_S) == (True, output)
     assert connection.ttl(keys.reuse(PIPELINE, "chunking", "k" * 64)) > 10
-    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "m" * 64) == (False, None)
+    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "m" * 64, TTL_S) == (False, None)
     kept(connection, store, None, key="n" * 64)  # a handler may return None: still a result
-    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "n" * 64) == (True, None)
+    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "n" * 64, TTL_S) == (True, None)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +137,7 @@ def test_a_result_missing_or_damaged_in_the_store_is_a_miss(
                    "not an entry": json.dumps([1, 2, 3])}  # fmt: skip
         path.write_text(written[damage])
 
-    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "k" * 64) == (False, None)
+    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "k" * 64, TTL_S) == (False, None)
 
 
 @pytest.mark.parametrize("value", ["../../../etc/passwd", "x" * 64, "", "A" * 64])
@@ -136,7 +145,7 @@ def test_an_index_entry_that_is_not_a_hash_is_a_miss(
     connection: redis.Redis, tmp_path: Path, value: str
 ) -> None:
     connection.set(keys.reuse(PIPELINE, "chunking", "k" * 64), value)
-    found = reuse.stored_result(connection, LocalStore(tmp_path), PIPELINE, "chunking", "k" * 64)
+    found = reuse.stored_result(connection, LocalStore(tmp_path), PIPELINE, "chunking", "k" * 64, TTL_S)
     assert found == (False, None)
 
 
@@ -190,3 +199,18 @@ def test_a_job_takes_the_stored_result_instead_of_calling_the_handler(
     totals = Ledger(connection, "toy").totals("first")
     assert (totals.get("done"), totals.get("reused", 0)) == (2 - reusing, int(reusing))
     assert Queue("toy.second", connection=connection).count == 2  # handed on as if the phase ran
+
+
+def test_an_entry_lives_no_longer_than_the_retention_of_records(
+    connection: redis.Redis, tmp_path: Path
+) -> None:
+    assert reuse.entry_ttl_s(None) == reuse.REUSE_TTL_S
+    assert reuse.entry_ttl_s(365) == reuse.REUSE_TTL_S
+    assert reuse.entry_ttl_s(2) == 2 * 86400
+    assert reuse.entry_ttl_s(1e-9) == 1
+    store = LocalStore(tmp_path)
+    kept(connection, store, {"chunks": []}, ttl_s=reuse.entry_ttl_s(2))
+    assert 0 < connection.ttl(keys.reuse(PIPELINE, "chunking", "k" * 64)) <= 2 * 86400
+
+    assert reuse.stored_result(connection, store, PIPELINE, "chunking", "k" * 64, reuse.entry_ttl_s(2))[0]
+    assert 0 < connection.ttl(keys.reuse(PIPELINE, "chunking", "k" * 64)) <= 2 * 86400  # renewed as long

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import redis
 from rq import Queue
 
@@ -112,3 +114,19 @@ def test_what_redis_holds_is_not_trusted(tmp_path: Path, connection: redis.Redis
     versions_key = next(iter(connection.scan_iter("levers:toy:versions:*")))
     connection.hset(versions_key, mapping={"2": "{not json", "3": json.dumps({"id": 1})})
     assert [e.number for e in Versions(connection, "toy").entries(str(root / "docs" / "doc0.txt"))] == [1]
+
+
+@pytest.mark.parametrize("kept", ["not a number:x", "7", "", ":", "-3:abc", "1e400:abc", "9" * 40 + ":abc"])
+def test_a_hostile_latest_number_of_an_expired_name_never_breaks_numbering(
+    connection: redis.Redis, kept: str
+) -> None:
+    versions = Versions(connection, "hostile")
+    name = f"/docs/{kept!r}.txt"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+    connection.hset("levers:hostile:version-latest", digest, kept)
+
+    first, new = versions.add(name, "a" * 20, "0" * 64, keep=False)
+
+    assert new and first.number >= 1
+    assert versions.add(name, "b" * 20, "1" * 64, keep=False)[0].number == first.number + 1
+    assert connection.hlen("levers:hostile:version-latest") == 0  # the name has its versions again

@@ -95,6 +95,12 @@ def versions(pipeline: str, name_digest: str) -> str:
     return f"levers:{pipeline}:versions:{name_digest}"
 
 
+def version_latest(pipeline: str) -> str:
+    """Hash: name digest -> "number:id" of the newest version of each name whose versions' records
+    expired (``retention``), so that the name's next content still gets the next number."""
+    return f"levers:{pipeline}:version-latest"
+
+
 def version_names(pipeline: str) -> str:
     """Set: every document name with versions, for `levers show NAME`."""
     return f"levers:{pipeline}:version-names"

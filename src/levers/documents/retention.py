@@ -3,7 +3,8 @@
 A done document's id sits in the finished set (keys.finished), scored by when it finished. Past
 ``retention``, a supervisor's pass deletes its record and moves its id to the expired set
 (keys.expired): deduplication's index, a set member of a few dozen bytes per document, so that the
-same content submitted again is still skipped (unless forced). Counters (`levers status`) are
+same content submitted again is still skipped (unless forced). The document's version of its name
+goes too, leaving at most the name's latest number (levers.documents.versions). Counters (`levers status`) are
 totals of their own and do not change; the artifact store keeps the document's outputs and its
 history (levers.documents.history), from which `levers show` still shows it.
 """
@@ -18,6 +19,7 @@ import redis
 from levers import keys
 from levers.documents.failures import EXPIRY_EVERY_S
 from levers.documents.ledger import DocStatus
+from levers.documents.versions import Versions
 from levers.pipeline.model import Pipeline
 
 DAY_S = 86400.0
@@ -29,14 +31,18 @@ EXPIRY_BATCHES = 20
 # KEYS: the finished set, the expired set, then one record per ARGV[2..]. ARGV: the done status,
 # then the ids. Each document still done loses its record and joins the expired set; every id
 # leaves the finished set (one resubmitted meanwhile is no longer done, and keeps its record).
+# Returns, per expired document, its id, and the name and number it was a version of ('' if none).
 _EXPIRE = """
-local expired = 0
+local expired = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[i + 1], 'status') == ARGV[1] then
+    local version = redis.call('HMGET', KEYS[i + 1], 'version_of', 'version')
     redis.call('DEL', KEYS[i + 1])
     redis.call('SADD', KEYS[2], id)
-    expired = expired + 1
+    table.insert(expired, id)
+    table.insert(expired, version[1] or '')
+    table.insert(expired, version[2] or '')
   end
   redis.call('ZREM', KEYS[1], id)
 end
@@ -66,6 +72,7 @@ class Retention:
         self.connection = connection
         self.spec = spec
         self._expire = connection.register_script(_EXPIRE)
+        self.versions = Versions(connection, spec.name)
         self._adopt = connection.register_script(_ADOPT)
 
     def expire(self, retention_s: float | None = None, now: float | None = None) -> int:
@@ -85,8 +92,20 @@ class Retention:
             ids = [member.decode() for member in due]
             records = [keys.document(self.spec.name, doc_id) for doc_id in ids]
             script_keys = [finished, keys.expired(self.spec.name), *records]
-            expired += int(self._expire(keys=script_keys, args=[str(DocStatus.DONE), *ids]))
+            gone = self._expire(keys=script_keys, args=[str(DocStatus.DONE), *ids])
+            expired += len(gone) // 3
+            self._forget_versions(gone)
         return expired
+
+    def _forget_versions(self, gone: list[bytes]) -> None:
+        """The versions of the expired documents (id, name, number triples) go with their records."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for doc_id, name, number in zip(gone[0::3], gone[1::3], gone[2::3], strict=True):
+                if name and number.isdigit():
+                    self.versions.forget(
+                        name.decode(errors="surrogateescape"), doc_id.decode(), int(number), pipe
+                    )
+            pipe.execute()
 
     def adopt(self) -> int:
         """Move the documents that were done before done ones had a set of their own (they stayed

@@ -11,6 +11,11 @@ A file's name is its absolute path as the user named it (report.md in two direct
 documents); a document submitted in memory's name is the one given with it. The versions of a
 name are one Redis hash (keys.versions): ``name``, ``latest`` (the newest number), ``latest_id``
 and, per number, the version as JSON (id, content hash, when, kept); the last MAX_VERSIONS stay.
+
+Past ``retention`` (levers.documents.retention), a version's record expires and so does its entry;
+once the name's latest version expires, its hash and its place among the names go, and one field
+of a hash of all such names (keys.version_latest: the name's digest -> its latest number and id,
+about 80 bytes) keeps the numbering going: Redis holds a bounded amount per name whatever the traffic.
 """
 
 from __future__ import annotations
@@ -31,21 +36,43 @@ from levers import keys
 # Versions listed per name; older ones are forgotten (their numbers are never given again).
 MAX_VERSIONS = 100
 
-# KEYS: the name's versions hash, the set of names. ARGV: name, document id, the version as JSON,
-# MAX_VERSIONS. Returns {number, 1} for a new version; {number, 0} when the document is the name's
-# latest version already. One script, so two submitters of one name never get the same number.
+# KEYS: the name's versions hash, the set of names, the latest numbers of expired names. ARGV:
+# name, document id, the version as JSON, MAX_VERSIONS, the name's digest. Returns {number, 1} for
+# a new version; {number, 0} when the document is the name's latest version already. One script,
+# so two submitters of one name never get the same number.
 _ADD = """
 local latest = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0') or 0
-if latest > 0 and redis.call('HGET', KEYS[1], 'latest_id') == ARGV[2] then return {latest, 0} end
+local latest_id = redis.call('HGET', KEYS[1], 'latest_id')
+if latest == 0 then
+  local kept = redis.call('HGET', KEYS[3], ARGV[5]) or ''
+  local number, id = string.match(kept, '^(%d%d?%d?%d?%d?%d?%d?%d?%d?):(.*)$')
+  if number then latest, latest_id = tonumber(number), id end
+end
+if latest > 0 and latest_id == ARGV[2] then return {latest, 0} end
 latest = latest + 1
 redis.call('HSET', KEYS[1], 'name', ARGV[1], 'latest', latest, 'latest_id', ARGV[2])
 redis.call('HSET', KEYS[1], tostring(latest), ARGV[3])
 if latest > tonumber(ARGV[4]) then redis.call('HDEL', KEYS[1], tostring(latest - tonumber(ARGV[4]))) end
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[5])
 return {latest, 1}
 """
 
-_scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
+# KEYS: the name's versions hash, the set of names, the latest numbers of expired names. ARGV:
+# name, the expired document's id, its number, the name's digest. The name's latest version
+# leaves its number and id behind ("3:<id>": the same content again is still its latest) and
+# nothing else; an older one, its own entry.
+_FORGET = """
+if redis.call('HGET', KEYS[1], 'latest_id') == ARGV[2] then
+  redis.call('HSET', KEYS[3], ARGV[4], redis.call('HGET', KEYS[1], 'latest') .. ':' .. ARGV[2])
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+else
+  redis.call('HDEL', KEYS[1], ARGV[3])
+end
+"""
+
+_scripts: weakref.WeakKeyDictionary[redis.Redis, dict[str, Script]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -90,14 +117,29 @@ class Versions:
     def add(self, name: str, doc_id: str, data_hash: str, keep: bool) -> tuple[DocumentVersion, bool]:
         """Record ``doc_id`` as a version of ``name``; the version, and whether it is a new one
         (False: the document is the name's latest version already, which keeps its number)."""
-        if self.connection not in _scripts:
-            _scripts[self.connection] = self.connection.register_script(_ADD)
         entry = json.dumps({"id": doc_id, "hash": data_hash, "at": time.time(), "keep": keep})
-        number, new = _scripts[self.connection](
-            keys=[keys.versions(self.pipeline, _digest(name)), keys.version_names(self.pipeline)],
-            args=[name, doc_id, entry, MAX_VERSIONS],
+        number, new = self._script(_ADD)(
+            keys=self._keys(name), args=[name, doc_id, entry, MAX_VERSIONS, _digest(name)]
         )
         return DocumentVersion(name, int(number), keep), bool(new)
+
+    def forget(self, name: str, doc_id: str, number: int, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget version ``number`` of ``name`` (document ``doc_id``), whose record expired; on
+        ``pipe`` when given."""
+        self._script(_FORGET)(keys=self._keys(name), args=[name, doc_id, number, _digest(name)], client=pipe)
+
+    def _keys(self, name: str) -> list[str]:
+        return [
+            keys.versions(self.pipeline, _digest(name)),
+            keys.version_names(self.pipeline),
+            keys.version_latest(self.pipeline),
+        ]
+
+    def _script(self, source: str) -> Script:
+        scripts = _scripts.setdefault(self.connection, {})
+        if source not in scripts:
+            scripts[source] = self.connection.register_script(source)
+        return scripts[source]
 
     def entries(self, name: str) -> list[VersionEntry]:
         """The versions of ``name`` still listed, oldest first."""

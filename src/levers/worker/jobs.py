@@ -186,7 +186,8 @@ def stored_result(
     if key is None or not started.record.reuse:
         return key, False, None
     store = runtime.store(spec)
-    found, output = reuse.stored_result(runtime.connection, store, spec.name, started.phase, key)
+    ttl_s = reuse.entry_ttl_s(spec.retention)
+    found, output = reuse.stored_result(runtime.connection, store, spec.name, started.phase, key, ttl_s)
     return key, found, output
 
 
@@ -393,7 +394,9 @@ def _hand_off(
             performed.gap_s, reused=performed.reused,
         )  # fmt: skip
         if kept is not None and performed.reuse_key is not None:
-            reuse.index_result(pipe, spec.name, phase, performed.reuse_key, kept)
+            reuse.index_result(
+                pipe, spec.name, phase, performed.reuse_key, kept, reuse.entry_ttl_s(spec.retention)
+            )
         if record.input == "bytes" and not spec.feeders(phase):
             # in-memory documents live in Redis only until their entry phase has read them
             pipe.delete(keys.blob(spec.name, record.id))

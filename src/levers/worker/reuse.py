@@ -13,8 +13,9 @@ A job's reuse key is a hash of:
   module returns, for what the environment decides (which provider ``auto`` picks).
 
 The index, key -> the hash of the result, is in Redis (keys.reuse): shared by every worker on
-every host, one string per key that expires REUSE_TTL_S after it was last written or used, so it
-stays bounded. The result is in the artifact store under its own hash (``cache/reuse/``),
+every host, one string per key that expires REUSE_TTL_S after it was last written or used (or
+after the pipeline's ``retention``, when shorter: no entry outlives the records it came with), so
+it stays bounded. The result is in the artifact store under its own hash (``cache/reuse/``),
 written create-only: two workers finishing the same key write it once. A result that is missing
 or does not hash to what the index says is a miss, and the job does the work.
 """
@@ -44,6 +45,7 @@ log = logging.getLogger("levers.worker")
 # An entry is dropped this long after it was last written or used: reuse pays for a re-run within
 # weeks (a changed setting, a resubmitted batch), and Redis holds about 210 bytes per entry.
 REUSE_TTL_S = 30 * 86400
+DAY_S = 86400
 NAMESPACE = "reuse"
 # Part of every key: a change to what goes into a key (or how results are stored) changes it.
 KEY_FORMAT = 2
@@ -159,14 +161,21 @@ def _imported(path: Path, module_name: str) -> list[str]:
     return found
 
 
+def entry_ttl_s(retention_days: float | None) -> int:
+    """How long an index entry lives after it was last written or used."""
+    if retention_days is None:
+        return REUSE_TTL_S
+    return max(1, min(REUSE_TTL_S, round(retention_days * DAY_S)))
+
+
 def stored_result(
-    connection: redis.Redis, store: ArtifactStore, pipeline: str, phase: str, key: str
+    connection: redis.Redis, store: ArtifactStore, pipeline: str, phase: str, key: str, ttl_s: int
 ) -> tuple[bool, Any]:
     """(True, the result) when the index has ``key`` and the store holds its result intact (the
     entry's life is renewed); else (False, None): anything missing, unreadable or altered is a
     miss, never an error, since the job can always do the work."""
     try:
-        found = connection.getex(keys.reuse(pipeline, phase, key), ex=REUSE_TTL_S)
+        found = connection.getex(keys.reuse(pipeline, phase, key), ex=ttl_s)
     except redis.RedisError:
         return False, None
     text = found.decode(errors="replace") if isinstance(found, bytes) else None
@@ -195,6 +204,8 @@ def keep_result(store: ArtifactStore, phase: str, output: Any) -> str | None:
     return result
 
 
-def index_result(pipe: redis.client.Pipeline, pipeline: str, phase: str, key: str, result: str) -> None:
+def index_result(
+    pipe: redis.client.Pipeline, pipeline: str, phase: str, key: str, result: str, ttl_s: int
+) -> None:
     """Queue on ``pipe`` the index entry: ``key`` -> the hash of the result the store holds."""
-    pipe.set(keys.reuse(pipeline, phase, key), result, ex=REUSE_TTL_S)
+    pipe.set(keys.reuse(pipeline, phase, key), result, ex=ttl_s)
