@@ -16,7 +16,9 @@ from typing import Any
 
 import redis
 from rq import Queue, Worker
+from rq.exceptions import DeserializationError
 from rq.executions import Execution
+from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
@@ -199,12 +201,48 @@ def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:
     return [replace(p, bottleneck=p is chosen) for p in phases]
 
 
-def _oldest_wait_s(queues: list[Queue]) -> float | None:
-    """Age of the oldest job at the head of the lanes: one list read and one job read per lane."""
+@dataclass(frozen=True)
+class _Lanes:
+    """A phase's lanes as one pipelined read finds them: each lane's queued jobs, the jobs waiting
+    for a retry, the job at the head of each lane and the jobs held (job and execution ids)."""
+
+    queued: dict[str, int]
+    waiting_retry: int
+    heads: list[str]
+    held: list[tuple[str, str]]
+
+
+def _read_lanes(connection: redis.Redis, lanes: dict[str, Queue]) -> _Lanes:
+    with connection.pipeline(transaction=False) as pipe:
+        for queue in lanes.values():
+            pipe.llen(queue.key)
+            pipe.zcard(ScheduledJobRegistry(queue=queue).key)
+            pipe.lrange(queue.key, 0, 0)
+            pipe.zrange(queue.started_job_registry.key, 0, -1)
+        answers = pipe.execute()
+    per_lane = [answers[at : at + 4] for at in range(0, len(answers), 4)]
+    return _Lanes(
+        queued={lane: int(read[0]) for lane, read in zip(lanes, per_lane, strict=True)},
+        waiting_retry=sum(int(read[1]) for read in per_lane),
+        heads=[read[2][0].decode(errors="replace") for read in per_lane if read[2]],
+        # RQ's members are "job id:execution id"; anyone may write Redis, so nothing else breaks this
+        held=[_job_and_execution(member) for read in per_lane for member in read[3]],
+    )
+
+
+def _job_and_execution(member: bytes) -> tuple[str, str]:
+    job_id, _, execution_id = member.decode(errors="replace").partition(":")
+    return job_id, execution_id
+
+
+def _oldest_wait_s(connection: redis.Redis, heads: list[str]) -> float | None:
+    """Age of the oldest of the jobs at the head of the lanes: one pipelined read."""
+    try:
+        jobs = Job.fetch_many(heads, connection, serializer=JSONSerializer)
+    except (ValueError, DeserializationError):  # not a job levers or RQ wrote
+        return None
     ages = []
-    for queue in queues:
-        head = queue.get_job_ids(0, 1)
-        job = queue.fetch_job(head[0]) if head else None
+    for job in jobs:
         if job is not None and job.enqueued_at is not None:
             enqueued = job.enqueued_at if job.enqueued_at.tzinfo else job.enqueued_at.replace(tzinfo=UTC)
             ages.append(max(0.0, (datetime.now(UTC) - enqueued).total_seconds()))
@@ -221,8 +259,9 @@ def _phase_status(
     queue = lanes[keys.NORMAL]  # every levers worker of the phase serves all its lanes
     workers = _alive(Worker.all(queue=queue), reports, name)
     alive = {w.name for w in workers}
-    held = [holder for lane in lanes.values() for holder in _holders(connection, lane)]
-    queued = {lane: q.count for lane, q in lanes.items()}
+    read = _read_lanes(connection, lanes)
+    held = _holders(connection, read.held)
+    queued = read.queued
     running_since = _running_since(held, alive)
     reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
     totals = ledger.totals(name)
@@ -234,7 +273,7 @@ def _phase_status(
         running=len(running_since),
         claimed_ahead=sum(holder in alive for holder, _ in held) - len(running_since),
         stranded=sum(holder not in alive for holder, _ in held),
-        waiting_retry=sum(ScheduledJobRegistry(queue=q).count for q in lanes.values()),
+        waiting_retry=read.waiting_retry,
         done=totals.get("done", 0),
         failed=kept_failed(connection, spec.name, spec.failed_ttl, name),
         failed_attempts=totals.get("failed", 0),
@@ -246,7 +285,7 @@ def _phase_status(
         workers=phase.workers,
         semaphore=phase.semaphore,
         threads=phase.threads,
-        oldest_wait_s=_oldest_wait_s(list(lanes.values())),
+        oldest_wait_s=_oldest_wait_s(connection, read.heads),
         throughput=recent.throughput,
         utilization=_utilization(connection, spec.name, name, workers, list(running_since.values())),
         p50_s=recent.quantile(0.5),
@@ -313,10 +352,11 @@ def _alive(workers: list[BaseWorker], reports: list[SupervisorReport], phase: st
     return [w for w in workers if alive(w)]
 
 
-def _holders(connection: redis.Redis, queue: Queue) -> list[tuple[str | None, float | None]]:
-    """The worker holding each job of the started registry and when it took it (None: its
-    execution has expired): one read per job held, and those are about as many as the workers."""
-    entries = queue.started_job_registry.get_job_and_execution_ids(cleanup=False)
+def _holders(
+    connection: redis.Redis, entries: list[tuple[str, str]]
+) -> list[tuple[str | None, float | None]]:
+    """The worker holding each job of the started registries (``entries``: job and execution ids)
+    and when it took it (None: its execution has expired): one pipelined read."""
     with connection.pipeline(transaction=False) as pipe:
         for job_id, execution_id in entries:
             pipe.hmget(Execution(execution_id, job_id, connection).key, ["worker_name", "created_at"])
