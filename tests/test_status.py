@@ -68,6 +68,21 @@ def test_status_answers_with_a_deep_queue_without_scanning(tmp_path: Path, conne
     assert "queue over 1000: add workers now" in first["alerts"]
 
 
+def test_what_anyone_wrote_into_rqs_keys_does_not_break_status(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    root = make_project(tmp_path, docs=0)
+    connection.zadd("rq:wip:toy.first", {"a:b:c": 1, b"\xff\xfe": 2, "no-execution": 3})
+    connection.rpush("rq:queue:toy.first:high", "../../not a job")
+    connection.hset("rq:job:../../not a job", mapping={"enqueued_at": "yesterday", "data": "{"})
+
+    shown = levers("status", "--json", cwd=root)
+
+    assert shown.returncode == 0, shown.stderr
+    first = phase(json.loads(shown.stdout), "first")
+    assert (first["queued"], first["running"], first["stranded"]) == (1, 0, 3)
+
+
 @pytest.mark.e2e
 def test_plan_uses_job_times_measured_by_the_workers(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path, workers=1, seconds=0.05, docs=2)
