@@ -30,6 +30,7 @@ FORMS = [
     ("status", "--watch", "--file=a b.yaml"),
     ("status", "--file", "a.yaml", "--file", "b.yaml"),  # given twice: the last counts
     ("status", "--json", "--json"),
+    ("status", "--json", "--pipeline", "ingest"),
     ("show", "abc123"),
     ("show", "--json", "abc123", "-f", "p.yaml"),
     ("get", "chunking.semaphore"),

@@ -233,6 +233,25 @@ def test_a_set_without_a_file_edits_the_published_version(tmp_path: Path, connec
     assert "no version of pipeline 'other' is published" in unknown.stderr
 
 
+def test_status_without_a_file_shows_the_published_version(tmp_path: Path, connection: redis.Redis) -> None:
+    a = host(tmp_path / "a", tmp_path / "store")
+    follower(a, connection).tick()
+    laptop = tmp_path / "laptop"
+    laptop.mkdir()
+    assert levers("set", "first.semaphore=7", cwd=laptop).returncode == 0
+
+    shown = levers("status", "--json", cwd=laptop)
+
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert status["pipeline"] == "toy"
+    assert {p["phase"]: p["semaphore"] for p in status["phases"]} == {"first": 7, "second": 1}
+    assert status["pipeline_version"]["live"].startswith("v2 ")
+    unknown = levers("status", "--pipeline", "other", cwd=laptop)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().count("\n") == 0 and "no version of pipeline 'other'" in unknown.stderr
+
+
 def follower(root: Path, connection: redis.Redis) -> Follower:
     """What a supervisor in ``root`` runs to follow the published pipeline."""
     watcher = PipelineWatcher.open(root / "pipeline.yaml")

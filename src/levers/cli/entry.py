@@ -50,7 +50,9 @@ _JSON = {"--json": ("as_json", True)}
 _PATH: dict[str, Callable[[str], Any]] = {"file": Path}
 SHAPES = {
     "status": Shape(
-        flags={**_JSON, "--watch": ("watch", True), "-w": ("watch", True)}, options=_FILE, convert=_PATH
+        flags={**_JSON, "--watch": ("watch", True), "-w": ("watch", True)},
+        options={**_FILE, "--pipeline": "pipeline"},
+        convert=_PATH,
     ),
     "show": Shape(flags=_JSON, options=_FILE, arguments=("doc_id",), convert=_PATH),
     "get": Shape(options=_FILE, arguments=("key",), convert=_PATH),

@@ -16,9 +16,13 @@ def status(
     file: FileOption = None,
     as_json: JsonOption = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every second.")] = False,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Without a pipeline file: which pipeline published on REDIS_URL."),
+    ] = None,
 ) -> None:
     """Per phase: queued, running, done, failed, and workers alive/desired."""
-    read_only.status(file, as_json, watch)
+    read_only.status(file, as_json, watch, pipeline)
 
 
 @reports_errors

@@ -16,13 +16,16 @@ from levers.cli.json_out import print_json
 from levers.errors import UsageError
 
 
-def status(file: Path | None = None, as_json: bool = False, watch: bool = False) -> None:
-    """Per phase: queued, running, done, failed, and workers alive/desired."""
+def status(
+    file: Path | None = None, as_json: bool = False, watch: bool = False, pipeline: str | None = None
+) -> None:
+    """Per phase: queued, running, done, failed, and workers alive/desired. Without a pipeline
+    file, of the pipeline published on REDIS_URL (``pipeline`` names which, when several are)."""
     from levers.observing.status import PipelineStatus, pipeline_status
     from levers.pipeline.watching import PipelineWatcher
-    from levers.server.project import open_project
+    from levers.server.project import open_anywhere
 
-    project = open_project(file, last_good=True)
+    project = open_anywhere(file, pipeline)
     # each refresh of --watch reads the file again: a `levers set` shows at the next one
     watcher = PipelineWatcher(project.loaded, error=project.file_error)
 

@@ -136,6 +136,22 @@ def published_pipelines(connection: redis.Redis) -> list[str]:
     return sorted(_text(name) for name in connection.smembers(keys.PUBLISHED_PIPELINES))
 
 
+def published_name(connection: redis.Redis, pipeline: str | None) -> str:
+    """The published pipeline a command without a pipeline file works on: ``pipeline``, else the
+    only one published on this server."""
+    if pipeline is not None:
+        return pipeline
+    names = published_pipelines(connection)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise UsageError("no pipeline file at pipeline.yaml, and none is published on this server",
+                         fix="run `levers up` where its pipeline.yaml is, or pass -f FILE")  # fmt: skip
+    shown = ", ".join(name[:60] for name in names[:10])
+    raise UsageError(f"{len(names)} pipelines are published on this server ({shown})",
+                     fix="name one with --pipeline NAME")  # fmt: skip
+
+
 def loaded_from(published: Published, path: Path, name: str | None, check_imports: bool) -> LoadedPipeline:
     """A published version validated as the file ``path`` would be (UsageError or SpecError
     otherwise): its bytes must match its hash and, with ``name``, it must be that pipeline's.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import redis
 
-from levers.errors import SpecError
+from levers.errors import SpecError, UsageError
 from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
-from levers.server.connection import Target, connect, embedded_server, resolve
+from levers.server.connection import URL_FORMS, Target, connect, embedded_server, masked, resolve, url_problem
 
 DEFAULT_FILE = "pipeline.yaml"
 
@@ -62,6 +62,43 @@ def open_project(
     target = resolve(loaded, start=start)
     started = target.embedded and not was_running
     return Project(loaded, target, connect(target), started_server=started, file_error=file_error)
+
+
+def published_only(given: Path | None) -> str | None:
+    """REDIS_URL, when a command is to work on the pipeline published there: no pipeline file is
+    named (-f, LEVERS_FILE) or found, and REDIS_URL is set. None: the pipeline file's."""
+    url = os.environ.get("REDIS_URL")
+    if given is not None or os.environ.get("LEVERS_FILE") or pipeline_path(None).exists() or not url:
+        return None
+    return url
+
+
+def published_target(url: str) -> Target:
+    problem = url_problem(url)
+    if problem is not None:
+        raise UsageError(f"REDIS_URL: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)
+    return Target(url=url, embedded=False)
+
+
+def open_anywhere(given: Path | None, pipeline: str | None = None) -> Project:
+    """A project for a command that only looks: its pipeline file's (the last good version while
+    the file is invalid), or without one, the version published on REDIS_URL (``pipeline`` names
+    which, when several are), validated as a file would be."""
+    url = published_only(given)
+    if url is None:
+        return open_project(given, last_good=True)
+    from levers.pipeline.published import loaded_from, published_name, read_published
+
+    target = published_target(url)
+    connection = connect(target)
+    name = published_name(connection, pipeline)
+    published = read_published(connection, name)
+    if published is None:
+        raise UsageError(f"no version of pipeline {name!r} is published on this server",
+                         fix="name one with --pipeline NAME, or run where its pipeline.yaml is")  # fmt: skip
+    named = Path(f"pipeline.yaml (published {published.version.label})")  # as errors name it
+    loaded = loaded_from(published, named, name, check_imports=False)
+    return Project(loaded, target, connection, started_server=False)
 
 
 def last_good_path(pipeline: Path) -> Path:

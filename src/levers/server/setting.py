@@ -3,7 +3,6 @@ REDIS_URL (a laptop with no pipeline.yaml), and the Redis the result is publishe
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,11 +12,11 @@ import redis
 from levers.errors import LeversError, UsageError
 from levers.pipeline.editing import set_values
 from levers.pipeline.loading import load_pipeline
-from levers.pipeline.published import published_pipelines
+from levers.pipeline.published import published_name
 from levers.pipeline.publishing import SetOutcome, set_in_file, set_published
-from levers.server.connection import URL_FORMS, Target, connect, connect_if_running, masked, url_problem
+from levers.server.connection import connect, connect_if_running
 from levers.server.outage import reason
-from levers.server.project import DEFAULT_FILE, pipeline_path
+from levers.server.project import pipeline_path, published_only, published_target
 
 
 def set_anywhere(
@@ -37,9 +36,9 @@ def _set(
     given: Path | None, assignments: Sequence[str], pipeline: str | None
 ) -> tuple[SetOutcome, redis.Redis | None]:
     path = pipeline_path(given)
-    url = os.environ.get("REDIS_URL")
     by = f"levers set on {socket.gethostname()}"
-    if given is not None or os.environ.get("LEVERS_FILE") or path.exists() or not url:
+    url = published_only(given)
+    if url is None:
         if not path.exists() and given is None:
             raise UsageError(f"no pipeline file at {path}", fix="create one, pass -f FILE, or set REDIS_URL "
                              "to change the pipeline published there")  # fmt: skip
@@ -48,22 +47,5 @@ def _set(
             updated, changes = set_values(path, assignments)
             return SetOutcome(updated, changes, None), None
         return set_in_file(path, assignments, connection, by), connection
-    problem = url_problem(url)
-    if problem is not None:
-        raise UsageError(f"REDIS_URL: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)
-    connection = connect(Target(url=url, embedded=False))
-    return set_published(connection, _published_name(connection, pipeline), assignments, by), connection
-
-
-def _published_name(connection: redis.Redis, pipeline: str | None) -> str:
-    if pipeline is not None:
-        return pipeline
-    names = published_pipelines(connection)
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise UsageError(f"no pipeline file at {DEFAULT_FILE}, and none is published on this server",
-                         fix="run `levers up` where its pipeline.yaml is, or pass -f FILE")  # fmt: skip
-    shown = ", ".join(name[:60] for name in names[:10])
-    raise UsageError(f"{len(names)} pipelines are published on this server ({shown})",
-                     fix="name one with --pipeline NAME")  # fmt: skip
+    connection = connect(published_target(url))
+    return set_published(connection, published_name(connection, pipeline), assignments, by), connection
