@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,21 +132,27 @@ def run(rounds: int, compare: Path | None) -> Startup:
             check=True,
         )
         argvs = {
-            label: (argv, env) for label, argv in commands(server.url, submitted.stdout.split()[0]).items()
+            label: (argv, env, root)
+            for label, argv in commands(server.url, submitted.stdout.split()[0]).items()
         }
         if compare is not None:
             # through `python -m levers`, as the other checkout's console script may differ: this
             # one's the same way, for a like-for-like pair
             module = [PYTHON, "-m", "levers", "status", "--json"]
-            argvs["python -m levers status --json"] = (module, env)
-            argvs[f"python -m levers status --json ({compare})"] = (module, with_source(env, compare))
+            argvs["python -m levers status --json"] = (module, env, root)
+            # in a copy of the project: each checkout keeps its own validated record of the file
+            other = root / "compared"
+            (other / ".levers").mkdir(parents=True)  # where a record is kept
+            shutil.copy(root / "pipeline.yaml", other)
+            shutil.copy(root / "startupphases.py", other)
+            argvs[f"python -m levers status --json ({compare})"] = (module, with_source(env, compare), other)
         # once each first: files cached, bytecode compiled, pipeline.yaml validated and recorded
-        for argv, argv_env in argvs.values():
-            timed(argv, root, argv_env)
+        for argv, argv_env, cwd in argvs.values():
+            timed(argv, cwd, argv_env)
         seconds: dict[str, list[float]] = {label: [] for label in argvs}
         for _ in range(rounds):
-            for label, (argv, argv_env) in argvs.items():
-                seconds[label].append(timed(argv, root, argv_env))
+            for label, (argv, argv_env, cwd) in argvs.items():
+                seconds[label].append(timed(argv, cwd, argv_env))
         return Startup(rounds, seconds, import_costs(root, env))
 
 
