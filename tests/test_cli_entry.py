@@ -36,6 +36,7 @@ FORMS = [
     ("get", "chunking.semaphore"),
     ("get", "--file", "p.yaml", "phases.chunking.levers.workers"),
     ("get", "x=y"),
+    ("get", "--pipeline", "ingest", "chunking.semaphore"),
     ("plan",),
     ("plan", "--json", "--check"),
     ("plan", "--no-measured", "--format", "markdown", "--burst", "1000", "--rate", "10/hour"),

@@ -247,6 +247,8 @@ def test_status_without_a_file_shows_the_published_version(tmp_path: Path, conne
     assert status["pipeline"] == "toy"
     assert {p["phase"]: p["semaphore"] for p in status["phases"]} == {"first": 7, "second": 1}
     assert status["pipeline_version"]["live"].startswith("v2 ")
+    got = levers("get", "first.semaphore", cwd=laptop)
+    assert (got.returncode, got.stdout.strip()) == (0, "7")
     unknown = levers("status", "--pipeline", "other", cwd=laptop)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().count("\n") == 0 and "no version of pipeline 'other'" in unknown.stderr

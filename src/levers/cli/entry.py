@@ -55,7 +55,7 @@ SHAPES = {
         convert=_PATH,
     ),
     "show": Shape(flags=_JSON, options=_FILE, arguments=("doc_id",), convert=_PATH),
-    "get": Shape(options=_FILE, arguments=("key",), convert=_PATH),
+    "get": Shape(options={**_FILE, "--pipeline": "pipeline"}, arguments=("key",), convert=_PATH),
     "plan": Shape(
         flags={
             **_JSON,

@@ -151,6 +151,10 @@ def set_levers(
 def get(
     key: Annotated[str, typer.Argument(help="e.g. chunking.semaphore or phases.chunking.timeout")],
     file: FileOption = None,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Without a pipeline file: which pipeline published on REDIS_URL."),
+    ] = None,
 ) -> None:
     """Print one setting's effective value (defaults included)."""
-    read_only.get(key, file)
+    read_only.get(key, file, pipeline)

@@ -64,14 +64,17 @@ def show(doc_id: str, file: Path | None = None, as_json: bool = False) -> None:
         console.document_timeline(record, outputs)
 
 
-def get(key: str, file: Path | None = None) -> None:
-    """Print one setting's effective value (defaults included)."""
+def get(key: str, file: Path | None = None, pipeline: str | None = None) -> None:
+    """Print one setting's effective value (defaults included); without a pipeline file, the
+    published version's on REDIS_URL."""
     from levers.pipeline.editing import get_value
     from levers.pipeline.loading import load_pipeline
     from levers.server.connection import masked_values
-    from levers.server.project import pipeline_path
+    from levers.server.project import open_published, pipeline_path, published_only
 
-    value = masked_values(get_value(load_pipeline(pipeline_path(file)), key))
+    url = published_only(file)
+    loaded = load_pipeline(pipeline_path(file)) if url is None else open_published(url, pipeline).loaded
+    value = masked_values(get_value(loaded, key))
     if isinstance(value, (dict, list)):
         print_json(value)
     else:

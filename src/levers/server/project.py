@@ -85,8 +85,12 @@ def open_anywhere(given: Path | None, pipeline: str | None = None) -> Project:
     the file is invalid), or without one, the version published on REDIS_URL (``pipeline`` names
     which, when several are), validated as a file would be."""
     url = published_only(given)
-    if url is None:
-        return open_project(given, last_good=True)
+    return open_project(given, last_good=True) if url is None else open_published(url, pipeline)
+
+
+def open_published(url: str, pipeline: str | None) -> Project:
+    """The newest version of the pipeline published on ``url`` (``pipeline``, else the only one
+    there), validated as a file would be (not its handlers: this host may not run them)."""
     from levers.pipeline.published import loaded_from, published_name, read_published
 
     target = published_target(url)
