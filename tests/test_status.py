@@ -183,6 +183,26 @@ def test_utilization_agrees_with_busy_workers_during_a_burst(
         stop(supervisor)
 
 
+def test_utilization_after_a_scale_down_counts_the_stopped_workers_time(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    root = make_project(tmp_path, workers=4, seconds=1, docs=12)
+    supervisor = start_levers("up", "--phase", "first", "--grace", "0", cwd=root)
+    try:
+        wait_until(lambda: read_status(root, connection)["first"].workers_alive == 4)
+        submit(root, "docs")
+        wait_until(lambda: read_status(root, connection)["first"].done == 12, timeout_s=60)
+        assert levers("set", "first.workers=1", cwd=root).returncode == 0
+        wait_until(lambda: read_status(root, connection)["first"].workers_alive == 1)
+
+        # 12 busy seconds from four workers over their time alive: far from all of the one left's
+        first = read_status(root, connection)["first"]
+        assert first.done == 12
+        assert 0 < first.utilization < 0.8
+    finally:
+        stop(supervisor)
+
+
 def test_watch_shows_an_edit_at_its_next_refresh(tmp_path: Path, redis_url: str) -> None:
     root = make_project(tmp_path, docs=0)
     # a pipeline of its own: the server is the session's, where other tests published theirs

@@ -3,7 +3,7 @@
 Each finished attempt adds to two places. Its phase's bucket for the current minute (jobs done,
 failed and retried, a duration histogram over fixed log-spaced bounds, the CPU seconds of the done
 ones; its busy seconds go to the minutes it was busy) gives the recent figures `levers status`
-and `levers plan` show; buckets expire after
+and `levers plan` show; supervisors add their workers' seconds alive to the same buckets; buckets expire after
 ``RETENTION_MIN`` minutes. Its phase's
 running totals (a count per histogram bucket, the count and the sum of durations, never reset)
 are the cumulative histogram Prometheus takes rates of; one hash of fixed fields per phase.
@@ -43,6 +43,7 @@ class PhaseMetrics:
     calls: int = 0
     cpu_s: float = 0.0  # CPU seconds the done jobs' worker processes spent on them
     active_s: float = 0.0  # of span_s, from the start of the first minute a job ran in
+    alive_s: float = 0.0  # worker-seconds the supervisors' workers were alive in the span
 
     @property
     def throughput(self) -> float:
@@ -117,6 +118,18 @@ def record(
     pipe.hincrbyfloat(totals, "sum", seconds)
 
 
+def record_alive(
+    pipe: redis.client.Pipeline, pipeline: str, phase: str, workers: int, started: float, ended: float
+) -> None:
+    """Queue on ``pipe`` the worker-seconds ``workers`` workers were alive from ``started`` to
+    ``ended``, in the minutes they fall in: what utilization divides by, so that it counts the
+    workers a scale-down stopped for the time they ran."""
+    for minute, seconds in busy_minutes(started, ended):
+        key = keys.phase_metrics(pipeline, phase, minute)
+        pipe.hincrbyfloat(key, "alive_s", workers * seconds)
+        pipe.expire(key, RETENTION_MIN * BUCKET_S)
+
+
 def busy_minutes(started: float, ended: float) -> list[tuple[int, float]]:
     """The seconds from ``started`` to ``ended`` per minute they fell in (the retained minutes
     only): a long job's busy time counts in the minutes it was busy, not all in its last one."""
@@ -153,6 +166,7 @@ def read(
         calls=int(totals.get("calls", 0)),
         cpu_s=totals.get("cpu_s", 0.0),
         active_s=(current - min(ran)) * BUCKET_S + (at - current * BUCKET_S) if ran else 0.0,
+        alive_s=totals.get("alive_s", 0.0),
     )
 
 

@@ -390,12 +390,15 @@ def _utilization(
     workers: list[BaseWorker],
     running_since: list[float | None],
 ) -> float:
-    """Busy share of the alive workers' time over the last UTILIZATION_MINUTES: the finished jobs'
-    busy seconds in that span and the running jobs' so far, over each worker's time alive in it."""
+    """Busy share of the workers' time over the last UTILIZATION_MINUTES: the finished jobs' busy
+    seconds in that span and the running jobs' so far, over the workers' time alive in it."""
     now = time.time()
     recent = metrics.read(connection, pipeline, phase, UTILIZATION_MINUTES, now)
     start = now - recent.span_s
-    capacity_s = sum(now - max(start, w.birth_date.timestamp() if w.birth_date else start) for w in workers)
+    # the workers alive now, over their time in the span; or what the supervisors counted alive,
+    # when more: workers a scale-down stopped ran part of the span too
+    alive_now_s = sum(now - max(start, w.birth_date.timestamp() if w.birth_date else start) for w in workers)
+    capacity_s = max(alive_now_s, recent.alive_s)
     running_s = sum(now - max(start, since if since is not None else now) for since in running_since)
     return min(1.0, (recent.busy_s + running_s) / capacity_s) if capacity_s > 0 else 0.0
 

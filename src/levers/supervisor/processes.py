@@ -26,7 +26,7 @@ from types import FrameType
 import psutil
 import redis
 
-from levers import keys
+from levers import keys, metrics
 from levers.documents.failures import FailedExpiry
 from levers.documents.retention import RetentionExpiry
 from levers.documents.routing import register_queues
@@ -55,6 +55,8 @@ log = logging.getLogger("levers.supervisor.reconcile")
 TICK_S = 0.25
 # A supervisor that cannot go on lets its workers finish their jobs this long, then kills them.
 GIVE_UP_WAIT_S = 10.0
+# The longest span between two reports whose workers' seconds alive count (they report each second).
+MAX_ALIVE_SPAN_S = 10.0
 
 _fork = multiprocessing.get_context("fork")
 
@@ -438,6 +440,7 @@ class Reporter:
         self.supervisor = supervisor
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self._last = 0.0
+        self._alive_since: float | None = None  # the end of the span whose alive seconds were recorded
         self._usage = ProcessUsage()
         self._host_cpu = HostCpu()
 
@@ -469,11 +472,25 @@ class Reporter:
             memory_mb=memory.total / 2**20,
         )
         try:
-            self.connection.hset(self._key, self.id, report.to_json())
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.hset(self._key, self.id, report.to_json())
+                self._record_alive(pipe, {phase: len(figures.pids) for phase, figures in phases.items()}, now)
+                pipe.execute()
         except UNREACHABLE:
             raise
         except redis.RedisError as exc:
             log.warning("could not publish status: %s", exc)
+
+    def _record_alive(self, pipe: redis.client.Pipeline, alive: dict[str, int], now: float) -> None:
+        """Each phase's workers' seconds alive since the last report; a gap longer than
+        MAX_ALIVE_SPAN_S (Redis away, a stalled host) is not counted, as nothing ran to fill it."""
+        since, self._alive_since = self._alive_since, now
+        if since is None or not 0 < now - since <= MAX_ALIVE_SPAN_S:
+            return
+        pipeline = self.supervisor.watcher.current().spec.name
+        for phase, workers in alive.items():
+            if workers:
+                metrics.record_alive(pipe, pipeline, phase, workers, since, now)
 
     def withdraw(self) -> None:
         with contextlib.suppress(redis.RedisError):
