@@ -70,6 +70,12 @@ def learned_concurrency(connection: redis.Redis, pipeline: Pipeline, names: Iter
     return {name: value for name, value in learned.items() if value is not None and value < declared[name]}
 
 
+def workers_for(concurrency: int, semaphore: int) -> int:
+    """Workers that keep every slot of a limit allowing ``concurrency`` calls at once busy, each
+    worker making ``semaphore`` calls at once: at least one."""
+    return max(1, math.ceil(concurrency / semaphore))
+
+
 def _declared(pipeline: Pipeline, name: str) -> LimitSettings:
     if name in pipeline.limits:
         return pipeline.limits[name]
