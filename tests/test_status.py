@@ -20,6 +20,7 @@ import pytest
 import redis
 from rq import Queue, Worker
 
+from levers import keys
 from levers.observing.status import PhaseStatus, pipeline_status
 from levers.pipeline.loading import load_pipeline
 from levers.supervisor import usage
@@ -81,6 +82,43 @@ def test_what_anyone_wrote_into_rqs_keys_does_not_break_status(
     assert shown.returncode == 0, shown.stderr
     first = phase(json.loads(shown.stdout), "first")
     assert (first["queued"], first["running"], first["stranded"]) == (1, 0, 3)
+
+
+CAPPED = """
+name: capped
+phases:
+  work:
+    handler: json:dumps
+    accepts: [.txt]
+    levers: {workers: 1, semaphore: 5}
+    autoscale: {min: 1, max: 8, per_worker: 4}
+limits:
+  api: {concurrency: 12}
+"""
+
+
+def test_the_autoscale_need_is_capped_by_the_limits_the_phase_calls(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    (tmp_path / "pipeline.yaml").write_text(CAPPED)
+    spec = load_pipeline(tmp_path / "pipeline.yaml").outline
+    queue, used = f"rq:queue:{keys.queue_name('capped', 'work')}", keys.phase_limits("capped", "work")
+    learned = keys.limit_adaptive("capped", "api")
+
+    def needed() -> int:
+        [work] = pipeline_status(connection, spec).phases
+        assert work.autoscale is not None
+        return work.autoscale.needed
+
+    try:
+        connection.rpush(queue, *[f"job-{i}" for i in range(40)])
+        assert needed() == 10  # 40 jobs, 4 per worker
+        connection.sadd(used, "api")  # its jobs call the limit: 12 at once, 5 per worker
+        assert needed() == 3
+        connection.hset(learned, "concurrency", 4)  # the provider allows fewer than declared
+        assert needed() == 1
+    finally:
+        connection.delete(queue, used, learned)
 
 
 @pytest.mark.e2e

@@ -72,6 +72,12 @@ def learned_concurrency(
     return {name: value for name, value in learned.items() if value is not None and value < declared[name]}
 
 
+def workers_for(concurrency: int, semaphore: int) -> int:
+    """Workers that keep every slot of a limit allowing ``concurrency`` calls at once busy, each
+    worker making ``semaphore`` calls at once: at least one."""
+    return max(1, math.ceil(concurrency / semaphore))
+
+
 def _text_keys(values: dict[Any, Any]) -> dict[str, Any]:
     # the connection may or may not decode responses
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in values.items()}

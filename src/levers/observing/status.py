@@ -26,7 +26,7 @@ from rq.worker import BaseWorker
 from levers import keys, metrics
 from levers.documents.failures import kept_failed
 from levers.documents.ledger import Ledger
-from levers.limits.status import learned_concurrency, limits_status
+from levers.limits.status import learned_concurrency, limits_status, workers_for
 from levers.observing.reports import (
     PhaseReport,
     SupervisorLease,
@@ -315,7 +315,7 @@ def _autoscale(
         declared = spec.limits.get(limit)
         if declared is not None and declared.concurrency:
             concurrency = learned.get(limit, declared.concurrency)
-            needed = min(needed, max(1, math.ceil(concurrency / phase.semaphore)))
+            needed = min(needed, workers_for(concurrency, phase.semaphore))
     reasons = [
         (report.host, report.pid, figures.autoscale.reason)
         for report in reports

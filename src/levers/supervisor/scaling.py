@@ -21,6 +21,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from levers.limits.status import workers_for
 from levers.pipeline.model import Autoscale
 
 # Memory a host keeps free for what its workers allocate beyond their declared ram_mb.
@@ -46,7 +47,7 @@ class LimitUse:
 
     def workers(self, semaphore: int) -> int:
         """Workers that keep the limit's every slot busy, each making ``semaphore`` calls at once."""
-        return max(1, math.ceil(self.concurrency / semaphore))
+        return workers_for(self.concurrency, semaphore)
 
 
 @dataclass(frozen=True)

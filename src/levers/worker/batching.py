@@ -31,7 +31,7 @@ from levers.worker.jobs import (
     StartedPhase,
     new_context,
     note_limits_used,
-    stored_result,
+    reused_phase,
 )
 from levers.worker.phase_context import PhaseContext, is_batch_handler
 from levers.worker.progress import WorkerProgress
@@ -94,9 +94,7 @@ def perform_batch(runtime: WorkerRuntime, batch: Sequence[StartedPhase], guard: 
     for i in readable:
         doc = batch[i].doc
         assert doc is not None
-        reuse_keys[i], found, output = stored_result(runtime, spec, batch[i], settings, doc)
-        if found:
-            ran[i] = PerformedPhase(batch[i], spec, output, 0, 0.0, 0.0, reuse_key=reuse_keys[i], reused=True)
+        reuse_keys[i], ran[i] = reused_phase(runtime, spec, batch[i], settings, doc)
     readable = [i for i in readable if ran[i] is None]
     try:
         if readable:

@@ -165,30 +165,36 @@ def perform_phase(runtime: WorkerRuntime, started: StartedPhase) -> PerformedPha
         raise PhaseError(f"phase {started.phase!r} is no longer in pipeline.yaml")
     began, cpu_began = time.perf_counter(), time.process_time()
     try:
-        key, reused, output = stored_result(runtime, spec, started, settings, started.doc)
-        calls = 0
-        if not reused:
+        key, stored = reused_phase(runtime, spec, started, settings, started.doc)
+        if stored is None:
             output, calls = _call_handler(runtime, spec, started.phase, settings, started.doc)
     finally:
         if isinstance(started.doc.content, Path):  # a remote store's local copy goes
             runtime.store(spec).release(started.doc.content)
+    if stored is not None:
+        return stored
     seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
-    return PerformedPhase(started, spec, output, calls, seconds, cpu_s, reuse_key=key, reused=reused)
+    return PerformedPhase(started, spec, output, calls, seconds, cpu_s, reuse_key=key)
 
 
-def stored_result(
+def reused_phase(
     runtime: WorkerRuntime, spec: Pipeline, started: StartedPhase, settings: Phase, doc: Document
-) -> tuple[str | None, bool, Any]:
-    """The job's reuse key, whether a stored result stands in for the handler's, and that result
-    (a document submitted with --no-reuse takes none, but its jobs' results are kept all the same)."""
+) -> tuple[str | None, PerformedPhase | None]:
+    """The job's reuse key, and the job performed with the stored result that stands in for the
+    handler's, if there is one: no call made, in the time the look-up took (a document submitted
+    with --no-reuse takes none, but its jobs' results are kept all the same)."""
+    began, cpu_began = time.perf_counter(), time.process_time()
     options = runtime.options(started.phase, settings)
     key = reuse.reuse_key(runtime.handler(settings.handler), settings.handler, options, doc)
     if key is None or not started.record.reuse:
-        return key, False, None
+        return key, None
     store = runtime.store(spec)
     ttl_s = reuse.entry_ttl_s(spec.retention)
     found, output = reuse.stored_result(runtime.connection, store, spec.name, started.phase, key, ttl_s)
-    return key, found, output
+    if not found:
+        return key, None
+    seconds, cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
+    return key, PerformedPhase(started, spec, output, 0, seconds, cpu_s, reuse_key=key, reused=True)
 
 
 def settle(
