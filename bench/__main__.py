@@ -10,8 +10,10 @@ section of its own.
 a growing graph, in a section of its own.
 ``python -m bench lanes [--highs N] [--job-ms MS] [--workers N] [--output FILE]``: a high-priority
 document's wait behind 1,000 low ones, in a section of its own.
-``python -m bench footprint [--documents N] [--label TEXT]``: Redis held per 1,000 finished documents.
-``python -m bench startup [--rounds N]``: read-only commands' start-up time against `rq info`.
+``python -m bench footprint [--documents N] [--label TEXT] [--output FILE]``: Redis held per 1,000
+finished documents, in a section of its own.
+``python -m bench startup [--rounds N] [--compare SRC] [--output FILE]``: read-only commands' start-up
+time against `rq info`, in a section of its own.
 ``python -m bench planning [--docs N] [--record DIR] [--output FILE]``: `levers plan` against a real
 run, in a section of its own.
 ``python -m bench adaptive [--reps N] [--docs N] [--output FILE]``: a limit declared 3x too high
@@ -26,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from bench import (
@@ -54,7 +53,7 @@ from bench import (
     takeover,
     transcription,
 )
-from bench.common import ROOT, embedded_server, kept_section, machine, replace_section
+from bench.common import RESULTS, ROOT, RunHeader, embedded_server, kept_section, replace_section
 from bench.report import RunInfo, render, src_fingerprint
 
 BENCHMARKS = ("overhead", "efficiency", "memory", "observability", "transcription", "takeover")
@@ -139,20 +138,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated: {', '.join(BENCHMARKS)}"
     )
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     if unknown := set(only) - set(BENCHMARKS):
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     plan = QUICK if args.quick else FULL
-    command = shlex.join(["bin/bench", *argv])
-    started_at = datetime.now().astimezone()
-    started = time.monotonic()
-    about = machine()
+    header = RunHeader.start(argv)
     fingerprint = src_fingerprint()
-    progress(f"bench: {command} on {about['CPU']}")
-    result_overhead = result_efficiency = result_memory = result_observability = result_transcription = None
-    result_takeover = None
+    progress(f"bench: {header.command} on {header.machine['CPU']}")
+    result_overhead = result_efficiency = result_memory = result_observability = None
+    section_transcription = section_takeover = None
     with embedded_server() as server:
         if "overhead" in only:
             progress("1. per-job overhead")
@@ -179,16 +175,22 @@ def main(argv: list[str]) -> int:
         if "transcription" in only:
             progress("5. transcription under a provider's concurrency cap")
             plan_audio = transcription.QUICK if args.quick else transcription.FULL
-            result_transcription = transcription.run(server, plan_audio, progress)
+            its_own = RunHeader.start(argv)
+            section_transcription = transcription.render(
+                transcription.run(server, plan_audio, progress), its_own.line()
+            )
         if "takeover" in only:
             progress("7. a dead host's job running elsewhere")
-            result_takeover = takeover.run(server, 3 if args.quick else 5, progress)
+            its_own = RunHeader.start(argv)
+            section_takeover = takeover.render(
+                takeover.run(server, 3 if args.quick else 5, progress), its_own.line()
+            )
     load1, load5, _ = os.getloadavg()
     info = RunInfo(
-        command=command,
-        started=started_at.strftime("%Y-%m-%d %H:%M %Z"),
-        seconds=time.monotonic() - started,
-        machine=about,
+        command=header.command,
+        started=header.when,
+        seconds=header.seconds,
+        machine=header.machine,
         load_after=f"{load1:.2f} (1 min), {load5:.2f} (5 min)",
         quick=args.quick,
         src_changed=src_fingerprint() != fingerprint,
@@ -196,13 +198,11 @@ def main(argv: list[str]) -> int:
     text = render(info, result_overhead, result_efficiency, result_memory)
     if result_observability is not None:
         text += "\n" + observability.render(result_observability)
-    if result_transcription is not None:
+    if section_transcription is not None:
         alone = only == ["transcription"]
-        section = transcription.render(result_transcription)
-        text = _with_section(text, transcription.SECTION, section, args.output, alone)
-    if result_takeover is not None:
-        section = takeover.render(result_takeover)
-        text = _with_section(text, takeover.SECTION, section, args.output, only == ["takeover"])
+        text = _with_section(text, transcription.SECTION, section_transcription, args.output, alone)
+    if section_takeover is not None:
+        text = _with_section(text, takeover.SECTION, section_takeover, args.output, only == ["takeover"])
     if only not in (["transcription"], ["takeover"]):  # those run alone already kept the rest of the file
         # run on their own; a full run keeps their last figures
         text += _kept_alone(args.output)

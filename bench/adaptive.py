@@ -23,32 +23,27 @@ figures are the median of the repetitions, the effective figures' changes those 
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import redis
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
     md_table,
     median,
-    replace_section,
-    results_text,
+    write_section,
 )
-from bench.report import git_state
 from levers.limits.status import limits_status
 from levers.pipeline.loading import load_pipeline
 from levers.pipeline.outline import outline_of
@@ -128,27 +123,20 @@ class Outcome:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench adaptive", description=__doc__)
-    parser.add_argument("--docs", type=int, default=16, help="documents per variant (20 calls each)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser = bench_parser(
+        "adaptive",
+        __doc__,
+        {
+            "--docs": (16, "documents per variant (20 calls each)"),
+            "--reps": (3, "repetitions of each variant"),
+        },
+    )
     args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
+    header = RunHeader.start(["adaptive", *argv])
     with embedded_server() as server:
         runs = [[run_variant(server, variant, args.docs) for variant in VARIANTS] for _ in range(args.reps)]
     outcomes = [[rep[i] for rep in runs] for i in range(len(VARIANTS))]
-    info = {
-        "command": " ".join(["bin/bench", "adaptive", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": load_over_run(about),
-    }
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(outcomes, info)))
-    sys.stderr.write(f"adaptive: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(outcomes, header.line()))
     return 0
 
 
@@ -221,7 +209,7 @@ def _changes(samples: list[tuple[float, int | None, int | None]], index: int) ->
     return " -> ".join(shown) or "-"
 
 
-def render(outcomes: list[list[Outcome]], info: dict[str, str]) -> str:
+def render(outcomes: list[list[Outcome]], run_line: str) -> str:
     baselines = outcomes[0]
     header = [
         "variant", "sent", "refused", "refused share", "answers/s", "of real rate", "of baseline",
@@ -231,8 +219,7 @@ def render(outcomes: list[list[Outcome]], info: dict[str, str]) -> str:
         [
             SECTION,
             "",
-            f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min; "
-            f"{info['cpu']}; load {info['load']}.",
+            run_line,
             "",
             f"The stand-in allows {RATE} requests per {WINDOW_S:g} s ({RATE / WINDOW_S:g}/s) and "
             f"{CONCURRENCY} at once, {LATENCY_S:g} s per answer; pipeline.yaml declares "

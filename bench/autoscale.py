@@ -17,31 +17,27 @@ Reported: each variant's drain time and worker-seconds, and autoscale's as ratio
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    md_table,
     median,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
 from bench.projects import write_file
-from bench.report import git_state
 from levers.documents.ledger import Ledger
 from levers.documents.submission import Submitter
 from levers.observing.reports import live_reports
@@ -85,12 +81,8 @@ class Variant:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench autoscale", description=__doc__)
-    parser.add_argument("--reps", type=int, default=1, help="repetitions of each variant")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
+    args = bench_parser("autoscale", __doc__, {"--reps": (1, "repetitions of each variant")}).parse_args(argv)
+    header = RunHeader.start(["autoscale", *argv])
     with embedded_server() as server:
         variants = [Variant(name) for name in VARIANTS]
         for rep in range(args.reps):
@@ -100,17 +92,7 @@ def main(argv: list[str]) -> int:
                     f"autoscale: {variant.name} {rep + 1}/{args.reps}: burst drained in "
                     f"{variant.drain_s[-1]:.1f} s, trace {variant.worker_s[-1]:.0f} worker-s\n"
                 )
-    info = {
-        "command": " ".join(["bin/bench", "autoscale", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": load_over_run(about),
-    }
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(variants, info)))
-    sys.stderr.write(f"autoscale: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(variants, header.line()))
     return 0
 
 
@@ -204,27 +186,22 @@ def _trace(server: Server, submitter: Submitter, idle: int) -> tuple[float, floa
         time.sleep(SAMPLE_S)
 
 
-def render(variants: list[Variant], info: dict[str, str]) -> str:
+def render(variants: list[Variant], run_line: str) -> str:
     by_name = {v.name: v for v in variants}
     six, scaled = by_name["fixed 6"], by_name["autoscale 1..6"]
-    lines = [
-        f"{SECTION}\n\n",
-        f"`{info['command']}` ({info['source']}), {info['started']}, {info['minutes']} min on {info['cpu']}; "
-        f"load {info['load']}.\n\n",
-        f"Jobs of {JOB_S * 1000:.0f} ms. Burst: {BURST} documents at once. Trace: {TRACE_BURSTS} bursts of "
-        f"{TRACE_DOCS} documents, {GAP_S:g} s apart, until the last is done and the phase is back at its "
-        "idle count. Medians over the repetitions.\n\n",
-        "| variant | burst drain s | trace worker-s | trace s |\n|---|---:|---:|---:|\n",
+    rows = [
+        [v.name, f"{median(v.drain_s):.1f}", f"{median(v.worker_s):.0f}", f"{median(v.trace_s):.1f}"]
+        for v in variants
     ]
-    for v in variants:
-        lines.append(
-            f"| {v.name} | {median(v.drain_s):.1f} | {median(v.worker_s):.0f} | {median(v.trace_s):.1f} |\n"
-        )
     drain = median(scaled.drain_s) / median(six.drain_s)
     worker = median(scaled.worker_s) / median(six.worker_s)
-    lines.append(
-        f"\nautoscale 1..6 against fixed 6: drain time **{drain:.2f}x** (target at most 1.15x), "
+    return (
+        f"{SECTION}\n\n{run_line}\n\n"
+        f"Jobs of {JOB_S * 1000:.0f} ms. Burst: {BURST} documents at once. Trace: {TRACE_BURSTS} bursts of "
+        f"{TRACE_DOCS} documents, {GAP_S:g} s apart, until the last is done and the phase is back at its "
+        "idle count. Medians over the repetitions.\n\n"
+        + md_table(["variant", "burst drain s", "trace worker-s", "trace s"], rows)
+        + f"\n\nautoscale 1..6 against fixed 6: drain time **{drain:.2f}x** (target at most 1.15x), "
         f"worker-seconds **{worker:.0%}** (target at most 60 %); fixed 1 drains the burst in "
         f"{median(by_name['fixed 1'].drain_s) / median(six.drain_s):.1f}x fixed 6's time.\n"
     )
-    return "".join(lines)

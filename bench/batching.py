@@ -15,7 +15,6 @@ documents).
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import subprocess
@@ -24,7 +23,6 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from rq import Worker
@@ -32,19 +30,18 @@ from rq import Worker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    levers_cli,
     md_table,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
-from bench.scale import PIPELINE, Batch, _levers, _settled, _tally, document
+from bench.scale import PIPELINE, Batch, _settled, _tally, document
 from levers.documents.ledger import Ledger
 from levers.pipeline.loading import load_pipeline
 
@@ -110,7 +107,7 @@ def prepare(variant: Variant, root: Path, env: dict[str, str]) -> None:
     variant.project.mkdir()
     shutil.copy(ROOT / "pipeline.yaml", variant.project / "pipeline.yaml")
     if variant.settings:
-        _levers(["set", *variant.settings], variant.project, env)
+        levers_cli(["set", *variant.settings], variant.project, env)
 
 
 def run_round(variant: Variant, docs: Path, number: int, env: dict[str, str]) -> Batch:
@@ -129,7 +126,7 @@ def run_round(variant: Variant, docs: Path, number: int, env: dict[str, str]) ->
         batch = Batch(number, 0)
         started = time.time()
         # the ids `levers submit` prints: a document done before it returns has left the queued set
-        ids = _levers(["submit", str(docs)], variant.project, env).split()
+        ids = levers_cli(["submit", str(docs)], variant.project, env).split()
         ledger = Ledger(connection, PIPELINE)
         wait_until(lambda: _settled(ledger, ids), ROUND_TIMEOUT_S, f"round {number} ({variant.name})", 0.5)
         _tally(ledger, ids, batch, started, list(PHASES))
@@ -162,13 +159,13 @@ def run(root: Path, documents: int, rounds: int) -> list[Variant]:
         finally:
             for variant in variants:
                 assert variant.server is not None
-                _levers(
+                levers_cli(
                     ["down"], variant.project, {**env, "REDIS_URL": variant.server.url}
                 )  # the graph's server
     return variants
 
 
-def render(variants: list[Variant], info: dict[str, str]) -> str:
+def render(variants: list[Variant], run_line: str) -> str:
     one, batched = variants
     header = ["phase", f"{one.name}: docs/s (s/job)", f"{batched.name}: docs/s (s/job)", "batches / one"]
     rows = []
@@ -186,8 +183,7 @@ def render(variants: list[Variant], info: dict[str, str]) -> str:
     return "\n".join([
         SECTION,
         "",
-        f"`{info['command']}` on {info['cpu']}, {info['started']}, {info['minutes']} min; source "
-        f"{info['source']}; load average {info['load']}.",
+        run_line,
         "",
         f"The bundled pipeline (offline) on generated text documents of about {DOC_BYTES} bytes",
         "(bench.scale's reports, cut short), one job at a time (`batch.size=1`, kg_ingest through",
@@ -205,26 +201,19 @@ def render(variants: list[Variant], info: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench batching", description=__doc__)
-    parser.add_argument("--documents", type=int, default=2000, help="documents per variant (default 2000)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds they are split into (default 4)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser = bench_parser(
+        "batching",
+        __doc__,
+        {
+            "--documents": (2000, "documents per variant"),
+            "--rounds": (4, "rounds they are split into"),
+        },
+    )
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.documents < args.rounds:
-        parser.error("--documents must be at least --rounds, and --rounds at least 1")
-    about = machine()
-    began = time.monotonic()
-    info = {
-        "command": " ".join(["bin/bench", "batching", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-    }
+    if args.documents < args.rounds:
+        parser.error("--documents must be at least --rounds")
+    header = RunHeader.start(["batching", *argv])
     with tempfile.TemporaryDirectory(prefix="levers-bench-batching-") as tmp:
         variants = run(Path(tmp), args.documents, args.rounds)
-    info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = load_over_run(about)
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(variants, info)))
-    sys.stderr.write(f"batching: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(variants, header.line()))
     return 0

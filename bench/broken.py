@@ -13,13 +13,11 @@ the span from the first submission to the last failure, read off levers' ledger.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -28,18 +26,17 @@ from rq import Queue, Worker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    md_table,
     median,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
 
 SECTION = "## 9. Broken documents: permanent errors fail at once"
 # The bundled pipeline's extraction workers, all up before the files are submitted.
@@ -78,25 +75,11 @@ class Variant:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench broken", description=__doc__)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
+    args = bench_parser("broken", __doc__, {"--reps": (3, "repetitions of each variant")}).parse_args(argv)
+    header = RunHeader.start(["broken", *argv])
     with embedded_server() as server:
         variants = run(server, args.reps)
-    info = {
-        "command": " ".join(["bin/bench", "broken", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": load_over_run(about),
-    }
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(variants, info)))
-    sys.stderr.write(f"broken: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(variants, header.line()))
     return 0
 
 
@@ -169,24 +152,21 @@ def _figure(values: list[float], digits: int) -> str:
     return f"{median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def render(variants: list[Variant], info: dict[str, str]) -> str:
+def render(variants: list[Variant], run_line: str) -> str:
     before, after = variants
     rows = [
-        f"| {label} | {_figure(v.wall_s, 1)} | {_figure(v.span_s, 2)} | {median(v.attempts):.0f} |"
+        [label, _figure(v.wall_s, 1), _figure(v.span_s, 2), f"{median(v.attempts):.0f}"]
         for label, v in (("retried, as before", before), ("levers.Permanent", after))
     ]
+    header = ["7 broken files, bundled pipeline", "`levers submit --wait` s", "submission to last failure s"]
     ratio = median(before.span_s) / median(after.span_s)
     return "\n".join(
         [
             SECTION,
             "",
-            f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min; "
-            f"{info['cpu']}; load {info['load']}.",
+            run_line,
             "",
-            "| 7 broken files, bundled pipeline | `levers submit --wait` s | submission to last failure s "
-            "| attempts |",
-            "|---|---|---|---|",
-            *rows,
+            md_table([*header, "attempts"], rows),
             "",
             f"From submission to the last failure: {ratio:.0f}x shorter when permanent errors fail at once "
             "(the baseline waits 5 s, then 10 s, between its tries). Median (min-max) of the repetitions.",

@@ -1,17 +1,21 @@
-"""What the benchmarks share: a private embedded server, the machine's description, statistics."""
+"""What the benchmarks share: a private embedded server, the machine's description, statistics, and
+what every `bin/bench NAME` does around its measurement (its options, its run header, its section)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from levers.server.embedded import EmbeddedServer, valkey_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,15 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, pol
             return
         time.sleep(poll_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def levers_cli(args: Sequence[str], cwd: Path, env: dict[str, str]) -> str:
+    """`python -m levers ARGS` in ``cwd``: what it printed. A failure raises, except that of `levers
+    down`: the clean-up after a run (of the graph's embedded server) must not hide how the run went."""
+    done = subprocess.run([PYTHON, "-m", "levers", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0 and args[0] != "down":
+        raise RuntimeError(f"levers {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -168,12 +182,95 @@ def kept_section(path: Path, heading: str) -> str:
     return "\n" + text[start + 1 : end + 1 if end >= 0 else len(text)]
 
 
-def load_over_run(about: dict[str, str]) -> str:
-    """The load average at the start (from ``machine()``) and now, for a section's run header."""
-    load1, load5, _ = os.getloadavg()
-    return f"{about['load average at start']} at start, {load1:.2f} (1 min), {load5:.2f} (5 min) at the end"
-
-
 def results_text(output: Path) -> str:
     """RESULTS.md as it stands, or the heading of a new one: a section is replaced in it."""
     return output.read_text() if output.exists() else "# levers benchmarks: results\n"
+
+
+def write_section(output: Path, heading: str, section: str) -> None:
+    """Put ``section`` in place of the one starting with ``heading`` in ``output`` (RESULTS.md or
+    --output), the other sections as they were; show it on stderr."""
+    output.write_text(replace_section(results_text(output), heading, section))
+    number = heading.removeprefix("## ").split(".", 1)[0]
+    sys.stderr.write(f"{section}\nbench: section {number} written to {output}\n")
+
+
+def git_state() -> str:
+    """The revision the figures are of: HEAD, and whether src/ differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = [line for line in git("status", "--porcelain", "--", "src").splitlines() if line]
+    if not dirty:
+        return f"`{head}` (src/ clean)"
+    return f"`{head}` + uncommitted changes to {len(dirty)} file(s) under src/ (others' work in progress)"
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """What a section says of the run that wrote it, noted when the run starts: the command, the
+    revision, the date, the machine and its load then. ``line()`` at the end adds the time taken
+    and the load by then."""
+
+    command: str
+    source: str
+    started: datetime
+    machine: dict[str, str]
+    began: float  # time.monotonic() at the start
+
+    @classmethod
+    def start(cls, argv: Sequence[str]) -> RunHeader:
+        """``argv``: what followed `bin/bench` on the command line (the benchmark's name first)."""
+        command = shlex.join(["bin/bench", *argv])
+        return cls(command, git_state(), datetime.now().astimezone(), machine(), time.monotonic())
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.began
+
+    @property
+    def when(self) -> str:
+        return self.started.strftime("%Y-%m-%d %H:%M %Z")
+
+    def line(self) -> str:
+        """`bin/bench NAME ...` at `abc1234` (src/ clean), 2026-12-02 03:05 UTC, 4.9 min, on CPU; load
+        ... at start, ... at the end."""
+        load1, load5, _ = os.getloadavg()
+        return (
+            f"`{self.command}` at {self.source}, {self.when}, {self.seconds / 60:.1f} min, "
+            f"on {self.machine['CPU']}; load {self.machine['load average at start']} at start, "
+            f"{load1:.2f} (1 min), {load5:.2f} (5 min) at the end."
+        )
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number of at least 1, not {text!r}")
+    return value
+
+
+def bench_parser(
+    name: str, description: str | None, counts: Mapping[str, tuple[int, str]] | None = None, label: str = ""
+) -> argparse.ArgumentParser:
+    """`bin/bench NAME`'s parser: --output, ``counts`` (flag -> (default, what it counts): sizes and
+    repetitions, each a positive number), and --label if ``label`` says what it names. The
+    benchmark adds options of its own to it."""
+    parser = argparse.ArgumentParser(prog=f"bin/bench {name}", description=description)
+    for flag, (default, what) in (counts or {}).items():
+        described = f"{what} (default {default})"
+        parser.add_argument(flag, type=positive, default=default, metavar="N", help=described)
+    if label:
+        parser.add_argument("--label", default=None, metavar="TEXT", help=label)
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS, metavar="FILE",
+        help="the Markdown file whose section is written, the others kept (default bench/RESULTS.md)",
+    )  # fmt: skip
+    return parser

@@ -19,33 +19,29 @@ PYTHONPATH for a "before" row); rows of other labels already in RESULTS.md are k
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import redis
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     bench_env,
+    bench_parser,
     embedded_server,
-    machine,
     md_table,
-    replace_section,
     results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
 
 SECTION = "## 13. Redis footprint per 1,000 finished documents"
 PIPELINE_NAME = "footprint"
@@ -256,10 +252,11 @@ def kept_rows(text: str, label: str) -> list[list[str]]:
     return rows
 
 
-def render(label: str, result: Footprint, others: list[list[str]], info: dict[str, str]) -> str:
+def render(label: str, result: Footprint, others: list[list[str]], run_line: str) -> str:
     return f"""{SECTION}
 
-`{info["command"]}` at {info["source"]}, {info["started"]}, on {info["cpu"]}, load {info["load"]}.
+{run_line}
+
 A three-phase pipeline shaped like the bundled one (handlers that return small outputs at once),
 2 workers per phase, {result.documents:,} generated text documents in one `levers submit`. Per
 1,000 finished documents: the server's `used_memory` and key count once every document was done,
@@ -275,25 +272,16 @@ Where the bytes are in the last run ({label}), by kind of key (MEMORY USAGE, per
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench footprint", description=__doc__)
-    parser.add_argument("--documents", type=int, default=1000, help="documents to run (default 1000)")
-    parser.add_argument("--label", default=None, help="the row's name (default: the git state of src/)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser = bench_parser(
+        "footprint",
+        __doc__,
+        {"--documents": (1000, "documents to run")},
+        label="the row's name (default: the git state of src/)",
+    )
     args = parser.parse_args(argv)
-    if args.documents < 1:
-        parser.error("--documents takes a positive number")
-    about = machine()
-    label = args.label or git_state()
-    info = {
-        "command": " ".join(["bin/bench", "footprint", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "load": about["load average at start"],
-    }
+    header = RunHeader.start(["footprint", *argv])
+    label = args.label or header.source
     result = run(args.documents)
-    existing = results_text(args.output)
-    section = render(label, result, kept_rows(existing, label), info)
-    args.output.write_text(replace_section(existing, SECTION, section))
-    sys.stderr.write(section)
+    others = kept_rows(results_text(args.output), label)
+    write_section(args.output, SECTION, render(label, result, others, header.line()))
     return 0

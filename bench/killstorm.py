@@ -8,7 +8,6 @@ replacing the one a previous run wrote, and leaves the other sections as they ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -22,7 +21,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import cast
 
@@ -33,17 +31,16 @@ from rq.worker import BaseWorker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    levers_cli,
     md_table,
-    replace_section,
-    results_text,
     stop_process,
+    write_section,
 )
-from bench.report import git_state
 from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
 from levers.observing.reports import live_reports
@@ -170,13 +167,13 @@ def run_once(server: Server, root: Path, docs: Path, count: int, kills: bool) ->
             lambda: len(Worker.all(connection=server.connection)) >= workers, 300, "the workers", storm.poll
         )
         started = time.time()
-        _levers(["submit", str(docs)], project, env)
+        levers_cli(["submit", str(docs)], project, env)
         _wait(storm.finished, RUN_TIMEOUT_S, "every document", storm.poll)
         _tally(server.connection, result, started)
-        result.graph = json.loads(_levers(["graph", "counts", "--json"], project, env))
+        result.graph = json.loads(levers_cli(["graph", "counts", "--json"], project, env))
     finally:
         stop_process(supervisor, timeout_s=120)
-        _levers(["down"], project, env)  # the graph phase's embedded FalkorDB
+        levers_cli(["down"], project, env)  # the graph phase's embedded FalkorDB
     result.handed_on = (project / "up.log").read_text().count("had handed its document on")
     return result
 
@@ -188,13 +185,6 @@ def _wait(done: Callable[[], bool], timeout_s: float, what: str, poll: Callable[
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         poll()
         time.sleep(POLL_S)
-
-
-def _levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run([PYTHON, "-m", "levers", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0 and args[0] != "down":
-        raise RuntimeError(f"levers {args[0]} failed: {done.stderr.strip()}")
-    return done.stdout
 
 
 def _document_ids(connection: redis.Redis) -> list[str]:
@@ -215,7 +205,7 @@ def _tally(connection: redis.Redis, result: RunResult, started: float) -> None:
     result.thrice = sum(any(p.attempts >= 3 for p in r.phases.values()) for r in records)
 
 
-def render(clean: RunResult, storm: RunResult, info: dict[str, str]) -> str:
+def render(clean: RunResult, storm: RunResult, run_line: str) -> str:
     slowdown = storm.seconds / clean.seconds
     kills = sum(storm.kills.values())
     per_phase = ", ".join(f"{phase} {n}" for phase, n in sorted(storm.kills.items())) or "none"
@@ -240,12 +230,12 @@ def render(clean: RunResult, storm: RunResult, info: dict[str, str]) -> str:
     return "\n".join([
         f"{SECTION} (bundled pipeline, offline: kill -9 of a random busy worker every 2-3 s)",
         "",
-        f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min,",
-        f"on {info['cpu']};",
-        f"load average {info['load']}. {clean.documents:,} small Markdown documents (a few named entities",
-        "each) through extraction, chunking and kg_ingest under one `levers up` (10 workers), on a private",
-        "server; then the same documents while a random busy worker (any phase) is killed with SIGKILL",
-        "every 2-3 s. Times run from the submission to the last document finished.",
+        run_line,
+        "",
+        f"{clean.documents:,} small Markdown documents (a few named entities each) through extraction,",
+        "chunking and kg_ingest under one `levers up` (10 workers), on a private server; then the same",
+        "documents while a random busy worker (any phase) is killed with SIGKILL every 2-3 s. Times run",
+        "from the submission to the last document finished.",
         "",
         md_table(header, [_row(r) for r in (clean, storm)]),
         "",
@@ -266,18 +256,8 @@ def _row(result: RunResult) -> list[object]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench killstorm", description=__doc__)
-    parser.add_argument("--docs", type=int, default=1000, help="documents per run (default 1000)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
-    info = {
-        "command": " ".join(["bin/bench", "killstorm", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-    }
+    args = bench_parser("killstorm", __doc__, {"--docs": (1000, "documents per run")}).parse_args(argv)
+    header = RunHeader.start(["killstorm", *argv])
     with tempfile.TemporaryDirectory(prefix="levers-bench-killstorm-") as tmp, embedded_server() as server:
         root = Path(tmp)
         write_documents(root / "docs", args.docs)
@@ -285,10 +265,5 @@ def main(argv: list[str]) -> int:
         clean = run_once(server, root, root / "docs", args.docs, kills=False)
         sys.stderr.write(f"killstorm: {clean.seconds:.1f} s; again with a kill every 2-3 s\n")
         storm = run_once(server, root, root / "docs", args.docs, kills=True)
-    info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = load_over_run(about)
-    section = render(clean, storm, info)
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, section))
-    sys.stderr.write(f"killstorm: slowdown {storm.seconds / clean.seconds:.2f}x; wrote {args.output}\n")
+    write_section(args.output, SECTION, render(clean, storm, header.line()))
     return 0

@@ -16,33 +16,28 @@ of RESULTS.md, replacing the one a previous run wrote, and leaves the other sect
 
 from __future__ import annotations
 
-import argparse
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import cast
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
     md_table,
     median,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
 from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
 from levers.documents.store import ArtifactStore, project_store
@@ -89,27 +84,20 @@ class Result:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench lanes", description=__doc__)
-    parser.add_argument("--highs", type=int, default=30, help="high-priority documents, one at a time")
-    parser.add_argument("--job-ms", type=int, default=200, help="how long one job sleeps")
-    parser.add_argument("--workers", type=int, default=2, help="workers of the phase")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser = bench_parser(
+        "lanes",
+        __doc__,
+        {
+            "--highs": (30, "high-priority documents, one at a time"),
+            "--job-ms": (200, "how long one job sleeps"),
+            "--workers": (2, "workers of the phase"),
+        },
+    )
     args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
+    header = RunHeader.start(["lanes", *argv])
     with embedded_server() as server:
         result = run(server, args.highs, args.job_ms / 1000, args.workers)
-    info = {
-        "command": " ".join(["bin/bench", "lanes", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": load_over_run(about),
-    }
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(result, info)))
-    sys.stderr.write(f"lanes: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(result, header.line()))
     return 0
 
 
@@ -184,7 +172,7 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))]
 
 
-def render(result: Result, info: dict[str, str]) -> str:
+def render(result: Result, run_line: str) -> str:
     job = result.job_s
     rows = [
         (name, f"{_quantile(result.waits_s, q) * 1000:.0f}", f"{_quantile(result.waits_s, q) / job:.2f}")
@@ -193,9 +181,7 @@ def render(result: Result, info: dict[str, str]) -> str:
     p95 = _quantile(result.waits_s, 0.95) / job
     verdict = "meets" if p95 <= TARGET_JOBS else "misses"
     return (
-        f"{SECTION}\n\n"
-        f"`{info['command']}` on {info['cpu']}, {info['started']}, {info['minutes']} min; source "
-        f"{info['source']}; load {info['load']}.\n\n"
+        f"{SECTION}\n\n{run_line}\n\n"
         f"{LOWS:,} low-priority documents queued, then {result.highs} high-priority ones submitted one "
         f"at a time, 1 to 3 job durations apart, to {result.workers} workers whose jobs take "
         f"{job * 1000:.0f} ms (median). Wait: from a document's submission to its handler's start.\n\n"

@@ -22,7 +22,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bench.common import Server
+from bench.common import Server, md_table
 from levers import keys, metrics
 from levers.observing.status import pipeline_status
 from levers.pipeline.loading import load_pipeline
@@ -125,9 +125,12 @@ def _handoff_costs(connection: redis.Redis, rounds: int) -> tuple[float, float]:
 
 
 def render(result: ObservabilityResult) -> str:
-    rows = "\n".join(
-        f"| {cost.queued:,} | {cost.query_ms:.1f} | {cost.command_ms:.0f} |"
+    rows = [
+        [f"{cost.queued:,}", f"{cost.query_ms:.1f}", f"{cost.command_ms:.0f}"]
         for cost in (result.shallow, result.deep)
+    ]
+    table = md_table(
+        ["jobs queued", "status query, ms (median)", "`levers status --json`, ms (median)"], rows
     )
     ratio = result.deep.query_ms / result.shallow.query_ms
     return f"""## 4. Watching the pipeline: status with a deep queue, metrics per job
@@ -137,9 +140,7 @@ per-minute metric buckets of every phase, the head job's age): with 100,000 jobs
 cost what it costs with 100, since it never scans jobs. The command's time is a fresh
 `python -m levers status --json`, most of it the interpreter starting and importing.
 
-| jobs queued | status query, ms (median) | `levers status --json`, ms (median) |
-|------------:|--------------------------:|-----------------------------------:|
-{rows}
+{table}
 
 Query time, 100,000 against 100 queued: **{ratio:.2f}×**. Target: under 300 ms with 100,000
 queued: the query takes {result.deep.query_ms:.1f} ms (**{_verdict(result.deep.query_ms < 300)}**); the

@@ -9,7 +9,6 @@ document that was running at the kill is done ("held"); and whether every docume
 
 from __future__ import annotations
 
-import argparse
 import socket
 import subprocess
 import sys
@@ -17,26 +16,22 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import redis
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     bench_env,
-    load_over_run,
-    machine,
+    bench_parser,
     md_table,
     median,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
 from bench.projects import write_file
-from bench.report import git_state
 from levers.server.embedded import valkey_binary
 
 SECTION = "## 8. Redis goes away and comes back"
@@ -75,24 +70,12 @@ class Recovery:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench outage", description=__doc__)
+    parser = bench_parser("outage", __doc__)
     parser.add_argument("--quick", action="store_true", help="one outage of 5 s (else 5, 15 and 30 s)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
-    info = {
-        "command": " ".join(["bin/bench", "outage", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-    }
+    header = RunHeader.start(["outage", *argv])
     results = run((5.0,) if args.quick else (5.0, 15.0, 30.0))
-    info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = load_over_run(about)
-    existing = results_text(args.output)
-    args.output.write_text(replace_section(existing, SECTION, render(results, info)))
-    sys.stderr.write(f"outage: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(results, header.line()))
     return 0
 
 
@@ -188,7 +171,7 @@ def _through_outage(root: Path, env: dict[str, str], server: _Server, outage_s: 
     return Recovery(outage_s, moving, held_s, len(held), done())
 
 
-def render(results: list[Recovery], info: dict[str, str]) -> str:
+def render(results: list[Recovery], run_line: str) -> str:
     rows = [
         [f"{r.outage_s:g}", f"{r.moving_s:.2f}", f"{r.held_s:.2f}", str(r.held), f"{r.done}/{DOCS}"]
         for r in results
@@ -199,9 +182,7 @@ def render(results: list[Recovery], info: dict[str, str]) -> str:
     header = ["outage, s", "moving again, s", "held jobs done, s", "held", "done (each once)"]
     return f"""{SECTION}
 
-`{info["command"]}` at {info["source"]}, {info["started"]}, {info["minutes"]} min,
-on {info["cpu"]};
-load average {info["load"]}.
+{run_line}
 
 A two-phase toy pipeline ({DOCS} documents, 0.2 s and 0.05 s jobs, 2 and 1 workers) under the real
 `levers up`, on a valkey server of its own (append-only). Once {DONE_BEFORE_KILL} documents are

@@ -18,16 +18,13 @@ RESULTS.md, replacing the one a previous run wrote, and leaves the other section
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +34,17 @@ from rq import Worker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
+    levers_cli,
     md_table,
-    replace_section,
     stop_process,
+    write_section,
 )
 from bench.killstorm import write_documents
-from bench.report import git_state
 from levers import keys
 from levers.metrics import BUCKET_S
 from levers.pipeline.loading import load_pipeline
@@ -91,7 +90,6 @@ class CheckRun:
     rows: list[dict[str, Any]]
     window: dict[str, Any]
     hosts: list[dict[str, Any]]
-    load: tuple[float, float]  # 1-minute load average at its start and at the check
 
 
 @dataclass
@@ -101,14 +99,6 @@ class WhatIfRun:
     after_planned: float
     after_measured: float
     note: str
-    load: float  # 1-minute load average at its end
-
-
-def levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run([PYTHON, "-m", "levers", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0 and args[0] != "down":
-        raise RuntimeError(f"levers {args[0]} failed: {done.stderr.strip()}")
-    return done.stdout
 
 
 def wait(done: Callable[[], bool], timeout_s: float, what: str, supervisor: subprocess.Popen[bytes]) -> None:
@@ -165,13 +155,13 @@ def check_run(server: Server, root: Path, count: int, record_to: Path | None) ->
     try:
         workers = sum(p.levers.workers for p in load_pipeline(project / "pipeline.yaml").spec.phases.values())
         wait(lambda: len(Worker.all(connection=server.connection)) >= workers, 300, "the workers", supervisor)
-        started, load = time.time(), os.getloadavg()[0]
-        levers(["submit", str(root / "docs")], project, env)
+        started = time.time()
+        levers_cli(["submit", str(root / "docs")], project, env)
         wait(lambda: done_count(server.connection, PIPELINE, LAST_PHASE) >= count * CHECK_AT_SHARE, TIMEOUT_S,
              "a third of the documents", supervisor)  # fmt: skip
         time.sleep(max(0.0, started + CHECK_AFTER_S - time.time()))
         at = time.time()
-        data = json.loads(levers(["plan", "--check", "--json"], project, env))
+        data = json.loads(levers_cli(["plan", "--check", "--json"], project, env))
         if record_to is not None:
             record(server.connection, PIPELINE, list(data["window"]["jobs"]), at, record_to)
             shutil.copy(project / "pipeline.yaml", record_to / "pipeline.yaml")
@@ -179,10 +169,8 @@ def check_run(server: Server, root: Path, count: int, record_to: Path | None) ->
              "every document", supervisor)  # fmt: skip
     finally:
         stop_process(supervisor, timeout_s=120)
-        levers(["down"], project, env)  # the graph phase's embedded FalkorDB
-    return CheckRun(
-        count, at - started, data["check"], data["window"], data["hosts"], (load, os.getloadavg()[0])
-    )
+        levers_cli(["down"], project, env)  # the graph phase's embedded FalkorDB
+    return CheckRun(count, at - started, data["check"], data["window"], data["hosts"])
 
 
 def rate_over(connection: redis.Redis, seconds: float) -> float:
@@ -212,35 +200,35 @@ def whatif_run(server: Server, root: Path) -> WhatIfRun:
     try:
         wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[0], 300, "the workers",
              supervisor)  # fmt: skip
-        levers(["submit", "docs"], project, env)
+        levers_cli(["submit", "docs"], project, env)
         time.sleep(WHATIF_AFTER_S - MEASURE_S)
         before_measured = rate_over(server.connection, MEASURE_S)
         asked = json.loads(
-            levers(["plan", "--set", f"burn.workers={BURN_WORKERS[1]}", "--json"], project, env)
+            levers_cli(["plan", "--set", f"burn.workers={BURN_WORKERS[1]}", "--json"], project, env)
         )
-        levers(["set", f"burn.workers={BURN_WORKERS[1]}"], project, env)
+        levers_cli(["set", f"burn.workers={BURN_WORKERS[1]}"], project, env)
         wait(lambda: len(Worker.all(connection=server.connection)) >= BURN_WORKERS[1], 300, "the new workers",
              supervisor)  # fmt: skip
         time.sleep(SETTLE_S)
         after_measured = rate_over(server.connection, MEASURE_S)
-        further = levers(["plan", "--set", f"burn.workers={BURN_WORKERS[1] * 2}"], project, env)
+        further = levers_cli(["plan", "--set", f"burn.workers={BURN_WORKERS[1] * 2}"], project, env)
         notes = [line for line in further.splitlines() if "more workers" in line]
     finally:
         stop_process(supervisor, timeout_s=120)
     return WhatIfRun(before_measured, path_rate(asked["base"]), path_rate(asked["plan"]), after_measured,
-                     notes[0].strip() if notes else "", os.getloadavg()[0])  # fmt: skip
+                     notes[0].strip() if notes else "")  # fmt: skip
 
 
-def render(checked: CheckRun, whatif: WhatIfRun) -> str:
+def render(checked: CheckRun, whatif: WhatIfRun, run_line: str) -> str:
     rows = [[r["phase"], _rate(r["predicted"]), _rate(r["measured"]), _error(r["error"]),
              "yes" if r["loaded"] else "no"] for r in checked.rows]  # fmt: skip
     hosts = "; ".join(f"{h['name']} {h['cores']:g} cores" for h in checked.hosts)
     error = (whatif.after_planned - whatif.after_measured) / whatif.after_measured
     return "\n".join([
         SECTION, "",
-        f"Generated by `bin/bench planning` on {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-        f"levers source {git_state()}. Hosts as plan saw them: {hosts}. Target: plan within "
-        f"{TARGET_ERROR:.0%} of the measured rate, per phase.", "",
+        run_line, "",
+        f"Hosts as plan saw them: {hosts}. Target: plan within {TARGET_ERROR:.0%} of the measured rate, "
+        "per phase.", "",
         f"**Bundled pipeline (offline), {checked.documents:,} documents.** `levers plan --check` "
         f"{checked.seconds_in:.0f} s after submitting them, once a third had gone through {LAST_PHASE} "
         f"and at least {CHECK_AFTER_S:.0f} s had passed; "
@@ -258,7 +246,6 @@ def render(checked: CheckRun, whatif: WhatIfRun) -> str:
         f"Error of the what-if: {_error(error)} (without the cores, workers / job s would have said "
         f"{_rate(whatif.before_planned * BURN_WORKERS[1] / BURN_WORKERS[0])})."
         + (f" Plan on a further doubling: \"{whatif.note}\"" if whatif.note else ""), "",
-        f"Load average (1 min) at the start and the end: {checked.load[0]:.1f}, {whatif.load:.1f}.", "",
     ])  # fmt: skip
 
 
@@ -271,16 +258,12 @@ def _error(value: float | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench planning", description=__doc__)
-    parser.add_argument("--docs", type=int, default=3000, help="documents in the bundled run (default 3000)")
+    parser = bench_parser("planning", __doc__, {"--docs": (3000, "documents in the bundled run")})
     parser.add_argument("--record", type=Path, default=None, help="save the check's metrics buckets here")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
+    header = RunHeader.start(["planning", *argv])
     with tempfile.TemporaryDirectory(prefix="levers-bench-plan-") as tmp, embedded_server() as server:
         checked = check_run(server, Path(tmp), args.docs, args.record)
         whatif = whatif_run(server, Path(tmp))
-    section = render(checked, whatif)
-    print(section)
-    text = args.output.read_text() if args.output.exists() else ""
-    args.output.write_text(replace_section(text, SECTION, section))
+    write_section(args.output, SECTION, render(checked, whatif, header.line()))
     return 0

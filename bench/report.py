@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import ROOT, md_table, median, spread
+from bench.common import ROOT, git_state, md_table, median, spread
 from bench.efficiency import CALL_S, CALLS, Cell, EfficiencyResult
 from bench.memory import SetupResult, src_freezes, src_preload
 from bench.overhead import LABELS, OverheadResult
@@ -37,18 +36,6 @@ def src_fingerprint() -> str:
     for path in sorted((ROOT / "src").rglob("*.py")):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def git_state() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = [line for line in git("status", "--porcelain", "--", "src").splitlines() if line]
-    if not dirty:
-        return f"`{head}` (src/ clean)"
-    return f"`{head}` + uncommitted changes to {len(dirty)} file(s) under src/ (others' work in progress)"
 
 
 def _ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:

@@ -10,7 +10,6 @@ older revision (``--label before``) and one of the current (``--label after``) s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -20,7 +19,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import cast
 
@@ -33,18 +31,18 @@ from rq.worker import BaseWorker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    levers_cli,
     md_table,
-    replace_section,
     results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
 from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
 from levers.pipeline.loading import load_pipeline
@@ -171,7 +169,7 @@ def run(root: Path, server: Server, batches: int, size: int) -> list[Batch]:
             sys.stderr.write(f"scale: batch {number}: {batch.seconds:.1f} s, {batch.rate:.2f} documents/s\n")
     finally:
         stop_process(supervisor, timeout_s=120)
-        _levers(["down"], project, env)  # the graph phase's embedded FalkorDB
+        levers_cli(["down"], project, env)  # the graph phase's embedded FalkorDB
     return results
 
 
@@ -186,7 +184,7 @@ def _run_batch(
     batch = Batch(number, size)
     cpu_before = _graph_cpu(server, project)
     started = time.time()
-    _levers(["submit", str(docs)], project, env)
+    levers_cli(["submit", str(docs)], project, env)
     ids = [i for i in _document_ids(server.connection) if i not in seen]
     ledger = Ledger(server.connection, PIPELINE)
     wait_until(lambda: _settled(ledger, ids), BATCH_TIMEOUT_S, f"batch {number}", 0.5)
@@ -198,7 +196,7 @@ def _run_batch(
     batch.store_bytes = _bytes_under(
         loaded.project_dir / loaded.spec.store
     )  # the bundled pipeline: a local store
-    batch.graph = json.loads(_levers(["graph", "counts", "--json"], project, env))
+    batch.graph = json.loads(levers_cli(["graph", "counts", "--json"], project, env))
     return batch
 
 
@@ -246,13 +244,6 @@ def _bytes_under(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
-def _levers(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run([PYTHON, "-m", "levers", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0 and args[0] != "down":
-        raise RuntimeError(f"levers {args[0]} failed: {done.stderr.strip()}")
-    return done.stdout
-
-
 def _document_ids(connection: redis.Redis) -> list[str]:
     """Every document the pipeline holds, once: a done one leaves the not-done set for the finished
     one (and may be read in both while it moves)."""
@@ -263,7 +254,7 @@ def _document_ids(connection: redis.Redis) -> list[str]:
     return list(dict.fromkeys(m.decode() for m in members))
 
 
-def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:
+def render_block(label: str, batches: list[Batch], run_line: str) -> str:
     """One run's table: a block of the section, under a heading of its own label."""
     phases = [p for p in ("extraction", "chunking", "kg_ingest") if any(p in b.phases for b in batches)]
     header = [
@@ -289,8 +280,7 @@ def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:
     return "\n".join([
         f"### {label}",
         "",
-        f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min; load average "
-        f"{info['load']}.",
+        run_line,
         "",
         md_table(header, rows),
         "",
@@ -300,7 +290,7 @@ def render_block(label: str, batches: list[Batch], info: dict[str, str]) -> str:
     ])  # fmt: skip
 
 
-def render(existing: str, label: str, block: str, info: dict[str, str]) -> str:
+def render(existing: str, label: str, block: str, cpu: str) -> str:
     """The section with this label's block replaced (or added); other labels' blocks kept."""
     start = existing.find(SECTION)
     old = existing[start:] if start >= 0 else ""
@@ -313,7 +303,7 @@ def render(existing: str, label: str, block: str, info: dict[str, str]) -> str:
     return "\n".join([
         SECTION,
         "",
-        f"The bundled pipeline (offline) under one `levers up` on {info['cpu']}, fed consecutive batches",
+        f"The bundled pipeline (offline) under one `levers up` on {cpu}, fed consecutive batches",
         "of small generated text documents (3-8 paragraphs naming people, organisations and places, some",
         "of them often): each batch is submitted once the one before it is done, so it goes into the graph",
         "and Redis the earlier ones filled. Per batch: the time from its submission to its last document",
@@ -327,31 +317,20 @@ def render(existing: str, label: str, block: str, info: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench scale", description=__doc__)
-    parser.add_argument("--documents", type=int, default=3000, help="documents in all (default 3000)")
-    parser.add_argument("--batches", type=int, default=3, help="batches they are split into (default 3)")
-    parser.add_argument("--label", default="latest", help="the table's heading in RESULTS.md")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.batches < 1 or args.documents < args.batches:
-        parser.error("--documents must be at least --batches, and --batches at least 1")
-    size = args.documents // args.batches
-    about = machine()
-    began = time.monotonic()
-    info = {
-        "command": " ".join(["bin/bench", "scale", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-    }
-    with tempfile.TemporaryDirectory(prefix="levers-bench-scale-") as tmp, embedded_server() as server:
-        batches = run(Path(tmp), server, args.batches, size)
-    info["minutes"] = f"{(time.monotonic() - began) / 60:.1f}"
-    info["load"] = load_over_run(about)
-    existing = results_text(args.output)
-    section = render(existing, args.label, render_block(args.label, batches, info), info)
-    args.output.write_text(replace_section(existing, SECTION, section))
-    sys.stderr.write(
-        f"scale: last/first drain {batches[-1].seconds / batches[0].seconds:.2f}x; wrote {args.output}\n"
+    parser = bench_parser(
+        "scale",
+        __doc__,
+        {"--documents": (3000, "documents in all"), "--batches": (3, "batches they are split into")},
+        label="the table's heading in RESULTS.md (default latest)",
     )
+    args = parser.parse_args(argv)
+    if args.documents < args.batches:
+        parser.error("--documents must be at least --batches")
+    label = args.label or "latest"
+    header = RunHeader.start(["scale", *argv])
+    with tempfile.TemporaryDirectory(prefix="levers-bench-scale-") as tmp, embedded_server() as server:
+        batches = run(Path(tmp), server, args.batches, args.documents // args.batches)
+    block = render_block(label, batches, header.line())
+    section = render(results_text(args.output), label, block, header.machine["CPU"])
+    write_section(args.output, SECTION, section)
     return 0

@@ -11,7 +11,6 @@ that cost most, with their own imports (cumulative microseconds, one run).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -19,21 +18,18 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from bench.common import (
     PYTHON,
-    ROOT,
+    RunHeader,
     bench_env,
+    bench_parser,
     embedded_server,
-    machine,
     md_table,
     median,
-    replace_section,
-    results_text,
+    write_section,
 )
-from bench.report import git_state
 
 SECTION = "## 14. Read-only commands: start-up time against `rq info`"
 BIN = Path(sys.executable).parent
@@ -156,7 +152,7 @@ def run(rounds: int, compare: Path | None) -> Startup:
         return Startup(rounds, seconds, import_costs(root, env))
 
 
-def render(result: Startup, info: dict[str, str]) -> str:
+def render(result: Startup, run_line: str) -> str:
     rows = [
         [label, f"{median(times) * 1000:.0f}", f"{min(times) * 1000:.0f}-{max(times) * 1000:.0f}",
          f"{result.ratio(label):.2f}"]
@@ -172,7 +168,8 @@ def render(result: Startup, info: dict[str, str]) -> str:
                        [[name, f"{us / 1000:.0f}"] for name, us in result.imports])  # fmt: skip
     return f"""{SECTION}
 
-`{info["command"]}` at {info["source"]}, {info["started"]}, on {info["cpu"]}, load {info["load"]}.
+{run_line}
+
 Each command a fresh process through its console script, against one embedded server holding
 {DOCUMENTS} queued documents of a three-phase pipeline, in turns, {result.rounds} rounds: wall
 time from start to exit, median and range; "x rq info": the median of the per-round ratios.{compared}
@@ -187,28 +184,14 @@ Its most expensive imports, as `python -X importtime` counts them (one run, so a
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench startup", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=15, help="runs of each command (default 15)")
+    parser = bench_parser("startup", __doc__, {"--rounds": (15, "runs of each command")})
     parser.add_argument(
         "--compare", type=Path, default=None,
         help="another checkout's src directory: its `python -m levers status --json` timed in the same "
         "rounds, beside this one's",
     )  # fmt: skip
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds takes a positive number")
-    about = machine()
-    info = {
-        "command": " ".join(["bin/bench", "startup", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "load": about["load average at start"],
-    }
+    header = RunHeader.start(["startup", *argv])
     result = run(args.rounds, args.compare)
-    existing = results_text(args.output)
-    section = render(result, info)
-    args.output.write_text(replace_section(existing, SECTION, section))
-    sys.stderr.write(section)
+    write_section(args.output, SECTION, render(result, header.line()))
     return 0

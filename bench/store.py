@@ -14,17 +14,14 @@ first submission to the last finish, read off levers' ledger.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +31,17 @@ from rq import Queue, Worker
 from bench.common import (
     PYTHON,
     ROOT,
+    RunHeader,
     Server,
     bench_env,
+    bench_parser,
     embedded_server,
-    load_over_run,
-    machine,
+    md_table,
     median,
-    replace_section,
-    results_text,
     stop_process,
     wait_until,
+    write_section,
 )
-from bench.report import git_state
 
 SECTION = "## 18. Artifact store in S3 against the local store"
 BUCKET = "levers-bench"
@@ -62,26 +58,19 @@ class Variant:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench store", description=__doc__)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
-    parser.add_argument("--copies", type=int, default=15, help="copies of each of the 3 example files")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser = bench_parser(
+        "store",
+        __doc__,
+        {
+            "--reps": (3, "repetitions of each variant"),
+            "--copies": (15, "copies of each of the 3 example files"),
+        },
+    )
     args = parser.parse_args(argv)
-    about = machine()
-    began = time.monotonic()
+    header = RunHeader.start(["store", *argv])
     with embedded_server() as server, s3_server() as endpoint:
         variants = run(server, endpoint, args.reps, args.copies)
-    info = {
-        "command": " ".join(["bin/bench", "store", *argv]),
-        "source": git_state(),
-        "started": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": about["CPU"],
-        "minutes": f"{(time.monotonic() - began) / 60:.1f}",
-        "load": load_over_run(about),
-    }
-    text = render(variants, 3 * args.copies, info)
-    args.output.write_text(replace_section(results_text(args.output), SECTION, text))
-    sys.stderr.write(f"store: wrote {args.output}\n")
+    write_section(args.output, SECTION, render(variants, 3 * args.copies, header.line()))
     return 0
 
 
@@ -190,23 +179,21 @@ def _documents_per_second(url: str, expected: int) -> float:
     return expected / span
 
 
-def render(variants: list[Variant], documents: int, info: dict[str, str]) -> str:
+def render(variants: list[Variant], documents: int, run_line: str) -> str:
     local, s3 = variants
     rows = [
-        f"| {label} | {median(v.docs_per_s):.2f} | {min(v.docs_per_s):.2f}-{max(v.docs_per_s):.2f} |"
+        [label, f"{median(v.docs_per_s):.2f}", f"{min(v.docs_per_s):.2f}-{max(v.docs_per_s):.2f}"]
         for label, v in (("local directory (.levers/artifacts)", local), ("S3 (moto's server)", s3))
     ]
+    header = [f"{documents} documents, bundled pipeline offline", "documents/s (median)", "min-max"]
     ratio = median(s3.docs_per_s) / median(local.docs_per_s)
     return "\n".join(
         [
             SECTION,
             "",
-            f"`{info['command']}` at {info['source']}, {info['started']}, {info['minutes']} min; "
-            f"{info['cpu']}; load {info['load']}.",
+            run_line,
             "",
-            f"| {documents} documents, bundled pipeline offline | documents/s (median) | min-max |",
-            "|---|---:|---:|",
-            *rows,
+            md_table(header, rows),
             "",
             f"S3 against local: {ratio:.2f}x the documents/s (median of {len(local.docs_per_s)} runs "
             "of each, alternated). The S3 server is moto's, on this machine: it adds each call's HTTP "

@@ -19,21 +19,18 @@ between maintenance passes, after the dead worker's heartbeat TTL).
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import psutil
 import redis
 from rq import Queue, Worker
 
-from bench.common import PYTHON, Server, bench_env, median, stop_process, wait_until
-from bench.report import git_state
+from bench.common import PYTHON, Server, bench_env, md_table, median, stop_process, wait_until
 from levers import keys
 from levers.observing.reports import supervisor_leases
 from levers.supervisor.leases import LEASE_TTL_S, SCAN_S, SETTLE_S
@@ -179,24 +176,22 @@ def _poll_until(predicate: Callable[[], bool]) -> float:
     raise TimeoutError("timed out waiting for the takeover")
 
 
-def render(results: list[Takeover]) -> str:
-    rows = "\n".join(f"| {n} | {r.requeued_s:.1f} | {r.running_s:.1f} |" for n, r in enumerate(results, 1))
+def render(results: list[Takeover], run_line: str) -> str:
+    rows = [[n, f"{r.requeued_s:.1f}", f"{r.running_s:.1f}"] for n, r in enumerate(results, 1)]
+    table = md_table(["run", "job requeued by host B, s", "job running on host B, s"], rows)
     running = [r.running_s for r in results]
     worst = max(running)
-    load1, _, _ = os.getloadavg()
-    when = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return f"""{SECTION}
+
+{run_line}
 
 From kill -9 of host A (its `levers up` and every process under it, at once, while its worker
 runs the document's job) to the job running on host B, another `levers up` in another project
 directory on the same server, with the default lease settings: a lease lapses {LEASE_TTL_S:g} s
 after its last renewal, live supervisors look for lapsed leases every {SCAN_S:g} s (once they
 have held their own for {SETTLE_S:g} s). Times from levers' ledger, polled every {POLL_S * 1000:.0f} ms.
-Run on {when}, levers source {git_state()}, load average {load1:.1f} at the end ({os.cpu_count()} cores).
 
-| run | job requeued by host B, s | job running on host B, s |
-|----:|--------------------------:|-------------------------:|
-{rows}
+{table}
 
 Median **{median(running):.1f} s** from the host's death to its job running elsewhere (worst
 {worst:.1f} s; target ≤ {TARGET_S:.0f} s: **{_verdict(worst <= TARGET_S)}**). Nearly all of it is

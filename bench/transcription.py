@@ -19,20 +19,16 @@ CPU of a 2-core machine running 60 workers and the stand-in.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import psutil
 
 from bench.common import PYTHON, Server, bench_env, md_table, stop_process, wait_until
 from bench.projects import write_file
-from bench.report import git_state
 from levers.documents.ledger import DocStatus, Ledger
 from levers.documents.submission import Submitter
 from levers.pipeline.loading import load_pipeline
@@ -85,7 +81,6 @@ class TranscriptionResult:
     ideal_drain_s: float  # the requests' own latencies over CAP slots
     cpu_ms_per_recording: float  # the workers' CPU, their start-up included
     leases_expired: int  # slots whose holder's loop was stalled past the lease (levers up's log)
-    context: str  # when, on which source, and how loaded the machine was
 
 
 def duration_s(index: int) -> float:
@@ -94,16 +89,6 @@ def duration_s(index: int) -> float:
 
 
 def run(server: Server, plan: Plan, progress: Callable[[str], None]) -> TranscriptionResult:
-    started, load_before = datetime.now().astimezone(), os.getloadavg()[0]
-    result = _run(server, plan, progress)
-    context = (
-        f"Run on {started:%Y-%m-%d %H:%M %Z}, levers {git_state()}; load average (1 min) "
-        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after."
-    )
-    return dataclasses.replace(result, context=context)
-
-
-def _run(server: Server, plan: Plan, progress: Callable[[str], None]) -> TranscriptionResult:
     with tempfile.TemporaryDirectory(prefix="levers-bench-audio-") as tmp:
         root = Path(tmp)
         write_file(root / "pipeline.yaml", PIPELINE_YAML)
@@ -187,7 +172,6 @@ def _result(plan: Plan, fake: FakeDeepgram, failed: int, cpu_s: float, expired: 
         ideal_drain_s=(plan.recordings * plan.latency_s + audio * plan.per_audio_s) / CAP,
         cpu_ms_per_recording=cpu_s * 1000 / plan.recordings,
         leases_expired=expired,
-        context="",
     )
 
 
@@ -210,7 +194,7 @@ def busy_share(spans: Sequence[tuple[float, float]], start: float, end: float) -
     return held / (CAP * (end - start))
 
 
-def render(result: TranscriptionResult) -> str:
+def render(result: TranscriptionResult, run_line: str) -> str:
     plan = result.plan
     full = "never" if result.full_after_s is None else f"{result.full_after_s:.2f} s"
     rows = [
@@ -231,12 +215,14 @@ def render(result: TranscriptionResult) -> str:
     met = result.refused == 0 and result.failed == 0 and result.busy_backlog >= 0.95
     return f"""{SECTION}
 
+{run_line}
+
 {plan.recordings} WAV recordings queued, then the transcription phase's {WORKERS} workers under the
 real `levers up`, the shared limit `deepgram: {{concurrency: {CAP}}}`, and the real deepgram-sdk
 streaming each file to the Deepgram stand-in (tests/fake_deepgram.py), which holds at most {CAP}
 requests and refuses the rest with 429, answering after {plan.latency_s:g} s + {plan.per_audio_s:g} s
 per second of audio. Figures from the stand-in's log. Target: 0 refused and at least 95 % of the
-{CAP} slots busy while a backlog remains: **{"met" if met else "not met"}**. {result.context}
+{CAP} slots busy while a backlog remains: **{"met" if met else "not met"}**.
 
 {md_table(["", ""], rows, numeric=False)}
 
