@@ -47,7 +47,14 @@ NEVER = (
 # What each command does not use on top of that; with --json, nothing is drawn in the terminal.
 NOT_USED = {
     # the pipeline's outline is read from its record, without the model
-    "status": ("levers.documents.lookup", "levers.planning", "levers.pipeline.editing", "rich", "pydantic"),
+    "status": (
+        "levers.documents.lookup",
+        "levers.documents.failures",
+        "levers.planning",
+        "levers.pipeline.editing",
+        "rich",
+        "pydantic",
+    ),
     "get": ("rq", "levers.observing", "levers.documents", "levers.limits", "levers.planning"),
     "show": ("rq", "levers.observing", "levers.limits", "levers.planning", "rich"),
     # plan reads the supervisors' reports (the hosts' cores), not the status or its advice

@@ -42,13 +42,6 @@ def parse_duration(text: str, option: str) -> float:
     return float(match[1]) * _UNIT_S[match[2]]
 
 
-def kept_failed(connection: redis.Redis, pipeline: str, failed_ttl: float, phase: str) -> int:
-    """Failed documents kept at ``phase`` (for ``failed_ttl`` seconds): one sorted-set count,
-    cheap for `levers status`."""
-    kept_since = time.time() - failed_ttl
-    return int(connection.zcount(keys.failed(pipeline, phase), kept_since, "+inf"))
-
-
 @dataclass(frozen=True)
 class FailedDocument:
     """One failed document as `levers failed` lists it."""

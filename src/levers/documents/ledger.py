@@ -377,6 +377,13 @@ class Ledger:
         )
         return sorted(found)
 
+    def kept_failed(self, phase: str, failed_ttl: float) -> int:
+        """Failed documents kept at ``phase`` (for ``failed_ttl`` seconds; supervisors forget older
+        ones, levers.documents.failures): one sorted-set count, cheap for `levers status`."""
+        return int(
+            self.connection.zcount(keys.failed(self.pipeline, phase), time.time() - failed_ttl, "+inf")
+        )
+
     def totals(self, phase: str) -> dict[str, int]:
         raw = self.connection.hgetall(keys.phase_counter(self.pipeline, phase))
         return {_text(k): int(v) for k, v in raw.items()}

@@ -24,7 +24,6 @@ from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
 from levers import keys, metrics
-from levers.documents.failures import kept_failed
 from levers.documents.ledger import Ledger
 from levers.limits.status import learned_concurrency, limits_status, workers_for
 from levers.observing.reports import (
@@ -275,7 +274,7 @@ def _phase_status(
         stranded=sum(holder not in alive for holder, _ in held),
         waiting_retry=read.waiting_retry,
         done=totals.get("done", 0),
-        failed=kept_failed(connection, spec.name, spec.failed_ttl, name),
+        failed=ledger.kept_failed(name, spec.failed_ttl),
         failed_attempts=totals.get("failed", 0),
         retried=totals.get("retried", 0),
         workers_desired=sum(r.desired for r in reported) if reported else phase.workers,
