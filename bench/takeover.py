@@ -4,12 +4,13 @@ it) to the job running on another host, with levers' default lease settings.
 Two project directories on one private server, each with its own copy of a one-phase pipeline:
 the same name (so the same queue) and one shared artifact store, as on two machines. Host B runs
 `levers up` throughout and has held its lease for longer than SETTLE_S, as a host that has been up
-for a while has. Each run starts host A (`levers up` in the other directory), whose copy of the
-phase holds its job until killed; submits one document, which A's worker takes; gives B a worker
-for the phase (`levers set`, so that the document could go nowhere else before); kills A and all
-its processes at once; and reads two moments off levers' ledger, polled every 10 ms: when the
-document records its host as lost (B took the lease over and requeued the job), and when its
-second attempt starts (B's worker runs it).
+for a while has. Each run starts host A (`levers up --workers 1` in the other directory, whose
+environment makes the phase hold its job until killed: both hosts follow one published pipeline);
+submits one document, which A's worker takes; gives B a worker for the phase (`levers set`, so
+that the document could go nowhere else before); kills A and all its processes at once; and reads
+two moments off levers' ledger, polled every 10 ms: when the document records its host as lost
+(B took the lease over and requeued the job), and when its second attempt starts (B's worker runs
+it).
 
 RQ alone recovers such a job only once its worker's key has expired and a maintenance pass has
 found its abandoned entry in the started registry: RQ's defaults give about 11.5 minutes (600 s
@@ -41,15 +42,19 @@ POLL_S = 0.01
 START_TIMEOUT_S = 120.0
 SECTION = "## 7. Host takeover: a dead host's job running elsewhere"
 
-PHASE = '''"""The takeover benchmark's phase: a host whose `hold` option is on keeps its job till killed."""
+# Set for host A's processes only: both hosts run one published pipeline, so what differs between
+# them is their environment and their `levers up --workers`.
+HOLD_ENV = "TAKEOVER_HOLD"
+PHASE = f'''"""The takeover benchmark's phase: where {HOLD_ENV} is set it keeps its job till killed."""
 
+import os
 import time
 
 
 def work(doc, ctx):
-    while ctx.options.get("hold"):
+    while os.environ.get("{HOLD_ENV}"):
         time.sleep(1)
-    return {}
+    return {{}}
 '''
 
 PIPELINE_NAME = "takeover"
@@ -59,8 +64,7 @@ phases:
   work:
     handler: takeover_phase:work
     accepts: [.txt]
-    levers: {{workers: {workers}}}
-    options: {{hold: {hold}}}
+    levers: {{workers: 0}}
 """
 
 
@@ -74,7 +78,7 @@ def run(server: Server, runs: int, progress: Callable[[str], None]) -> list[Take
     server.connection.flushall()
     with tempfile.TemporaryDirectory(prefix="levers-bench-takeover-") as tmp:
         root = Path(tmp)
-        host_a, host_b = _project(root, "a", hold=True), _project(root, "b", hold=False)
+        host_a, host_b = _project(root, "a"), _project(root, "b")
         b = _up(server, host_b)
         try:
             wait_until(lambda: supervisor_leases(server.connection, PIPELINE_NAME), START_TIMEOUT_S, "host B")
@@ -90,7 +94,7 @@ def run(server: Server, runs: int, progress: Callable[[str], None]) -> list[Take
 
 
 def _one(server: Server, host_a: Path, host_b: Path, n: int) -> Takeover:
-    a = _up(server, host_a)
+    a = _up(server, host_a, holding=True)
     try:
         wait_until(lambda: _listening(server) == 1, START_TIMEOUT_S, "host A's worker")
         (host_a / f"doc{n}.txt").write_text(f"document {n}")
@@ -111,19 +115,21 @@ def _one(server: Server, host_a: Path, host_b: Path, n: int) -> Takeover:
         _kill_host(a)
 
 
-def _project(root: Path, name: str, hold: bool) -> Path:
+def _project(root: Path, name: str) -> Path:
     project = root / name
     project.mkdir()
     (project / "takeover_phase.py").write_text(PHASE)
-    text = PIPELINE.format(store=root / "store", workers=1 if hold else 0, hold="true" if hold else "false")
-    (project / "pipeline.yaml").write_text(text)
+    (project / "pipeline.yaml").write_text(PIPELINE.format(store=root / "store"))
     return project
 
 
-def _up(server: Server, project: Path) -> subprocess.Popen[bytes]:
+def _up(server: Server, project: Path, holding: bool = False) -> subprocess.Popen[bytes]:
+    """`levers up` in ``project``; ``holding``: one worker, whatever the pipeline says, whose jobs
+    hold until it is killed."""
     log = (project / "levers-up.log").open("ab")
+    env = bench_env(REDIS_URL=server.url, **({HOLD_ENV: "1"} if holding else {}))
     process = subprocess.Popen(
-        [PYTHON, "-m", "levers", "up"], cwd=project, env=bench_env(REDIS_URL=server.url),
+        [PYTHON, "-m", "levers", "up", *(["--workers", "1"] if holding else [])], cwd=project, env=env,
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     log.close()
