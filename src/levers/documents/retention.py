@@ -19,7 +19,7 @@ import redis
 from levers import keys
 from levers.documents.failures import EXPIRY_EVERY_S
 from levers.documents.ledger import DocStatus
-from levers.documents.versions import Versions
+from levers.documents.versions import FORGET_LUA, name_digest
 from levers.pipeline.model import Pipeline
 
 DAY_S = 86400.0
@@ -28,26 +28,33 @@ DAY_S = 86400.0
 EXPIRY_BATCH = 500
 EXPIRY_BATCHES = 20
 
-# KEYS: the finished set, the expired set, then one record per ARGV[2..]. ARGV: the done status,
-# then the ids. Each document still done loses its record and joins the expired set; every id
-# leaves the finished set (one resubmitted meanwhile is no longer done, and keeps its record).
-# Returns, per expired document, its id, and the name and number it was a version of ('' if none).
-_EXPIRE = """
-local expired = {}
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  if redis.call('HGET', KEYS[i + 1], 'status') == ARGV[1] then
-    local version = redis.call('HMGET', KEYS[i + 1], 'version_of', 'version')
-    redis.call('DEL', KEYS[i + 1])
+# KEYS: the finished set, the expired set, the set of names with versions, the latest numbers of
+# expired names, then per document its record and the versions hash of the name it was read to be
+# a version of. ARGV: the done status, then per document its id, that name ('' for none) and the
+# name's digest. Each document still done loses its record and its version (levers.documents.
+# versions) and joins the expired set, in one step; every id leaves the finished set (one
+# resubmitted meanwhile is no longer done, and keeps its record). Returns how many expired.
+_EXPIRE = (
+    FORGET_LUA
+    + """
+local expired = 0
+for i = 0, (#ARGV - 1) / 3 - 1 do
+  local id, name, digest = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  local record, versions = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
+  if redis.call('HGET', record, 'status') == ARGV[1] then
+    local version = redis.call('HMGET', record, 'version_of', 'version')
+    if name ~= '' and version[1] == name and version[2] then
+      forget(versions, KEYS[3], KEYS[4], name, id, version[2], digest)
+    end
+    redis.call('DEL', record)
     redis.call('SADD', KEYS[2], id)
-    table.insert(expired, id)
-    table.insert(expired, version[1] or '')
-    table.insert(expired, version[2] or '')
+    expired = expired + 1
   end
   redis.call('ZREM', KEYS[1], id)
 end
 return expired
 """
+)
 
 # KEYS: the documents set, the finished set, then one record per ARGV[2..]. ARGV: the done status,
 # then the ids. Moves each done document to the finished set, scored by when it finished.
@@ -72,7 +79,6 @@ class Retention:
         self.connection = connection
         self.spec = spec
         self._expire = connection.register_script(_EXPIRE)
-        self.versions = Versions(connection, spec.name)
         self._adopt = connection.register_script(_ADOPT)
 
     def expire(self, retention_s: float | None = None, now: float | None = None) -> int:
@@ -89,23 +95,30 @@ class Retention:
             due: list[bytes] = self.connection.zrangebyscore(finished, "-inf", cutoff, 0, EXPIRY_BATCH)  # type: ignore[assignment]
             if not due:
                 break
-            ids = [member.decode() for member in due]
-            records = [keys.document(self.spec.name, doc_id) for doc_id in ids]
-            script_keys = [finished, keys.expired(self.spec.name), *records]
-            gone = self._expire(keys=script_keys, args=[str(DocStatus.DONE), *ids])
-            expired += len(gone) // 3
-            self._forget_versions(gone)
+            expired += self._expire_batch([member.decode() for member in due])
         return expired
 
-    def _forget_versions(self, gone: list[bytes]) -> None:
-        """The versions of the expired documents (id, name, number triples) go with their records."""
+    def _expire_batch(self, ids: list[str]) -> int:
+        """Expire ``ids``' records and their versions in one script: the name each is a version of
+        is read first, to name its versions hash (the script checks it is still that name)."""
+        name = self.spec.name
+        records = [keys.document(name, doc_id) for doc_id in ids]
         with self.connection.pipeline(transaction=False) as pipe:
-            for doc_id, name, number in zip(gone[0::3], gone[1::3], gone[2::3], strict=True):
-                if name and number.isdigit():
-                    self.versions.forget(
-                        name.decode(errors="surrogateescape"), doc_id.decode(), int(number), pipe
-                    )
-            pipe.execute()
+            for record in records:
+                pipe.hget(record, "version_of")
+            versions_of = [(v or b"").decode(errors="replace") for v in pipe.execute()]
+        script_keys = [
+            keys.finished(name),
+            keys.expired(name),
+            keys.version_names(name),
+            keys.version_latest(name),
+        ]
+        args = [str(DocStatus.DONE)]
+        for doc_id, record, version_of in zip(ids, records, versions_of, strict=True):
+            digest = name_digest(version_of)
+            script_keys += [record, keys.versions(name, digest)]
+            args += [doc_id, version_of, digest]
+        return int(self._expire(keys=script_keys, args=args))
 
     def adopt(self) -> int:
         """Move the documents that were done before done ones had a set of their own (they stayed

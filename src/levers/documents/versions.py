@@ -58,21 +58,24 @@ redis.call('HDEL', KEYS[3], ARGV[5])
 return {latest, 1}
 """
 
-# KEYS: the name's versions hash, the set of names, the latest numbers of expired names. ARGV:
-# name, the expired document's id, its number, the name's digest. The name's latest version
-# leaves its number and id behind ("3:<id>": the same content again is still its latest) and
-# nothing else; an older one, its own entry.
-_FORGET = """
-if redis.call('HGET', KEYS[1], 'latest_id') == ARGV[2] then
-  redis.call('HSET', KEYS[3], ARGV[4], redis.call('HGET', KEYS[1], 'latest') .. ':' .. ARGV[2])
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[1])
-else
-  redis.call('HDEL', KEYS[1], ARGV[3])
+# A Lua function for a script that expires records (levers.documents.retention), so that a version
+# goes in the same step as its record: forget(the name's versions hash, the set of names, the
+# latest numbers of expired names, name, the document's id, its number, the name's digest). The
+# name's latest version leaves its number and id behind ("3:<id>": the same content again is still
+# its latest) and nothing else; an older one, its own entry.
+FORGET_LUA = """
+local function forget(versions, names, latest, name, id, number, digest)
+  if redis.call('HGET', versions, 'latest_id') == id then
+    redis.call('HSET', latest, digest, redis.call('HGET', versions, 'latest') .. ':' .. id)
+    redis.call('DEL', versions)
+    redis.call('SREM', names, name)
+  else
+    redis.call('HDEL', versions, number)
+  end
 end
 """
 
-_scripts: weakref.WeakKeyDictionary[redis.Redis, dict[str, Script]] = weakref.WeakKeyDictionary()
+_scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _digest(name: str) -> str:
+def name_digest(name: str) -> str:
     return hashlib.sha256(name.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
@@ -118,32 +121,23 @@ class Versions:
         """Record ``doc_id`` as a version of ``name``; the version, and whether it is a new one
         (False: the document is the name's latest version already, which keeps its number)."""
         entry = json.dumps({"id": doc_id, "hash": data_hash, "at": time.time(), "keep": keep})
-        number, new = self._script(_ADD)(
-            keys=self._keys(name), args=[name, doc_id, entry, MAX_VERSIONS, _digest(name)]
+        if self.connection not in _scripts:
+            _scripts[self.connection] = self.connection.register_script(_ADD)
+        number, new = _scripts[self.connection](
+            keys=self._keys(name), args=[name, doc_id, entry, MAX_VERSIONS, name_digest(name)]
         )
         return DocumentVersion(name, int(number), keep), bool(new)
 
-    def forget(self, name: str, doc_id: str, number: int, pipe: redis.client.Pipeline | None = None) -> None:
-        """Forget version ``number`` of ``name`` (document ``doc_id``), whose record expired; on
-        ``pipe`` when given."""
-        self._script(_FORGET)(keys=self._keys(name), args=[name, doc_id, number, _digest(name)], client=pipe)
-
     def _keys(self, name: str) -> list[str]:
         return [
-            keys.versions(self.pipeline, _digest(name)),
+            keys.versions(self.pipeline, name_digest(name)),
             keys.version_names(self.pipeline),
             keys.version_latest(self.pipeline),
         ]
 
-    def _script(self, source: str) -> Script:
-        scripts = _scripts.setdefault(self.connection, {})
-        if source not in scripts:
-            scripts[source] = self.connection.register_script(source)
-        return scripts[source]
-
     def entries(self, name: str) -> list[VersionEntry]:
         """The versions of ``name`` still listed, oldest first."""
-        raw = self.connection.hgetall(keys.versions(self.pipeline, _digest(name)))
+        raw = self.connection.hgetall(keys.versions(self.pipeline, name_digest(name)))
         found = (_entry(k, v) for k, v in raw.items())
         return sorted((e for e in found if e is not None), key=lambda e: e.number)
 
