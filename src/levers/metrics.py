@@ -3,8 +3,8 @@
 Each finished attempt adds to two places. Its phase's bucket for the current minute (jobs done,
 failed and retried, a duration histogram over fixed log-spaced bounds, the CPU seconds of the done
 ones; its busy seconds go to the minutes it was busy) gives the recent figures `levers status`
-and `levers plan` show; supervisors add their workers' seconds alive to the same buckets; buckets expire after
-``RETENTION_MIN`` minutes. Its phase's
+and `levers plan` show; supervisors add their workers' seconds alive to the same buckets. Buckets
+expire after ``RETENTION_MIN`` minutes. Its phase's
 running totals (a count per histogram bucket, the count and the sum of durations, never reset)
 are the cumulative histogram Prometheus takes rates of; one hash of fixed fields per phase.
 Recording is a few commands queued on a pipeline the caller executes anyway, so it adds no round

@@ -61,8 +61,11 @@ def configured_url(loaded: LoadedPipeline, environ: Mapping[str, str] = os.envir
         url, source = environ["REDIS_URL"], "REDIS_URL"
     else:
         url, source = expand_env(loaded.outline.redis or "", environ), f"redis: in {loaded.path.name}"
-    if not url:
-        return None
+    return checked_url(url, source) if url else None
+
+
+def checked_url(url: str, source: str) -> str:
+    """``url`` if it is a Redis URL; else a UsageError naming ``source``, where it came from."""
     problem = url_problem(url)
     if problem is not None:
         raise UsageError(f"{source}: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)

@@ -16,7 +16,7 @@ import redis
 from levers.errors import SpecError, UsageError
 from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
-from levers.server.connection import URL_FORMS, Target, connect, embedded_server, masked, resolve, url_problem
+from levers.server.connection import Target, checked_url, connect, embedded_server, resolve
 
 DEFAULT_FILE = "pipeline.yaml"
 
@@ -74,10 +74,7 @@ def published_only(given: Path | None) -> str | None:
 
 
 def published_target(url: str) -> Target:
-    problem = url_problem(url)
-    if problem is not None:
-        raise UsageError(f"REDIS_URL: {masked(url)!r} is not a Redis URL: {problem}", fix=URL_FORMS)
-    return Target(url=url, embedded=False)
+    return Target(url=checked_url(url, "REDIS_URL"), embedded=False)
 
 
 def open_anywhere(given: Path | None, pipeline: str | None = None) -> Project:
