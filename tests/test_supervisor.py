@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from levers.observing.reports import PhaseReport
+from levers import keys
+from levers.observing.reports import PhaseReport, live_reports
 from levers.pipeline.loading import LoadedPipeline
 from levers.pipeline.watching import PipelineWatcher
+from levers.supervisor.processes import Reporter
 from levers.supervisor.reconcile import (
     FAILING_AFTER_CRASHES,
     FIRST_BACKOFF_S,
@@ -603,3 +605,33 @@ def test_an_edit_seen_during_a_tick_is_applied_cleanly(tmp_path: Path) -> None:
 
     assert all(phase in loaded.spec.phases for phase, loaded, _ in h.spawned)
     assert len(h.running("chunk")) == 1
+
+
+# --- the published report ------------------------------------------------------------------------
+
+
+def test_a_changed_count_is_published_at_once_and_an_unchanged_one_at_most_each_second(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    """Status reads the published report beside RQ's live workers: a scale-down's retired worker
+    leaves within a tick, so a count published a second late would show the phase short."""
+    h = single_phase_harness(tmp_path, workers=3)
+    reporter = Reporter(connection, h.supervisor)
+    name = h.supervisor.watcher.current().spec.name
+
+    def published() -> int:
+        [report] = live_reports(connection, name)
+        return report.phases["extract"].desired
+
+    h.tick()
+    reporter.publish()
+    assert published() == 3
+
+    h.edit(pipeline_text(extract_workers=1, with_chunk=False))
+    h.tick()
+    reporter.publish()
+    assert published() == 1
+
+    connection.delete(keys.supervisors(name))
+    reporter.publish()
+    assert live_reports(connection, name) == []  # nothing changed within the second: not written again

@@ -279,7 +279,7 @@ def _phase_status(
         retried=totals.get("retried", 0),
         workers_desired=sum(r.desired for r in reported) if reported else phase.workers,
         workers_alive=len(workers),
-        workers_busy=sum(w.state == "busy" for w in workers),
+        workers_busy=sum(w.get_state() == "busy" for w in workers),
         state=_worst([r.state for r in reported]) if reported else "no supervisor",
         workers=phase.workers,
         semaphore=phase.semaphore,

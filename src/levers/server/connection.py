@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.driver_info import DriverInfo
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline
@@ -29,7 +30,7 @@ NOT_RUNNING = "the embedded server is not running"
 START_HINT = "start it with `levers up` or `levers run`"
 # What redis-py tells the server it is; given, as otherwise each connection looks it up in the
 # installed packages' metadata (about 8 ms, a fifth of what `levers status` does once imported).
-LIB_VERSION = redis.__version__
+DRIVER_INFO = DriverInfo(lib_version=redis.__version__)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def url_problem(url: str) -> str | None:
             return "unix:// needs the socket's path"
         if parts.scheme != "unix" and not parts.path.strip("/").isdigit() and parts.path.strip("/"):
             return f"the database must be a number, not {parts.path.strip('/')!r}"
-        pool = redis.ConnectionPool.from_url(url, lib_version=LIB_VERSION)
+        pool = redis.ConnectionPool.from_url(url, driver_info=DRIVER_INFO)
         pool.make_connection()  # the client's connection as the URL's options make it, unconnected
     except TypeError as exc:  # an option the client does not take
         unknown = re.search(r"keyword argument '(\w+)'", str(exc))
@@ -132,7 +133,7 @@ def client(target: Target) -> redis.Redis:
         target.url,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         health_check_interval=30,
-        lib_version=LIB_VERSION,
+        driver_info=DRIVER_INFO,
     )
 
 

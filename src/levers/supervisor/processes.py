@@ -440,6 +440,7 @@ class Reporter:
         self.supervisor = supervisor
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self._last = 0.0
+        self._desired: dict[str, int] = {}  # as last published
         self._alive_since: float | None = None  # the end of the span whose alive seconds were recorded
         self._usage = ProcessUsage()
         self._host_cpu = HostCpu()
@@ -449,10 +450,13 @@ class Reporter:
         return keys.supervisors(self.supervisor.watcher.current().spec.name)
 
     def publish(self) -> None:
+        """At most once a second, and at once when the desired counts change: a worker retired by a
+        scale-down leaves within a tick, and status must not then show it short of a stale count."""
         now = time.time()
-        if now - self._last < 1.0:
+        desired = self.supervisor.desired()
+        if now - self._last < 1.0 and desired == self._desired:
             return
-        self._last = now
+        self._last, self._desired = now, desired
         report = self.supervisor.report()
         pids = {phase: [s.pid for s in self.supervisor.slots if s.phase == phase] for phase in report.phases}
         phases = dict(report.phases)
