@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue, Worker
+from rq.executions import prepare_execution
+from rq.job import Job
 
 from levers import keys
+from levers.observing import status as status_module
 from levers.observing.status import PhaseStatus, pipeline_status
 from levers.pipeline.loading import load_pipeline
 from levers.supervisor import usage
@@ -298,3 +301,28 @@ def test_host_cpu_is_measured_over_the_last_minute(monkeypatch: pytest.MonkeyPat
     # the first reading has nothing to compare with; then the last minute's share of busy time
     assert [m.percent if m else None for m in measured] == [None, 50.0, 50.0, 75.0, 100.0]
     assert [(m.busy_cores, m.own_cores) for m in measured if m] == [(1, 0), (1, 0), (1.5, 0.5), (2, 1)]
+
+
+def test_a_job_taken_by_a_worker_that_started_during_the_read_is_not_stranded(
+    tmp_path: Path, connection: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers are read before the jobs they hold: one that starts in between (a scale-up) and
+    takes a job at once must not show as a gone worker's stranded job."""
+    root = make_project(tmp_path, docs=0)
+    queue = Queue("toy.first", connection=connection)
+    read_lanes = status_module._read_lanes
+
+    def a_worker_starts_meanwhile(*args: object) -> object:
+        if connection.exists("rq:worker:latecomer"):  # the next phase's read
+            return read_lanes(*args)
+        latecomer = Worker([queue], connection=connection, name="latecomer")
+        latecomer.register_birth()
+        job = Job.create("json.dumps", args=(1,), connection=connection, origin=queue.name, id="taken")
+        job.save()
+        prepare_execution(latecomer, job)
+        return read_lanes(*args)
+
+    monkeypatch.setattr(status_module, "_read_lanes", a_worker_starts_meanwhile)
+    first = read_status(root, connection)["first"]
+
+    assert (first.running, first.stranded, first.workers_alive) == (1, 0, 1)

@@ -260,6 +260,11 @@ def _phase_status(
     alive = {w.name for w in workers}
     read = _read_lanes(connection, lanes)
     held = _holders(connection, read.held)
+    if any(holder is not None and holder not in alive for holder, _ in held):
+        # a worker started since the workers were read (a scale-up) may hold a job already: not
+        # stranded, as it would show until the next read
+        workers = _alive(Worker.all(queue=queue), reports, name)
+        alive = {w.name for w in workers}
     queued = read.queued
     running_since = _running_since(held, alive)
     reported: list[PhaseReport] = [r.phases[name] for r in reports if name in r.phases]
