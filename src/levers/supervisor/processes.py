@@ -42,6 +42,7 @@ from levers.server.project import Project, save_last_good
 from levers.supervisor.demand import observe
 from levers.supervisor.following import Follower, copy_path
 from levers.supervisor.leases import LeaseKeeper
+from levers.supervisor.orphans import reap_orphans
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
 from levers.supervisor.usage import HostCpu, ProcessUsage
 from levers.worker import rq_contract
@@ -337,6 +338,9 @@ def run(
     try:
         while not supervisor.finished():
             beat()
+            reaped = reap_orphans()  # Redis outages included: it needs none
+            if reaped:
+                log.debug("reaped %d orphaned process(es)", reaped)
             try:
                 supervisor.tick()
                 lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
