@@ -9,7 +9,8 @@ import pytest
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline, parse_pipeline
-from levers.server.connection import Target, configured_url, connect, expand_env, masked, resolve
+from levers.server.connection import Target, configured_url, connect, expand_env, resolve
+from levers.server.masking import masked
 from tests.conftest import levers, make_project
 
 PASSWORD = "s3cr3t-pw"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from levers.errors import SpecError, UsageError
-from levers.pipeline.editing import edit_text, get_value, resolve_path, set_values
+from levers.pipeline.dotted import SettingNames, resolve_path, value_at
+from levers.pipeline.editing import edit_text, set_values, setting_names
 from levers.pipeline.loading import load_pipeline
-from tests.conftest import levers
+from tests.conftest import levers, make_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,14 +115,30 @@ def test_bad_assignments_name_the_fix(styled: Path, assignment: str, message: st
 
 
 def test_get_reads_effective_values(styled: Path) -> None:
+    settings = load_pipeline(styled).settings
+    assert value_at(settings, "first.semaphore", "pipeline.yaml") == 10
+    assert value_at(settings, "second.threads", "pipeline.yaml") == 0  # a default
+    assert value_at(settings, "phases.first.accepts", "pipeline.yaml") == [".txt", ".md"]
+
+
+def test_get_and_set_read_a_name_alike(styled: Path) -> None:
+    """`levers get` takes the names from the settings, `levers set` from the model: the same."""
     loaded = load_pipeline(styled)
-    assert get_value(loaded, "first.semaphore") == 10
-    assert get_value(loaded, "second.threads") == 0  # a default
-    assert get_value(loaded, "phases.first.accepts") == [".txt", ".md"]
+    assert SettingNames.of(loaded.settings) == setting_names(list(loaded.spec.phases))
+
+
+def test_get_prints_a_long_value_whole_for_a_script(tmp_path: Path) -> None:
+    root = make_project(tmp_path, docs=0)
+    long = "-".join(["word"] * 60)  # wider than any terminal or pipe width
+    assert levers("set", f"first.options.note={long}", cwd=root).returncode == 0
+
+    got = levers("get", "first.options.note", cwd=root)
+
+    assert (got.returncode, got.stdout) == (0, long + "\n")
 
 
 def test_shorthand_resolution() -> None:
-    phases = ["chunking"]
+    phases = setting_names(["chunking"])
     assert resolve_path("chunking.semaphore", phases) == ("phases", "chunking", "levers", "semaphore")
     assert resolve_path("chunking.timeout", phases) == ("phases", "chunking", "timeout")
     assert resolve_path("phases.chunking.options.x", phases) == ("phases", "chunking", "options", "x")

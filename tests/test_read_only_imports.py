@@ -55,7 +55,18 @@ NOT_USED = {
         "rich",
         "pydantic",
     ),
-    "get": ("rq", "levers.observing", "levers.documents", "levers.limits", "levers.planning"),
+    # the settings are read from the record too, and a setting in the file needs no Redis
+    "get": (
+        "rq",
+        "redis",
+        "pydantic",
+        "rich",
+        "levers.pipeline.editing",
+        "levers.observing",
+        "levers.documents",
+        "levers.limits",
+        "levers.planning",
+    ),
     "show": ("rq", "levers.observing", "levers.limits", "levers.planning", "rich"),
     # plan reads the supervisors' reports (the hosts' cores), not the status or its advice
     "plan": (

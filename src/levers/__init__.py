@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from levers.errors import ConnectionFailed, LeversError
     from levers.limits.shared import RateLimited, SharedLimit, UnknownLimit, is_rate_limited, retry_delay
     from levers.pipeline.options import PhaseOptions
-    from levers.server.connection import masked
     from levers.server.embedded import EmbeddedServer
+    from levers.server.masking import masked
     from levers.worker.phase_context import Document, Handler, Levers, Permanent, PhaseContext, batch_handler
 
 __all__ = [

@@ -482,11 +482,11 @@ def watch_status(
 
 
 def changes(applied_changes: Sequence[Any]) -> None:
-    from levers.server.connection import masked_values
+    from levers.server.masking import masked_values
 
     for change in applied_changes:
         old, new = masked_values(change.old), masked_values(change.new)
-        out.print(shown(f"{change.dotted}: {old} -> {new}"))
+        out.print(shown(f"{change.dotted}: {old} -> {new}"), soft_wrap=True)
 
 
 def applied(result: Any) -> None:

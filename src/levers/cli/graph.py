@@ -27,7 +27,7 @@ def call_graph_phase(
 ) -> Any:
     """``function(state_dir=..., **kwargs)`` of the graph phase's handler module, with the phase's options."""
     from levers.pipeline.loading import ensure_importable_from, load_pipeline
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     loaded = load_pipeline(pipeline_path(file))
     phases = loaded.spec.phases

@@ -20,7 +20,7 @@ from levers.pipeline.model import MAX_TIMEOUT_S
 def validate(file: FileOption = None, as_json: JsonOption = False) -> None:
     """Check pipeline.yaml: the model, the links between phases, and that every handler imports."""
     from levers.pipeline.loading import load_pipeline
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     path = pipeline_path(file)
     try:
@@ -59,7 +59,7 @@ def procfile(
     """Print a Procfile with one process type per phase, so a platform can scale each on its own."""
     from levers.pipeline.loading import load_pipeline
     from levers.pipeline.procfile import render_procfile
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     sys.stdout.write(render_procfile(load_pipeline(pipeline_path(file)).spec, file, grace))
 
@@ -99,7 +99,7 @@ def deploy_k8s(
     """Print Kubernetes manifests: a Deployment per phase (one worker per pod), the pipeline.yaml
     ConfigMap, and with --keda a ScaledObject per phase."""
     from levers.pipeline.kubernetes import Target, manifests, read_deployable, render, write_manifests
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     spec, text = read_deployable(pipeline_path(file))
     made = manifests(spec, text, Target(image, namespace, secret, keda))

@@ -9,6 +9,7 @@ runs: a read-only command costs what it reads, not what the other commands need.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,20 +68,25 @@ def show(doc_id: str, file: Path | None = None, as_json: bool = False) -> None:
 def get(key: str, file: Path | None = None, pipeline: str | None = None) -> None:
     """Print one setting's effective value (defaults included); without a pipeline file, the
     published version's on REDIS_URL."""
-    from levers.pipeline.editing import get_value
+    from levers.pipeline.dotted import value_at
     from levers.pipeline.loading import load_pipeline
-    from levers.server.connection import masked_values
-    from levers.server.project import open_published, pipeline_path, published_only
+    from levers.safe import shown
+    from levers.server.masking import masked_values
+    from levers.server.pipeline_file import pipeline_path, published_only
 
     url = published_only(file)
-    loaded = load_pipeline(pipeline_path(file)) if url is None else open_published(url, pipeline).loaded
-    value = masked_values(get_value(loaded, key))
+    if url is None:
+        loaded = load_pipeline(pipeline_path(file))
+    else:
+        from levers.server.project import open_published
+
+        loaded = open_published(url, pipeline).loaded
+    value = masked_values(value_at(loaded.settings, key, loaded.path.name))
     if isinstance(value, (dict, list)):
         print_json(value)
     else:
-        from levers.cli import console
-
-        console.out.print(str(value))
+        # as it is, for a script to read: never wrapped to a width
+        sys.stdout.write(shown(value, keep_newlines=True) + "\n")
 
 
 def plan(
@@ -98,7 +104,7 @@ def plan(
     from levers.planning.capacity import parse_rate
     from levers.planning.cells import PlanFormat
     from levers.planning.whatif import observe, plan_report
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     if fmt not in PlanFormat.__members__:
         raise UsageError(f"unknown format {fmt!r}", fix="use --format table or --format markdown")

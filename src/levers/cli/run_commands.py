@@ -129,8 +129,9 @@ def url(
 ) -> None:
     """Print the URL of the pipeline's Redis, to give `rq info --url` or rq-dashboard (password masked)."""
     from levers.pipeline.loading import load_pipeline
-    from levers.server.connection import masked, redis_address
-    from levers.server.project import pipeline_path
+    from levers.server.connection import redis_address
+    from levers.server.masking import masked
+    from levers.server.pipeline_file import pipeline_path
 
     address, running = redis_address(load_pipeline(pipeline_path(file)))
     console.out.print(address if show_password else masked(address), soft_wrap=True)
@@ -143,7 +144,7 @@ def down(file: FileOption = None) -> None:
     """Stop the embedded servers under .levers/: Redis, and those phases started. Data stays."""
     from levers.pipeline.loading import load_pipeline
     from levers.server.embedded import servers_under
-    from levers.server.project import pipeline_path
+    from levers.server.pipeline_file import pipeline_path
 
     servers = servers_under(load_pipeline(pipeline_path(file)).state_dir)
     for server in servers:

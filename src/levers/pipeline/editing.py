@@ -1,10 +1,10 @@
-"""Editing pipeline.yaml in place: `levers set` and `levers get`.
+"""Editing pipeline.yaml in place: `levers set`.
 
 An edit keeps the file's comments, key order, quoting, blank lines and indentation (ruamel.yaml
 round trip), so its diff is exactly the values that changed. It is validated with the same model
 as every load before anything is written, written atomically (temporary file, then rename) and
 made under an exclusive lock, so two concurrent edits lose no update. ruamel.yaml is imported by
-the functions that edit: `levers get` reads the validated pipeline and needs no parser.
+the functions that edit.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from levers.errors import UsageError
 from levers.files import make_state_dir, write_atomically
+from levers.pipeline.dotted import SettingNames, resolve_path
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, parse_pipeline, read_tree, state_dir_of
-from levers.pipeline.model import LeverSettings, Phase, Pipeline, did_you_mean
+from levers.pipeline.model import LeverSettings, Phase, Pipeline
 
 if TYPE_CHECKING:
     from ruamel.yaml import YAML
@@ -42,26 +43,9 @@ class Change:
         return ".".join(self.path)
 
 
-def resolve_path(dotted: str, phases: Sequence[str]) -> tuple[str, ...]:
-    """The full key path for a dotted name.
-
-    ``chunking.semaphore`` is short for ``phases.chunking.levers.semaphore``; ``chunking.timeout``
-    for ``phases.chunking.timeout``; a name starting with a top-level key is taken as it is.
-    """
-    parts = tuple(p for p in dotted.strip().split(".") if p)
-    if not parts:
-        raise UsageError(f"empty key {dotted!r}", fix="write it as PHASE.LEVER, e.g. chunking.semaphore")
-    if parts[0] in TOP_KEYS:
-        return parts
-    if parts[0] in phases and len(parts) == 2 and parts[1] in LEVER_NAMES:
-        return ("phases", parts[0], "levers", parts[1])
-    if parts[0] in phases and len(parts) >= 2 and parts[1] in PHASE_KEYS:
-        return ("phases", *parts)
-    if parts[0] not in phases:
-        hint = did_you_mean(parts[0], [*phases, *TOP_KEYS])
-        raise UsageError(f"no phase or key named {parts[0]!r}{hint}", fix="see `levers validate`")
-    hint = did_you_mean(parts[-1], [*LEVER_NAMES, *PHASE_KEYS])
-    raise UsageError(f"{parts[0]} has no setting {'.'.join(parts[1:])!r}{hint}")
+def setting_names(phases: Sequence[str]) -> SettingNames:
+    """The names a dotted key may use in a pipeline of ``phases``, from the model."""
+    return SettingNames(TOP_KEYS, PHASE_KEYS, LEVER_NAMES, tuple(phases))
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -76,16 +60,6 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     except Exception:  # ruamel raises several error types for a malformed scalar
         raise UsageError(f"{key}: cannot read {raw!r} as a value", fix="quote it if it is text") from None
     return key.strip(), value
-
-
-def get_value(loaded: LoadedPipeline, dotted: str) -> Any:
-    """The effective value at a dotted name, defaults included."""
-    node: Any = loaded.spec.model_dump(mode="json")
-    for part in resolve_path(dotted, list(loaded.spec.phases)):
-        if not isinstance(node, dict) or part not in node:
-            raise UsageError(f"{dotted}: not set in {loaded.path.name}")
-        node = node[part]
-    return node
 
 
 def set_values(path: Path, assignments: Sequence[str]) -> tuple[LoadedPipeline, list[Change]]:
@@ -113,7 +87,8 @@ def edit_text(
     yaml.preserve_quotes = True  # before the load: the loaded strings remember their quotes
     tree = read_tree(text, path, yaml)
     _keep_layout(yaml, text)
-    changes = [_assign(tree, resolve_path(key, phases), value) for key, value in parsed]
+    names = setting_names(phases)
+    changes = [_assign(tree, resolve_path(key, names), value) for key, value in parsed]
     buffer = io.StringIO()
     yaml.dump(tree, buffer)
     return buffer.getvalue(), changes

@@ -83,6 +83,12 @@ class LoadedPipeline:
         recorded = self._record.outline if self._record is not None else None
         return recorded or outline_of(self.spec)
 
+    @functools.cached_property
+    def settings(self) -> dict[str, Any]:
+        """Every setting, defaults included, as JSON would hold them (what `levers get` reads)."""
+        recorded = self._record.settings if self._record is not None else None
+        return recorded if recorded is not None else self.spec.model_dump(mode="json")
+
     @property
     def project_dir(self) -> Path:
         return self.path.parent
@@ -303,7 +309,7 @@ _AT_KEY = ("extra_forbidden", "missing", "too_long", "workers_total")
 
 def _message(err: Any, loc: list[str | int], allowed: list[str]) -> str:
     """One line for one of pydantic's errors; ``allowed`` are the keys an unknown key may mean."""
-    from levers.pipeline.model import did_you_mean
+    from levers.pipeline.dotted import did_you_mean
 
     where = ".".join(str(p) for p in loc) or "pipeline"
     if err["type"] == "extra_forbidden":

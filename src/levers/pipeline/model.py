@@ -8,12 +8,13 @@ in ``cross_checks``; they take time linear in the number of phases.
 
 from __future__ import annotations
 
-from difflib import get_close_matches
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from levers.pipeline.dotted import did_you_mean
 
 HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 PHASE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -488,9 +489,3 @@ def _cycles(pipeline: Pipeline) -> list[tuple[tuple[str | int, ...], str]]:
             text = " -> ".join([*loop, loop[0]])
             problems.append((("phases", loop[0], "next"), f"phases form a cycle: {text}"))
     return problems
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """'; did you mean X?' for the closest choice, or '' when none is close."""
-    match = get_close_matches(word, choices, n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""

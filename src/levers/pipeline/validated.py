@@ -3,9 +3,10 @@
 Parsing pipeline.yaml (ruamel.yaml's round-trip parser, every problem located at FILE:LINE:COL)
 costs more than `levers status` does with the result. A load that validates the file keeps the
 pipeline it got in ``.levers/validated/<file name>.json``, with the SHA-256 of the file's bytes and
-of the model's source, and the pipeline's outline (levers.pipeline.outline). A later load of the
-same bytes under the same model reads that record, and validates what it holds only when the
-pipeline itself is asked for: `levers status` reads the outline alone.
+of the model's source, the pipeline's outline (levers.pipeline.outline), and its settings with
+their defaults. A later load of the same bytes under the same model reads that record, and
+validates what it holds only when the pipeline itself is asked for: `levers status` reads the
+outline alone, and `levers get` the settings.
 
 The record is levers' own state, as trusted as the rest of ``.levers/`` and checked all the same:
 it counts only if it is a regular file of this user's that nobody else may write, no larger than a
@@ -38,14 +39,18 @@ RECORDS = "validated"
 # A pipeline file is at most 1 MB (safe_yaml.MAX_FILE_BYTES); its defaults spelt out stay well
 # within a few times that. A larger record is not one levers wrote.
 MAX_RECORD_BYTES = 8_000_000
+# What a record's meaning depends on: the model validates it, the outline and this module write it.
+DIGESTED_SOURCES = ("model.py", "outline.py", "validated.py")
 
 
 @functools.cache
 def model_digest() -> str | None:
-    """SHA-256 of the sources of the model and of the outline (None where they are not there to
-    read: no record is kept)."""
+    """SHA-256 of the sources of the model, the outline and the record (None where they are not
+    there to read: no record is kept)."""
     try:
-        sources = [Path(__file__).with_name(name).read_bytes() for name in ("model.py", "outline.py")]
+        sources = [
+            Path(__file__).with_name(name).read_bytes() for name in ("model.py", "outline.py", "validated.py")
+        ]
     except OSError:
         return None
     return hashlib.sha256(b"\0".join(sources)).hexdigest()
@@ -58,10 +63,12 @@ def record_path(state_dir: Path, pipeline: Path) -> Path:
 @dataclass(frozen=True)
 class Record:
     """A record that matches the bytes read now and the model in use: what the file gave (``given``,
-    validated only when the pipeline is asked for) and its outline (None: not a sound one)."""
+    validated only when the pipeline is asked for), its outline, and its settings with every default
+    spelt out, as `levers get` shows them (each None: not a sound one)."""
 
     given: Any
     outline: PipelineOutline | None
+    settings: dict[str, Any] | None
 
 
 def recall(state_dir: Path, pipeline: Path, digest: str) -> Record | None:
@@ -74,7 +81,19 @@ def recall(state_dir: Path, pipeline: Path, digest: str) -> Record | None:
         return None
     from levers.pipeline.outline import outline_from_json
 
-    return Record(saved.get("spec"), outline_from_json(saved.get("outline")))
+    outline = outline_from_json(saved.get("outline"))
+    return Record(saved.get("spec"), outline, _settings(saved.get("settings"), outline))
+
+
+def _settings(data: Any, outline: PipelineOutline | None) -> dict[str, Any] | None:
+    """The settings ``keep`` wrote, if they have the outline's phases, each with its levers."""
+    if outline is None or not isinstance(data, dict) or not isinstance(phases := data.get("phases"), dict):
+        return None
+    if list(phases) != list(outline.phases) or not all(
+        isinstance(phase, dict) and isinstance(phase.get("levers"), dict) for phase in phases.values()
+    ):
+        return None
+    return data
 
 
 def spec_of(record: Record) -> Pipeline | None:
@@ -107,7 +126,10 @@ def keep(state_dir: Path, pipeline: Path, digest: str, spec: Pipeline) -> None:
         return
     from levers.pipeline.outline import outline_json, outline_of
 
-    record = {"digest": digest, "model": model, "spec": given, "outline": outline_json(outline_of(spec))}
+    record = {
+        "digest": digest, "model": model, "spec": given, "outline": outline_json(outline_of(spec)),
+        "settings": spec.model_dump(mode="json"),
+    }  # fmt: skip
     with contextlib.suppress(OSError):  # a read-only checkout, a full disk: loads just parse again
         write_atomically(record_path(state_dir, pipeline), json.dumps(record).encode())
 

@@ -2,7 +2,7 @@
 
 Precedence, declared once here: REDIS_URL in the environment, then ``redis:`` in pipeline.yaml
 (with ${VAR} and ${VAR:-default} expanded), then the embedded server under ``.levers/redis``.
-A password never leaves this module unmasked: use ``masked`` for anything shown.
+A password never leaves this module unmasked: use ``masked`` (levers.server.masking) for anything shown.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import redis
 from redis.driver_info import DriverInfo
 
 from levers.errors import ConnectionFailed, UsageError
 from levers.pipeline.loading import LoadedPipeline
+from levers.server.masking import masked, url_password
 
 if TYPE_CHECKING:
     from levers.server.embedded import EmbeddedServer
@@ -93,7 +94,7 @@ def url_problem(url: str) -> str | None:
         unknown = re.search(r"keyword argument '(\w+)'", str(exc))
         return f"unknown option {unknown.group(1)!r}" if unknown else str(exc)
     except (ValueError, redis.RedisError) as exc:
-        password = _password(url)
+        password = url_password(url)
         return str(exc).replace(password, "***") if password else str(exc)
     return None
 
@@ -172,14 +173,6 @@ def connect_if_running(loaded: LoadedPipeline) -> redis.Redis | None:
         return None
 
 
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        match = _USERINFO.match(url)
-        return url[match.end(1) : match.end() - 1] if match else None
-
-
 def expand_env(text: str, environ: Mapping[str, str]) -> str:
     """Expand ${VAR} and ${VAR:-default}; an unset VAR without a default is an error."""
 
@@ -194,31 +187,3 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
         )
 
     return _ENV_REFERENCE.sub(substitute, text)
-
-
-# user:password@ in a URL too malformed to parse; greedy, so a password holding '@' is covered
-_USERINFO = re.compile(r"^([\w+.-]+://[^:@/]*:).*@")
-
-
-def masked(url: str) -> str:
-    """The URL with any password replaced by '***' (a URL too malformed to parse too)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _USERINFO.sub(r"\1***@", url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
-
-
-def masked_values(value: Any) -> Any:
-    """``value`` with every string in it that is a URL with a password masked, at any depth."""
-    if isinstance(value, str):
-        return masked(value)
-    if isinstance(value, dict):
-        return {key: masked_values(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [masked_values(item) for item in value]
-    return value

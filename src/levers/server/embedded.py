@@ -52,7 +52,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        """The address with the password: show ``levers.server.connection.masked(url)`` instead."""
+        """The address with the password: show ``levers.server.masking.masked(url)`` instead."""
         return server_url(self.port, self.password)
 
 

@@ -1,13 +1,9 @@
-"""Opening the pipeline a command works on: its file, its Redis, and its connection.
-
-The file is ``-f FILE``, else LEVERS_FILE, else ./pipeline.yaml (command line over environment
-over default, as for every setting).
-"""
+"""Opening the pipeline a command works on (levers.server.pipeline_file): its file, its Redis,
+and its connection."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +13,7 @@ from levers.errors import SpecError, UsageError
 from levers.files import make_state_dir, write_atomically
 from levers.pipeline.loading import LoadedPipeline, load_pipeline, state_dir_of
 from levers.server.connection import Target, checked_url, connect, embedded_server, resolve
-
-DEFAULT_FILE = "pipeline.yaml"
-
-
-def pipeline_path(given: Path | None) -> Path:
-    return given or Path(os.environ.get("LEVERS_FILE") or DEFAULT_FILE)
+from levers.server.pipeline_file import pipeline_path, published_only
 
 
 @dataclass(frozen=True)
@@ -62,15 +53,6 @@ def open_project(
     target = resolve(loaded, start=start)
     started = target.embedded and not was_running
     return Project(loaded, target, connect(target), started_server=started, file_error=file_error)
-
-
-def published_only(given: Path | None) -> str | None:
-    """REDIS_URL, when a command is to work on the pipeline published there: no pipeline file is
-    named (-f, LEVERS_FILE) or found, and REDIS_URL is set. None: the pipeline file's."""
-    url = os.environ.get("REDIS_URL")
-    if given is not None or os.environ.get("LEVERS_FILE") or pipeline_path(None).exists() or not url:
-        return None
-    return url
 
 
 def published_target(url: str) -> Target:

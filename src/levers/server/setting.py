@@ -16,7 +16,8 @@ from levers.pipeline.published import published_name
 from levers.pipeline.publishing import SetOutcome, set_in_file, set_published
 from levers.server.connection import connect, connect_if_running
 from levers.server.outage import reason
-from levers.server.project import pipeline_path, published_only, published_target
+from levers.server.pipeline_file import pipeline_path, published_only
+from levers.server.project import published_target
 
 
 def set_anywhere(
