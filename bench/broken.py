@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from rq import Queue, Worker
 
 from bench.common import (
     PYTHON,
@@ -34,7 +33,7 @@ from bench.common import (
     md_table,
     median,
     stop_process,
-    wait_until,
+    wait_for_idle_workers,
     write_section,
 )
 
@@ -114,7 +113,13 @@ def _one(url: str, retried: bool) -> tuple[float, float, int]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            _wait_for_workers(url, project)
+            wait_for_idle_workers(
+                url,
+                "levers.extraction",
+                EXTRACTION_WORKERS,
+                RUN_TIMEOUT_S,
+                f"the extraction workers of `levers up` in {project}",
+            )
             started = time.monotonic()
             result = subprocess.run(
                 [PYTHON, "-m", "levers", "submit", "--wait", "broken"], cwd=project, env=env,
@@ -127,17 +132,6 @@ def _one(url: str, retried: bool) -> tuple[float, float, int]:
             raise RuntimeError(f"levers submit failed: {result.stderr[-2000:]}")
         span, attempts = _ledger_span(url)
         return wall, span, attempts
-
-
-def _wait_for_workers(url: str, project: Path) -> None:
-    """Until every worker of extraction (3 in the bundled pipeline) is up and idle."""
-    with redis.Redis.from_url(url) as connection:
-        queue = Queue("levers.extraction", connection=connection)
-
-        def ready() -> bool:
-            return len([w for w in Worker.all(queue=queue) if w.get_state() == "idle"]) >= EXTRACTION_WORKERS
-
-        wait_until(ready, RUN_TIMEOUT_S, f"the extraction workers of `levers up` in {project}")
 
 
 def _ledger_span(url: str) -> tuple[float, int]:

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 import psutil
 import redis
 from redis.utils import HIREDIS_AVAILABLE
+from rq import Queue, Worker
 
+from levers import keys
 from levers.server.embedded import EmbeddedServer, valkey_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +73,31 @@ def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, pol
             return
         time.sleep(poll_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def wait_for_idle_workers(url: str, queue: str, count: int, timeout_s: float, what: str) -> None:
+    """Until ``count`` workers of RQ queue ``queue`` are up and idle."""
+    with redis.Redis.from_url(url) as connection:
+        served = Queue(queue, connection=connection)
+
+        def ready() -> bool:
+            return len([w for w in Worker.all(queue=served) if w.get_state() == "idle"]) >= count
+
+        wait_until(ready, timeout_s, what)
+
+
+def document_ids(connection: redis.Redis, pipeline: str) -> list[str]:
+    """Every document the pipeline holds, once: a done one leaves the not-done set for the finished
+    one (and may be read in both while it moves)."""
+    members = [
+        *cast(list[bytes], connection.zrange(keys.documents(pipeline), 0, -1)),
+        *cast(list[bytes], connection.zrange(keys.finished(pipeline), 0, -1)),
+    ]
+    return list(dict.fromkeys(m.decode() for m in members))
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "not met"
 
 
 def levers_cli(args: Sequence[str], cwd: Path, env: dict[str, str]) -> str:

@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import redis
 from rq import Worker
@@ -35,6 +34,7 @@ from bench.common import (
     Server,
     bench_env,
     bench_parser,
+    document_ids,
     embedded_server,
     levers_cli,
     md_table,
@@ -108,7 +108,7 @@ class Storm:
         failed = sum(ledger.totals(p).get("failed", 0) for p in self.phases)
         if ledger.totals(LAST_PHASE).get("done", 0) + failed < self.result.documents:
             return False
-        records = ledger.get_many(_document_ids(self.connection))
+        records = ledger.get_many(document_ids(self.connection, PIPELINE))
         return all(r is not None and r.status in (DocStatus.DONE, DocStatus.FAILED) for r in records)
 
     def poll(self) -> None:
@@ -187,17 +187,10 @@ def _wait(done: Callable[[], bool], timeout_s: float, what: str, poll: Callable[
         time.sleep(POLL_S)
 
 
-def _document_ids(connection: redis.Redis) -> list[str]:
-    """Every document: those not done and those done."""
-    members = [
-        *cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1)),
-        *cast(list[bytes], connection.zrange(keys.finished(PIPELINE), 0, -1)),
-    ]
-    return [m.decode() for m in members]
-
-
 def _tally(connection: redis.Redis, result: RunResult, started: float) -> None:
-    records = [r for r in Ledger(connection, PIPELINE).get_many(_document_ids(connection)) if r is not None]
+    records = [
+        r for r in Ledger(connection, PIPELINE).get_many(document_ids(connection, PIPELINE)) if r is not None
+    ]
     result.done = sum(r.status is DocStatus.DONE for r in records)
     result.failed = sum(r.status is DocStatus.FAILED for r in records)
     result.seconds = max(r.finished or started for r in records) - started

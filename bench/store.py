@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from rq import Queue, Worker
 
 from bench.common import (
     PYTHON,
@@ -39,6 +38,7 @@ from bench.common import (
     md_table,
     median,
     stop_process,
+    wait_for_idle_workers,
     wait_until,
     write_section,
 )
@@ -141,7 +141,13 @@ def _one(url: str, endpoint: str, store: str | None, copies: int) -> float:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            _wait_for_workers(url, project)
+            wait_for_idle_workers(
+                url,
+                "levers.extraction",
+                3,
+                RUN_TIMEOUT_S,
+                f"the extraction workers of `levers up` in {project}",
+            )
             result = subprocess.run(
                 [PYTHON, "-m", "levers", "submit", "--wait", "docs"], cwd=project, env=env,
                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
@@ -156,17 +162,6 @@ def _one(url: str, endpoint: str, store: str | None, copies: int) -> float:
         if store is None and not (project / ".levers" / "artifacts").is_dir():
             raise RuntimeError("the local variant wrote no artifacts under .levers/artifacts")
         return _documents_per_second(url, 3 * copies)
-
-
-def _wait_for_workers(url: str, project: Path) -> None:
-    """Until the bundled pipeline's 3 extraction workers are up and idle."""
-    with redis.Redis.from_url(url) as connection:
-        queue = Queue("levers.extraction", connection=connection)
-
-        def ready() -> bool:
-            return len([w for w in Worker.all(queue=queue) if w.get_state() == "idle"]) >= 3
-
-        wait_until(ready, RUN_TIMEOUT_S, f"the extraction workers of `levers up` in {project}")
 
 
 def _documents_per_second(url: str, expected: int) -> float:

@@ -31,7 +31,7 @@ import psutil
 import redis
 from rq import Queue, Worker
 
-from bench.common import PYTHON, Server, bench_env, md_table, median, stop_process, wait_until
+from bench.common import PYTHON, Server, bench_env, md_table, median, stop_process, verdict, wait_until
 from levers import keys
 from levers.observing.reports import supervisor_leases
 from levers.supervisor.leases import LEASE_TTL_S, SCAN_S, SETTLE_S
@@ -200,12 +200,8 @@ have held their own for {SETTLE_S:g} s). Times from levers' ledger, polled every
 {table}
 
 Median **{median(running):.1f} s** from the host's death to its job running elsewhere (worst
-{worst:.1f} s; target ≤ {TARGET_S:.0f} s: **{_verdict(worst <= TARGET_S)}**). Nearly all of it is
+{worst:.1f} s; target ≤ {TARGET_S:.0f} s: **{verdict(worst <= TARGET_S)}**). Nearly all of it is
 the lease's {LEASE_TTL_S:g} s. RQ alone (not measured here) recovers such a job after about
 {RQ_ALONE_S / 60:.1f} minutes with its defaults: its maintenance pass every 600 s, after the dead
 worker's heartbeat TTL.
 """
-
-
-def _verdict(met: bool) -> str:
-    return "met" if met else "not met"
