@@ -219,3 +219,38 @@ def test_an_outline_that_is_not_one_is_taken_from_the_model(pipeline: Path, chan
     assert outline.phases["first"].workers == 2
     assert outline.phases["first"].semaphore == 1
     assert outline.phases["first"].fixed == ()
+
+
+def test_the_same_bytes_give_their_settings_without_the_model(
+    pipeline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `levers get` reads comes from the record alone, defaults included."""
+    expected = load_pipeline(pipeline).spec.model_dump(mode="json")
+    unparsed(monkeypatch)
+    unvalidated(monkeypatch)
+
+    settings = load_pipeline(pipeline).settings
+
+    assert settings == expected
+    assert settings["phases"]["second"]["levers"]["threads"] == 0  # a default the file does not set
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r["settings"]["phases"].pop("second"),
+        lambda r: r["settings"]["phases"]["first"].pop("levers"),
+        lambda r: r["settings"].update(phases=[]),
+        lambda r: r.update(settings="settings"),
+        lambda r: r.pop("settings"),
+    ],
+    ids=["a phase missing", "levers missing", "phases not a mapping", "not a mapping", "none"],
+)
+def test_settings_that_are_not_the_pipelines_are_taken_from_the_model(pipeline: Path, change: Tamper) -> None:
+    load_pipeline(pipeline)
+    tamper(pipeline, change)
+
+    settings = load_pipeline(pipeline).settings
+
+    assert list(settings["phases"]) == ["first", "second"]
+    assert settings["phases"]["first"]["levers"]["workers"] == 2

@@ -48,9 +48,7 @@ def model_digest() -> str | None:
     """SHA-256 of the sources of the model, the outline and the record (None where they are not
     there to read: no record is kept)."""
     try:
-        sources = [
-            Path(__file__).with_name(name).read_bytes() for name in ("model.py", "outline.py", "validated.py")
-        ]
+        sources = [Path(__file__).with_name(name).read_bytes() for name in DIGESTED_SOURCES]
     except OSError:
         return None
     return hashlib.sha256(b"\0".join(sources)).hexdigest()
