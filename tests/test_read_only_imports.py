@@ -67,7 +67,8 @@ NOT_USED = {
         "levers.limits",
         "levers.planning",
     ),
-    "show": ("rq", "levers.observing", "levers.limits", "levers.planning", "rich"),
+    # the pipeline's name and store come from the record's outline and settings
+    "show": ("rq", "levers.observing", "levers.limits", "levers.planning", "rich", "pydantic"),
     # plan reads the supervisors' reports (the hosts' cores), not the status or its advice
     "plan": (
         "rq",

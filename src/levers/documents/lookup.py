@@ -40,11 +40,11 @@ def show_view(file: Path | None, given: str) -> tuple[DocumentRecord, dict[str, 
     """The versions of the name ``given`` is (or the path it names), else the document whose id
     ``given`` is or starts, else the versions of the name whose file name ``given`` is."""
     project = open_project(file, last_good=True)
-    versions = Versions(project.connection, project.loaded.spec.name)
+    versions = Versions(project.connection, project.loaded.outline.name)
     named = versions.named(given)
     if named is not None:
         return name_versions(project, named)
-    if _ID.match(given) and Ledger(project.connection, project.loaded.spec.name).find(given):
+    if _ID.match(given) and Ledger(project.connection, project.loaded.outline.name).find(given):
         return document_view(project, given)
     names = versions.with_file_name(given)
     if len(names) > 1:
@@ -58,9 +58,9 @@ def show_view(file: Path | None, given: str) -> tuple[DocumentRecord, dict[str, 
 
 
 def name_versions(project: Project, name: str) -> NameVersions:
-    spec = project.loaded.spec
-    entries = Versions(project.connection, spec.name).entries(name)
-    records = Ledger(project.connection, spec.name).get_many([e.id for e in entries])
+    pipeline = project.loaded.outline.name
+    entries = Versions(project.connection, pipeline).entries(name)
+    records = Ledger(project.connection, pipeline).get_many([e.id for e in entries])
     rows = []
     for entry, record in zip(entries, records, strict=True):
         replaced_by = next((e.number for e in entries if e.number > entry.number and not e.keep), None)
@@ -69,7 +69,7 @@ def name_versions(project: Project, name: str) -> NameVersions:
 
 
 def document_view(project: Project, prefix: str) -> tuple[DocumentRecord, dict[str, Any]]:
-    ledger = Ledger(project.connection, project.loaded.spec.name)
+    ledger = Ledger(project.connection, project.loaded.outline.name)
     matches = ledger.find(prefix)
     if not matches:
         raise UsageError(f"no document with id or name {prefix!r}", fix="ids are printed by `levers submit`")

@@ -83,8 +83,8 @@ def open_store(location: str, project_dir: Path, state_dir: Path, patient: bool 
 
 
 def project_store(loaded: LoadedPipeline) -> ArtifactStore:
-    """The store of a command's pipeline."""
-    return open_store(loaded.spec.store, loaded.project_dir, loaded.state_dir, patient=False)
+    """The store of a command's pipeline (read from its settings: `levers show` loads no model)."""
+    return open_store(loaded.settings["store"], loaded.project_dir, loaded.state_dir, patient=False)
 
 
 def is_url(location: str) -> bool:
