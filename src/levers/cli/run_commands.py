@@ -6,7 +6,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,6 +22,10 @@ from levers.cli.options import (
 )
 from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S, MAX_WORKERS
+
+if TYPE_CHECKING:
+    from levers.server.project import Project
+    from levers.supervisor.reconcile import Supervisor
 
 
 class LogFormat(StrEnum):
@@ -84,27 +88,21 @@ def up(
     ] = None,
 ) -> None:
     """Start and supervise every phase's workers until SIGTERM or Ctrl-C (twice: at once)."""
-    from levers.server.embedded import start_recorded
-    from levers.server.project import open_project
     from levers.supervisor import processes as pool
     from levers.supervisor.health import HealthFile
 
+    latch = pool.SignalLatch()
+    latch.install()
+    try:
+        project, supervisor = _start(file, frozenset(phase or []), grace, workers, verbose, log_format)
+    except pool.StoppedBeforeStart:
+        console.note("stopped while starting: no worker had started")
+        return
+    latch.attach(supervisor)
     health = HealthFile(health_file) if health_file is not None else None
-
-    project = open_project(file, check_imports=True, start=True)
-    only = frozenset(phase or [])
-    unknown = only - set(project.loaded.spec.phases)
-    if unknown:
-        raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
-    # what `levers down` stopped (a phase's graph database, say) comes back on its own address
-    start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
-    logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
-    supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
-    supervisor.workers = workers
     exporter = (
         pool.start_exporter(supervisor, project.target, metrics_host, metrics_port) if metrics_port else None
     )
-    pool.SignalLatch(supervisor).install()
     metrics_at = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
     pool.log_started(project, supervisor, metrics_at)
     try:
@@ -118,6 +116,28 @@ def up(
         if exporter is not None:
             exporter.terminate()
     pool.log.info("stopped")
+
+
+def _start(
+    file: Path | None, only: frozenset[str], grace: float | None, workers: int | None, verbose: bool,
+    log_format: LogFormat,
+) -> tuple[Project, Supervisor]:  # fmt: skip
+    """`levers up` up to its supervisor's loop: the project opened (the embedded server started),
+    what `levers down` stopped started again, the handlers imported and the supervisor made."""
+    from levers.server.embedded import start_recorded
+    from levers.server.project import open_project
+    from levers.supervisor import processes as pool
+
+    project = open_project(file, check_imports=True, start=True)
+    unknown = only - set(project.loaded.spec.phases)
+    if unknown:
+        raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
+    # what `levers down` stopped (a phase's graph database, say) comes back on its own address
+    start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
+    logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
+    supervisor = pool.build_supervisor(project, only, logs, grace_s=grace)
+    supervisor.workers = workers
+    return project, supervisor
 
 
 @reports_errors

@@ -285,10 +285,20 @@ def log_started(project: Project, supervisor: Supervisor, metrics_at: str | None
     )  # fmt: skip
 
 
-class SignalLatch:
-    """Turns SIGTERM and SIGINT into stop requests: the first graceful, the second forceful."""
+class StoppedBeforeStart(BaseException):
+    """A stop signal came before the supervisor was made: nothing runs yet, and the start ends.
+    Not an Exception, as KeyboardInterrupt is not: no step of the start takes it for its own failure."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+
+class SignalLatch:
+    """Turns SIGTERM and SIGINT into stop requests: the first graceful, the second forceful.
+
+    Installed before anything else is done, it ends a start that a signal interrupts (until
+    ``attach``): a container's PID 1 is spared every signal it has no handler for, so without
+    one, a stop while `levers up` starts would go unheard and the platform would wait out its
+    grace, then SIGKILL the workers started meanwhile."""
+
+    def __init__(self, supervisor: Supervisor | None = None) -> None:
         self.supervisor = supervisor
         self.count = 0
 
@@ -296,7 +306,12 @@ class SignalLatch:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._handle)
 
+    def attach(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.supervisor is None:
+            raise StoppedBeforeStart
         self.count += 1
         self.supervisor.request_stop(force=self.count > 1)
 

@@ -1,12 +1,15 @@
-"""A supervisor that is PID 1 (a container without an init) reaps the orphans it is handed, and
-leaves its own workers' exit codes to multiprocessing."""
+"""`levers up` as a container's PID 1 (no init): it reaps the orphans it is handed, leaving its own
+workers' exit codes to multiprocessing, and hears a stop signal from its first moments (the
+kernel spares a PID 1 every signal it has no handler for)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -119,4 +122,48 @@ def test_levers_up_as_pid_1_reaps_what_a_killed_worker_left(tmp_path: Path, conn
         assert namespace.wait(timeout=30) == 0
     finally:
         namespace.kill()  # --kill-child: the namespace's processes end with it
+        namespace.wait(timeout=30)
+
+
+# A handler module whose import takes a minute: `levers up` is starting while it is imported.
+SLOW_TO_IMPORT = """
+import time
+
+time.sleep(60)
+
+def work(doc, ctx):
+    return {}
+"""
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (its SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line.split()[1] for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.skipif(not can_be_pid_1(), reason="no PID namespace can be made here (unshare, as root)")
+def test_levers_up_as_pid_1_stops_when_told_while_starting(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "slowphases.py").write_text(SLOW_TO_IMPORT)
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: slow\nphases:\n  work:\n    handler: slowphases:work\n    accepts: [.txt]\n"
+    )
+    namespace = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *LEVERS, "up"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: len(psutil.Process(namespace.pid).children()) == 1)
+        [supervisor] = psutil.Process(namespace.pid).children()
+        # heard from before the handlers are imported: as PID 1, a stop meanwhile would be lost
+        wait_until(lambda: catches(supervisor.pid, signal.SIGTERM), timeout_s=30)
+        time.sleep(1)  # well into the import
+        supervisor.terminate()
+
+        _, errors = namespace.communicate(timeout=30)
+        assert namespace.returncode == 0, errors
+        assert "stopped while starting" in errors
+    finally:
+        namespace.kill()
         namespace.wait(timeout=30)
