@@ -107,9 +107,18 @@ def new_driver(url: str, group_id: str) -> GraphDriver:
     if graph_db.kind(url) == "neo4j":
         user, password, database = graph_db.neo4j_auth()
         return Neo4jDriver(url, user, password, database=database)
-    client = FalkorDB.from_url(graph_db.falkordb_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S)
     # database= names the graph; without it graphiti clones a driver per group id.
-    return FalkorDriver(falkor_db=client, database=group_id)
+    return FalkorDriver(falkor_db=falkordb_client(url), database=group_id)
+
+
+def falkordb_client(url: str) -> FalkorDB:
+    """FalkorDB's client for ``url``: it gives up connecting after CONNECT_TIMEOUT_S, and waits for
+    a reply as long as it takes. redis-py's asyncio client gives up reading after 5 s unless told:
+    a large document's write takes longer, and the server completes what the client gave up on,
+    so the job failed while the graph held its document. The job's timeout bounds the wait."""
+    return FalkorDB.from_url(
+        graph_db.falkordb_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=None
+    )
 
 
 @contextmanager
@@ -150,9 +159,7 @@ async def graph_exists(url: str, group_id: str) -> bool:
     if graph_db.kind(url) == "neo4j":
         return True  # every group shares the database: an empty group counts zeros
     with unreachable_as_connection_failed(url):
-        client = await asyncio.to_thread(
-            FalkorDB.from_url, graph_db.falkordb_url(url), socket_connect_timeout=CONNECT_TIMEOUT_S
-        )
+        client = await asyncio.to_thread(falkordb_client, url)
         try:
             return group_id in await client.list_graphs()
         finally:

@@ -25,13 +25,16 @@ them from its ``episodes`` and goes when none is left, and entities no episode M
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import LockError
 
 if TYPE_CHECKING:
     from graphiti_core.driver.driver import GraphDriver
@@ -43,9 +46,9 @@ VERSION_OF = "levers_version_of"
 VERSION = "levers_version"
 KEEP = "levers_keep"
 
-# How long a lock holder may take before another worker may take the name (a killed worker's
-# lock goes after this: a few seconds of a retry's time), well above what one document's read and
-# write take; and how long a worker waits for it before its job fails and is retried.
+# How long a lock lasts unless its holder renews it (every third of it, while it writes): a killed
+# worker's lock goes after this, a few seconds of a retry's time; and how long a worker waits
+# for a lock before its job fails and is retried.
 LOCK_TTL_S = 15
 LOCK_WAIT_S = 120
 # How often a worker looks again at a lock node another holds.
@@ -136,11 +139,48 @@ async def name_lock(driver: GraphDriver, plan: GraphPlan) -> AsyncIterator[None]
     client = getattr(driver, "client", None)
     connection = getattr(client, "connection", None)
     if connection is not None and hasattr(connection, "lock"):  # FalkorDB: its own Redis
-        async with connection.lock(key, timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S):
+        async with redis_lock(connection, key):
             yield
         return
     async with graph_lock(driver, key):
         yield
+
+
+@asynccontextmanager
+async def redis_lock(connection: Any, key: str) -> AsyncIterator[None]:
+    """A Redis lock, renewed while held. Its release after a failed write fails quietly: the
+    write's error is the one to report (a lock lost meanwhile would otherwise be all that shows)."""
+    lock = connection.lock(key, timeout=LOCK_TTL_S)
+    if not await lock.acquire(blocking_timeout=LOCK_WAIT_S):
+        raise TimeoutError(f"the graph lock {key} was held for {LOCK_WAIT_S} s by another worker")
+    try:
+        async with renewed(lock.reacquire):
+            yield
+    except BaseException:
+        with contextlib.suppress(LockError):
+            await lock.release()
+        raise
+    await lock.release()
+
+
+@asynccontextmanager
+async def renewed(renew: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """Call ``renew`` every third of LOCK_TTL_S while the body runs: a large document's write
+    outlasts the TTL, which is kept short so that a killed worker's lock goes soon."""
+
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            await renew()
+
+    task = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        task.cancel()
+        # a renewal that failed (the lock lost, the server gone) shows when the lock is released
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 # Setting ``taking`` first takes the node's write lock, so the expiry is read under it.
@@ -149,6 +189,7 @@ _TAKE_LOCK = (
     "WITH l WHERE coalesce(l.until, 0) < $now SET l.until = $until, l.owner = $owner "
     "RETURN l.owner AS owner"
 )
+_RENEW_LOCK = "MATCH (l:LeversLock {key: $key}) WHERE l.owner = $owner SET l.until = $until"
 _GIVE_LOCK = "MATCH (l:LeversLock {key: $key}) WHERE l.owner = $owner SET l.until = 0"
 
 
@@ -167,7 +208,10 @@ async def graph_lock(driver: GraphDriver, key: str) -> AsyncIterator[None]:
             raise TimeoutError(f"the graph lock {key} was held for {LOCK_WAIT_S} s by another worker")
         await asyncio.sleep(LOCK_POLL_S)
     try:
-        yield
+        async with renewed(
+            lambda: driver.execute_query(_RENEW_LOCK, key=key, owner=owner, until=time.time() + LOCK_TTL_S)
+        ):
+            yield
     finally:
         await driver.execute_query(_GIVE_LOCK, key=key, owner=owner)
 
