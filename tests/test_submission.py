@@ -13,8 +13,8 @@ from rq import Queue
 
 import levers
 from levers.errors import DocumentError
+from tests.conftest import StartLevers, make_project
 from tests.conftest import levers as run_levers
-from tests.conftest import make_project
 
 SECRET = b"root:$6$hash-of-a-password:19000:0:99999:7:::\n"
 
@@ -106,3 +106,16 @@ def test_empty_bytes_are_refused_before_anything_is_stored(tmp_path: Path, conne
     ]
     assert connection.keys("levers:toy:*") == []
     assert Queue("toy.first", connection=connection).count == 0
+
+
+def test_submit_wait_exits_1_when_a_document_fails(
+    tmp_path: Path, redis_url: str, start_levers: StartLevers
+) -> None:
+    root = make_project(tmp_path, workers=1, docs=1)
+    (root / "docs" / "bad.txt").write_text("this one says FAIL")  # the toy handler fails it
+    start_levers("up", cwd=root)
+
+    waited = run_levers("submit", "docs", "--wait", cwd=root)
+
+    assert waited.returncode == 1, waited.stderr
+    assert len(waited.stdout.split()) >= 2  # both ids were printed

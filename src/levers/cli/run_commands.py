@@ -211,10 +211,11 @@ def submit(
         paths, force, priority.value, keep_versions=keep_versions, reuse=not no_reuse
     )
     console.outcomes(results, as_json)
-    if wait:
-        _wait_for(project, [r.doc_id for r in results if r.doc_id])
+    all_done = _wait_for(project, [r.doc_id for r in results if r.doc_id]) if wait else True
     if not all(r.ok for r in results):
         raise typer.Exit(EXIT_BAD_INPUT)
+    if not all_done:  # a document failed, as `levers run` says
+        raise typer.Exit(EXIT_FAILURE)
 
 
 def _wait_for(project: Any, doc_ids: list[str]) -> bool:
