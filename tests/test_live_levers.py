@@ -84,14 +84,20 @@ def test_an_invalid_edit_never_reaches_a_job(
     try:
         wait_until(lambda: len(first_workers(connection)) == 1)
         pipeline = root / "pipeline.yaml"
-        pipeline.write_text(pipeline.read_text().replace("{workers: 1}", "{workers: -4}", 1))
+        good = pipeline.read_text()
+        pipeline.write_text(good.replace("{workers: 1}", "{workers: -4}", 1))
 
         status = json.loads(levers("status", "--json", cwd=root).stdout)
         wait_until(lambda: json.loads(levers("status", "--json", cwd=root).stdout)["config_error"])
         [doc_id] = submit(root, "docs/doc0.txt")
         wait_until(lambda: doc_field(connection, doc_id, "first:seconds"))
         assert len(first_workers(connection)) == 1
+        pipeline.write_text(good)
+        wait_until(lambda: not json.loads(levers("status", "--json", cwd=root).stdout)["config_error"])
     finally:
         supervisor.send_signal(signal.SIGTERM)
-        supervisor.communicate(timeout=60)
+        logged, _ = supervisor.communicate(timeout=60)
     assert status["phases"][0]["workers_alive"] == 1
+    # the log says so too, where the error is, and when the file is valid again
+    assert "the pipeline has an error; the workers keep the last good version: pipeline.yaml:" in logged
+    assert "the pipeline is valid again" in logged

@@ -152,6 +152,30 @@ def revive_embedded(project: Project) -> Callable[[], object]:
     return revive
 
 
+class EditNotice:
+    """One log line when the pipeline turns invalid (a bad edit of the file, or a bad published
+    version), and one when it is valid again: the workers keep the last good version meanwhile,
+    and without it the error would show in `levers status` alone."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.shown = self._error()
+
+    def _error(self) -> str | None:
+        follower = self.supervisor.follower
+        return self.supervisor.watcher.error or (follower.error if follower is not None else None)
+
+    def tick(self) -> None:
+        error = self._error()
+        if error == self.shown:
+            return
+        if error is not None:
+            log.warning("the pipeline has an error; the workers keep the last good version: %s", error)
+        else:
+            log.info("the pipeline is valid again")
+        self.shown = error
+
+
 class TakingUp:
     """What follows a new valid version, of the file or published by another host: keep it as
     the last good version and register its queues; for the file, say which levers moved."""
@@ -350,6 +374,7 @@ def run(
     outage = Outage(connection, log)
     expiry = FailedExpiry(connection)
     retention = RetentionExpiry(connection)
+    edits = EditNotice(supervisor)
     try:
         while not supervisor.finished():
             beat()
@@ -358,6 +383,7 @@ def run(
                 log.debug("reaped %d orphaned process(es)", reaped)
             try:
                 supervisor.tick()
+                edits.tick()
                 lease.tick()  # it waits out an outage itself: a lapsed lease is renewed once Redis answers
                 reporter.publish()
                 _expire_failed(expiry, supervisor.watcher)
