@@ -74,6 +74,16 @@ def test_commands_that_only_read_never_start_a_server(project: Path) -> None:
     reads()  # ...and after `levers down`, reading does not start it again
 
 
+def test_a_command_refused_for_its_arguments_starts_no_server(project: Path) -> None:
+    unknown_phase = levers("up", "--phase", "nope", cwd=project)
+    nameless_stdin = levers("submit", "-", cwd=project, stdin=b"a document")
+
+    assert unknown_phase.returncode == nameless_stdin.returncode == 2
+    assert "no phase named nope" in unknown_phase.stderr
+    assert "needs its name" in nameless_stdin.stderr
+    assert servers_under(project / ".levers") == []
+
+
 def test_graph_commands_never_start_the_graph_server(project: Path, start_levers: StartLevers) -> None:
     pipeline = project / "pipeline.yaml"
     pipeline.write_text(pipeline.read_text() + GRAPH_PHASE)

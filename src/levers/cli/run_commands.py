@@ -124,14 +124,17 @@ def _start(
 ) -> tuple[Project, Supervisor]:  # fmt: skip
     """`levers up` up to its supervisor's loop: the project opened (the embedded server started),
     what `levers down` stopped started again, the handlers imported and the supervisor made."""
+    from levers.pipeline.loading import load_pipeline
     from levers.server.embedded import start_recorded
+    from levers.server.pipeline_file import pipeline_path
     from levers.server.project import open_project
     from levers.supervisor import processes as pool
 
-    project = open_project(file, check_imports=True, start=True)
-    unknown = only - set(project.loaded.spec.phases)
+    # refused before anything is started (the embedded server, say)
+    unknown = only - set(load_pipeline(pipeline_path(file)).outline.phases)
     if unknown:
         raise UsageError(f"no phase named {', '.join(sorted(unknown))}", fix="see `levers validate`")
+    project = open_project(file, check_imports=True, start=True)
     # what `levers down` stopped (a phase's graph database, say) comes back on its own address
     start_recorded(project.state_dir, skip=None if project.target.embedded else project.state_dir / "redis")
     logs = pool.LogOptions(verbose=verbose, json=log_format is LogFormat.JSON)
@@ -190,14 +193,15 @@ def submit(
     from levers.documents.submission import Submitter
     from levers.server.project import open_project
 
+    if "-" in paths and not name:
+        raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
     project = open_project(file, start=True, last_good=True)
     if project.file_error:
         for line in [*project.file_error.splitlines(), "(submitting with the last good version of the file)"]:
             console.error(line)
     submitter = Submitter(project.loaded, project.connection)
     if "-" in paths:
-        if not name:
-            raise UsageError("reading a document from stdin needs its name", fix="add --name FILE.pdf")
+        assert name is not None
         data = sys.stdin.buffer.read()
         results = [
             submitter.submit_bytes(
