@@ -119,6 +119,10 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path, start_levers: 
     try:
         wait_until(lambda: supervising(project, workers=1))
         url = url_of(project)
+        # the supervisor would start the servers again at once: down is refused, and nothing stops
+        refused = levers("down", cwd=project)
+        assert refused.returncode == 2 and "stop it first" in refused.stderr, refused.stderr
+        assert supervising(project, workers=1)
     finally:
         output = stop(supervisor)
     connection = redis.Redis.from_url(url)

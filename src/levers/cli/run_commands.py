@@ -24,6 +24,7 @@ from levers.errors import EXIT_BAD_INPUT, EXIT_FAILURE, UsageError
 from levers.pipeline.model import MAX_TIMEOUT_S, MAX_WORKERS
 
 if TYPE_CHECKING:
+    from levers.pipeline.loading import LoadedPipeline
     from levers.server.project import Project
     from levers.supervisor.reconcile import Supervisor
 
@@ -169,12 +170,39 @@ def down(file: FileOption = None) -> None:
     from levers.server.embedded import servers_under
     from levers.server.pipeline_file import pipeline_path
 
-    servers = servers_under(load_pipeline(pipeline_path(file)).state_dir)
+    loaded = load_pipeline(pipeline_path(file))
+    supervising = _supervisors_on_embedded(loaded)
+    if supervising:
+        raise UsageError(
+            f"`levers up` runs on this project's embedded server ({', '.join(supervising)}): "
+            "it would start the servers again at once",
+            fix="stop it first (Ctrl-C or SIGTERM), then `levers down`",
+        )
+    servers = servers_under(loaded.state_dir)
     for server in servers:
         server.stop()
     console.note(
         f"stopped {len(servers)} embedded server(s)" if servers else "no embedded server was running"
     )
+
+
+def _supervisors_on_embedded(loaded: LoadedPipeline) -> list[str]:
+    """The live supervisors of the pipeline on its embedded server, if that is its Redis and it
+    runs: "host pid N" each."""
+    import redis
+
+    from levers.observing.reports import live_reports
+    from levers.server.connection import configured_url, embedded_server
+
+    running = None if configured_url(loaded) is not None else embedded_server(loaded, start=False).running()
+    if running is None:
+        return []
+    with redis.Redis.from_url(running.url, socket_connect_timeout=5, socket_timeout=5) as connection:
+        try:
+            reports = live_reports(connection, loaded.outline.name)
+        except redis.RedisError:  # not answering: nothing it could say stops the servers
+            return []
+    return [f"{report.host} pid {report.pid}" for report in reports]
 
 
 @reports_errors
