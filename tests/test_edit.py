@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import multiprocessing
 from pathlib import Path
 
@@ -135,6 +136,34 @@ def test_get_prints_a_long_value_whole_for_a_script(tmp_path: Path) -> None:
     got = levers("get", "first.options.note", cwd=root)
 
     assert (got.returncode, got.stdout) == (0, long + "\n")
+
+
+def test_a_list_written_on_one_line_stays_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    before = "phases:\n  first:\n    handler: json:loads\n    accepts: [.txt, .md]   # text\n"
+    path.write_text(before)
+
+    set_values(path, ["first.accepts=[.txt, .md, .html]"])
+
+    assert changed_lines(before, path.read_text()) == [
+        "-    accepts: [.txt, .md]   # text",
+        "+    accepts: [.txt, .md, .html] # text",  # the comment at its column, if the line leaves room
+    ]
+
+
+def test_get_shows_a_phase_json_values_and_names_an_unknown_phase(tmp_path: Path) -> None:
+    root = make_project(tmp_path, docs=0)
+
+    phase = levers("get", "first", cwd=root)
+    unset = levers("get", "redis", cwd=root)
+    unknown = levers("get", "phases.frist.levers.workers", cwd=root)
+    edited = levers("set", "first.accepts=[.txt, .md]", cwd=root)
+
+    assert json.loads(phase.stdout)["levers"]["workers"] == 2
+    assert unset.stdout == "null\n"  # as the file would say it, not Python's None
+    assert unknown.returncode == 2
+    assert "no phase named 'frist'; did you mean 'first'?" in unknown.stderr
+    assert 'phases.first.accepts: [".txt"] -> [".txt", ".md"]' in edited.stdout
 
 
 def test_shorthand_resolution() -> None:

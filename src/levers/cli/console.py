@@ -482,10 +482,11 @@ def watch_status(
 
 
 def changes(applied_changes: Sequence[Any]) -> None:
+    from levers.pipeline.dotted import setting_text
     from levers.server.masking import masked_values
 
     for change in applied_changes:
-        old, new = masked_values(change.old), masked_values(change.new)
+        old, new = (setting_text(masked_values(value)) for value in (change.old, change.new))
         out.print(shown(f"{change.dotted}: {old} -> {new}"), soft_wrap=True)
 
 

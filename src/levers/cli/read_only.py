@@ -68,7 +68,7 @@ def show(doc_id: str, file: Path | None = None, as_json: bool = False) -> None:
 def get(key: str, file: Path | None = None, pipeline: str | None = None) -> None:
     """Print one setting's effective value (defaults included); without a pipeline file, the
     published version's on REDIS_URL."""
-    from levers.pipeline.dotted import value_at
+    from levers.pipeline.dotted import setting_text, value_at
     from levers.pipeline.loading import load_pipeline
     from levers.safe import shown
     from levers.server.masking import masked_values
@@ -86,7 +86,7 @@ def get(key: str, file: Path | None = None, pipeline: str | None = None) -> None
         print_json(value)
     else:
         # as it is, for a script to read: never wrapped to a width
-        sys.stdout.write(shown(value, keep_newlines=True) + "\n")
+        sys.stdout.write(shown(setting_text(value), keep_newlines=True) + "\n")
 
 
 def plan(

@@ -8,6 +8,7 @@ takes the names from them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
@@ -38,7 +39,12 @@ def resolve_path(dotted: str, names: SettingNames) -> tuple[str, ...]:
     if not parts:
         raise UsageError(f"empty key {dotted!r}", fix="write it as PHASE.LEVER, e.g. chunking.semaphore")
     if parts[0] in names.top:
+        if parts[0] == "phases" and len(parts) > 1 and parts[1] not in names.phases:
+            hint = did_you_mean(parts[1], list(names.phases))
+            raise UsageError(f"no phase named {parts[1]!r}{hint}", fix="see `levers validate`")
         return parts
+    if parts[0] in names.phases and len(parts) == 1:  # the phase's settings, all of them
+        return ("phases", parts[0])
     if parts[0] in names.phases and len(parts) == 2 and parts[1] in names.lever:
         return ("phases", parts[0], "levers", parts[1])
     if parts[0] in names.phases and len(parts) >= 2 and parts[1] in names.phase:
@@ -58,6 +64,12 @@ def value_at(settings: dict[str, Any], dotted: str, source: str) -> Any:
             raise UsageError(f"{dotted}: not set in {source}")
         node = node[part]
     return node
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as `levers get` prints it and `levers set` reports it: text as it is,
+    anything else as JSON (true, null, [".pdf", ".txt"]), as the file would have it."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:

@@ -106,8 +106,21 @@ def _assign(tree: CommentedMap, path: tuple[str, ...], value: Any) -> Change:
             raise UsageError(f"{'.'.join(path)}: {part} is not a mapping in the file")
         node = child
     old = node.get(path[-1])
-    node[path[-1]] = value
+    node[path[-1]] = _styled_as(old, value)
     return Change(path, old, value)
+
+
+def _styled_as(old: Any, value: Any) -> Any:
+    """``value``, a list or mapping written on one line when the one it replaces was
+    (`accepts: [.pdf, .txt]` stays one line)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    flow = getattr(getattr(old, "fa", None), "flow_style", lambda: False)()
+    if not flow or not isinstance(value, (list, dict)):
+        return value
+    styled = CommentedSeq(value) if isinstance(value, list) else CommentedMap(value)
+    styled.fa.set_flow_style()
+    return styled
 
 
 def _keep_layout(yaml: YAML, text: str) -> None:
