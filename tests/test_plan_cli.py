@@ -91,6 +91,13 @@ def test_an_invalid_what_if_is_one_line_and_exit_2(seed_copy: Path, assignment: 
     assert seed_copy.read_bytes() == before
 
 
+def test_a_missing_base_is_named_as_the_base(seed_copy: Path) -> None:
+    result = plan("-f", str(seed_copy), "--base", str(seed_copy.parent / "nowhere.yaml"))
+    assert result.exit_code == 2
+    assert "--base" in result.stderr and "nowhere.yaml: no such file" in result.stderr
+    assert "-f FILE" not in result.stderr  # the fix for the pipeline file, not for the base
+
+
 def test_base_diff_in_markdown(seed_copy: Path) -> None:
     text = seed_copy.read_text()
     seed_copy.write_text(text.replace("workers: 3", "workers: 6", 1))  # extraction's, the first

@@ -132,6 +132,8 @@ def plan_report(
 
     base, label = None, None
     if base_path is not None:
+        if not base_path.is_file():
+            raise UsageError(f"--base {base_path}: no such file", fix="name a pipeline file to compare with")
         base, label = planned(load_pipeline(base_path).spec), str(base_path)
     elif assignments:
         base, label = planned(current.spec), f"{path.name} as written"
