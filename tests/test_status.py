@@ -60,6 +60,15 @@ def test_status_after_a_run_and_with_a_backlog(tmp_path: Path, redis_url: str) -
     assert "no supervisor is running" in table.stdout
 
 
+def test_a_queue_that_no_worker_is_declared_for_is_an_alert(tmp_path: Path, redis_url: str) -> None:
+    root = make_project(tmp_path, workers=0, docs=2)
+    submit(root, "docs")
+
+    first = phase(json.loads(levers("status", "--json", cwd=root).stdout), "first")
+
+    assert "2 queued and workers is 0: nothing takes them" in first["alerts"]  # type: ignore[operator]
+
+
 def test_status_answers_with_a_deep_queue_without_scanning(tmp_path: Path, connection: redis.Redis) -> None:
     root = make_project(tmp_path, docs=0)
     # a deep queue as RQ keeps it: job ids on a list; status must read its length, not its jobs

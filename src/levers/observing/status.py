@@ -128,6 +128,8 @@ class PhaseStatus:
             found.append(f"{self.failed_share:.0%} failed: see `levers failed`")
         if self.workers_desired and not self.workers_alive:
             found.append("no worker alive")
+        elif self.queued and not self.workers_desired and self.autoscale is None:
+            found.append(f"{self.queued} queued and workers is 0: nothing takes them")
         if self.stranded:
             found.append(f"{self.stranded} stranded: held by workers that are gone, until requeued")
         return found
