@@ -136,11 +136,11 @@ ONE_PROBLEM = {
     ),
     "negative workers, at the value": one(
         A_PHASE + "    levers:\n      workers: -1\n", "workers: -1", "-1",
-        "phases.a.levers.workers: Input should be greater than or equal to 0",
+        "phases.a.levers.workers: -1 is below the bound of 0; set at least 0",
     ),
     "semaphore of zero, at the value": one(
         A_PHASE + "    levers:\n      semaphore: 0\n", "semaphore: 0", "0",
-        "phases.a.levers.semaphore: Input should be greater than or equal to 1",
+        "phases.a.levers.semaphore: 0 is below the bound of 1; set at least 1",
     ),
     "missing handler, at its phase": one(
         "phases:\n  extract:\n    accepts: [pdf]\n", "extract:", "extract",
@@ -159,7 +159,7 @@ ONE_PROBLEM = {
     ),
     "key left empty": one(
         A_PHASE.replace("    accepts:", "    levers:\n    accepts:"), "levers:", "levers",
-        "phases.a.levers: Input should be a valid dictionary", prefix=True,
+        "phases.a.levers: expected a mapping, not null",
     ),
     "next naming no phase, did you mean": one(
         """\
@@ -286,7 +286,7 @@ def test_every_problem_is_reported_at_once(write: Write) -> None:
         ),
         problem(
             at(path, "workers: -2", "-2"),
-            "phases.b.levers.workers: Input should be greater than or equal to 0",
+            "phases.b.levers.workers: -2 is below the bound of 0; set at least 0",
         ),
     ]
 

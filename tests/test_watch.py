@@ -82,7 +82,7 @@ def test_an_invalid_edit_keeps_the_last_good_pipeline_and_reports_where(path: Pa
 
     assert watcher.current() is good
     line, column = position_of(broken, "workers: -1", "-1")
-    message = "phases.extract.levers.workers: Input should be greater than or equal to 0"
+    message = "phases.extract.levers.workers: -1 is below the bound of 0; set at least 0"
     assert watcher.error == f"pipeline.yaml:{line}:{column}: {message}"
 
 

@@ -319,6 +319,14 @@ def _message(err: Any, loc: list[str | int], allowed: list[str]) -> str:
     if err["type"] == "less_than_equal":
         bound = _shown_value(_whole_if_exact(err["ctx"]["le"]))
         return f"{where}: {_shown_value(err['input'])} is above the bound of {bound}; set at most {bound}"
+    if err["type"] == "greater_than_equal":
+        bound = _shown_value(_whole_if_exact(err["ctx"]["ge"]))
+        return f"{where}: {_shown_value(err['input'])} is below the bound of {bound}; set at least {bound}"
+    if err["type"] == "greater_than":
+        bound = _shown_value(_whole_if_exact(err["ctx"]["gt"]))
+        return f"{where}: {_shown_value(err['input'])} is not above {bound}; set more than {bound}"
+    if err["type"] in ("model_type", "dict_type"):
+        return f"{where}: expected a mapping, not {_shown_value(err['input'])}"
     if err["type"] == "too_long":
         bound = err["ctx"]["max_length"]
         return f"{where}: {len(err['input'])} entries is above the bound of {bound}; keep at most {bound}"
@@ -329,11 +337,14 @@ def _message(err: Any, loc: list[str | int], allowed: list[str]) -> str:
     return f"{where}: {err['msg']}"
 
 
-# pydantic's type errors for numbers, said with what was written instead (true is not a number)
+# pydantic's type errors for numbers and booleans, said with what was written instead (true is not
+# a number, 1 is not a boolean)
 _EXPECTED = {
     "int_type": "a whole number",
     "float_type": "a number",
     "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
 }
 
 
