@@ -84,6 +84,15 @@ def test_a_command_refused_for_its_arguments_starts_no_server(project: Path) -> 
     assert servers_under(project / ".levers") == []
 
 
+def test_set_without_the_embedded_server_changes_the_file_and_says_so(project: Path) -> None:
+    edited = levers("set", "first.workers=2", cwd=project)
+
+    assert edited.returncode == 0
+    assert "the embedded server is not running: `levers up` starts with this file" in edited.stderr
+    assert "workers: 2" in (project / "pipeline.yaml").read_text()
+    assert servers_under(project / ".levers") == []  # a set starts no server
+
+
 def test_graph_commands_never_start_the_graph_server(project: Path, start_levers: StartLevers) -> None:
     pipeline = project / "pipeline.yaml"
     pipeline.write_text(pipeline.read_text() + GRAPH_PHASE)

@@ -141,7 +141,14 @@ def set_levers(
     console.changes(outcome.changes)
     publication = outcome.publication
     if publication is None:
-        console.note("not published: the pipeline's Redis does not answer; this file alone has the change")
+        from levers.server.connection import configured_url
+
+        embedded = configured_url(outcome.updated) is None
+        console.note(
+            "the embedded server is not running: `levers up` starts with this file"
+            if embedded
+            else "not published: the pipeline's Redis does not answer; this file alone has the change"
+        )
         return
     console.note(f"published as version {publication.version.label}")
     console.applied(await_supervisors(outcome.updated, connection))
