@@ -17,7 +17,6 @@ from levers import keys
 from levers.observing.reports import PhaseReport, live_reports
 from levers.pipeline.loading import LoadedPipeline
 from levers.pipeline.watching import PipelineWatcher
-from levers.supervisor.processes import Reporter
 from levers.supervisor.reconcile import (
     FAILING_AFTER_CRASHES,
     FIRST_BACKOFF_S,
@@ -30,6 +29,7 @@ from levers.supervisor.reconcile import (
     SlotState,
     Supervisor,
 )
+from levers.supervisor.reporting import Reporter
 from levers.supervisor.scaling import Observed
 
 EXTRACT_TIMEOUT_S = 60

@@ -1,4 +1,4 @@
-"""The supervisor's real side: forked worker processes, signals, and reports to Redis.
+"""The supervisor's real side: forked worker processes and signals (its report: supervisor.reporting).
 
 Handler modules are imported here once, before any worker is forked, so every worker shares
 their pages instead of importing them again.
@@ -17,22 +17,20 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.context import ForkProcess
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-import psutil
 import redis
 
-from levers import keys, metrics
+from levers import keys
 from levers.documents.failures import FailedExpiry
 from levers.documents.retention import RetentionExpiry
 from levers.documents.routing import register_queues
 from levers.documents.store import apart_from_forks, project_store
 from levers.errors import ServerError, SupervisorFailed, UsageError
-from levers.observing.reports import usable_cores
 from levers.pipeline.loading import LoadedPipeline, ensure_importable_from, import_handler
 from levers.pipeline.watching import PipelineWatcher, lever_changes
 from levers.safe import log_to
@@ -44,7 +42,7 @@ from levers.supervisor.following import Follower, copy_path
 from levers.supervisor.leases import LeaseKeeper
 from levers.supervisor.orphans import reap_orphans
 from levers.supervisor.reconcile import ProcessHandle, Seams, Slot, SlotState, Supervisor
-from levers.supervisor.usage import HostCpu, ProcessUsage
+from levers.supervisor.reporting import Reporter
 from levers.worker import rq_contract
 from levers.worker.process import StrandedJobs, WorkerLogs, recover_jobs, run_worker, worker_name
 from levers.worker.progress import WorkerProgress
@@ -56,8 +54,6 @@ log = logging.getLogger("levers.supervisor.reconcile")
 TICK_S = 0.25
 # A supervisor that cannot go on lets its workers finish their jobs this long, then kills them.
 GIVE_UP_WAIT_S = 10.0
-# The longest span between two reports whose workers' seconds alive count (they report each second).
-MAX_ALIVE_SPAN_S = 10.0
 
 _fork = multiprocessing.get_context("fork")
 
@@ -475,72 +471,3 @@ def _give_up(supervisor: Supervisor) -> None:
         slot.process.kill()
         with contextlib.suppress(Exception):  # recovery needs Redis; the worker's process group ends anyway
             supervisor.seams.recover(slot)
-
-
-class Reporter:
-    """Publishes the supervisor's report where `levers status` on any host can read it."""
-
-    def __init__(self, connection: redis.Redis, supervisor: Supervisor) -> None:
-        self.connection = connection
-        self.supervisor = supervisor
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
-        self._last = 0.0
-        self._desired: dict[str, int] = {}  # as last published
-        self._alive_since: float | None = None  # the end of the span whose alive seconds were recorded
-        self._usage = ProcessUsage()
-        self._host_cpu = HostCpu()
-
-    @property
-    def _key(self) -> str:
-        return keys.supervisors(self.supervisor.watcher.current().spec.name)
-
-    def publish(self) -> None:
-        """At most once a second, and at once when the desired counts change: a worker retired by a
-        scale-down leaves within a tick, and status must not then show it short of a stale count."""
-        now = time.time()
-        desired = self.supervisor.desired()
-        if now - self._last < 1.0 and desired == self._desired:
-            return
-        self._last, self._desired = now, desired
-        report = self.supervisor.report()
-        pids = {phase: [s.pid for s in self.supervisor.slots if s.phase == phase] for phase in report.phases}
-        phases = dict(report.phases)
-        for phase, (cpu_percent, rss_mb) in self._usage.sample(pids).items():
-            phases[phase] = replace(phases[phase], cpu_percent=cpu_percent, rss_mb=rss_mb)
-        memory = psutil.virtual_memory()
-        cpu = self._host_cpu.measure(now, self._usage.cpu_s)
-        report = replace(
-            report,
-            updated=now,
-            memory_percent=memory.percent,
-            cpu_percent=cpu.percent if cpu else None,
-            busy_cores=cpu.busy_cores if cpu else None,
-            own_cores=cpu.own_cores if cpu else None,
-            phases=phases,
-            cores=usable_cores(),
-            memory_mb=memory.total / 2**20,
-        )
-        try:
-            with self.connection.pipeline(transaction=False) as pipe:
-                pipe.hset(self._key, self.id, report.to_json())
-                self._record_alive(pipe, {phase: len(figures.pids) for phase, figures in phases.items()}, now)
-                pipe.execute()
-        except UNREACHABLE:
-            raise
-        except redis.RedisError as exc:
-            log.warning("could not publish status: %s", exc)
-
-    def _record_alive(self, pipe: redis.client.Pipeline, alive: dict[str, int], now: float) -> None:
-        """Each phase's workers' seconds alive since the last report; a gap longer than
-        MAX_ALIVE_SPAN_S (Redis away, a stalled host) is not counted, as nothing ran to fill it."""
-        since, self._alive_since = self._alive_since, now
-        if since is None or not 0 < now - since <= MAX_ALIVE_SPAN_S:
-            return
-        pipeline = self.supervisor.watcher.current().spec.name
-        for phase, workers in alive.items():
-            if workers:
-                metrics.record_alive(pipe, pipeline, phase, workers, since, now)
-
-    def withdraw(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.connection.hdel(self._key, self.id)
