@@ -19,7 +19,7 @@ from levers.pipeline.loading import load_pipeline
 from levers.server.connection import embedded_server
 from levers.server.embedded import servers_under
 from phases.kg_ingest import embedded_server as graph_server
-from tests.conftest import StartLevers, levers, make_project, stop, submit, wait_until
+from tests.conftest import StartLevers, kill, levers, make_project, stop, submit, wait_until
 
 NOT_RUNNING = "error: the embedded server is not running (start it with `levers up` or `levers run`)"
 GRAPH_PHASE = """
@@ -157,6 +157,19 @@ def test_down_and_up_keep_the_address_rq_info_uses(project: Path, start_levers: 
         for lane in ("", ":high", ":low")
     }
     assert connection.smembers(Queue.redis_queues_keys) == lanes
+
+
+def test_down_is_not_refused_for_a_supervisor_killed_a_moment_ago(
+    project: Path, start_levers: StartLevers
+) -> None:
+    supervisor = start_levers("up", "--phase", "first", cwd=project)
+    wait_until(lambda: supervising(project, workers=1))
+    kill(supervisor)  # its report stays fresh for seconds
+
+    stopped = levers("down", cwd=project)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped" in stopped.stderr
 
 
 def test_url_status_and_up_mask_the_password_unless_asked(project: Path) -> None:

@@ -189,6 +189,9 @@ def down(file: FileOption = None) -> None:
 def _supervisors_on_embedded(loaded: LoadedPipeline) -> list[str]:
     """The live supervisors of the pipeline on its embedded server, if that is its Redis and it
     runs: "host pid N" each."""
+    import socket
+
+    import psutil
     import redis
 
     from levers.observing.reports import live_reports
@@ -202,7 +205,10 @@ def _supervisors_on_embedded(loaded: LoadedPipeline) -> list[str]:
             reports = live_reports(connection, loaded.outline.name)
         except redis.RedisError:  # not answering: nothing it could say stops the servers
             return []
-    return [f"{report.host} pid {report.pid}" for report in reports]
+    # a supervisor killed a moment ago still has a fresh report: the process is asked too
+    here = socket.gethostname()
+    alive = [r for r in reports if r.host != here or psutil.pid_exists(r.pid)]
+    return [f"{report.host} pid {report.pid}" for report in alive]
 
 
 @reports_errors
