@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from levers.safe import OneLineFormatter, escape_logs, shown
+from levers.safe import OneLineFormatter, escape_logs, shown, unshown
 from tests.conftest import StartLevers, doc_field, levers, make_project, stop, wait_until
 
 FORGED = "2026-01-01 00:00:00,000 ERROR [supervisor pid=1] FORGED"
@@ -36,6 +36,15 @@ HOSTILE_NAME = f"x\n{FORGED}\x1b]0;pwned\x07\x1b[31mred\u202egnp.txt"
 def test_shown_escapes_what_could_act_on_a_terminal(text: str, expected: str) -> None:
     assert shown(text) == expected
     assert shown(shown(text)) == expected
+
+
+@pytest.mark.parametrize("text", [HOSTILE_NAME, "a\nb\r\tc", "bad-\udcff.txt", "tag\U000e0041", "plain"])
+def test_unshown_turns_what_shown_writes_back_into_the_text(text: str) -> None:
+    assert unshown(shown(text)) == text
+
+
+def test_unshown_leaves_what_is_no_escape() -> None:
+    assert unshown("C:\\docs\\q1.pdf \\U7fffffff") == "C:\\docs\\q1.pdf \\U7fffffff"
 
 
 def test_shown_can_keep_line_breaks() -> None:

@@ -95,6 +95,17 @@ def test_show_lists_a_names_versions(tmp_path: Path, connection: redis.Redis) ->
     assert unknown.returncode == 2 and "no document with id or name 'nothing.txt'" in unknown.stderr
 
 
+def test_show_finds_a_name_typed_as_levers_shows_it(tmp_path: Path, connection: redis.Redis) -> None:
+    root = make_project(tmp_path, docs=0)
+    (root / "docs" / "new\nline.txt").write_text("a name with a line break")
+    [doc_id] = levers("submit", "docs", cwd=root).stdout.split()
+
+    typed = levers("show", "new\\nline.txt", "--json", cwd=root)  # as status and show print it
+
+    assert typed.returncode == 0, typed.stderr
+    assert json.loads(typed.stdout)["versions"][0]["id"] == doc_id
+
+
 def test_stdin_documents_are_versions_of_their_given_name(tmp_path: Path, connection: redis.Redis) -> None:
     root = make_project(tmp_path, docs=0)
     submit = submitter(root, connection)

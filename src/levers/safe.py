@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import unicodedata
 from datetime import UTC, datetime
@@ -40,6 +41,23 @@ def _escaped(char: str) -> str:
         return _SHORT_ESCAPES[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+# The escapes ``shown`` writes, as a user types them back (levers show 'new\nline.md').
+_ESCAPE = re.compile(r"\\(?:([nrt])|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
+
+
+def unshown(text: str) -> str:
+    """``text`` with the escapes ``shown`` writes turned back into the characters they stand for."""
+
+    def character(match: re.Match[str]) -> str:
+        short, *code = match.groups()
+        if short:
+            return {"n": "\n", "r": "\r", "t": "\t"}[short]
+        point = int(next(c for c in code if c), 16)
+        return chr(point) if point <= sys.maxunicode else match.group()
+
+    return _ESCAPE.sub(character, text)
 
 
 class OneLineFormatter(logging.Formatter):

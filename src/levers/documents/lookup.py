@@ -13,6 +13,7 @@ from levers.documents.ledger import DocumentRecord, Ledger
 from levers.documents.store import project_store
 from levers.documents.versions import VersionEntry, Versions
 from levers.errors import UsageError
+from levers.safe import unshown
 from levers.server.project import Project, open_project
 
 # Names listed when a file name stands for several documents.
@@ -41,6 +42,7 @@ def show_view(file: Path | None, given: str) -> tuple[DocumentRecord, dict[str, 
     ``given`` is or starts, else the versions of the name whose file name ``given`` is."""
     project = open_project(file, last_good=True)
     versions = Versions(project.connection, project.loaded.outline.name)
+    given = _as_typed(versions, given)
     named = versions.named(given)
     if named is not None:
         return name_versions(project, named)
@@ -55,6 +57,15 @@ def show_view(file: Path | None, given: str) -> tuple[DocumentRecord, dict[str, 
     if names:
         return name_versions(project, names[0])
     return document_view(project, given)
+
+
+def _as_typed(versions: Versions, given: str) -> str:
+    """``given``, or the name it spells as levers shows names (a newline as \\n), when no name is
+    ``given`` itself: a name with control characters can only be typed in its escaped form."""
+    plain = unshown(given)
+    if plain == given or versions.named(given) is not None or versions.with_file_name(given):
+        return given
+    return plain
 
 
 def name_versions(project: Project, name: str) -> NameVersions:
