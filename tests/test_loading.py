@@ -210,6 +210,10 @@ ONE_PROBLEM = {
         A_PHASE.replace("m:f", "m:f: oops"), "m:f: oops", ": oops",
         "YAML syntax: mapping values are not allowed here",
     ),
+    "unclosed list, noticed a line later, names where it started": one(
+        A_PHASE.replace("[pdf]", "[pdf") + "    next: b\n", "next: b", ": b",
+        "YAML syntax: expected ',' or ']', but got ':' (while parsing a flow sequence started at line 4)",
+    ),
     "duplicate key, at the duplicate": one(
         A_PHASE.replace("    accepts:", "    handler: m:g\n    accepts:"), "handler: m:g", "handler",
         'YAML syntax: found duplicate key "handler"', prefix=True,

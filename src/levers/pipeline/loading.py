@@ -240,7 +240,11 @@ def _parse_yaml(raw: bytes | str, shown: str, yaml: YAML | None = None) -> Comme
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({exc.context})" if exc.context else "")
+        context = exc.context or ""
+        if context and exc.context_mark is not None and exc.context_mark.line + 1 != line:
+            # noticed a line or more after its cause: an unclosed [ or {, or a quote
+            context += f" started at line {exc.context_mark.line + 1}"
+        problem = f"{exc.problem or 'invalid YAML'}" + (f" ({context})" if context else "")
         raise SpecError([SpecProblem(shown, line, col, f"YAML syntax: {problem}")]) from None
     except Exception as exc:  # ruamel raises a few unmarked errors (bad encodings, for one)
         raise SpecError([SpecProblem(shown, 1, 1, f"YAML syntax: {exc}")]) from None
