@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pty
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from rq import Queue
 
 import levers
 from levers.errors import DocumentError
-from tests.conftest import StartLevers, make_project
+from tests.conftest import LEVERS, StartLevers, make_project
 from tests.conftest import levers as run_levers
 
 SECRET = b"root:$6$hash-of-a-password:19000:0:99999:7:::\n"
@@ -119,3 +121,28 @@ def test_submit_wait_exits_1_when_a_document_fails(
 
     assert waited.returncode == 1, waited.stderr
     assert len(waited.stdout.split()) >= 2  # both ids were printed
+
+
+def test_on_a_terminal_each_id_comes_with_its_path(tmp_path: Path, redis_url: str) -> None:
+    """Piped, submit prints ids alone (tested throughout); a person at a terminal sees which is which."""
+    root = make_project(tmp_path, docs=2)
+    leader, follower = pty.openpty()
+    submitted = subprocess.Popen(
+        [*LEVERS, "submit", "docs"], cwd=root, stdout=follower, stderr=subprocess.DEVNULL
+    )
+    os.close(follower)
+    screen = bytearray()
+    while chunk := _read(leader):
+        screen.extend(chunk)
+    os.close(leader)
+
+    assert submitted.wait(timeout=60) == 0
+    lines = screen.decode().split()
+    assert "docs/doc0.txt" in lines and "docs/doc1.txt" in lines
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal closed: the command exited
+        return b""

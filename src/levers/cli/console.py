@@ -61,14 +61,15 @@ def text_block(text: str) -> None:
 
 
 def outcomes(results: Sequence[Outcome], as_json: bool) -> None:
-    """Ids on stdout, one per line; skips and errors on stderr, so ids pipe cleanly."""
+    """Ids on stdout, one per line; skips and errors on stderr, so ids pipe cleanly. On a
+    terminal each id is followed by the path it came from, for a person to tell them apart."""
     if as_json:
         print_json([r.__dict__ | {"ok": r.ok} for r in results])
         return
     for result in results:
         explain(result)
         if result.doc_id:
-            out.print(result.doc_id)
+            out.print(f"{result.doc_id}  {shown(result.source)}" if out.is_terminal else result.doc_id)
 
 
 def explain(result: Outcome) -> None:
