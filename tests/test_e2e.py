@@ -279,3 +279,27 @@ def test_workers_stop_when_their_supervisor_is_killed(
     supervisor.communicate(timeout=10)
 
     wait_until(lambda: Worker.all(connection=connection) == [], timeout_s=20)
+
+
+def test_a_phase_whose_input_is_not_in_this_hosts_store_fails_saying_so(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    """Two hosts on one Redis with stores of their own: the next phase runs where the output of the
+    one before is not. It fails saying why (it was the handler's own error about its input)."""
+    root = make_project(tmp_path, workers=1, docs=1)
+    first = start_levers("up", "--phase", "first", cwd=root)
+    [doc_id] = submit(root, "docs/doc0.txt")
+    wait_until(lambda: doc_field(connection, doc_id, "first:seconds") is not None)
+    stop(first)
+    output = root / ".levers" / "artifacts" / doc_id / "first.json"
+    assert output.exists()
+    output.unlink()  # the other host's store holds it
+
+    second = start_levers("up", "--phase", "second", cwd=root)
+    wait_until(lambda: doc_field(connection, doc_id, "status") == "failed", timeout_s=60)
+    stop(second)
+
+    failed = json.loads(levers("failed", "--json", cwd=root).stdout)
+    [entry] = [f for f in failed if f["id"] == doc_id]
+    assert "no output of first for this document in the artifact store" in entry["error"]
+    assert "must share one store:" in entry["error"]

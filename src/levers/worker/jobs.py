@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -356,6 +357,12 @@ def _document(runtime: WorkerRuntime, spec: Pipeline, phase: str, record: Docume
     else:
         content = store.document_file(record.id, record.name)
     came_from = _came_from(store, record, feeders)
+    if feeders and came_from is None:  # a phase fed by others is never an entry: its input is missing
+        raise PhaseError(
+            f"no output of {' or '.join(feeders)} for this document in the artifact store {spec.store!r} "
+            f"on {socket.gethostname()}: every host on this Redis must share one store: (an object "
+            "store, or a directory they all mount)"
+        )
     prior = store.output(record.id, came_from) if came_from is not None else None
     return Document(id=record.id, name=record.name, content=content, input=prior, version=record.version)
 
