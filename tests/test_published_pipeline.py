@@ -91,6 +91,7 @@ def test_a_set_in_one_directory_reaches_the_supervisor_and_workers_of_another(
         assert status.returncode == 0, status.stderr
         versions = json.loads(status.stdout)["pipeline_version"]
         assert versions["live"].startswith("v2 ")
+        assert json.loads(status.stdout)["stores"] == []  # one store, shared: nothing to say
         assert versions["drift"] == ["first.workers: 1 in pipeline.yaml, 2 live",
                                      "first.semaphore: 1 in pipeline.yaml, 7 live"]  # fmt: skip
         assert set(versions["supervisors"].values()) == {versions["live"]}
@@ -108,6 +109,28 @@ def test_a_set_in_one_directory_reaches_the_supervisor_and_workers_of_another(
         stop(up_a)
         stop(up_b)
     assert up_a.returncode == 0 and up_b.returncode == 0
+
+
+def test_status_says_when_supervisors_use_stores_of_their_own(
+    tmp_path: Path, connection: redis.Redis, start_levers: StartLevers
+) -> None:
+    """Two directories on one Redis, each with the default store under its own .levers/: a phase
+    run by one cannot read what the other's stored."""
+    a, b = host(tmp_path / "a", Path(".levers/artifacts")), host(tmp_path / "b", Path(".levers/artifacts"))
+    up_a = start_levers("up", "--phase", "second", cwd=a)
+    up_b = start_levers("up", "--phase", "first", cwd=b)
+    try:
+        wait_until(lambda: report_of(connection, up_a.pid, "second") is not None)
+        wait_until(lambda: report_of(connection, up_b.pid, "first") is not None)
+
+        stores = json.loads(levers("status", "--json", cwd=a).stdout)["stores"]
+        shown = levers("status", cwd=a).stdout
+    finally:
+        stop(up_a)
+        stop(up_b)
+    projects = {store.split(":", 1)[1].removesuffix("/.levers/artifacts") for store in stores}
+    assert projects == {str(a.resolve()), str(b.resolve())}
+    assert "the supervisors use 2 artifact stores" in shown and "give every host one store:" in shown
 
 
 @pytest.mark.timeout(300)

@@ -230,6 +230,13 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         parts.append(_limits_table(status.limits))
     if server is not None:
         parts.append(Text(f"server: {server} (for rq info and rq-dashboard: levers url --show-password)"))
+    return Group(*parts, *_supervision_lines(status))
+
+
+def _supervision_lines(status: PipelineStatus) -> list[Any]:
+    """Who supervises the pipeline, and what is wrong with it: lapsed leases, no supervisor,
+    supervisors on different artifact stores, a broken pipeline.yaml."""
+    parts: list[Any] = []
     if status.supervisors:
         parts.append(_supervisors_table(status.supervisors, status.versions))
     if status.versions is not None:
@@ -240,10 +247,17 @@ def status_view(status: PipelineStatus, server: str | None = None) -> Group:
         )
     if not any(not s.lapsed for s in status.supervisors):
         parts.append(Text("no supervisor is running: start one with `levers up`", style="yellow"))
+    if status.stores:
+        stores = ", ".join(shown(store) for store in status.stores)
+        warning = (
+            f"the supervisors use {len(status.stores)} artifact stores ({stores}): a phase fails where "
+            "the one before stored nothing; give every host one store:"
+        )
+        parts.append(Text(warning, style="red"))
     if status.config_error:
         parts.append(Text("pipeline.yaml has an error; workers keep the last good version:", style="red"))
         parts.append(Text(shown(status.config_error, keep_newlines=True), style="red"))
-    return Group(*parts)
+    return parts
 
 
 def _supervisors_table(supervisors: Sequence[SupervisorLease], versions: VersionStatus | None) -> Table:

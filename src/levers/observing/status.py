@@ -145,12 +145,16 @@ class PipelineStatus:
     memory_percent: float | None  # the fullest supervisor host's memory use
     cpu_percent: float | None = None  # the busiest supervisor host's CPU use over the last minute
     versions: VersionStatus | None = None  # the published version, and who runs another
+    # the artifact stores the live supervisors use, when they are not all one: a phase that runs
+    # where the one before stored nothing fails
+    stores: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
             "pipeline_version": self.versions.as_json() if self.versions else None,
             "supervisors": [asdict(s) for s in self.supervisors],
+            "stores": self.stores,
             "config_error": self.config_error,
             "limits": self.limits,
             "memory_percent": self.memory_percent,
@@ -186,7 +190,9 @@ def pipeline_status(
     cpu = max((r.cpu_percent for r in reports if r.cpu_percent is not None), default=None)
     supervisors = supervisor_leases(connection, spec.name)
     error = errors[0] if errors else None
-    return PipelineStatus(spec.name, phases, supervisors, error, limits, memory, cpu, versions)
+    stores = sorted({r.store for r in reports if r.store is not None})
+    differing = stores if len(stores) > 1 else []
+    return PipelineStatus(spec.name, phases, supervisors, error, limits, memory, cpu, versions, differing)
 
 
 def _mark_bottleneck(phases: list[PhaseStatus]) -> list[PhaseStatus]:

@@ -15,7 +15,10 @@ import psutil
 import redis
 
 from levers import keys, metrics
+from levers.documents.store import is_url
 from levers.observing.reports import usable_cores
+from levers.pipeline.loading import LoadedPipeline
+from levers.server.masking import masked
 from levers.server.outage import UNREACHABLE
 from levers.supervisor.reconcile import Supervisor
 from levers.supervisor.usage import HostCpu, ProcessUsage
@@ -24,6 +27,18 @@ log = logging.getLogger("levers.supervisor.reconcile")
 
 # The longest span between two reports whose workers' seconds alive count (they report each second).
 MAX_ALIVE_SPAN_S = 10.0
+
+
+def store_identity(loaded: LoadedPipeline) -> str:
+    """Which artifact store the pipeline names, told apart across supervisors: an object store's
+    URL (masked), a directory's real path, and for one under ``.levers/`` (the default: one
+    machine's own) its host too. Hosts that mount one shared directory at one path name it alike."""
+    location = loaded.settings["store"]
+    if is_url(location):
+        return masked(location)
+    path = (loaded.project_dir / location).resolve()
+    own = path.is_relative_to(loaded.state_dir.resolve())
+    return f"{socket.gethostname()}:{path}" if own else str(path)
 
 
 class Reporter:
@@ -68,6 +83,7 @@ class Reporter:
             phases=phases,
             cores=usable_cores(),
             memory_mb=memory.total / 2**20,
+            store=store_identity(self.supervisor.watcher.current()),
         )
         try:
             with self.connection.pipeline(transaction=False) as pipe:
