@@ -328,6 +328,22 @@ def test_names_and_values_kubernetes_cannot_take_are_refused(tmp_path: Path) -> 
     assert "the pipeline's name 'team-'" in refused(tmp_path, text=bad_name)
 
 
+def test_a_graph_phase_without_a_named_database_gets_a_note(tmp_path: Path) -> None:
+    graph = PIPELINE.replace(
+        "handler: json:loads\n    levers: {workers: 2}",
+        "handler: phases.kg_ingest:ingest_graph\n    levers: {workers: 2}",
+    )
+    named = graph.replace(
+        "    timeout: 60\n", "    timeout: 60\n    options: {graph: 'falkor://graph.internal:6379'}\n"
+    )
+
+    _, unnamed_notes = deploy(tmp_path, "--image", "x/levers:1", text=graph)
+    _, named_notes = deploy(tmp_path, "--image", "x/levers:1", text=named)
+
+    assert "kg_ingest writes the knowledge graph" in unnamed_notes and "FALKORDB_URL" in unnamed_notes
+    assert "writes the knowledge graph" not in named_notes
+
+
 def test_a_store_pods_cannot_share_is_refused(tmp_path: Path) -> None:
     local = PIPELINE.replace("s3://team-bucket/levers", ".levers/artifacts")
     assert "store: .levers/artifacts is a directory on one machine" in refused(tmp_path, text=local)

@@ -164,11 +164,23 @@ def manifests(spec: Pipeline, text: str, target: Target) -> Manifests:
                 f"{name} declares autoscale: its Deployment runs a fixed {start_replicas(phase)} "
                 "pod(s); add --keda to scale them on its queue"
             )
+        if _graph_unnamed(phase):
+            result.notes.append(
+                f"{name} writes the knowledge graph, and its options name no graph database: put "
+                "FALKORDB_URL in the Secret, or each of its pods keeps a graph of its own, lost with it"
+            )
     if scaled:
         auth = metadata(names.redis_auth, namespace, names, "redis")
         result.objects.append(keda.trigger_authentication(auth, names.secret))
         result.objects.extend(scaled)
     return result
+
+
+def _graph_unnamed(phase: Phase) -> bool:
+    """A phase of the bundled graph handler (phases.kg_ingest) whose options name no database:
+    it falls back to FALKORDB_URL, else to a FalkorDB in its own state directory."""
+    module = phase.handler.partition(":")[0]
+    return module == "phases.kg_ingest" and not {"graph", "falkordb_url"} & set(phase.options or {})
 
 
 def read_deployable(path: Path) -> tuple[Pipeline, str]:
