@@ -38,7 +38,7 @@ def test_procfile_runs_each_phase_as_its_own_process_type() -> None:
     lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     assert result.exit_code == 0
     path = ROOT / "pipeline.yaml"
-    assert lines == [f"{phase}: levers up -f {path} --phase {phase}" for phase in phases]
+    assert lines == [f"{phase}: exec levers up -f {path} --phase {phase}" for phase in phases]
 
 
 def test_procfile_grace_reaches_every_levers_up() -> None:

@@ -1,6 +1,7 @@
 """The Procfile under honcho, as a Procfile platform runs it: one `levers up --phase P` per process
 type. Ctrl-C makes honcho send SIGTERM to every process and SIGKILL 5 s later: a 10 s job still
-running then is finished by its orphaned worker, once, and handed on to the next phase's queue."""
+running then is finished by its orphaned worker, once, and handed on to the next phase's queue;
+with none running, every process stops cleanly within the 5 s."""
 
 from __future__ import annotations
 
@@ -55,3 +56,27 @@ def test_ctrl_c_under_honcho_lets_the_running_job_finish_once(
             with contextlib.suppress(psutil.Error):
                 process.kill()
         honcho.communicate(timeout=30)
+
+
+@pytest.mark.e2e
+def test_a_stop_under_honcho_is_a_clean_exit_of_every_process(
+    tmp_path: Path, connection: redis.Redis
+) -> None:
+    """Each Procfile line execs `levers up`: honcho sees its exit code, not that of a shell the
+    stop signal killed while levers was still stopping."""
+    root = make_project(tmp_path, workers=1, docs=0)
+    (root / "Procfile").write_text(levers("procfile", cwd=root).stdout)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    honcho = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start"], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: len(supervisor_leases(connection, "toy")) == 2, timeout_s=90)
+        honcho.send_signal(signal.SIGTERM)
+        output, _ = honcho.communicate(timeout=60)
+    finally:
+        if honcho.poll() is None:
+            os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.communicate(timeout=30)
+    assert "first.1 stopped (rc=0)" in output and "second.1 stopped (rc=0)" in output, output
