@@ -60,6 +60,7 @@ def test_a_directory_brings_in_its_own_regular_files_only(
         "error: docs/empty.txt: empty file, nothing to process",
         "error: docs/fifo.txt: not a regular file (a FIFO); submit regular files",
         "error: docs/sock.txt: not a regular file (a socket); submit regular files",
+        "no supervisor is running: `levers up` (or `levers run`) processes them",
     ]
     assert Queue("toy.first", connection=connection).count == 1
     stored = b"".join(p.read_bytes() for p in (hostile / ".levers" / "artifacts").rglob("*") if p.is_file())
@@ -146,3 +147,14 @@ def _read(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # the terminal closed: the command exited
         return b""
+
+
+def test_submitting_with_no_supervisor_running_says_what_will_process_them(
+    tmp_path: Path, redis_url: str
+) -> None:
+    root = make_project(tmp_path, docs=1)
+
+    submitted = run_levers("submit", "docs", cwd=root)
+
+    assert submitted.returncode == 0
+    assert "no supervisor is running: `levers up` (or `levers run`) processes them" in submitted.stderr

@@ -249,11 +249,21 @@ def submit(
         paths, force, priority.value, keep_versions=keep_versions, reuse=not no_reuse
     )
     console.outcomes(results, as_json)
+    if any(r.doc_id and not r.skipped for r in results) and not _supervised(project):
+        console.note("no supervisor is running: `levers up` (or `levers run`) processes them"
+                     + ("; waiting for one (Ctrl-C stops waiting)" if wait else ""))  # fmt: skip
     all_done = _wait_for(project, [r.doc_id for r in results if r.doc_id]) if wait else True
     if not all(r.ok for r in results):
         raise typer.Exit(EXIT_BAD_INPUT)
     if not all_done:  # a document failed, as `levers run` says
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _supervised(project: Project) -> bool:
+    """Whether a supervisor of the pipeline runs anywhere (its report is fresh)."""
+    from levers.observing.reports import live_reports
+
+    return bool(live_reports(project.connection, project.loaded.outline.name))
 
 
 def _wait_for(project: Any, doc_ids: list[str]) -> bool:
