@@ -69,7 +69,7 @@ class SupervisorReport:
     busy_cores: float | None = None  # its host's cores busy over the last minute, every program's work
     own_cores: float | None = None  # of them, what this supervisor and its workers used
     version: int | None = None  # the number of the published pipeline version it runs
-    store: str | None = None  # where its artifact store is (levers.documents.store.store_identity)
+    store: str | None = None  # where its artifact store is (levers.supervisor.reporting.store_identity)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
